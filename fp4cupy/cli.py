@@ -1,0 +1,95 @@
+"""The ``fp4cupy`` command: ``fp4cupy demo`` quantizes Llama-shaped matrices and prints a table."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import numpy as np
+
+# Llama-3-8B projection shapes [N, K]: q/o, k/v, gate/up, down.
+LLAMA_SHAPES = ((4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336))
+
+
+def _sqnr_db(x: np.ndarray, y: np.ndarray) -> float:
+    noise = float(np.sum((x - y) ** 2))
+    return float("inf") if noise == 0 else 10 * np.log10(float(np.sum(x**2)) / noise)
+
+
+def demo(device: str = "auto", shapes=LLAMA_SHAPES, fmt: str = "nvfp4", seed: int = 0) -> list[dict]:
+    """Quantize random bf16-like weights of each shape; return and print one row per shape."""
+    import fp4cupy
+    from fp4cupy import arrays, runtime
+
+    use_gpu = device == "gpu" or (device == "auto" and runtime.device_count() > 0)
+    if device == "gpu" and runtime.device_count() == 0:
+        raise SystemExit("fp4cupy demo: --device gpu asked for, but no CUDA GPU / CuPy was found")
+    rng = np.random.default_rng(seed)
+    where = f"GPU {runtime.compute_capability()}" if use_gpu else "CPU reference (numpy)"
+    print(f"fp4cupy {fp4cupy.version()} demo: {fmt} on {where}")
+    head = f"{'shape':>14} {'fp16 MiB':>9} {'fp4 MiB':>8} {'ratio':>6} {'rel err':>8} {'SQNR dB':>8} {'quant ms':>9}"
+    print(head)
+    print("-" * len(head))
+    rows = []
+    for n, k in shapes:
+        w = (rng.standard_normal((n, k), dtype=np.float32) * 0.02).astype(np.float32)
+        x = arrays.numpy_to(w, "cupy", "cuda:0") if use_gpu else w
+        fp4cupy.quantize(x, fmt)  # warm-up (compiles kernels on first GPU use)
+        _sync(use_gpu)
+        t0 = time.perf_counter()
+        t = fp4cupy.quantize(x, fmt)
+        _sync(use_gpu)
+        ms = (time.perf_counter() - t0) * 1e3
+        back = arrays.to_numpy(t.dequantize())
+        rel = float(np.linalg.norm(back - w) / np.linalg.norm(w))
+        row = dict(shape=(n, k), fp16_bytes=2 * n * k, fp4_bytes=t.nbytes, rel_err=rel, sqnr_db=_sqnr_db(w, back), ms=ms)
+        rows.append(row)
+        print(f"{f'{n}x{k}':>14} {row['fp16_bytes'] / 2**20:9.1f} {t.nbytes / 2**20:8.2f} "
+              f"{row['fp16_bytes'] / t.nbytes:6.2f} {rel:8.4f} {row['sqnr_db']:8.2f} {ms:9.2f}")
+    return rows
+
+
+def _sync(use_gpu: bool):
+    if use_gpu:
+        import cupy
+
+        cupy.cuda.get_current_stream().synchronize()
+
+
+def _parse_shape(s: str):
+    try:
+        n, k = (int(v) for v in s.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"shape must look like 4096x4096; got {s!r}") from None
+    return n, k
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="fp4cupy", description="NVFP4 / MXFP4 for every NVIDIA GPU and the CPU")
+    sub = parser.add_subparsers(dest="command", required=True)
+    d = sub.add_parser("demo", help="quantize Llama-shaped matrices and print size, error and time")
+    d.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto")
+    d.add_argument("--fmt", choices=("nvfp4", "mxfp4"), default="nvfp4")
+    d.add_argument("--shape", type=_parse_shape, action="append", help="NxK, repeatable (default: Llama-3-8B shapes)")
+    sub.add_parser("info", help="print version, GPU, target and kernel cache")
+    args = parser.parse_args(argv)
+    if args.command == "demo":
+        demo(args.device, tuple(args.shape) if args.shape else LLAMA_SHAPES, args.fmt)
+    else:
+        _info()
+    return 0
+
+
+def _info():
+    import fp4cupy
+    from fp4cupy import runtime
+
+    cc = runtime.compute_capability()
+    print(f"fp4cupy {fp4cupy.version()}")
+    print(f"GPU compute capability: {cc}" + (f", target {runtime.target_for(cc)}" if cc else " (none: CPU reference)"))
+    print(f"FP4 hardware: {fp4cupy.has_hardware_acceleration()}")
+    print(f"kernels: {runtime.KERNEL_DIR}\ncache:   {runtime.cache_dir()}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,180 @@
+"""The public operations, dispatched by where the input lives.
+
+numpy / CPU torch inputs run the numpy reference (the spec); CuPy arrays and CUDA torch tensors
+run the CUDA kernels (``cuda_ops``) on the caller's current stream. Results come back in the
+input's library and device.
+"""
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+
+from . import arrays, reference
+from .formats import get_format
+from .tensor import FP4Tensor
+
+_NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
+
+
+def _cuda_ops():
+    from . import cuda_ops
+
+    return cuda_ops
+
+
+def output_dtype(dtype) -> str:
+    """Normalize an output dtype (None, a name, a numpy/ml_dtypes or torch dtype) to
+    'float32' / 'float16' / 'bfloat16'; ValueError for anything else."""
+    if dtype is None:
+        return "float32"
+    name = str(dtype).removeprefix("torch.") if not isinstance(dtype, str) else dtype
+    if not isinstance(dtype, str):
+        try:
+            name = np.dtype(dtype).name
+        except TypeError:
+            pass
+    if name not in _NUMPY_DTYPES:
+        raise ValueError(f"output dtype must be float32, float16 or bfloat16; got {dtype!r}")
+    return name
+
+
+def check_float_input(x, what="x"):
+    """Return ``x`` as an array; TypeError for non-float dtypes, ValueError for 0-d or empty arrays."""
+    x = arrays.as_array(x)
+    name = arrays.dtype_name(x)
+    if name not in arrays.FLOAT_DTYPES:
+        raise TypeError(f"{what} must be float16, bfloat16, float32 or float64; got dtype {name}")
+    if x.ndim == 0:
+        raise ValueError(f"{what} must have at least one dimension (quantization runs along the last); got a 0-d array")
+    if int(np.prod(x.shape)) == 0:
+        raise ValueError(f"{what} is empty (shape {tuple(x.shape)}); nothing to quantize")
+    return x
+
+
+# ----------------------------------------------------------------------------- quantize
+def quantize(x, fmt="nvfp4", group_size=None, *, scale_mode=None, global_scale=None, pad=False) -> FP4Tensor:
+    """Quantize ``x`` [..., K] to FP4 in blocks of ``group_size`` along the last axis.
+
+    fmt:          'nvfp4' (E4M3 scales, FP32 global scale; group 8/16/32/64, default 16) or
+                  'mxfp4' (E8M0 scales, group 32; scale_mode 'floor' (OCP) or 'rceil').
+    global_scale: NVFP4 decode scale to use instead of amax/(6*448) (e.g. a calibrated activation
+                  scale); one pass, blocks past the E4M3 range saturate.
+    pad:          if K is not a multiple of the group, pad with zeros and remember the true shape.
+    NaN/Inf in ``x`` raise ValueError. Rounding is round-to-nearest-even everywhere (see reference).
+    """
+    f = get_format(fmt)
+    gs = f.check_group_size(group_size)
+    mode = f.check_scale_mode(scale_mode)
+    x = check_float_input(x)
+    if global_scale is not None:
+        if not f.global_scale:
+            raise ValueError(f"{f.name} has no global scale; global_scale must be None")
+        g = float(global_scale)
+        if not (np.isfinite(g) and g > 0):
+            raise ValueError(f"global_scale must be a positive finite number; got {global_scale!r}")
+    shape = tuple(int(s) for s in x.shape)
+    if shape[-1] % gs and not pad:
+        raise ValueError(
+            f"the last dimension ({shape[-1]}) must be a multiple of group_size={gs}; "
+            f"pass pad=True to pad with zeros to {-(-shape[-1] // gs) * gs}"
+        )
+    if arrays.is_cuda(x):
+        return _cuda_ops().quantize(x, f, gs, mode, global_scale, shape)
+    xn = arrays.to_numpy(x)
+    if shape[-1] % gs:
+        xn = np.pad(xn, [(0, 0)] * (xn.ndim - 1) + [(0, -shape[-1] % gs)])
+    data, scales, g = reference.quantize(xn, f, gs, mode, global_scale)
+    lib = arrays.library_of(x)
+    return FP4Tensor(arrays.numpy_to(data, lib), arrays.numpy_to(scales, lib), g, shape, f, gs)
+
+
+# ----------------------------------------------------------------------------- dequantize
+def dequantize(t, scales=None, global_scale=None, rows=None, cols=None, group_size=16, *, dtype=None, fmt="nvfp4"):
+    """Decode an FP4Tensor: ``dequantize(t, dtype=None)`` -> array of ``t.shape`` in t's library/device.
+
+    Also the seed's form ``dequantize(data, scales, global_scale, rows, cols, group_size=16)``.
+    value = (e2m1(code) * scale) * global_scale in float32, then rounded (RNE) to ``dtype``.
+    """
+    if not isinstance(t, FP4Tensor):
+        if scales is None or rows is None or cols is None:
+            raise TypeError(
+                "dequantize takes an FP4Tensor, or (data, scales, global_scale, rows, cols, group_size=16); "
+                f"got {type(t).__name__} without scales/rows/cols"
+            )
+        t = FP4Tensor(t, scales, 1.0 if global_scale is None else global_scale, (int(rows), int(cols)), fmt, group_size)
+    out = output_dtype(dtype)
+    if arrays.is_cuda(t.data):
+        return _cuda_ops().dequantize(t, out)
+    g = t.global_scale
+    d = reference.dequantize(arrays.to_numpy(t.data), arrays.to_numpy(t.scales), g, t.fmt, t.group_size,
+                             _NUMPY_DTYPES[out])
+    return arrays.numpy_to(_crop(d, t.shape), t.library)
+
+
+def _crop(a, shape):
+    return a if a.shape[-1] == shape[-1] else a[..., : shape[-1]]
+
+
+# ----------------------------------------------------------------------------- gemm / linear
+def gemm(*args, trans_b=False, group_size=16, out_dtype=None):
+    """FP4 x FP4 matrix product in float32: ``gemm(A, B)`` = deq(A) @ deq(B).
+
+    A is an FP4Tensor [M, K]; B an FP4Tensor [K, N] quantized along N (the seed's layout), or a
+    weight [N, K] quantized along K with ``trans_b=True`` (then deq(A) @ deq(B).T).
+    The seed's 9-argument form ``gemm(A_data, A_scales, A_g, B_data, B_scales, B_g, M, N, K,
+    group_size=16)`` builds A [M, K] and B [K, N] from raw parts.
+    """
+    if len(args) == 9:
+        ad, asc, ag, bd, bsc, bg, m, n, k = args
+        a = FP4Tensor(ad, asc, ag, (int(m), int(k)), "nvfp4", group_size)
+        b = FP4Tensor(bd, bsc, bg, (int(k), int(n)), "nvfp4", group_size)
+    elif len(args) == 2:
+        a, b = args
+    else:
+        raise TypeError(f"gemm takes (A, B) or the seed's 9 arguments; got {len(args)} positional arguments")
+    for name, t in (("A", a), ("B", b)):
+        if not isinstance(t, FP4Tensor) or len(t.shape) != 2:
+            raise TypeError(f"gemm: {name} must be a 2-D FP4Tensor; got {_describe(t)}")
+    k_b = b.shape[1] if trans_b else b.shape[0]
+    if a.shape[1] != k_b:
+        raise ValueError(
+            f"gemm: inner dimensions differ: A is {a.shape}, B is {b.shape} "
+            f"({'[N, K] with trans_b=True' if trans_b else '[K, N]'})"
+        )
+    if a.device != b.device:
+        raise ValueError(f"gemm: A is on {a.device} and B on {b.device}; move one with .to()")
+    out = output_dtype(out_dtype)
+    if arrays.is_cuda(a.data):
+        return _cuda_ops().gemm(a, b, trans_b, out)
+    ad, bd = a.dequantize(), b.dequantize()
+    an, bn = arrays.to_numpy(ad), arrays.to_numpy(bd)
+    c = an @ (bn.T if trans_b else bn)
+    return arrays.numpy_to(c.astype(_NUMPY_DTYPES[out]), a.library)
+
+
+def linear(x, w: FP4Tensor, bias=None):
+    """``x @ deq(w).T + bias``: x float [..., K] (fp16/bf16/fp32), w an FP4Tensor weight [N, K].
+
+    Accumulates in float32 and returns x's dtype, library and device. On CUDA this is the fast
+    W4A16 path; on the CPU it is exact up to float32 accumulation order.
+    """
+    x = check_float_input(x)
+    if not isinstance(w, FP4Tensor) or len(w.shape) != 2:
+        raise TypeError(f"linear: w must be a 2-D FP4Tensor weight [N, K]; got {_describe(w)}")
+    if x.shape[-1] != w.shape[1]:
+        raise ValueError(f"linear: x has K={x.shape[-1]} but w is {w.shape} ([N, K])")
+    if arrays.device_of(x) != w.device:
+        raise ValueError(f"linear: x is on {arrays.device_of(x)} but w on {w.device}; move w with w.to(...)")
+    if arrays.is_cuda(x):
+        return _cuda_ops().linear(x, w, bias)
+    xn = arrays.to_numpy(x)
+    y = xn.astype(np.float32) @ arrays.to_numpy(w.dequantize()).T
+    if bias is not None:
+        y = y + arrays.to_numpy(bias).astype(np.float32)
+    return arrays.numpy_to(y.astype(xn.dtype), arrays.library_of(x))
+
+
+def _describe(t) -> str:
+    if isinstance(t, FP4Tensor):
+        return repr(t)
+    return f"{type(t).__name__} of shape {getattr(t, 'shape', '?')}"

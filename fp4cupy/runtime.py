@@ -1,0 +1,187 @@
+"""The one place that turns ``kernels_cu/*.cu`` into loaded GPU modules.
+
+- Compile on first use (never at import) with NVRTC through CuPy's low-level binding, for the
+  target in ``ARCH_TABLE`` (e.g. sm_90a on an H100), capped at what the installed NVRTC knows.
+- Cubins are cached on disk in ``$FP4CUPY_CACHE_DIR`` (default ``~/.cache/fp4cupy``), keyed by
+  package version, target, options, NVRTC version and the text of every kernel source, so an
+  upgrade or an edit recompiles. Loaded modules are memoized per (source, device).
+- No ``-ftz``: decode tricks rely on IEEE subnormals, and the reference's fp32 division is IEEE.
+- A failed compile raises ``CompileError`` carrying the NVRTC log, the options and the numbered source.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
+_HERE = Path(__file__).resolve().parent
+# Installed wheel: fp4cupy/kernels_cu; source checkout: ../kernels_cu.
+KERNEL_DIR = _HERE / "kernels_cu" if (_HERE / "kernels_cu").is_dir() else _HERE.parent / "kernels_cu"
+
+# compute capability -> NVRTC target. Arch-specific ("a") targets where fp4cupy uses their features:
+# wgmma on sm_90a, the FP4 cvt / tensor cores on Blackwell.
+ARCH_TABLE = {
+    (7, 5): "sm_75", (8, 0): "sm_80", (8, 6): "sm_86", (8, 7): "sm_87", (8, 9): "sm_89",
+    (9, 0): "sm_90a", (10, 0): "sm_100a", (10, 3): "sm_103a", (12, 0): "sm_120a", (12, 1): "sm_121a",
+}
+FP4_HARDWARE_TARGETS = {"sm_100a", "sm_103a", "sm_120a", "sm_121a"}
+# Every target CI compiles every kernel for.
+CI_TARGETS = ("sm_75", "sm_80", "sm_86", "sm_89", "sm_90", "sm_90a", "sm_100a", "sm_120a", "sm_121a")
+BASE_OPTIONS = ("-std=c++17", "-default-device")
+
+
+class CompileError(RuntimeError):
+    """NVRTC rejected a kernel source; the message holds the log, the options and the source."""
+
+
+# ----------------------------------------------------------------------------- devices
+def _cupy():
+    try:
+        import cupy
+    except ImportError:
+        return None
+    return cupy
+
+
+@functools.lru_cache(maxsize=None)
+def device_count() -> int:
+    cp = _cupy()
+    if cp is None:
+        return 0
+    try:
+        return cp.cuda.runtime.getDeviceCount()
+    except Exception:  # noqa: BLE001 - no driver / no device: treat as CPU-only
+        return 0
+
+
+def compute_capability(device: int | None = None):
+    """(major, minor) of ``device`` (default: current), or None without a GPU."""
+    if device_count() == 0:
+        return None
+    cp = _cupy()
+    dev = cp.cuda.Device(device) if device is not None else cp.cuda.Device()
+    cc = dev.compute_capability
+    return int(cc[:-1]), int(cc[-1])
+
+
+@functools.lru_cache(maxsize=None)
+def nvrtc_targets() -> tuple[int, ...]:
+    from cupy.cuda import nvrtc
+
+    return tuple(nvrtc.getSupportedArchs())
+
+
+def target_for(cc: tuple[int, int]) -> str:
+    """NVRTC target for a compute capability: the table's entry, else plain sm_XY; capped at the
+    newest target the installed NVRTC supports (then PTX for the driver to finish)."""
+    target = ARCH_TABLE.get(tuple(cc), f"sm_{cc[0]}{cc[1]}")
+    num = int(target[3:].rstrip("af"))
+    supported = nvrtc_targets()
+    if num not in supported:
+        return f"compute_{max(a for a in supported if a <= num)}"
+    return target
+
+
+def has_fp4_hardware(device: int | None = None) -> bool:
+    cc = compute_capability(device)
+    return cc is not None and target_for(cc) in FP4_HARDWARE_TARGETS
+
+
+# ----------------------------------------------------------------------------- compiling
+@functools.lru_cache(maxsize=None)
+def cuda_include_dir() -> str | None:
+    """Folder with cuda_fp16.h / cuda_bf16.h (from the [ctk] wheels or a CUDA toolkit)."""
+    try:
+        from cuda.pathfinder import find_nvidia_header_directory
+
+        found = find_nvidia_header_directory("cudart")
+        if found:
+            return str(found)
+    except Exception:  # noqa: BLE001 - fall back to the usual places
+        pass
+    for root in (os.environ.get("CUDA_PATH"), os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
+        if root and Path(root, "include", "cuda_fp16.h").is_file():
+            return str(Path(root, "include"))
+    return None
+
+
+def _sources_digest() -> str:
+    h = hashlib.sha256()
+    for p in sorted(KERNEL_DIR.glob("*.cu*")):
+        h.update(p.name.encode() + b"\0" + p.read_bytes())
+    return h.hexdigest()
+
+
+def options_for(target: str, extra=()) -> tuple[str, ...]:
+    from . import __version__
+
+    inc = cuda_include_dir()
+    opts = BASE_OPTIONS + (f"-arch={target}", f"-I{KERNEL_DIR}", f"-DFP4CUPY_VERSION=\"{__version__}\"")
+    return opts + ((f"-I{inc}",) if inc else ()) + tuple(extra)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("FP4CUPY_CACHE_DIR") or Path.home() / ".cache" / "fp4cupy")
+
+
+def compile_source(filename: str, target: str, extra_options=()) -> bytes:
+    """Compile ``kernels_cu/<filename>`` for ``target`` (no GPU needed); cubin (sm_*) or PTX (compute_*).
+    Results are cached on disk; CompileError on failure."""
+    from cupy.cuda import nvrtc
+
+    src = (KERNEL_DIR / filename).read_text()
+    opts = options_for(target, extra_options)
+    key = hashlib.sha256("\0".join((*opts, str(nvrtc.getVersion()), _sources_digest(), filename)).encode())
+    path = cache_dir() / f"{Path(filename).stem}-{target}-{key.hexdigest()[:24]}.bin"
+    if path.is_file():
+        return path.read_bytes()
+    prog = nvrtc.createProgram(src, filename, [], [])
+    try:
+        try:
+            nvrtc.compileProgram(prog, list(opts))
+        except nvrtc.NVRTCError as e:
+            log = nvrtc.getProgramLog(prog)
+            numbered = "\n".join(f"{i + 1:5d} {line}" for i, line in enumerate(src.splitlines()))
+            raise CompileError(
+                f"NVRTC failed to compile {filename} for {target}: {e}\n--- log ---\n{log}\n"
+                f"--- options ---\n{' '.join(opts)}\n--- source ---\n{numbered}"
+            ) from None
+        binary = nvrtc.getCUBIN(prog) if target.startswith("sm_") else nvrtc.getPTX(prog).encode() + b"\0"
+    finally:
+        nvrtc.destroyProgram(prog)
+    _write_atomic(path, binary)
+    return binary
+
+
+def _write_atomic(path: Path, payload: bytes) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent)
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only cache only costs a recompile next time
+
+
+# ----------------------------------------------------------------------------- loading
+@functools.lru_cache(maxsize=None)
+def load(filename: str, device: int):
+    """The CuPy ``Module`` of ``kernels_cu/<filename>`` compiled for ``device``, memoized."""
+    cp = _cupy()
+    if cp is None or device_count() == 0:
+        raise RuntimeError("fp4cupy's GPU path needs CuPy and a CUDA GPU: pip install 'fp4cupy[cuda12]' (or [cuda13])")
+    target = target_for(compute_capability(device))
+    binary = compile_source(filename, target)
+    with cp.cuda.Device(device):
+        mod = cp.cuda.function.Module()
+        mod.load(binary)  # a cubin, or PTX (NUL-terminated) that the driver finishes for this GPU
+    return mod
+
+
+@functools.lru_cache(maxsize=None)
+def kernel(filename: str, name: str, device: int):
+    """One kernel by name, e.g. ``kernel("quantize.cu", "nvfp4_quantize_g16_bf16", 0)``."""
+    return load(filename, device).get_function(name)

@@ -1,0 +1,69 @@
+// common.cuh - loads, stores and reductions shared by fp4cupy's kernels (not part of the user API).
+#pragma once
+#include <fp4.cuh>
+
+typedef unsigned char u8;
+typedef unsigned int u32;
+typedef unsigned long long u64;
+typedef long long i64;
+
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T> __device__ __forceinline__ T from_float(float v);
+template <> __device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+// N consecutive elements (N * sizeof(T) a multiple of 16, pointer 16-byte aligned) as floats.
+template <typename T, int N>
+__device__ __forceinline__ void load_floats(const T* __restrict__ p, float (&v)[N]) {
+    constexpr int PER = 16 / sizeof(T);
+    static_assert(N % PER == 0, "load_floats: N must fill whole 16-byte vectors");
+    uint4 u[N / PER];
+#pragma unroll
+    for (int i = 0; i < N / PER; ++i) u[i] = __ldg(reinterpret_cast<const uint4*>(p) + i);
+#pragma unroll
+    for (int i = 0; i < N / PER; ++i) {
+        const T* t = reinterpret_cast<const T*>(&u[i]);
+#pragma unroll
+        for (int j = 0; j < PER; ++j) v[i * PER + j] = to_float(t[j]);
+    }
+}
+
+// N floats rounded (RNE) to T and stored with 16-byte stores.
+template <typename T, int N>
+__device__ __forceinline__ void store_floats(T* __restrict__ p, const float (&v)[N]) {
+    constexpr int PER = 16 / sizeof(T);
+    static_assert(N % PER == 0, "store_floats: N must fill whole 16-byte vectors");
+#pragma unroll
+    for (int i = 0; i < N / PER; ++i) {
+        uint4 u;
+        T* t = reinterpret_cast<T*>(&u);
+#pragma unroll
+        for (int j = 0; j < PER; ++j) t[j] = from_float<T>(v[i * PER + j]);
+        reinterpret_cast<uint4*>(p)[i] = u;
+    }
+}
+
+// Status words shared with the host (zeroed before a launch):
+//   [0] count of NaN/Inf inputs, [1] ~(flat index of the first one), [2] float bits of max|x| over finite x.
+enum { STATUS_BAD = 0, STATUS_FIRST = 1, STATUS_AMAX = 2, STATUS_WORDS = 4 };
+
+__device__ __forceinline__ void report_nonfinite(u64* status, u64 count, u64 first_index) {
+    atomicAdd(&status[STATUS_BAD], count);
+    atomicMax(&status[STATUS_FIRST], ~first_index);
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+__device__ __forceinline__ u32 warp_sum(u32 v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
