@@ -158,7 +158,10 @@ def quantize(x, fmt="nvfp4", group_size=None, scale_mode=None, global_scale=None
     gs = f.check_group_size(group_size)
     mode = f.check_scale_mode(scale_mode)
     x = np.asarray(x)
-    x32 = x.astype(F32)
+    with np.errstate(over="ignore"):
+        x32 = x.astype(F32)
+    if x.dtype == np.float64 and np.isfinite(x).all() and not np.isfinite(x32).all():
+        raise ValueError("input has values beyond the float32 range (|x| > 3.4e38); quantization runs in float32")
     check_finite(x32)
     if x.ndim == 0 or x.shape[-1] % gs:
         raise ValueError(f"last dimension must be a multiple of group_size={gs}; got shape {x.shape}")

@@ -126,17 +126,18 @@ def cache_dir() -> Path:
     return Path(os.environ.get("FP4CUPY_CACHE_DIR") or Path.home() / ".cache" / "fp4cupy")
 
 
-def compile_source(filename: str, target: str, extra_options=()) -> bytes:
-    """Compile ``kernels_cu/<filename>`` for ``target`` (no GPU needed); cubin (sm_*) or PTX (compute_*).
-    Results are cached on disk; CompileError on failure."""
+def compile_source(filename, target: str, extra_options=()) -> bytes:
+    """Compile ``kernels_cu/<filename>`` (or a .cu file at an absolute path) for ``target`` with no GPU
+    needed; cubin (sm_*) or PTX (compute_*). Results are cached on disk; CompileError on failure."""
     from cupy.cuda import nvrtc
 
-    src = (KERNEL_DIR / filename).read_text()
+    path = Path(filename) if Path(filename).is_absolute() else KERNEL_DIR / filename
+    src, filename = path.read_text(), path.name
     opts = options_for(target, extra_options)
-    key = hashlib.sha256("\0".join((*opts, str(nvrtc.getVersion()), _sources_digest(), filename)).encode())
-    path = cache_dir() / f"{Path(filename).stem}-{target}-{key.hexdigest()[:24]}.bin"
-    if path.is_file():
-        return path.read_bytes()
+    key = hashlib.sha256("\0".join((*opts, str(nvrtc.getVersion()), _sources_digest(), src)).encode())
+    cached = cache_dir() / f"{Path(filename).stem}-{target}-{key.hexdigest()[:24]}.bin"
+    if cached.is_file():
+        return cached.read_bytes()
     prog = nvrtc.createProgram(src, filename, [], [])
     try:
         try:
@@ -151,7 +152,7 @@ def compile_source(filename: str, target: str, extra_options=()) -> bytes:
         binary = nvrtc.getCUBIN(prog) if target.startswith("sm_") else nvrtc.getPTX(prog).encode() + b"\0"
     finally:
         nvrtc.destroyProgram(prog)
-    _write_atomic(path, binary)
+    _write_atomic(cached, binary)
     return binary
 
 
@@ -168,8 +169,8 @@ def _write_atomic(path: Path, payload: bytes) -> None:
 
 # ----------------------------------------------------------------------------- loading
 @functools.lru_cache(maxsize=None)
-def load(filename: str, device: int):
-    """The CuPy ``Module`` of ``kernels_cu/<filename>`` compiled for ``device``, memoized."""
+def load(filename, device: int):
+    """The CuPy ``Module`` of ``kernels_cu/<filename>`` (or an absolute .cu path) for ``device``, memoized."""
     cp = _cupy()
     if cp is None or device_count() == 0:
         raise RuntimeError("fp4cupy's GPU path needs CuPy and a CUDA GPU: pip install 'fp4cupy[cuda12]' (or [cuda13])")

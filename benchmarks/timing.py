@@ -1,0 +1,49 @@
+"""CUDA-event timing shared by the benchmarks: warm up, then time peer and candidate alternately."""
+from __future__ import annotations
+
+import statistics
+
+import torch
+
+
+def time_ms(fn, reps: int = 20) -> list[float]:
+    """Per-call times in ms of ``fn()``, each bracketed by CUDA events."""
+    out = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        out.append(a.elapsed_time(b))
+    return out
+
+
+def compare(peer, ours, pairs: int = 15, inner: int = 5, warmup: int = 3) -> dict:
+    """Time ``peer`` and ``ours`` alternately (A B A B ...); each sample averages ``inner`` calls.
+    Returns median times and the median, min and max of the per-pair speed-ups peer/ours."""
+    for _ in range(warmup):
+        peer(), ours()
+    torch.cuda.synchronize()
+    tp, to, ratios = [], [], []
+    for _ in range(pairs):
+        p = statistics.fmean(time_ms(lambda: [peer() for _ in range(inner)], 1)) / inner
+        o = statistics.fmean(time_ms(lambda: [ours() for _ in range(inner)], 1)) / inner
+        tp.append(p), to.append(o), ratios.append(p / o)
+    return dict(peer_ms=statistics.median(tp), ours_ms=statistics.median(to), ratio=statistics.median(ratios),
+                lo=min(ratios), hi=max(ratios))
+
+
+class Rotating:
+    """Cycle through several buffers so no timed call finds its input in L2."""
+
+    def __init__(self, items):
+        self.items, self.i = list(items), 0
+
+    def next(self):
+        self.i = (self.i + 1) % len(self.items)
+        return self.items[self.i]
+
+
+def card() -> str:
+    return torch.cuda.get_device_name()

@@ -1,0 +1,48 @@
+"""The command line, the wheel's contents, and the README's commands."""
+import re
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from fp4cupy import cli
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_demo_prints_table(capsys):
+    rows = cli.demo("cpu", ((256, 512), (128, 1024)))
+    out = capsys.readouterr().out
+    assert "CPU reference" in out and "256x512" in out and "SQNR dB" in out
+    assert all(abs(r["fp16_bytes"] / r["fp4_bytes"] - 3.55) < 0.05 for r in rows)
+    assert all(0.05 < r["rel_err"] < 0.12 and 18 < r["sqnr_db"] < 23 for r in rows)
+
+
+def test_cli_entry_point_runs():
+    out = subprocess.run([sys.executable, "-m", "fp4cupy.cli", "demo", "--device", "cpu", "--shape", "64x128"],
+                         capture_output=True, text=True, check=True).stdout
+    assert "64x128" in out
+    bad = subprocess.run([sys.executable, "-m", "fp4cupy.cli", "demo", "--shape", "64by128"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "shape must look like" in bad.stderr
+
+
+def test_readme_commands_are_the_ones_ci_runs():
+    readme = (ROOT / "README.md").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
+    blocks = re.findall(r"```(?:bash|sh)\n(.*?)```", readme, re.S)
+    assert "fp4cupy demo" in blocks[0]
+    test_cmd = blocks[1].strip().splitlines()[-1]
+    assert test_cmd.startswith("python -m pytest") and test_cmd in ci
+
+
+@pytest.mark.slow
+def test_wheel_ships_kernels(tmp_path):
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(ROOT)],
+                   check=True)
+    (whl,) = tmp_path.glob("fp4cupy-*.whl")
+    names = zipfile.ZipFile(whl).namelist()
+    for f in ("fp4cupy/kernels_cu/fp4.cuh", "fp4cupy/kernels_cu/quantize.cu", "fp4cupy/kernels_cu/dequantize.cu",
+              "fp4cupy/reference.py", "fp4cupy/runtime.py"):
+        assert f in names, f"{f} missing from the wheel"

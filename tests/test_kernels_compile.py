@@ -1,0 +1,60 @@
+"""Every kernel source compiles for every target fp4cupy claims, with no GPU (NVRTC + headers from [ctk])."""
+import os
+import struct
+from pathlib import Path
+
+import pytest
+
+from fp4cupy import runtime
+
+if not os.environ.get("CI"):
+    pytest.importorskip("cupy", reason="compiling needs CuPy's NVRTC: pip install 'fp4cupy[cuda12]'")
+
+SOURCES = sorted(p.name for p in runtime.KERNEL_DIR.glob("*.cu")) + [str(Path(__file__).parent / "kernels" / "fp4_api_check.cu")]
+
+
+def cubin_target(cubin: bytes) -> str:
+    """'sm_90a'-style name from a cubin's ELF header (e_flags at 0x30; ABI 51 vs the newer one)."""
+    assert cubin[:4] == b"\x7fELF"
+    flags = struct.unpack_from("<I", cubin, 0x30)[0]
+    if cubin[7] == 51:
+        return f"sm_{flags & 0xFF}" + ("a" if flags & 0x800 else "")
+    return f"sm_{(flags >> 8) & 0xFF}" + ("a" if flags & 0x8 else "")
+
+
+@pytest.mark.parametrize("target", runtime.CI_TARGETS)
+@pytest.mark.parametrize("source", SOURCES, ids=lambda s: Path(s).name)
+def test_compiles_for_target(source, target, tmp_path, monkeypatch):
+    monkeypatch.setenv("FP4CUPY_CACHE_DIR", str(tmp_path))
+    cubin = runtime.compile_source(source, target)
+    assert cubin_target(cubin) == target
+
+
+def test_arch_table_targets():
+    assert runtime.target_for((9, 0)) == "sm_90a"
+    assert runtime.target_for((8, 6)) == "sm_86"
+    assert runtime.target_for((12, 0)) == "sm_120a"
+    assert set(runtime.ARCH_TABLE.values()) >= {"sm_75", "sm_90a", "sm_100a", "sm_121a"}
+
+
+def test_compile_error_carries_log_options_and_numbered_source(tmp_path, monkeypatch):
+    monkeypatch.setenv("FP4CUPY_CACHE_DIR", str(tmp_path))
+    bad = tmp_path / "bad.cu"
+    bad.write_text('#include <fp4.cuh>\nextern "C" __global__ void k() { undefined_thing(); }\n')
+    with pytest.raises(runtime.CompileError) as e:
+        runtime.compile_source(str(bad), "sm_80")
+    msg = str(e.value)
+    assert "undefined_thing" in msg and "-arch=sm_80" in msg and "    2 extern" in msg
+
+
+def test_cache_is_reused_and_keyed_by_source(tmp_path, monkeypatch):
+    monkeypatch.setenv("FP4CUPY_CACHE_DIR", str(tmp_path))
+    src = tmp_path / "k.cu"
+    src.write_text('extern "C" __global__ void k(float* x) { x[0] = 1.0f; }\n')
+    runtime.compile_source(str(src), "sm_80")
+    assert len(list(tmp_path.glob("k-sm_80-*.bin"))) == 1
+    runtime.compile_source(str(src), "sm_80")
+    assert len(list(tmp_path.glob("k-sm_80-*.bin"))) == 1
+    src.write_text('extern "C" __global__ void k(float* x) { x[0] = 2.0f; }\n')
+    runtime.compile_source(str(src), "sm_80")
+    assert len(list(tmp_path.glob("k-sm_80-*.bin"))) == 2
