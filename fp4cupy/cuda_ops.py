@@ -46,7 +46,9 @@ class _Lib:
         return self.mod.zeros(shape, dtype=_np_dtype(dtype))
 
     def scalar(self, value: float):
-        return self.mod.tensor(np.float32(value), device=f"cuda:{self.device}") if self.torch else self.mod.asarray(np.float32(value))
+        if self.torch:  # a fill kernel, not a host copy: allowed inside graph capture
+            return self.mod.full((), float(np.float32(value)), dtype=self.mod.float32, device=f"cuda:{self.device}")
+        return self.mod.full((), np.float32(value), dtype=np.float32)
 
     @staticmethod
     def ptr(a) -> int:
@@ -116,7 +118,7 @@ def _prepare_input(x, lib: _Lib, k_padded: int):
 
 
 # ----------------------------------------------------------------------------- quantize / dequantize
-def quantize(x, f: Format, gs: int, mode: str, global_scale, shape) -> FP4Tensor:
+def quantize(x, f: Format, gs: int, mode: str, global_scale, shape, nonfinite="raise") -> FP4Tensor:
     lib = _Lib(x)
     kp = -(-shape[-1] // gs) * gs
     x = _prepare_input(x, lib, kp)
@@ -141,7 +143,7 @@ def quantize(x, f: Format, gs: int, mode: str, global_scale, shape) -> FP4Tensor
     lib.launch("quantize.cu", name, -(-ngroups // THREADS),
                (lib.ptr(x), lib.ptr(data), lib.ptr(scales), ptr(g_given), lib.ptr(status), ptr(g_out),
                 ngroups, np.int32(g_given is not None or not f.global_scale)))
-    if not lib.capturing():
+    if nonfinite == "raise" and not lib.capturing():
         _raise_if_nonfinite(lib.to_host(status), x, shape, lib)
     g = g_given if g_given is not None else g_out if g_out is not None else np.float32(1.0)
     return FP4Tensor(data, scales, g, shape, f, gs)

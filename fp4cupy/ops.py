@@ -52,7 +52,8 @@ def check_float_input(x, what="x"):
 
 
 # ----------------------------------------------------------------------------- quantize
-def quantize(x, fmt="nvfp4", group_size=None, *, scale_mode=None, global_scale=None, pad=False) -> FP4Tensor:
+def quantize(x, fmt="nvfp4", group_size=None, *, scale_mode=None, global_scale=None, pad=False,
+             nonfinite="raise") -> FP4Tensor:
     """Quantize ``x`` [..., K] to FP4 in blocks of ``group_size`` along the last axis.
 
     fmt:          'nvfp4' (E4M3 scales, FP32 global scale; group 8/16/32/64, default 16) or
@@ -60,8 +61,13 @@ def quantize(x, fmt="nvfp4", group_size=None, *, scale_mode=None, global_scale=N
     global_scale: NVFP4 decode scale to use instead of amax/(6*448) (e.g. a calibrated activation
                   scale); one pass, blocks past the E4M3 range saturate.
     pad:          if K is not a multiple of the group, pad with zeros and remember the true shape.
-    NaN/Inf in ``x`` raise ValueError. Rounding is round-to-nearest-even everywhere (see reference).
+    nonfinite:    'raise' (default): NaN/Inf in ``x`` raise ValueError (on a GPU this reads a flag back:
+                  one host sync). 'mark': never waits; a block holding NaN/Inf gets a NaN scale and
+                  decodes to NaN (never to finite values). Inside CUDA-graph capture 'mark' applies.
+    Rounding is round-to-nearest-even everywhere (see reference).
     """
+    if nonfinite not in ("raise", "mark"):
+        raise ValueError(f"nonfinite must be 'raise' or 'mark'; got {nonfinite!r}")
     f = get_format(fmt)
     gs = f.check_group_size(group_size)
     mode = f.check_scale_mode(scale_mode)
@@ -79,11 +85,11 @@ def quantize(x, fmt="nvfp4", group_size=None, *, scale_mode=None, global_scale=N
             f"pass pad=True to pad with zeros to {-(-shape[-1] // gs) * gs}"
         )
     if arrays.is_cuda(x):
-        return _cuda_ops().quantize(x, f, gs, mode, global_scale, shape)
+        return _cuda_ops().quantize(x, f, gs, mode, global_scale, shape, nonfinite)
     xn = arrays.to_numpy(x)
     if shape[-1] % gs:
         xn = np.pad(xn, [(0, 0)] * (xn.ndim - 1) + [(0, -shape[-1] % gs)])
-    data, scales, g = reference.quantize(xn, f, gs, mode, global_scale)
+    data, scales, g = reference.quantize(xn, f, gs, mode, global_scale, nonfinite)
     lib = arrays.library_of(x)
     return FP4Tensor(arrays.numpy_to(data, lib), arrays.numpy_to(scales, lib), g, shape, f, gs)
 

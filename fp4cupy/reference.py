@@ -147,12 +147,14 @@ def _pow2(e: np.ndarray) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- quantize / dequantize
-def quantize(x, fmt="nvfp4", group_size=None, scale_mode=None, global_scale=None):
+def quantize(x, fmt="nvfp4", group_size=None, scale_mode=None, global_scale=None, nonfinite="raise"):
     """Quantize ``x`` [..., K] (K a multiple of the group) along its last axis.
 
     Returns ``(data uint8 [..., K/2], scales uint8 [..., K/group], global_scale float32)``.
     ``global_scale`` (NVFP4 only) is the decode scale to use instead of amax / 2688; blocks that
     then overflow the E4M3 range saturate at 448 and their codes at +-6.
+    ``nonfinite="raise"`` rejects NaN/Inf; ``"mark"`` gives a block holding any a NaN scale byte
+    (0x7F E4M3, 0xFF E8M0) and zero codes, leaves it out of amax, and so decodes it to NaN.
     """
     f: Format = get_format(fmt)
     gs = f.check_group_size(group_size)
@@ -162,10 +164,16 @@ def quantize(x, fmt="nvfp4", group_size=None, scale_mode=None, global_scale=None
         x32 = x.astype(F32)
     if x.dtype == np.float64 and np.isfinite(x).all() and not np.isfinite(x32).all():
         raise ValueError("input has values beyond the float32 range (|x| > 3.4e38); quantization runs in float32")
-    check_finite(x32)
+    if nonfinite == "raise":
+        check_finite(x32)
+    elif nonfinite != "mark":
+        raise ValueError(f"nonfinite must be 'raise' or 'mark'; got {nonfinite!r}")
     if x.ndim == 0 or x.shape[-1] % gs:
         raise ValueError(f"last dimension must be a multiple of group_size={gs}; got shape {x.shape}")
     blocks = x32.reshape(x.shape[:-1] + (x.shape[-1] // gs, gs))
+    bad = ~np.isfinite(blocks).all(axis=-1)
+    if bad.any():  # "mark": amax and block scales come from the finite values
+        blocks = np.where(np.isfinite(blocks), blocks, F32(0.0))
     blockamax = np.abs(blocks).max(axis=-1) if blocks.size else np.zeros(blocks.shape[:-1], F32)
     if not f.global_scale:
         g = F32(1.0)
@@ -181,7 +189,8 @@ def quantize(x, fmt="nvfp4", group_size=None, scale_mode=None, global_scale=None
         zero = div == 0
         r = blocks / np.where(zero, F32(1.0), div)[..., None]
     codes = e2m1_encode(r)
-    codes[zero] = 0
+    codes[zero | bad] = 0
+    scales[bad] = 0x7F if f.scale_type == "e4m3" else 0xFF
     return pack_nibbles(codes.reshape(x.shape)), scales, F32(g)
 
 

@@ -21,10 +21,10 @@ __device__ void amax_body(const T* __restrict__ x, i64 n, u64* status) {
         load_floats<T, PER>(x + i * PER, v);
 #pragma unroll
         for (int j = 0; j < PER; ++j) {
-            float a = fabsf(v[j]);
+            const float a = fabsf(v[j]);
             if (a <= 3.402823466e38f) m = fmaxf(m, a);
             else { ++bad; report_nonfinite(status, 0, (u64)(i * PER + j)); }
-        }
+        }  // (the compiler keeps this branch-free: bad values are rare and predicated)
     }
     __shared__ float sm[32];
     __shared__ u32 sb[32];
@@ -64,30 +64,40 @@ __device__ void quantize_body(const T* __restrict__ x, u8* __restrict__ data, u8
 
     float v[GS];
     load_floats<T, GS>(x + grp * GS, v);
-    float bam = 0.0f;
-    u32 bad = 0, first = 0;
+    // max |x| as bits: non-negative floats order like their bits, and NaN/Inf lie above every finite value
+    u32 mx = 0;
 #pragma unroll
-    for (int i = 0; i < GS; ++i) {
-        float a = fabsf(v[i]);
-        bool ok = a <= 3.402823466e38f;
-        if (!ok && !bad) first = i;
-        bad += !ok;
-        bam = fmaxf(bam, ok ? a : 0.0f);
-    }
+    for (int i = 0; i < GS; ++i) mx = max(mx, __float_as_uint(v[i]) & 0x7FFFFFFFu);
     u32 words[GS / 8];
-    if (bad) {
-        if (count_bad) report_nonfinite(status, bad, (u64)(grp * GS + first));
+    if (mx >= 0x7F800000u) {
+        if (count_bad) {
+            u32 bad = 0, first = GS;
+#pragma unroll
+            for (int i = 0; i < GS; ++i) {
+                const bool nf = (__float_as_uint(v[i]) & 0x7FFFFFFFu) >= 0x7F800000u;
+                bad += nf;
+                first = nf && first == GS ? i : first;
+            }
+            report_nonfinite(status, bad, (u64)(grp * GS + first));
+        }
         scales[grp] = RULE == RULE_NVFP4 ? 0x7Fu : 0xFFu;  // NaN scale: the block decodes to NaN
 #pragma unroll
         for (int w = 0; w < GS / 8; ++w) words[w] = 0u;
     } else {
-        float d = 0.0f, mult = 1.0f;
+        const float bam = __uint_as_float(mx);
         u32 sb;
+        float d = 0.0f, rcp = 0.0f, mult = 1.0f;
+        bool fast = true;
         if (RULE == RULE_NVFP4) {
             sb = fp4_e4m3_encode(__fdiv_rn(bam, __fmul_rn(6.0f, g)));
             d = __fmul_rn(fp4_e4m3_decode(sb), g);
+            // x / d by Markstein's correction with the correctly rounded 1/d: exact where no
+            // intermediate leaves the normal range, which d in [2^-60, 2^60] guarantees for every
+            // quotient that can reach the E2M1 thresholds; elsewhere IEEE division.
+            fast = d >= 8.673617379884035e-19f && d <= 1.152921504606847e18f;
+            rcp = __frcp_rn(d);
         } else {
-            int e = RULE == RULE_MX_FLOOR ? fp4_e8m0_floor_exponent(bam) : fp4_e8m0_rceil_exponent(bam);
+            const int e = RULE == RULE_MX_FLOOR ? fp4_e8m0_floor_exponent(bam) : fp4_e8m0_rceil_exponent(bam);
             sb = (u32)(e + 127);
             mult = fp4_exp2i(-e);
         }
@@ -97,7 +107,17 @@ __device__ void quantize_body(const T* __restrict__ x, u8* __restrict__ data, u8
             u32 word = 0;
 #pragma unroll
             for (int j = 0; j < 8; ++j) {
-                float r = RULE == RULE_NVFP4 ? __fdiv_rn(v[w * 8 + j], d) : __fmul_rn(v[w * 8 + j], mult);
+                const float x = v[w * 8 + j];
+                float r;
+                if (RULE != RULE_NVFP4) {
+                    r = __fmul_rn(x, mult);  // exact power-of-two scaling
+                } else if (fast) {
+                    const float q0 = __fmul_rn(x, rcp);
+                    const float q1 = __fmaf_rn(__fmaf_rn(-q0, d, x), rcp, q0);
+                    r = fabsf(q0) > 8.0f ? q0 : q1;  // far past 6 either saturates; q1 is NaN when q0 = inf
+                } else {
+                    r = __fdiv_rn(x, d);
+                }
                 word |= fp4_e2m1_code(r) << (4 * j);
             }
             words[w] = (RULE == RULE_NVFP4 && d == 0.0f) ? 0u : word;

@@ -24,8 +24,10 @@ def poison(monkeypatch):
 
     def poisoned(self, shape, dtype):
         out = real(self, shape, dtype)
-        if self.torch:
-            out.view(torch.uint8).fill_(0xAB) if out.dim() else out.fill_(float("nan"))
+        if out.ndim == 0:
+            out.fill_(float("nan")) if self.torch else out.fill(np.nan)
+        elif self.torch:
+            out.view(torch.uint8).fill_(0xAB)
         else:
             out.view(np.uint8).fill(0xAB)
         return out
@@ -81,6 +83,41 @@ def test_one_pass_with_global_scale(rng, gs, dtype):
         np.testing.assert_array_equal(t.scales.cpu().numpy(), scales)
         np.testing.assert_array_equal(t.data.cpu().numpy(), data)
         assert t.global_scale == float(g32)
+
+
+@pytest.mark.parametrize("g", [1.0, 0.7, 3.1e-5, 123.456])
+def test_near_ties_of_the_division(rng, g):
+    """Elements within a few ulps of threshold * scale, where an inexact x / d would pick the wrong code."""
+    s = ref.e4m3_decode(rng.integers(1, 0x7E, 4096).astype(np.uint8))
+    t = np.float32([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0])[rng.integers(0, 8, (4096, 15))]
+    base = (t * (s * np.float32(g))[:, None]).astype(np.float32)
+    steps = rng.integers(-3, 4, base.shape)
+    x = base.copy()
+    for k in range(1, 4):
+        x = np.where(steps >= k, np.nextafter(x, np.float32(np.inf)), x)
+        x = np.where(steps <= -k, np.nextafter(x, np.float32(-np.inf)), x)
+    x *= rng.choice(np.float32([1, -1]), x.shape)
+    x = np.concatenate([(np.float32(6) * s * np.float32(g))[:, None], x], axis=1).astype(np.float32)
+    t_gpu = fp4cupy.quantize(to_torch(x, torch.float32), global_scale=g)
+    data, scales, _ = ref.quantize(x, global_scale=g)
+    np.testing.assert_array_equal(t_gpu.scales.cpu().numpy(), scales)
+    np.testing.assert_array_equal(t_gpu.data.cpu().numpy(), data)
+
+
+@pytest.mark.parametrize("fmt,gs,mode", [("nvfp4", 16, None), ("mxfp4", 32, "floor")])
+@pytest.mark.parametrize("given", [None, 0.05])
+def test_nonfinite_mark_matches_reference(rng, fmt, gs, mode, given):
+    x = rng.standard_normal((16, 128)).astype(np.float32)
+    x[3, 5], x[7, 100], x[7, 101] = np.nan, np.inf, -np.inf
+    if fmt == "mxfp4" and given is not None:
+        return
+    t = fp4cupy.quantize(to_torch(x, torch.float32), fmt, gs, scale_mode=mode, global_scale=given, nonfinite="mark")
+    data, scales, g = ref.quantize(x, fmt, gs, mode, given, nonfinite="mark")
+    np.testing.assert_array_equal(t.scales.cpu().numpy(), scales)
+    np.testing.assert_array_equal(t.data.cpu().numpy(), data)
+    assert np.float32(t.global_scale) == g
+    back = fp4cupy.dequantize(t).cpu().numpy()
+    assert np.isnan(back[3, :gs]).all() and np.isfinite(back[0]).all()
 
 
 def test_cupy_arrays_in_cupy_out(rng):

@@ -154,3 +154,19 @@ def test_global_scale_given_saturates():
     assert g == np.float32(0.01) and scales[0, 0] == 0x7E
     back = ref.dequantize(data, scales, g)
     assert back[0, 0] == np.float32(6 * 448 * np.float32(0.01))
+
+
+def test_nonfinite_mark_gives_nan_scales_never_finite_codes():
+    x = np.ones((2, 32), np.float32)
+    x[0, 3] = np.nan
+    x[1, 20] = np.inf
+    x[1, 0] = 100.0
+    data, scales, g = ref.quantize(x, nonfinite="mark")
+    assert scales[0, 0] == 0x7F and scales[1, 1] == 0x7F and not data[0, :8].any()
+    assert g == np.float32(100.0) / np.float32(2688)  # amax over the finite values
+    back = ref.dequantize(data, scales, g)
+    assert np.isnan(back[0, :16]).all() and np.isnan(back[1, 16:]).all() and np.isfinite(back[0, 16:]).all()
+    d2, s2, _ = ref.quantize(x, "mxfp4", nonfinite="mark")
+    assert s2[0, 0] == 0xFF and s2[1, 0] == 0xFF
+    with pytest.raises(ValueError, match="'raise' or 'mark'"):
+        ref.quantize(x, nonfinite="ignore")
