@@ -114,7 +114,8 @@ __device__ void quantize_body(const T* __restrict__ x, u8* __restrict__ data, u8
                 } else if (fast) {
                     const float q0 = __fmul_rn(x, rcp);
                     const float q1 = __fmaf_rn(__fmaf_rn(-q0, d, x), rcp, q0);
-                    r = fabsf(q0) > 8.0f ? q0 : q1;  // far past 6 either saturates; q1 is NaN when q0 = inf
+                    // far past 6 either saturates (q1 is NaN when q0 = inf); x's sign keeps -0 -> code 8
+                    r = copysignf(fabsf(q0) > 8.0f ? q0 : q1, x);
                 } else {
                     r = __fdiv_rn(x, d);
                 }
