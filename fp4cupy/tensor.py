@@ -54,6 +54,10 @@ class FP4Tensor:
         elif arrays.library_of(global_scale) == "numpy":
             global_scale = np.float32(np.asarray(global_scale).reshape(()))
             g_host = float(global_scale)
+        if arrays.is_cuda(data) and not arrays.is_cuda(global_scale):
+            # kernels read g from device memory: keep it where the data lives
+            global_scale = arrays.numpy_to(np.asarray(global_scale, np.float32).reshape(()),
+                                           arrays.library_of(data), arrays.device_of(data))
         object.__setattr__(self, "data", data)
         object.__setattr__(self, "scales", scales)
         object.__setattr__(self, "shape", shape)
