@@ -30,15 +30,16 @@ struct cuda_fp4_t { unsigned char __x; };    // one E2M1 code in the low nibble 
 struct cuda_fp4x2_t { unsigned char __x; };  // two codes: element 0 low nibble, element 1 high
 
 // ---------------------------------------------------------------------------- E2M1 <-> float
-// Magnitude index of |r| for finite or infinite r (inf saturates to 6): RNE, ties to the even index.
+// Magnitude index of |r| for finite or infinite r (saturating at 6): RNE, ties to the even index.
 // The E2M1 grid has steps 0.5 below 2, 1 below 4 and 2 above, so index = rint(a*m) + offset with
-// m = 2, 1, 1/2. One FMA adds 2^23 (+ offset): the float's rounding is then exactly RNE to an integer
-// (offsets are even, so ties still go to the even index) and its low bits are the index.
+// m = 2, 1, 1/2. One FMA adds 2^23 + offset: the float's rounding is then exactly RNE to an integer
+// (offsets are even, so ties still go to the even index) and its low 3 bits are the index
+// (a is clamped to 6 first, so the index never passes 7).
 __device__ __forceinline__ unsigned fp4_e2m1_index(float r) {
-    const float a = fabsf(r);
+    const float a = fminf(fabsf(r), 6.0f);
     const float m = a < 2.0f ? 2.0f : (a < 4.0f ? 1.0f : 0.5f);
     const float c = a < 2.0f ? 8388608.0f : (a < 4.0f ? 8388610.0f : 8388612.0f);
-    return min(__float_as_uint(__fmaf_rn(a, m, c)) - 0x4B000000u, 7u);
+    return __float_as_uint(__fmaf_rn(a, m, c)) & 7u;
 }
 
 // Code (0..15) of a non-NaN float.

@@ -93,9 +93,10 @@ __device__ void quantize_body(const T* __restrict__ x, u8* __restrict__ data, u8
             d = __fmul_rn(fp4_e4m3_decode(sb), g);
             // x / d by Markstein's correction with the correctly rounded 1/d: exact where no
             // intermediate leaves the normal range, which d in [2^-60, 2^60] guarantees for every
-            // quotient that can reach the E2M1 thresholds; elsewhere IEEE division.
-            fast = d >= 8.673617379884035e-19f && d <= 1.152921504606847e18f;
+            // quotient that can reach the E2M1 thresholds, and finite while bam / d < 2^100;
+            // elsewhere IEEE division.
             rcp = __frcp_rn(d);
+            fast = d >= 8.673617379884035e-19f && d <= 1.152921504606847e18f && __fmul_rn(bam, rcp) < 1.2676506e30f;
         } else {
             const int e = RULE == RULE_MX_FLOOR ? fp4_e8m0_floor_exponent(bam) : fp4_e8m0_rceil_exponent(bam);
             sb = (u32)(e + 127);
@@ -113,13 +114,12 @@ __device__ void quantize_body(const T* __restrict__ x, u8* __restrict__ data, u8
                     r = __fmul_rn(x, mult);  // exact power-of-two scaling
                 } else if (fast) {
                     const float q0 = __fmul_rn(x, rcp);
-                    const float q1 = __fmaf_rn(__fmaf_rn(-q0, d, x), rcp, q0);
-                    // far past 6 either saturates (q1 is NaN when q0 = inf); x's sign keeps -0 -> code 8
-                    r = copysignf(fabsf(q0) > 8.0f ? q0 : q1, x);
+                    r = __fmaf_rn(__fmaf_rn(-q0, d, x), rcp, q0);
                 } else {
                     r = __fdiv_rn(x, d);
                 }
-                word |= fp4_e2m1_code(r) << (4 * j);
+                // the sign comes from x itself (r of -0 may come out +0 on the fast path)
+                word |= (((__float_as_uint(x) >> 28) & 8u) | fp4_e2m1_index(r)) << (4 * j);
             }
             words[w] = (RULE == RULE_NVFP4 && d == 0.0f) ? 0u : word;
         }
