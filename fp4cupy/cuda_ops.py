@@ -38,12 +38,12 @@ class _Lib:
     def empty(self, shape, dtype):
         if self.torch:
             return self.mod.empty(shape, dtype=getattr(self.mod, dtype), device=f"cuda:{self.device}")
-        return self.mod.empty(shape, dtype=_np_dtype(dtype))
+        return self.mod.empty(shape, dtype=arrays.NUMPY_DTYPES.get(dtype, np.dtype(dtype)))
 
     def zeros(self, shape, dtype):
         if self.torch:
             return self.mod.zeros(shape, dtype=getattr(self.mod, dtype), device=f"cuda:{self.device}")
-        return self.mod.zeros(shape, dtype=_np_dtype(dtype))
+        return self.mod.zeros(shape, dtype=arrays.NUMPY_DTYPES.get(dtype, np.dtype(dtype)))
 
     def scalar(self, value: float):
         if self.torch:  # a fill kernel, not a host copy: allowed inside graph capture
@@ -76,12 +76,6 @@ class _Lib:
                 fn((int(grid),), (THREADS,), args, stream=self.stream())
         else:
             fn((int(grid),), (THREADS,), args, stream=self.stream())
-
-
-def _np_dtype(name):
-    import ml_dtypes
-
-    return ml_dtypes.bfloat16 if name == "bfloat16" else np.dtype(name)
 
 
 @functools.lru_cache(maxsize=64)
@@ -180,7 +174,7 @@ def gemm(a: FP4Tensor, b: FP4Tensor, trans_b: bool, out_dtype: str):
     """deq(A) @ op(deq(B)) with float32 operands (products of decoded values are exact)."""
     ad, bd = dequantize(a, "float32"), dequantize(b, "float32")
     c = ad @ (bd.T if trans_b else bd)
-    return c if out_dtype == "float32" else (c.to(getattr(_Lib(c).mod, out_dtype)) if arrays.is_torch(c) else c.astype(_np_dtype(out_dtype)))
+    return c if out_dtype == "float32" else (c.to(getattr(_Lib(c).mod, out_dtype)) if arrays.is_torch(c) else c.astype(arrays.NUMPY_DTYPES[out_dtype]))
 
 
 def linear(x, w: FP4Tensor, bias=None):

@@ -6,14 +6,13 @@ input's library and device.
 """
 from __future__ import annotations
 
-import ml_dtypes
 import numpy as np
 
 from . import arrays, reference
 from .formats import get_format
 from .tensor import FP4Tensor
 
-_NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
+_NUMPY_DTYPES = arrays.NUMPY_DTYPES
 
 
 def _cuda_ops():
