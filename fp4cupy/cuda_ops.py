@@ -7,6 +7,7 @@ graph is being captured; then a bad block carries a NaN scale, so NaN never deco
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import numpy as np
@@ -64,17 +65,16 @@ class _Lib:
             return self.mod.cuda.is_current_stream_capturing()
         return self.mod.cuda.get_current_stream().is_capturing()
 
-    def to_host(self, a) -> np.ndarray:
-        return arrays.to_numpy(a)
+    def cast(self, a, dtype: str):
+        return a.to(getattr(self.mod, dtype)) if self.torch else a.astype(arrays.NUMPY_DTYPES[dtype])
 
     def launch(self, filename, name, grid, args):
         import cupy
 
         fn = runtime.kernel(filename, name, self.device)
-        if cupy.cuda.runtime.getDevice() != self.device:
-            with cupy.cuda.Device(self.device):
-                fn((int(grid),), (THREADS,), args, stream=self.stream())
-        else:
+        # switch devices only when the caller's current one differs (a context switch costs)
+        switch = cupy.cuda.Device(self.device) if cupy.cuda.runtime.getDevice() != self.device else contextlib.nullcontext()
+        with switch:
             fn((int(grid),), (THREADS,), args, stream=self.stream())
 
 
@@ -138,18 +138,18 @@ def quantize(x, f: Format, gs: int, mode: str, global_scale, shape, nonfinite="r
                (lib.ptr(x), lib.ptr(data), lib.ptr(scales), ptr(g_given), lib.ptr(status), ptr(g_out),
                 ngroups, np.int32(g_given is not None or not f.global_scale)))
     if nonfinite == "raise" and not lib.capturing():
-        _raise_if_nonfinite(lib.to_host(status), x, shape, lib)
+        _raise_if_nonfinite(arrays.to_numpy(status), x, shape)
     g = g_given if g_given is not None else g_out if g_out is not None else np.float32(1.0)
     return FP4Tensor(data, scales, g, shape, f, gs)
 
 
-def _raise_if_nonfinite(status: np.ndarray, x, shape, lib):
+def _raise_if_nonfinite(status: np.ndarray, x, shape):
     bad = int(status[0])
     if bad:
         flat = ~int(status[1])  # the kernel stores ~index
         row, col = divmod(flat, x.shape[-1])
         first = tuple(int(i) for i in np.unravel_index(row, shape[:-1])) + (col,) if len(shape) > 1 else (col,)
-        value = float(lib.to_host(x.reshape(-1)[flat : flat + 1])[0])
+        value = float(arrays.to_numpy(x.reshape(-1)[flat : flat + 1])[0])
         raise ValueError(
             f"input has {bad} NaN/Inf value(s), the first at index {first} (value {value}); "
             "FP4 has no encoding for them"
@@ -174,19 +174,16 @@ def gemm(a: FP4Tensor, b: FP4Tensor, trans_b: bool, out_dtype: str):
     """deq(A) @ op(deq(B)) with float32 operands (products of decoded values are exact)."""
     ad, bd = dequantize(a, "float32"), dequantize(b, "float32")
     c = ad @ (bd.T if trans_b else bd)
-    return c if out_dtype == "float32" else (c.to(getattr(_Lib(c).mod, out_dtype)) if arrays.is_torch(c) else c.astype(arrays.NUMPY_DTYPES[out_dtype]))
+    return c if out_dtype == "float32" else _Lib(c).cast(c, out_dtype)
 
 
 def linear(x, w: FP4Tensor, bias=None):
     """x @ deq(w).T (+ bias), in x's dtype. Dequantizes w once per call; the fused W4A16 kernel replaces this."""
     lib = _Lib(x)
-    if not lib.torch and arrays.is_torch(w.data) or lib.torch and not arrays.is_torch(w.data):
+    if lib.torch != arrays.is_torch(w.data):
         raise TypeError(f"linear: x ({arrays.library_of(x)}) and w ({w.library}) must come from one array library")
     wd = dequantize(w, arrays.dtype_name(x) if arrays.dtype_name(x) != "float64" else "float32")
     if lib.torch:
-        y = lib.mod.nn.functional.linear(x, wd.to(x.dtype), bias)
-    else:
-        y = x @ wd.astype(x.dtype).T
-        if bias is not None:
-            y = y + bias
-    return y
+        return lib.mod.nn.functional.linear(x, wd.to(x.dtype), bias)
+    y = x @ wd.astype(x.dtype).T
+    return y if bias is None else y + bias

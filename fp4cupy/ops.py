@@ -26,12 +26,10 @@ def output_dtype(dtype) -> str:
     'float32' / 'float16' / 'bfloat16'; ValueError for anything else."""
     if dtype is None:
         return "float32"
-    name = str(dtype).removeprefix("torch.") if not isinstance(dtype, str) else dtype
-    if not isinstance(dtype, str):
-        try:
-            name = np.dtype(dtype).name
-        except TypeError:
-            pass
+    try:
+        name = dtype if isinstance(dtype, str) else np.dtype(dtype).name
+    except TypeError:  # a torch dtype
+        name = str(dtype).removeprefix("torch.")
     if name not in _NUMPY_DTYPES:
         raise ValueError(f"output dtype must be float32, float16 or bfloat16; got {dtype!r}")
     return name

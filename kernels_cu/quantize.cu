@@ -24,7 +24,7 @@ __device__ void amax_body(const T* __restrict__ x, i64 n, u64* status) {
             const float a = fabsf(v[j]);
             if (a <= 3.402823466e38f) m = fmaxf(m, a);
             else { ++bad; report_nonfinite(status, 0, (u64)(i * PER + j)); }
-        }  // (the compiler keeps this branch-free: bad values are rare and predicated)
+        }
     }
     __shared__ float sm[32];
     __shared__ u32 sb[32];
