@@ -52,6 +52,30 @@ def cold_and_warm_start() -> tuple[float, float]:
     return cold, warm
 
 
+def host_overhead_us(calls: int = 2000) -> dict:
+    """Host time per public call on a tiny bf16 [16, 256] input (the GPU work is a few µs)."""
+    x = torch.randn(16, 256, device="cuda", dtype=torch.bfloat16)
+    t = fp4cupy.quantize(x)
+    cases = {"quantize, given g, 'mark'": lambda: fp4cupy.quantize(x, global_scale=0.01, nonfinite="mark"),
+             "quantize, amax, 'mark'": lambda: fp4cupy.quantize(x, nonfinite="mark"),
+             "quantize, amax, raise (waits for the GPU)": lambda: fp4cupy.quantize(x),
+             "dequantize -> bf16": lambda: fp4cupy.dequantize(t, dtype=torch.bfloat16)}
+    out = {}
+    for name, fn in cases.items():
+        for _ in range(50):
+            fn()
+        torch.cuda.synchronize()
+        samples = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            for _ in range(calls // 5):
+                fn()
+            torch.cuda.synchronize()
+            samples.append((time.perf_counter() - t0) / (calls // 5) * 1e6)
+        out[name] = sorted(samples)[2]
+    return out
+
+
 def main():
     torch.manual_seed(0)
     compiled = torch.compile(torch_reference_quantize)
@@ -82,6 +106,7 @@ def main():
         del xs, ts, dst
         torch.cuda.empty_cache()
     cold, warm = cold_and_warm_start()
+    host = host_overhead_us()
     print(f"\n## benchmarks/quant.py on {card()} (torch {torch.__version__}, fp4cupy {fp4cupy.version()})\n")
     print("| shape (bf16) | op | ms | TB/s | % of copy | speed-up vs torch.compile (median, min-max) |")
     print("|---|---|---|---|---|---|")
@@ -89,6 +114,9 @@ def main():
         print(f"| {s} | {name} | {ms:.3f} | {tbs:.2f} | {pct:.0f}% | {vs} |")
     print(f"\nTB/s = (input + packed codes + scales) / time. Cold compile + load of all kernels with an empty cache: "
           f"{cold:.2f} s; first call with a warm cache: {warm:.3f} s")
+    print("\n| host time per call, bf16 [16, 256] | µs |\n|---|---|")
+    for name, us in host.items():
+        print(f"| {name} | {us:.1f} |")
 
 
 if __name__ == "__main__":

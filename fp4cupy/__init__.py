@@ -10,13 +10,14 @@ from __future__ import annotations
 
 from .formats import FORMATS, Format, get_format
 from .ops import dequantize, gemm, linear, quantize
+from .prepared import PreparedWeight, prepare
 from .tensor import FP4Tensor
 
 __version__ = "0.1.0"
 
 __all__ = [
     "FORMATS", "FP4Tensor", "Format", "dequantize", "gemm", "get_compute_capability", "get_format",
-    "has_hardware_acceleration", "include_dir", "linear", "quantize", "version",
+    "has_hardware_acceleration", "include_dir", "linear", "prepare", "PreparedWeight", "quantize", "version",
 ]
 
 

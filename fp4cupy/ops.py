@@ -6,10 +6,13 @@ input's library and device.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from . import arrays, reference
 from .formats import get_format
+from .prepared import PreparedWeight, prepare
 from .tensor import FP4Tensor
 
 _NUMPY_DTYPES = arrays.NUMPY_DTYPES
@@ -19,6 +22,18 @@ def _cuda_ops():
     from . import cuda_ops
 
     return cuda_ops
+
+
+_LAZY = {}
+
+
+def _cuda_linear():
+    mod = _LAZY.get("cuda_linear")
+    if mod is None:
+        from . import cuda_linear as mod
+
+        _LAZY["cuda_linear"] = mod
+    return mod
 
 
 def output_dtype(dtype) -> str:
@@ -43,7 +58,7 @@ def check_float_input(x, what="x"):
         raise TypeError(f"{what} must be float16, bfloat16, float32 or float64; got dtype {name}")
     if x.ndim == 0:
         raise ValueError(f"{what} must have at least one dimension (quantization runs along the last); got a 0-d array")
-    if int(np.prod(x.shape)) == 0:
+    if math.prod(x.shape) == 0:
         raise ValueError(f"{what} is empty (shape {tuple(x.shape)}); nothing to quantize")
     return x
 
@@ -148,30 +163,38 @@ def gemm(*args, trans_b=False, group_size=16, out_dtype=None):
         raise ValueError(f"gemm: A is on {a.device} and B on {b.device}; move one with .to()")
     out = output_dtype(out_dtype)
     if arrays.is_cuda(a.data):
-        return _cuda_ops().gemm(a, b, trans_b, out)
+        return _cuda_linear().gemm(a, b, trans_b, out)
     ad, bd = a.dequantize(), b.dequantize()
     an, bn = arrays.to_numpy(ad), arrays.to_numpy(bd)
     c = an @ (bn.T if trans_b else bn)
     return arrays.numpy_to(c.astype(_NUMPY_DTYPES[out]), a.library)
 
 
-def linear(x, w: FP4Tensor, bias=None):
-    """``x @ deq(w).T + bias``: x float [..., K] (fp16/bf16/fp32), w an FP4Tensor weight [N, K].
+def linear(x, w, bias=None):
+    """``x @ deq(W).T + bias``: x float [..., K] (fp16/bf16/fp32), W an FP4Tensor weight [N, K] or
+    ``fp4cupy.prepare(W)``.
 
-    Accumulates in float32 and returns x's dtype, library and device. On CUDA this is the fast
-    W4A16 path; on the CPU it is exact up to float32 accumulation order.
+    Accumulates in float32 and returns x's dtype, library and device. On CUDA with fp16/bf16 x this
+    is the W4A16 tensor-core kernel; pass ``prepare(W)`` (once) so each call skips the repack. On
+    the CPU it is exact up to float32 accumulation order.
     """
+    pw = w if isinstance(w, PreparedWeight) else None
+    if pw is not None and pw.path == "mma" and arrays.is_torch(x) and arrays.is_torch(pw.codes):
+        y = _cuda_linear().linear_torch(x, pw, bias)  # the host-lean path; None: checks and fallbacks below
+        if y is not None:
+            return y
+    wt = pw.weight if pw is not None else w
+    if not isinstance(wt, FP4Tensor) or len(wt.shape) != 2:
+        raise TypeError(f"linear: w must be a 2-D FP4Tensor weight [N, K] or prepare(W); got {_describe(w)}")
     x = check_float_input(x)
-    if not isinstance(w, FP4Tensor) or len(w.shape) != 2:
-        raise TypeError(f"linear: w must be a 2-D FP4Tensor weight [N, K]; got {_describe(w)}")
-    if x.shape[-1] != w.shape[1]:
-        raise ValueError(f"linear: x has K={x.shape[-1]} but w is {w.shape} ([N, K])")
-    if arrays.device_of(x) != w.device:
-        raise ValueError(f"linear: x is on {arrays.device_of(x)} but w on {w.device}; move w with w.to(...)")
+    if x.shape[-1] != wt.shape[1]:
+        raise ValueError(f"linear: x has K={x.shape[-1]} but w is {wt.shape} ([N, K])")
+    if arrays.device_of(x) != wt.device:
+        raise ValueError(f"linear: x is on {arrays.device_of(x)} but w on {wt.device}; move w with w.to(...)")
     if arrays.is_cuda(x):
-        return _cuda_ops().linear(x, w, bias)
+        return _cuda_linear().linear(x, pw if pw is not None else prepare(wt), bias)
     xn = arrays.to_numpy(x)
-    y = xn.astype(np.float32) @ arrays.to_numpy(w.dequantize()).T
+    y = xn.astype(np.float32) @ arrays.to_numpy(wt.dequantize()).T
     if bias is not None:
         y = y + arrays.to_numpy(bias).astype(np.float32)
     return arrays.numpy_to(y.astype(xn.dtype), arrays.library_of(x))

@@ -66,6 +66,15 @@ class FP4Tensor:
         object.__setattr__(self, "_g", global_scale)
         object.__setattr__(self, "_g_host", g_host)
 
+    @classmethod
+    def _from_kernel(cls, data, scales, g_array, g_host, shape, fmt: str, group_size: int) -> FP4Tensor:
+        """Wrap parts a kernel of this package has just written (already consistent): no checks, no copies."""
+        t = object.__new__(cls)
+        for name, value in (("data", data), ("scales", scales), ("shape", shape), ("fmt", fmt),
+                            ("group_size", group_size), ("_g", g_array), ("_g_host", g_host)):
+            object.__setattr__(t, name, value)
+        return t
+
     def __setattr__(self, name, value):
         raise AttributeError(f"FP4Tensor is immutable; cannot set {name!r}")
 

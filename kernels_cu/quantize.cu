@@ -3,7 +3,7 @@
 // <fmt>_amax_<dtype>:               max|x| over finite x and the NaN/Inf count, into status[].
 // <fmt>_quantize_g<GS>_<dtype>:     one thread per block of GS elements along the flat input
 //                                   (K is a multiple of GS, so blocks never straddle rows).
-// NVFP4 takes its global scale g from g_given (one pass) or from status' amax (g = amax/2688, 1 if 0),
+// NVFP4 takes its global scale g from g_given when > 0 (one pass) or from status' amax (g = amax/2688, 1 if 0),
 // and writes g to g_out. A block holding NaN/Inf gets a NaN scale and zero codes, and is counted
 // when count_bad is set, so a graph-captured launch never emits finite codes for NaN.
 #include "common.cuh"
@@ -46,14 +46,80 @@ __device__ void amax_body(const T* __restrict__ x, i64 n, u64* status) {
     }
 }
 
+template <typename T> struct is_bf16 { static constexpr bool value = false; };
+template <> struct is_bf16<__nv_bfloat16> { static constexpr bool value = true; };
+
+// A block of GS elements as raw 32-bit words: element i as float, and max|x| of the block.
+template <typename T, int GS>
+struct RawBlock {
+    static constexpr int WORDS = GS * (int)sizeof(T) / 4;
+    u32 w[WORDS];
+
+    __device__ __forceinline__ void load(const T* __restrict__ p) {
+#pragma unroll
+        for (int i = 0; i < WORDS / 4; ++i) {
+            const uint4 u = __ldg(reinterpret_cast<const uint4*>(p) + i);
+            w[4 * i] = u.x; w[4 * i + 1] = u.y; w[4 * i + 2] = u.z; w[4 * i + 3] = u.w;
+        }
+    }
+    // bits of element i as a float (16-bit types: their bits in the high half, the low half junk
+    // for the sign only — value() gives the exact float)
+    __device__ __forceinline__ u32 sign_word(int i) const {
+        return sizeof(T) == 4 ? w[i] : (i & 1 ? w[i / 2] : w[i / 2] << 16);
+    }
+    __device__ __forceinline__ float value(int i) const {
+        if (sizeof(T) == 4) return __uint_as_float(w[i]);
+        const u32 h = w[i / 2];
+        if (is_bf16<T>::value) return __uint_as_float(i & 1 ? h & 0xFFFF0000u : h << 16);
+        return __half2float(__ushort_as_half((unsigned short)(i & 1 ? h >> 16 : h & 0xFFFFu)));
+    }
+    // max|x| as a float, and whether the block holds NaN/Inf (bit patterns of non-negative values
+    // order like the values; NaN/Inf lie above every finite one)
+    __device__ __forceinline__ float absmax(bool& nonfinite) const {
+        u32 m = 0;
+        if (sizeof(T) == 4) {
+#pragma unroll
+            for (int i = 0; i < WORDS; ++i) m = max(m, w[i] & 0x7FFFFFFFu);
+            nonfinite = m >= 0x7F800000u;
+            return __uint_as_float(m);
+        }
+#pragma unroll
+        for (int i = 0; i < WORDS; ++i) m = __vmaxu2(m, w[i] & 0x7FFF7FFFu);  // two 16-bit maxima at once
+        m = max(m & 0xFFFFu, m >> 16);
+        if (is_bf16<T>::value) {
+            nonfinite = m >= 0x7F80u;
+            return __uint_as_float(m << 16);
+        }
+        nonfinite = m >= 0x7C00u;
+        return __half2float(__ushort_as_half((unsigned short)m));
+    }
+};
+
+// E2M1 code of r with the sign of x_bits, in the low 4 bits of the result (the bits above are junk).
+// Same FMA rounding as fp4_e2m1_index, with m = 2^(1-k) and the offset 2^23 + 2k + 8*sign made
+// from the exponent of a = min(|r|, 6) (k = 0, 1, 2 for a < 2, < 4, <= 6) by integer ops.
+__device__ __forceinline__ u32 e2m1_code_low_bits(float r, u32 x_bits) {
+    const float a = fminf(fabsf(r), 6.0f);
+    const u32 e = max(__float_as_uint(a) >> 23, 127u);  // 127 + k
+    const float m = __uint_as_float((255u - e) << 23);
+    const float c = __uint_as_float(0x4B000000u - 254u + 2u * e + ((x_bits >> 28) & 8u));
+    return __float_as_uint(__fmaf_rn(a, m, c));
+}
+
+// 8 codes (low nibbles of f[0..7]) packed into one word, element 0 in the lowest nibble.
+__device__ __forceinline__ u32 pack8(const u32 (&f)[8]) {
+    const u32 p0 = f[0] + (f[1] << 4), p1 = f[2] + (f[3] << 4), p2 = f[4] + (f[5] << 4), p3 = f[6] + (f[7] << 4);
+    return __byte_perm(__byte_perm(p0, p1, 0x0040), __byte_perm(p2, p3, 0x0040), 0x5410);
+}
+
 template <typename T, int GS, int RULE>
 __device__ void quantize_body(const T* __restrict__ x, u8* __restrict__ data, u8* __restrict__ scales,
-                              const float* g_given, u64* status, float* g_out, i64 ngroups, int count_bad) {
+                              float g_given, u64* status, float* g_out, i64 ngroups, int count_bad) {
     const i64 grp = blockIdx.x * (i64)blockDim.x + threadIdx.x;
     float g = 1.0f;
     if (RULE == RULE_NVFP4) {
-        if (g_given) {
-            g = *g_given;
+        if (g_given > 0.0f) {
+            g = g_given;
         } else {
             g = __fdiv_rn(__uint_as_float((u32)status[STATUS_AMAX]), 2688.0f);
             if (g == 0.0f) g = 1.0f;
@@ -62,19 +128,17 @@ __device__ void quantize_body(const T* __restrict__ x, u8* __restrict__ data, u8
     }
     if (grp >= ngroups) return;
 
-    float v[GS];
-    load_floats<T, GS>(x + grp * GS, v);
-    // max |x| as bits: non-negative floats order like their bits, and NaN/Inf lie above every finite value
-    u32 mx = 0;
-#pragma unroll
-    for (int i = 0; i < GS; ++i) mx = max(mx, __float_as_uint(v[i]) & 0x7FFFFFFFu);
+    RawBlock<T, GS> blk;
+    blk.load(x + grp * GS);
+    bool nonfinite;
+    const float bam = blk.absmax(nonfinite);
     u32 words[GS / 8];
-    if (mx >= 0x7F800000u) {
+    if (nonfinite) {
         if (count_bad) {
             u32 bad = 0, first = GS;
 #pragma unroll
             for (int i = 0; i < GS; ++i) {
-                const bool nf = (__float_as_uint(v[i]) & 0x7FFFFFFFu) >= 0x7F800000u;
+                const bool nf = !(fabsf(blk.value(i)) <= 3.402823466e38f);
                 bad += nf;
                 first = nf && first == GS ? i : first;
             }
@@ -83,45 +147,51 @@ __device__ void quantize_body(const T* __restrict__ x, u8* __restrict__ data, u8
         scales[grp] = RULE == RULE_NVFP4 ? 0x7Fu : 0xFFu;  // NaN scale: the block decodes to NaN
 #pragma unroll
         for (int w = 0; w < GS / 8; ++w) words[w] = 0u;
-    } else {
-        const float bam = __uint_as_float(mx);
-        u32 sb;
-        float d = 0.0f, rcp = 0.0f, mult = 1.0f;
-        bool fast = true;
-        if (RULE == RULE_NVFP4) {
-            sb = fp4_e4m3_encode(__fdiv_rn(bam, __fmul_rn(6.0f, g)));
-            d = __fmul_rn(fp4_e4m3_decode(sb), g);
-            // x / d by Markstein's correction with the correctly rounded 1/d: exact where no
-            // intermediate leaves the normal range, which d in [2^-60, 2^60] guarantees for every
-            // quotient that can reach the E2M1 thresholds, and finite while bam / d < 2^100;
-            // elsewhere IEEE division.
-            rcp = __frcp_rn(d);
-            fast = d >= 8.673617379884035e-19f && d <= 1.152921504606847e18f && __fmul_rn(bam, rcp) < 1.2676506e30f;
-        } else {
-            const int e = RULE == RULE_MX_FLOOR ? fp4_e8m0_floor_exponent(bam) : fp4_e8m0_rceil_exponent(bam);
-            sb = (u32)(e + 127);
-            mult = fp4_exp2i(-e);
-        }
+    } else if (RULE == RULE_NVFP4) {
+        const u32 sb = fp4_e4m3_encode(__fdiv_rn(bam, __fmul_rn(6.0f, g)));
+        const float d = __fmul_rn(fp4_e4m3_decode(sb), g);
         scales[grp] = (u8)sb;
+        // x / d by Markstein's correction with the correctly rounded 1/d: exact where no
+        // intermediate leaves the normal range, which d in [2^-60, 2^60] guarantees for every
+        // quotient that can reach the E2M1 thresholds, and finite while bam / d < 2^100;
+        // elsewhere IEEE division. The choice is made once per block.
+        const float rcp = __frcp_rn(d);
+        if (d == 0.0f) {  // a zero scale (all zero or underflow): codes 0
+#pragma unroll
+            for (int w = 0; w < GS / 8; ++w) words[w] = 0u;
+        } else if (d >= 8.673617379884035e-19f && d <= 1.152921504606847e18f && __fmul_rn(bam, rcp) < 1.2676506e30f) {
+#pragma unroll
+            for (int w = 0; w < GS / 8; ++w) {
+                u32 f[8];
+#pragma unroll
+                for (int j = 0; j < 8; ++j) {
+                    const float v = blk.value(w * 8 + j);
+                    const float q0 = __fmul_rn(v, rcp);
+                    f[j] = e2m1_code_low_bits(__fmaf_rn(__fmaf_rn(-q0, d, v), rcp, q0), blk.sign_word(w * 8 + j));
+                }
+                words[w] = pack8(f);
+            }
+        } else {
+#pragma unroll
+            for (int w = 0; w < GS / 8; ++w) {
+                u32 f[8];
+#pragma unroll
+                for (int j = 0; j < 8; ++j)
+                    f[j] = e2m1_code_low_bits(__fdiv_rn(blk.value(w * 8 + j), d), blk.sign_word(w * 8 + j));
+                words[w] = pack8(f);
+            }
+        }
+    } else {
+        const int e = RULE == RULE_MX_FLOOR ? fp4_e8m0_floor_exponent(bam) : fp4_e8m0_rceil_exponent(bam);
+        scales[grp] = (u8)(e + 127);
+        const float mult = fp4_exp2i(-e);  // exact power-of-two scaling
 #pragma unroll
         for (int w = 0; w < GS / 8; ++w) {
-            u32 word = 0;
+            u32 f[8];
 #pragma unroll
-            for (int j = 0; j < 8; ++j) {
-                const float x = v[w * 8 + j];
-                float r;
-                if (RULE != RULE_NVFP4) {
-                    r = __fmul_rn(x, mult);  // exact power-of-two scaling
-                } else if (fast) {
-                    const float q0 = __fmul_rn(x, rcp);
-                    r = __fmaf_rn(__fmaf_rn(-q0, d, x), rcp, q0);
-                } else {
-                    r = __fdiv_rn(x, d);
-                }
-                // the sign comes from x itself (r of -0 may come out +0 on the fast path)
-                word |= (((__float_as_uint(x) >> 28) & 8u) | fp4_e2m1_index(r)) << (4 * j);
-            }
-            words[w] = (RULE == RULE_NVFP4 && d == 0.0f) ? 0u : word;
+            for (int j = 0; j < 8; ++j)
+                f[j] = e2m1_code_low_bits(__fmul_rn(blk.value(w * 8 + j), mult), blk.sign_word(w * 8 + j));
+            words[w] = pack8(f);
         }
     }
     u8* out = data + grp * (GS / 2);
@@ -140,7 +210,7 @@ __device__ void quantize_body(const T* __restrict__ x, u8* __restrict__ data, u8
     extern "C" __global__ void NAME(const T* x, i64 n, u64* status) { amax_body<T>(x, n, status); }
 #define QUANT(NAME, T, GS, RULE)                                                                        \
     extern "C" __global__ void __launch_bounds__(256) NAME(const T* x, u8* data, u8* scales,            \
-        const float* g_given, u64* status, float* g_out, i64 ngroups, int count_bad) {                   \
+        float g_given, u64* status, float* g_out, i64 ngroups, int count_bad) {                          \
         quantize_body<T, GS, RULE>(x, data, scales, g_given, status, g_out, ngroups, count_bad);        \
     }
 #define QUANT_DTYPES(PREFIX, GS, RULE)                  \

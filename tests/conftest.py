@@ -21,3 +21,24 @@ def pytest_collection_modifyitems(config, items):
 def rng(request):
     # a fresh, reproducible stream per test
     return np.random.default_rng(abs(hash(request.node.nodeid)) % 2**32)
+
+
+@pytest.fixture
+def poison(monkeypatch):
+    """Every buffer fp4cupy allocates on the GPU starts as 0xAB bytes (0-d ones as NaN), so an
+    element a kernel fails to write shows up."""
+    from fp4cupy import cuda_ops
+
+    real = cuda_ops._Lib.empty
+
+    def poisoned(self, shape, dtype):
+        out = real(self, shape, dtype)
+        if out.ndim == 0:
+            out.fill_(float("nan")) if self.torch else out.fill(np.nan)
+        elif self.torch:
+            out.view(self.mod.uint8).fill_(0xAB)
+        else:
+            out.view(np.uint8).fill(0xAB)
+        return out
+
+    monkeypatch.setattr(cuda_ops._Lib, "empty", poisoned)

@@ -1,40 +1,160 @@
-"""GPU linear / gemm against float64 references (run on a GPU: pytest -m gpu)."""
+"""GPU linear (W4A16 kernel) and FP4 x FP4 gemm against float64 references (run on a GPU: pytest -m gpu).
+
+Every check draws fresh inputs and every output buffer starts poisoned (conftest.poison).
+"""
 import numpy as np
 import pytest
 
 import fp4cupy
+from fp4cupy import cuda_linear, prepared
 
 pytestmark = pytest.mark.gpu
 torch = pytest.importorskip("torch")
+TOL = {torch.float16: 1e-3, torch.bfloat16: 8e-3}
+SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (28672, 8192), (8192, 28672)]
+
+
+@pytest.fixture(autouse=True)
+def _poisoned_outputs(poison):
+    """linear's output starts as 0xAB bytes."""
 
 
 def rel(a, b):
     return float(torch.linalg.norm(a.double() - b) / torch.linalg.norm(b))
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float16, 1e-3), (torch.bfloat16, 8e-3)])
-@pytest.mark.parametrize("m", [1, 3, 17, 129])
-def test_linear_matches_float64(dtype, tol, m):
-    g = torch.Generator(device="cuda").manual_seed(m)
+def gen(seed):
+    return torch.Generator(device="cuda").manual_seed(seed)
+
+
+def reference(x, w, bias=None):
+    y = x.double() @ fp4cupy.dequantize(w).double().T
+    return y if bias is None else y + bias.double()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n,k", SHAPES)
+def test_linear_on_the_benchmark_shapes(n, k, dtype):
+    g = gen(n + k)
+    pw = fp4cupy.prepare(fp4cupy.quantize(torch.randn(n, k, device="cuda", generator=g, dtype=torch.bfloat16)))
+    assert pw.path == "mma"
+    for m in (1, 16, 128, 2048):
+        x = torch.randn(m, k, device="cuda", generator=g).to(dtype)
+        y = fp4cupy.linear(x, pw)
+        assert y.dtype == dtype and y.shape == (m, n)
+        assert rel(y, reference(x, pw.weight)) <= TOL[dtype], m
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 3, 17, 33, 129])
+def test_odd_m_ragged_n_batch_dims_and_bias(m, dtype):
+    g = gen(m)
     w = fp4cupy.quantize(torch.randn(200, 512, device="cuda", generator=g))  # N=200: not a tile multiple
     x = torch.randn(2, m, 512, device="cuda", generator=g).to(dtype)
     bias = torch.randn(200, device="cuda", generator=g).to(dtype)
-    y = fp4cupy.linear(x, w, bias)
-    want = x.double() @ fp4cupy.dequantize(w).double().T + bias.double()
+    y = fp4cupy.linear(x, fp4cupy.prepare(w), bias)
     assert y.dtype == dtype and y.shape == (2, m, 200)
-    assert rel(y, want) <= tol
+    assert rel(y, reference(x, w, bias)) <= TOL[dtype]
+    assert rel(fp4cupy.linear(x, w, bias), reference(x, w, bias)) <= TOL[dtype]  # unprepared: repacked per call
 
 
-def test_gemm_fp32_matches_float64():
-    g = torch.Generator(device="cuda").manual_seed(0)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("variant", cuda_linear.VARIANTS)
+def test_every_kernel_variant(variant, dtype):
+    rt, nt, u = variant
+    g = gen(rt * 100 + nt * 10 + u)
+    n, k = 16 * 4 * rt + 8, 64 * 13
+    pw = fp4cupy.prepare(fp4cupy.quantize(torch.randn(n, k, device="cuda", generator=g) * 3))
+    for m, warps in ((8 * nt - 1, 1), (8 * nt, 3), (8 * nt + 5, 8)):
+        x = torch.randn(m, k, device="cuda", generator=g).to(dtype)
+        y = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
+        p = cuda_linear.make_plan(n, m, variant, warps, dtype == torch.bfloat16, 0)
+        p.launch(p.grid, p.threads, p.shared, torch.cuda.current_stream().cuda_stream,
+                 pw.codes.data_ptr(), pw.scale_codes.data_ptr(), x.data_ptr(), y.data_ptr(), 0,
+                 pw.weight.global_scale_array.data_ptr(), m, n, k)
+        torch.cuda.synchronize()
+        assert rel(y, reference(x, pw.weight)) <= TOL[dtype], (m, warps)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_one_hot_rows_read_back_the_weight_exactly(dtype):
+    """x = rows of the identity: y = deq(W) columns, each one product and one rounding — any decode,
+    scale or layout slip (e.g. a flushed +-0.5 subnormal) shows as an exact mismatch."""
+    g = gen(7)
+    w = fp4cupy.quantize(torch.randn(96, 256, device="cuda", generator=g)
+                         * torch.exp(2 * torch.randn(96, 1, device="cuda", generator=g)))
+    eye = torch.eye(256, device="cuda", dtype=dtype)
+    pw = fp4cupy.prepare(w)
+    for rows in (slice(0, 1), slice(0, 16), slice(100, 164)):
+        y = fp4cupy.linear(eye[rows], pw)
+        want = fp4cupy.dequantize(w).T[rows].to(dtype)
+        torch.testing.assert_close(y, want, rtol=0, atol=0)
+
+
+def test_gpu_repack_equals_numpy_twin():
+    g = gen(3)
+    for n, k, gs in ((40, 192, 16), (33, 256, 32), (100, 128, 64)):
+        x = torch.randn(n, k, device="cuda", generator=g) * torch.exp(2 * torch.randn(n, 1, device="cuda", generator=g))
+        x[5] = 0
+        w = fp4cupy.quantize(x, group_size=gs)
+        pw = fp4cupy.prepare(w)
+        data, scales = w.data.cpu().numpy(), w.scales.cpu().numpy()
+        np.testing.assert_array_equal(pw.codes.cpu().numpy().view(np.uint32).reshape(-1),
+                                      prepared.repack_codes(data, scales, n, k, gs).reshape(-1))
+        np.testing.assert_array_equal(pw.scale_codes.cpu().numpy(), prepared.repack_scales(scales, n, k, gs))
+
+
+def test_linear_host_plan_and_fallbacks():
+    g = gen(5)
+    w = fp4cupy.quantize(torch.randn(64, 128, device="cuda", generator=g), "mxfp4")
+    x = torch.randn(4, 128, device="cuda", generator=g, dtype=torch.float16)
+    assert fp4cupy.prepare(w).path == "dequantize"
+    assert rel(fp4cupy.linear(x, w), reference(x, w)) <= 1e-3
+    xf, wq = x.float(), fp4cupy.quantize(torch.randn(64, 128, device="cuda", generator=g))
+    assert rel(fp4cupy.linear(xf, wq), reference(xf, wq)) <= 1e-5  # float32 x: the dequantize path
+    p = cuda_linear.plan(28672, 8192, 1, False, 0)
+    assert p.name.endswith("_f16") and p.grid[0] == 1 and p.shared == p.threads // 32 * 512 * int(p.name[8])
+
+
+def test_linear_inside_cuda_graph():
+    g = gen(11)
+    pw = fp4cupy.prepare(fp4cupy.quantize(torch.randn(256, 512, device="cuda", generator=g)))
+    x = torch.randn(1, 512, device="cuda", generator=g, dtype=torch.bfloat16)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fp4cupy.linear(x, pw)  # warm up off the default stream
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = fp4cupy.linear(x, pw)
+    x.copy_(torch.randn(1, 512, device="cuda", generator=g, dtype=torch.bfloat16))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert rel(y, reference(x, pw.weight)) <= TOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize("trans_b", [False, True])
+def test_gemm_fp32_matches_float64(trans_b):
+    g = gen(13)
     a = fp4cupy.quantize(torch.randn(256, 512, device="cuda", generator=g))
-    b = fp4cupy.quantize(torch.randn(512, 384, device="cuda", generator=g))
+    b = fp4cupy.quantize(torch.randn(384, 512, device="cuda", generator=g) if trans_b
+                         else torch.randn(512, 384, device="cuda", generator=g))
+    c = fp4cupy.gemm(a, b, trans_b=trans_b)
+    bd = fp4cupy.dequantize(b).double()
+    want = fp4cupy.dequantize(a).double() @ (bd.T if trans_b else bd)
+    assert c.dtype == torch.float32 and c.shape == (256, 384) and rel(c, want) <= 1e-5
+    assert fp4cupy.gemm(a, b, trans_b=trans_b, out_dtype="bfloat16").dtype == torch.bfloat16
+
+
+def test_gemm_with_cupy_arrays():
+    cupy = pytest.importorskip("cupy")
+    rs = cupy.random.RandomState(1)
+    a = fp4cupy.quantize(rs.standard_normal((64, 128), dtype=cupy.float32))
+    b = fp4cupy.quantize(rs.standard_normal((128, 96), dtype=cupy.float32))
     c = fp4cupy.gemm(a, b)
-    want = fp4cupy.dequantize(a).double() @ fp4cupy.dequantize(b).double()
-    assert c.dtype == torch.float32 and rel(c, want) <= 1e-5
-    bw = fp4cupy.quantize(torch.randn(384, 512, device="cuda", generator=g))
-    c2 = fp4cupy.gemm(a, bw, trans_b=True)
-    assert rel(c2, fp4cupy.dequantize(a).double() @ fp4cupy.dequantize(bw).double().T) <= 1e-5
+    want = fp4cupy.dequantize(a).astype(cupy.float64) @ fp4cupy.dequantize(b).astype(cupy.float64)
+    assert isinstance(c, cupy.ndarray) and float(cupy.linalg.norm(c - want) / cupy.linalg.norm(want)) <= 1e-5
 
 
 def test_seed_gpu_script_flow():

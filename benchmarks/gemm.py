@@ -1,0 +1,110 @@
+"""W4A16 linear and FP4 x FP4 gemm against cuBLAS fp16, measured alternately in this run on this card.
+
+    PYTHONPATH=$PWD python3 benchmarks/gemm.py [--quick]
+
+Rows: y = x @ W^T with x fp16 [M, K] and W NVFP4 [N, K] (prepared once) vs torch F.linear with an
+fp16 W, each captured in a CUDA graph of 30 calls (as decoding runs in vLLM) and replayed
+alternately, so the times are device time; the host cost of one call is measured separately.
+Three weight sets rotate so L2 does not hold the weights between calls.
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import fp4cupy  # noqa: E402
+from fp4cupy import cuda_linear  # noqa: E402
+from timing import Rotating, card, compare, graph_compare  # noqa: E402
+
+SHAPES = ((4096, 4096), (14336, 4096), (4096, 14336), (28672, 8192), (8192, 28672))
+MS = (1, 16, 128, 2048)
+
+
+def linear_rows(dtype=torch.float16, shapes=SHAPES, ms=MS):
+    rows = []
+    for n, k in shapes:
+        dense = [torch.randn(n, k, device="cuda", dtype=dtype) * 0.02 for _ in range(3)]
+        prep = [fp4cupy.prepare(fp4cupy.quantize(w)) for w in dense]
+        wbytes = n * k // 2 + n * k // 16
+        for m in ms:
+            x = torch.randn(m, k, device="cuda", dtype=dtype)
+            r = graph_compare(lambda i: F.linear(x, dense[i % 3]), lambda i: fp4cupy.linear(x, prep[i % 3]))
+            path = cuda_linear.plan(n, k, m, dtype == torch.bfloat16, 0).name if m <= cuda_linear.MMA_MAX_M else "dequantize+cuBLAS"
+            alt = "-"
+            if m == 128:  # the other path, to place the M threshold
+                saved, cuda_linear.MMA_MAX_M = cuda_linear.MMA_MAX_M, 0
+                try:
+                    ra = graph_compare(lambda i: F.linear(x, dense[i % 3]), lambda i: fp4cupy.linear(x, prep[i % 3]))
+                    alt = f"{ra['ratio']:.2f}x"
+                finally:
+                    cuda_linear.MMA_MAX_M = saved
+            rows.append(dict(n=n, k=k, m=m, ours=r["ours_ms"], peer=r["peer_ms"], ratio=r["ratio"], lo=r["lo"],
+                             hi=r["hi"], gbs=wbytes / r["ours_ms"] / 1e6, path=path, alt=alt))
+        del dense, prep
+        torch.cuda.empty_cache()
+    return rows
+
+
+def gemm_row(size=8192):
+    a16 = Rotating(torch.randn(size, size, device="cuda", dtype=torch.float16) for _ in range(2))
+    b16 = Rotating(torch.randn(size, size, device="cuda", dtype=torch.float16) for _ in range(2))
+    a4 = Rotating(fp4cupy.quantize(a) for a in a16.items)
+    b4 = Rotating(fp4cupy.quantize(b) for b in b16.items)
+    return compare(lambda: a16.next() @ b16.next(), lambda: fp4cupy.gemm(a4.next(), b4.next()), pairs=7, inner=3)
+
+
+def host_overhead_us(calls=3000):
+    pw = fp4cupy.prepare(fp4cupy.quantize(torch.randn(256, 256, device="cuda")))
+    x = torch.randn(1, 256, device="cuda", dtype=torch.float16)
+    w16 = torch.randn(256, 256, device="cuda", dtype=torch.float16)
+    out = {}
+    for name, fn in (("fp4cupy.linear (prepared W, M=1, 256x256)", lambda: fp4cupy.linear(x, pw)),
+                     ("torch F.linear fp16 (same shape)", lambda: F.linear(x, w16))):
+        for _ in range(100):
+            fn()
+        torch.cuda.synchronize()
+        samples = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            for _ in range(calls // 5):
+                fn()
+            torch.cuda.synchronize()
+            samples.append((time.perf_counter() - t0) / (calls // 5) * 1e6)
+        out[name] = sorted(samples)[2]
+    return out
+
+
+def main(quick=False):
+    torch.manual_seed(0)
+    t0 = time.time()
+    shapes = SHAPES[3:4] if quick else SHAPES
+    rows = linear_rows(shapes=shapes)
+    g = gemm_row()
+    host = host_overhead_us()
+    print(f"\n## benchmarks/gemm.py on {card()} (torch {torch.__version__}, fp4cupy {fp4cupy.version()})\n")
+    print("W4A16 linear, x fp16, W NVFP4 (group 16) vs cuBLAS fp16 F.linear, CUDA-graph replays; "
+          "speed-up = median of alternating pairs.\n")
+    print("| N x K | M | fp4cupy ms | cuBLAS ms | speed-up (min-max) | weight GB/s | kernel | other path at M=128 |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['n']}x{r['k']} | {r['m']} | {r['ours']:.4f} | {r['peer']:.4f} | {r['ratio']:.2f}x ({r['lo']:.2f}-{r['hi']:.2f}) "
+              f"| {r['gbs']:.0f} | {r['path']} | {r['alt']} |")
+    for ms in ((1,), (16,), (1, 16), (128,), (2048,)):
+        sel = [r["ratio"] for r in rows if r["m"] in ms]
+        print(f"\ngeomean speed-up, M in {ms}: {math.exp(sum(map(math.log, sel)) / len(sel)):.2f}x over {len(sel)} rows", end="")
+    print(f"\n\nFP4 x FP4 gemm 8192^3 (fp16 tensor cores, fp32 out) vs cuBLAS fp16 matmul: "
+          f"{g['ours_ms']:.3f} ms vs {g['peer_ms']:.3f} ms, speed-up {g['ratio']:.2f}x ({g['lo']:.2f}-{g['hi']:.2f})")
+    print("\n| host time per call | µs |\n|---|---|")
+    for name, us in host.items():
+        print(f"| {name} | {us:.1f} |")
+    print(f"\n(benchmark ran {time.time() - t0:.0f} s)")
+
+
+if __name__ == "__main__":
+    main(quick="--quick" in sys.argv)

@@ -1,0 +1,235 @@
+"""GPU matrix products: the W4A16 ``linear`` (kernels_cu/w4a16.cu) and the FP4 x FP4 ``gemm``.
+
+linear: one launch of an mma.sync kernel chosen from ``plan()`` by (M bucket, N); the weight
+must be ``prepare``d (repacked once, prepare.cu). Past ``MMA_MAX_M`` tokens, on GPUs older than
+sm_80, or for weights the kernel does not take, W is dequantized and cuBLAS multiplies.
+
+gemm: both operands decoded to e2m1 * s in fp16 (exact: at most 6 significant bits, in
+[2^-10, 2688]), one cuBLAS fp16 GEMM with FP32 accumulation and FP32 output, and alpha = gA * gB
+read from device memory — the NVFP4 product up to FP32 summation order.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+
+from . import arrays, runtime
+from .cuda_ops import THREADS, _Lib, _sm_count, _torch_stream_ptr, dequantize
+from .prepared import PreparedWeight
+from .tensor import FP4Tensor
+
+MMA_MAX_M = 128           # larger batches: dequantize + cuBLAS (see benchmarks/RESULTS.md)
+MMA_MIN_CC = (8, 0)       # mma.m16n8k16
+TILE_ROWS = 16
+TILE_PAD = 4              # row tiles are allocated in multiples of the largest RT
+SHARED_LIMIT = 48 * 1024
+_SIGNATURE = "PPPPPPiii"  # codes, scale codes, x, y, bias, g, m, n, k
+
+
+# ----------------------------------------------------------------------------- prepare
+def repack(w: FP4Tensor):
+    """Device copies of ``w`` in the w4a16 layout: (codes uint8 [T, K/64, 32, 16], scale codes
+    uint8 [T, K/16, 8, 2]) with T = ceil(N/16) rounded up to a multiple of 4 (zero rows)."""
+    lib = _Lib(w.data)
+    n, k = w.shape
+    if bool((w.scales >= 128).any()):
+        raise ValueError("prepare: the weight has negative E4M3 block scales; fp4cupy never writes them "
+                         "and the fast kernel does not take them")
+    tiles = -(-n // (TILE_ROWS * TILE_PAD)) * TILE_PAD
+    codes = lib.empty((tiles, k // 64, 32, 16), "uint8")
+    scale_codes = lib.empty((tiles, k // 16, 8, 2), "uint8")
+    total = tiles * (k // 64) * 32
+    lib.launch("prepare.cu", "w4_repack_codes", -(-total // THREADS),
+               (lib.ptr(w.data), lib.ptr(w.scales), lib.ptr(codes), np.int32(n), np.int32(k),
+                np.int32(w.group_size), total))
+    total = tiles * (k // 16) * 16
+    lib.launch("prepare.cu", "w4_repack_scales", -(-total // THREADS),
+               (lib.ptr(w.scales), lib.ptr(scale_codes), np.int32(n), np.int32(k), np.int32(w.group_size), total))
+    return codes, scale_codes
+
+
+# ----------------------------------------------------------------------------- linear
+class Plan:
+    """One launch configuration of the w4a16 kernel."""
+
+    __slots__ = ("launch", "grid", "threads", "shared", "name")
+
+    def __init__(self, launch, grid, threads, shared, name):
+        self.launch, self.grid, self.threads, self.shared, self.name = launch, grid, threads, shared, name
+
+    def __repr__(self):
+        return f"Plan({self.name}, grid={self.grid}, threads={self.threads}, shared={self.shared})"
+
+
+# (RT row tiles per block, NT token tiles, U chunks per pipeline step): the kernels in w4a16.cu
+VARIANTS = ((1, 1, 2), (1, 1, 4), (2, 1, 2), (4, 1, 1), (1, 2, 2), (2, 2, 1), (4, 2, 1), (1, 4, 1), (2, 4, 1), (1, 8, 1))
+
+
+def kernel_name(rt: int, nt: int, u: int, bf16: bool) -> str:
+    return f"w4a16_rt{rt}_nt{nt}_u{u}_{'bf16' if bf16 else 'f16'}"
+
+
+def make_plan(n: int, m: int, variant, warps: int, bf16: bool, device: int) -> Plan:
+    rt, nt, u = variant
+    name = kernel_name(rt, nt, u, bf16)
+    launch = runtime.launcher("w4a16.cu", name, device, _SIGNATURE)
+    grid = (-(-m // (8 * nt)), -(-(-(-n // TILE_ROWS)) // rt))
+    return Plan(launch, grid, 32 * warps, warps * rt * nt * 512, name)
+
+
+@functools.lru_cache(maxsize=4096)
+def plan(n: int, k: int, m: int, bf16: bool, device: int) -> Plan:
+    """The kernel variant for (M bucket, N), from benchmarks/w4a16_variants.py on an H100.
+
+    NT token tiles of 8 (M <= 8, 16, 32, 64); two row tiles of 16 per block (x read half as often)
+    unless that leaves fewer blocks than SMs, then one with a deeper pipeline; 8 warps split K,
+    16 when there are fewer than two blocks per SM.
+    """
+    nt = 1 if m <= 8 else 2 if m <= 16 else 4 if m <= 32 else 8
+    sms = _sm_count(device)
+    tiles = -(-n // TILE_ROWS)
+    mtiles = -(-m // (8 * nt))
+    two, one = {1: ((2, 1, 2), (1, 1, 4)), 2: ((2, 2, 1), (1, 2, 2)), 4: ((2, 4, 1), (1, 4, 1)),
+                8: ((1, 8, 1), (1, 8, 1))}[nt]
+    blocks = -(-tiles // two[0]) * mtiles
+    variant, warps = (one, 8) if blocks < sms else (two, 16 if blocks < 2 * sms else 8)
+    warps = max(1, min(warps, (k // 64) // 2 or 1, SHARED_LIMIT // (variant[0] * nt * 512)))
+    return make_plan(n, m, variant, warps, bf16, device)
+
+
+@functools.lru_cache(maxsize=None)
+def _mma_ok(device: int) -> bool:
+    cc = runtime.compute_capability(device)
+    return cc is not None and cc >= MMA_MIN_CC
+
+
+_TORCH = {}
+
+
+def _fast_args(pw: PreparedWeight):
+    """(n, k, device, codes ptr, scale codes ptr, g ptr) of a prepared torch weight, computed once."""
+    torch = _TORCH.get("torch")
+    if torch is None:
+        import torch
+
+        _TORCH.update(torch=torch, half=(torch.float16, torch.bfloat16))
+    w = pw.weight
+    dev = w.data.get_device()
+    if dev < 0 or not _mma_ok(dev):
+        return None
+    pw._fast = (*w.shape, dev, pw.codes.data_ptr(), pw.scale_codes.data_ptr(), w.global_scale_array.data_ptr())
+    return pw._fast
+
+
+def linear_torch(x, pw: PreparedWeight, bias=None):
+    """The host-lean path for torch tensors: the W4A16 kernel when every precondition holds
+    (fp16/bf16 contiguous x on W's device, at most MMA_MAX_M tokens, bias of x's dtype), else None."""
+    fast = pw._fast or _fast_args(pw)
+    if fast is None:
+        return None
+    n, k, dev, codes, scale_codes, g = fast
+    shape = x.shape
+    if (x.dtype not in _TORCH["half"] or shape[-1] != k or x.get_device() != dev or not x.is_contiguous()
+            or x.data_ptr() & 15 or (bias is not None and (bias.dtype != x.dtype or not bias.is_contiguous()
+                                                           or bias.get_device() != dev or bias.numel() != n))):
+        return None
+    m = x.numel() // k
+    if not 0 < m <= MMA_MAX_M:
+        return None
+    y = x.new_empty(shape[:-1] + (n,))
+    p = plan(n, k, m, x.dtype is _TORCH["half"][1], dev)
+    p.launch(p.grid, p.threads, p.shared, _torch_stream_ptr(_TORCH["torch"], dev), codes, scale_codes,
+             x.data_ptr(), y.data_ptr(), 0 if bias is None else bias.data_ptr(), g, m, n, k)
+    return y
+
+
+def linear(x, pw: PreparedWeight, bias=None):
+    """x [..., K] fp16/bf16 @ W^T (+ bias) on the GPU, in x's dtype (FP32 accumulation)."""
+    lib = _Lib(x)
+    w = pw.weight
+    if lib.torch != arrays.is_torch(w.data):
+        raise TypeError(f"linear: x ({arrays.library_of(x)}) and w ({w.library}) must come from one array library")
+    n, k = w.shape
+    dtype = arrays.dtype_name(x)
+    lead = tuple(x.shape[:-1])
+    m = math.prod(lead)
+    if pw.path != "mma" or dtype not in ("float16", "bfloat16") or m > MMA_MAX_M or m == 0 or not _mma_ok(lib.device):
+        return _linear_dequantized(x, w, bias, lib)
+    x2 = x.reshape(m, k)
+    if lib.torch:
+        x2 = x2.contiguous()
+    else:
+        x2 = lib.mod.ascontiguousarray(x2)
+    if lib.ptr(x2) % 16:
+        x2 = x2.clone() if lib.torch else x2.copy()
+    y = lib.empty((m, n), dtype)
+    if bias is not None:
+        bias = lib.cast(bias, dtype) if arrays.dtype_name(bias) != dtype else bias
+        bias = bias.contiguous() if lib.torch else lib.mod.ascontiguousarray(bias)
+    p = plan(n, k, m, dtype == "bfloat16", lib.device)
+    p.launch(p.grid, p.threads, p.shared, lib.stream.ptr, lib.ptr(pw.codes), lib.ptr(pw.scale_codes),
+             lib.ptr(x2), lib.ptr(y), 0 if bias is None else lib.ptr(bias), lib.ptr(w.global_scale_array), m, n, k)
+    return y.reshape(lead + (n,))
+
+
+def _linear_dequantized(x, w: FP4Tensor, bias, lib: _Lib):
+    dtype = arrays.dtype_name(x)
+    wd = dequantize(w, dtype if dtype != "float64" else "float32")
+    if lib.torch:
+        return lib.mod.nn.functional.linear(x, wd.to(x.dtype), None if bias is None else bias.to(x.dtype))
+    y = x @ wd.astype(x.dtype).T
+    return y if bias is None else y + bias.astype(x.dtype)
+
+
+# ----------------------------------------------------------------------------- gemm
+def gemm(a: FP4Tensor, b: FP4Tensor, trans_b: bool, out_dtype: str):
+    """deq(A) @ op(deq(B)): NVFP4 operands through fp16 tensor cores, others in float32."""
+    lib = _Lib(a.data)
+    if a.fmt != "nvfp4" or b.fmt != "nvfp4":
+        ad, bd = dequantize(a, "float32"), dequantize(b, "float32")
+        c = ad @ (bd.T if trans_b else bd)
+        return c if out_dtype == "float32" else lib.cast(c, out_dtype)
+    from cupy.cuda import cublas, device as cdev, runtime as crt
+
+    one = _device_one(lib)
+    ad = _dequantize_unscaled(a, one)
+    bd = _dequantize_unscaled(b, one)
+    m, kk = a.shape
+    nn = b.shape[0] if trans_b else b.shape[1]
+    c = lib.empty((m, nn), "float32")
+    alpha = a.global_scale_array * b.global_scale_array  # on the device: no host sync
+    beta = lib.zeros((), "float32")
+    import cupy
+
+    with cupy.cuda.Device(lib.device):
+        handle = cdev.get_cublas_handle()
+        cublas.setStream(handle, lib.stream.ptr)
+        cublas.setPointerMode(handle, cublas.CUBLAS_POINTER_MODE_DEVICE)
+        try:
+            # row-major C = A @ op(B) is column-major C^T = op(B)^T A^T
+            cublas.gemmEx(handle, cublas.CUBLAS_OP_T if trans_b else cublas.CUBLAS_OP_N, cublas.CUBLAS_OP_N,
+                          nn, m, kk, lib.ptr(alpha), lib.ptr(bd), crt.CUDA_R_16F, kk if trans_b else nn,
+                          lib.ptr(ad), crt.CUDA_R_16F, kk, lib.ptr(beta), lib.ptr(c), crt.CUDA_R_32F, nn,
+                          cublas.CUBLAS_COMPUTE_32F, cublas.CUBLAS_GEMM_DEFAULT)
+        finally:
+            cublas.setPointerMode(handle, cublas.CUBLAS_POINTER_MODE_HOST)
+    return c if out_dtype == "float32" else lib.cast(c, out_dtype)
+
+
+def _device_one(lib: _Lib):
+    a = lib.empty((), "float32")
+    if lib.torch:
+        a.fill_(1.0)
+    else:
+        a.fill(1.0)
+    return a
+
+
+def _dequantize_unscaled(t: FP4Tensor, one) -> object:
+    """e2m1 * s as fp16 (exact), i.e. the decode with g = 1, contiguous."""
+    d = dequantize(FP4Tensor._from_kernel(t.data, t.scales, one, 1.0, t.shape, t.fmt, t.group_size), "float16")
+    if t.padded_shape == t.shape:
+        return d
+    return d.contiguous() if arrays.is_torch(d) else d.copy()

@@ -1,0 +1,192 @@
+"""A weight prepared once for the fast W4A16 ``linear``: the canonical FP4Tensor plus its repacked copy.
+
+``prepare(W)`` repacks an NVFP4 weight [N, K] into the layout that ``kernels_cu/w4a16.cu`` streams
+(documented in ``kernels_cu/prepare.cu``; ``repack_codes`` / ``repack_scales`` below are its numpy
+twin and ``emulate_linear`` replays the kernel's arithmetic, bit for bit up to FP32 summation order).
+The canonical tensor stays in ``.weight`` for export; nothing is cached behind the caller's back.
+
+Numerics of the fast path: every weight is decoded to e2m1 * s * 2^-14 in fp16 (or bf16), which is
+exact (e2m1 * s has at most 6 significant bits in [2^-10, 2688]); products with x are summed in FP32
+by the tensor cores; the sum is multiplied by g * 2^14, plus the bias, and rounded to x's dtype.
+"""
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+
+from . import arrays, reference
+from .tensor import FP4Tensor
+
+FAST_GROUP_SIZES = (16, 32, 64)
+CHUNK = 64  # K per warp step; K must be a multiple of it
+
+
+def fast_path_reason(w: FP4Tensor) -> str | None:
+    """Why ``w`` cannot use the mma kernel (None when it can)."""
+    if w.fmt != "nvfp4":
+        return f"fmt={w.fmt} (the fast kernel takes NVFP4)"
+    if w.group_size not in FAST_GROUP_SIZES:
+        return f"group_size={w.group_size} (the fast kernel takes {FAST_GROUP_SIZES})"
+    if w.shape[1] % CHUNK or w.shape[1] != w.padded_shape[1]:
+        return f"K={w.shape[1]} (the fast kernel needs K a multiple of {CHUNK})"
+    return None
+
+
+class PreparedWeight:
+    """An FP4 weight [N, K] ready for ``fp4cupy.linear``.
+
+    weight:  the canonical FP4Tensor (export it; ``linear`` reads ``codes``/``scale_codes`` instead).
+    codes:   uint8 view of u32 [ceil(N/16), K/64, 32, 4] repacked E2M1 codes (fast path only).
+    scale_codes: uint8 [ceil(N/16), K/16, 8, 2] block scales as fp16 codes (fast path only).
+    path:    'mma' (the W4A16 tensor-core kernel) or 'dequantize' (decode W each call, then a matmul).
+    """
+
+    __slots__ = ("weight", "codes", "scale_codes", "path", "reason", "_fast")
+
+    def __init__(self, weight: FP4Tensor, codes, scale_codes, path: str, reason: str | None):
+        self.weight, self.codes, self.scale_codes, self.path, self.reason = weight, codes, scale_codes, path, reason
+        self._fast = None  # launch arguments cached by cuda_linear.linear_torch
+
+    @property
+    def shape(self) -> tuple:
+        return self.weight.shape
+
+    @property
+    def device(self) -> str:
+        return self.weight.device
+
+    @property
+    def nbytes(self) -> int:
+        extra = 0 if self.codes is None else _nbytes(self.codes) + _nbytes(self.scale_codes)
+        return self.weight.nbytes + extra
+
+    def __repr__(self) -> str:
+        why = f", because {self.reason}" if self.reason else ""
+        return f"PreparedWeight(shape={self.shape}, fmt={self.weight.fmt}, device={self.device}, path={self.path}{why})"
+
+
+def prepare(w: FP4Tensor) -> PreparedWeight:
+    """Repack an FP4Tensor weight [N, K] once for ``fp4cupy.linear`` (keep the result; it holds both forms).
+
+    Weights the fast kernel does not take (MXFP4, group size 8, K not a multiple of 64) get
+    path='dequantize': still correct, decoded on each call.
+    """
+    if isinstance(w, PreparedWeight):
+        return w
+    if not isinstance(w, FP4Tensor) or len(w.shape) != 2:
+        raise TypeError(f"prepare takes a 2-D FP4Tensor weight [N, K]; got {type(w).__name__} "
+                        f"of shape {getattr(w, 'shape', '?')}")
+    reason = fast_path_reason(w)
+    if reason is not None:
+        return PreparedWeight(w, None, None, "dequantize", reason)
+    if arrays.is_cuda(w.data):
+        from . import cuda_linear
+
+        codes, scale_codes = cuda_linear.repack(w)
+    else:
+        n, k = w.shape
+        data, scales = arrays.to_numpy(w.data), arrays.to_numpy(w.scales)
+        _check_scales(scales)
+        codes = arrays.numpy_to(repack_codes(data, scales, n, k, w.group_size).view(np.uint8), w.library)
+        scale_codes = arrays.numpy_to(repack_scales(scales, n, k, w.group_size), w.library)
+    return PreparedWeight(w, codes, scale_codes, "mma", None)
+
+
+def _check_scales(scales: np.ndarray) -> None:
+    if (scales & 0x80).any():
+        raise ValueError("prepare: the weight has negative E4M3 block scales; fp4cupy never writes them "
+                         "and the fast kernel does not take them")
+
+
+def _nbytes(a) -> int:
+    return int(a.numel() * a.element_size()) if arrays.is_torch(a) else int(a.nbytes)
+
+
+# ----------------------------------------------------------------------------- numpy twin of prepare.cu
+def _tiles(n: int) -> int:
+    """Row tiles of 16, allocated in multiples of 4 (the largest tiles-per-block of w4a16.cu)."""
+    return -(-n // 64) * 4
+
+
+def _padded_rows(a: np.ndarray, rows: int) -> np.ndarray:
+    return a if a.shape[0] == rows else np.concatenate([a, np.zeros((rows - a.shape[0],) + a.shape[1:], a.dtype)])
+
+
+def repack_codes(data: np.ndarray, scales: np.ndarray, n: int, k: int, gs: int) -> np.ndarray:
+    """u32 [tiles, K/64, 32, 4]: see kernels_cu/prepare.cu."""
+    codes = reference.unpack_nibbles(data).astype(np.uint32)  # [N, K]
+    zero = np.repeat(scales & 0x7F, gs, axis=1)[:, :k] == 0
+    codes[zero] = 0
+    tiles = _tiles(n)
+    codes = _padded_rows(codes, tiles * 16).reshape(tiles, 2, 8, k // 64, 4, 4, 4)  # tile, half, g, chunk, q, t, i
+    a, b = codes[:, 0], codes[:, 1]  # rows r = 16*tile + g and r + 8: [tile, g, chunk, q, t, i]
+    word = (a[..., 0] | a[..., 1] << 16 | b[..., 0] << 8 | b[..., 1] << 24
+            | a[..., 2] << 4 | a[..., 3] << 20 | b[..., 2] << 12 | b[..., 3] << 28)  # [tile, g, chunk, q, t]
+    return np.ascontiguousarray(word.transpose(0, 2, 1, 3, 4)).reshape(tiles, k // 64, 32, 4).astype(np.uint32)
+
+
+def f16_code(scales: np.ndarray) -> np.ndarray:
+    """E4M3 bits -> bits 7..14 of the same value as an fp16 (NaN stays NaN)."""
+    s = reference.e4m3_decode(scales & 0x7F).astype(np.float16)
+    code = ((s.view(np.uint16) >> 7) & 0xFF).astype(np.uint8)
+    return np.where((scales & 0x7F) == 0x7F, np.uint8(0xFF), code)
+
+
+def repack_scales(scales: np.ndarray, n: int, k: int, gs: int) -> np.ndarray:
+    """u8 [tiles, K/16, 8, 2]: the fp16 code of the scale of rows (16*tile + g, + 8) per 16 columns."""
+    tiles = _tiles(n)
+    per16 = np.repeat(f16_code(scales), gs // 16, axis=1)[:, : k // 16]
+    per16 = _padded_rows(per16, tiles * 16).reshape(tiles, 2, 8, k // 16)
+    return np.ascontiguousarray(per16.transpose(0, 3, 2, 1))
+
+
+# ----------------------------------------------------------------------------- numpy replay of w4a16.cu
+def decode_f16_words(u: np.ndarray) -> np.ndarray:
+    """The fp16 decode of w4a16.cu: u32 words -> u32 [..., 4] registers {H0, H1, H2, H3}."""
+    u = u.astype(np.uint32)
+    lo = ((u << 1) & 0x0E0E0E0E) | ((u << 4) & 0x80808080)
+    hi = ((u >> 3) & 0x0E0E0E0E) | (u & 0x80808080)
+
+    def perm(v, b1, b3):  # __byte_perm(v, 0, 0x?4?4): zero bytes 0 and 2
+        return (((v >> (8 * b1)) & 0xFF) << 8) | (((v >> (8 * b3)) & 0xFF) << 24)
+
+    return np.stack([perm(lo, 0, 2), perm(lo, 1, 3), perm(hi, 0, 2), perm(hi, 1, 3)], -1).astype(np.uint32)
+
+
+def decode_bf16_words(u: np.ndarray) -> np.ndarray:
+    u = u.astype(np.uint32)
+    regs = [(((u >> s) & 0x000F000F) * 0x1040) & 0x81C081C0 for s in (0, 8, 4, 12)]
+    return np.stack(regs, -1).astype(np.uint32)
+
+
+def _halves(reg: np.ndarray, dtype) -> np.ndarray:
+    """u32 registers -> their (lo, hi) 16-bit halves as float32 values of ``dtype``."""
+    bits = np.stack([reg & 0xFFFF, reg >> 16], -1).astype(np.uint16)
+    return bits.view(dtype).astype(np.float32)
+
+
+def emulate_linear(x: np.ndarray, codes: np.ndarray, scale_codes: np.ndarray, g: float, n: int,
+                   bf16: bool) -> np.ndarray:
+    """y = x @ W^T computed from the prepared layout exactly as w4a16.cu decodes it (float64 sums)."""
+    m, k = x.shape
+    tiles = codes.shape[0]
+    words = codes.view(np.uint32).reshape(tiles, k // 64, 8, 4, 4)  # tile, chunk, g, q, t
+    regs = (decode_bf16_words if bf16 else decode_f16_words)(words)  # ..., 4 registers
+    dt = ml_dtypes.bfloat16 if bf16 else np.float16
+    vals = _halves(regs, dt)  # tile, chunk, g, q, t, reg, half
+    sc = scale_codes.reshape(tiles, k // 64, 4, 8, 2).astype(np.uint32)  # tile, chunk, q, g, (r, r+8)
+    pair = sc * 0x00100010 + 0x70007000 if bf16 else sc * 0x00800080
+    s = _halves(pair.astype(np.uint32), dt)[..., 0]  # tile, chunk, q, g, row-half
+    # registers: H0 = row r cols +0,+1; H1 = row r+8; H2 = row r cols +2,+3; H3 = row r+8
+    w = np.empty((tiles, 2, 8, k // 64, 4, 4, 4), np.float32)  # tile, half, g, chunk, q, t, i
+    v = vals.transpose(0, 2, 1, 3, 4, 5, 6)  # tile, g, chunk, q, t, reg, half
+    s = s.transpose(0, 3, 1, 2, 4)  # tile, g, chunk, q, row-half
+    for reg, (half, i0) in enumerate(((0, 0), (1, 0), (0, 2), (1, 2))):
+        prod = v[..., reg, :] * s[..., half][..., None, None]  # exact in fp16/bf16 by construction
+        w[:, half, :, :, :, :, i0:i0 + 2] = _round(prod, dt)
+    wf = w.reshape(tiles * 16, k)[:n].astype(np.float64)
+    return (x.astype(np.float64) @ wf.T) * (np.float64(g) * 2.0 ** 14)
+
+
+def _round(a: np.ndarray, dt) -> np.ndarray:
+    return a.astype(dt).astype(np.float32)

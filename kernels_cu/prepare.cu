@@ -1,0 +1,67 @@
+// prepare.cu - repack an NVFP4 weight [N, K] (canonical FP4Tensor layout) into the layout that
+// w4a16.cu streams. fp4cupy/prepared.py holds the numpy twin of both kernels and documents the layout.
+//
+// Codes: u32 [N/16 row tiles][K/64 chunks][32 lanes][4 k-tiles]. Lane l = 4g + q of a warp gets,
+// for k-tile t, the 8 codes of its mma.m16n8k16 A fragment over rows r = 16*tile + g and r + 8 and
+// columns c = 64*chunk + 16q + 4t + {0,1,2,3} (the kernel permutes K the same way for x):
+//   H0 = (W[r][c], W[r][c+1]),   H1 = (W[r+8][c], W[r+8][c+1]),
+//   H2 = (W[r][c+2], W[r][c+3]), H3 = (W[r+8][c+2], W[r+8][c+3]),
+// with nibbles placed so that both decodes are short:
+//   H0.lo bits 0-3, H0.hi 16-19, H1.lo 8-11, H1.hi 24-27, H2.lo 4-7, H2.hi 20-23, H3.lo 12-15, H3.hi 28-31.
+// A block whose scale is 0 gets codes 0 (value 0 whatever its codes said).
+// Scales: u8 [N/16][K/16][8 (g)][2 (r, r+8)], one per 16 columns, as the "fp16 code" of the E4M3
+// value s: the bits 7..14 of s as an fp16 (every E4M3 value is a normal fp16, 3 mantissa bits), so
+// that fp16 bits = code << 7 and bf16 bits of s * 2^112 = (code << 4) + 0x7000. NaN stays NaN.
+#include "common.cuh"
+
+__device__ __forceinline__ u32 nibble(const u8* row, int i) { return (row[i >> 1] >> (4 * (i & 1))) & 15u; }
+
+__device__ __forceinline__ u32 scale_byte(const u8* scales, int n, int kg, int r, int col, int gs) {
+    return r < n ? scales[(i64)r * kg + col / gs] : 0u;
+}
+
+extern "C" __global__ void w4_repack_codes(const u8* __restrict__ data, const u8* __restrict__ scales,
+                                           uint4* __restrict__ out, int n, int k, int gs, i64 total) {
+    const i64 idx = blockIdx.x * (i64)blockDim.x + threadIdx.x;
+    if (idx >= total) return;
+    const int lane = (int)(idx & 31), nchunks = k / 64;
+    const i64 rest = idx >> 5;
+    const int chunk = (int)(rest % nchunks);
+    const i64 tile = rest / nchunks;
+    const int g = lane >> 2, q = lane & 3;
+    const int r0 = (int)(tile * 16) + g, r1 = r0 + 8, col = chunk * 64 + 16 * q;
+    const int kg = k / gs;
+    u8 a[8] = {0, 0, 0, 0, 0, 0, 0, 0}, b[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    // 16 codes of each row (8 bytes), zero where the row is padding or its block scale is 0
+    if (r0 < n && (scale_byte(scales, n, kg, r0, col, gs) & 0x7F) != 0)
+        *reinterpret_cast<uint2*>(a) = *reinterpret_cast<const uint2*>(data + (i64)r0 * (k / 2) + col / 2);
+    if (r1 < n && (scale_byte(scales, n, kg, r1, col, gs) & 0x7F) != 0)
+        *reinterpret_cast<uint2*>(b) = *reinterpret_cast<const uint2*>(data + (i64)r1 * (k / 2) + col / 2);
+    u32 w[4];
+#pragma unroll
+    for (int t = 0; t < 4; ++t) {
+        const int c = 4 * t;
+        w[t] = nibble(a, c) | nibble(a, c + 1) << 16 | nibble(b, c) << 8 | nibble(b, c + 1) << 24 |
+               nibble(a, c + 2) << 4 | nibble(a, c + 3) << 20 | nibble(b, c + 2) << 12 | nibble(b, c + 3) << 28;
+    }
+    out[idx] = make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+// E4M3 bits -> fp16 code (bits 7..14 of the value as an fp16). Negative scales are rejected on the host.
+__device__ __forceinline__ u32 e4m3_to_f16_code(u32 b) {
+    if ((b & 0x7Fu) == 0x7Fu) return 0xFFu;  // NaN
+    const float s = fp4_e4m3_decode(b & 0x7Fu);
+    return ((u32)__half_as_ushort(__float2half_rn(s)) >> 7) & 0xFFu;  // exact: s has 4 significant bits
+}
+
+extern "C" __global__ void w4_repack_scales(const u8* __restrict__ scales, u8* __restrict__ out,
+                                            int n, int k, int gs, i64 total) {
+    const i64 idx = blockIdx.x * (i64)blockDim.x + threadIdx.x;
+    if (idx >= total) return;
+    const int j = (int)(idx & 15), k16 = k / 16;
+    const i64 rest = idx >> 4;
+    const int grp16 = (int)(rest % k16);
+    const i64 tile = rest / k16;
+    const int r = (int)(tile * 16) + (j >> 1) + 8 * (j & 1);
+    out[idx] = (u8)e4m3_to_f16_code(scale_byte(scales, n, k / gs, r, grp16 * 16, gs));
+}

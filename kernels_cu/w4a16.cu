@@ -1,0 +1,199 @@
+// w4a16.cu - y[M, N] = x[M, K] @ W^T * g (+ bias), W an NVFP4 weight repacked by prepare.cu,
+// x fp16 or bf16, FP32 accumulation on the tensor cores (mma.sync.m16n8k16), y in x's type.
+//
+// The weight is the A operand (16 rows of W = 16 output features), x^T the B operand (8 tokens).
+// Each warp decodes its A fragment in registers: 8 E2M1 codes -> 4 half2 / bfloat162 holding
+// e2m1 * 2^-14 (fp16: magnitude at bit 9) or e2m1 * 2^-126 (bf16: magnitude at bit 6), then one
+// multiply by the block scale (fp16 s, or bf16 s * 2^112) gives e2m1 * s * 2^-14 exactly
+// (e2m1 * s has at most 6 significant bits and lies in [2^-10, 2688]); the epilogue multiplies by
+// g * 2^14. The K order inside each 64-wide chunk is permuted (see prepare.cu) so that lane 4g+q
+// reads x[token][64c + 16q .. +15] with two 16-byte loads and needs one scale per row per chunk.
+//
+// Grid: x = token tiles of 8*NT, y = row tiles of 16*RT. Block: any number of warps; warp w takes
+// chunks w, w + nwarps, ... (split-K inside the block) and the block reduces through shared memory.
+// <w4a16_rt{RT}_nt{NT}_u{U}_{f16,bf16}> (U chunks per pipeline step). Needs sm_80 (traps on older targets, which take another path).
+#include "common.cuh"
+
+template <bool BF16> struct Act;
+template <> struct Act<false> { typedef __half T; };
+template <> struct Act<true> { typedef __nv_bfloat16 T; };
+
+// 8 codes (repacked order) -> A registers {H0, H1, H2, H3}, before the scale.
+__device__ __forceinline__ void decode_f16(u32 u, u32 (&a)[4]) {
+    // fp16 high bytes (sign at bit 7, magnitude at bits 1-3) of the codes in the low / high nibbles
+    const u32 lo = ((u << 1) & 0x0E0E0E0Eu) | ((u << 4) & 0x80808080u);
+    const u32 hi = ((u >> 3) & 0x0E0E0E0Eu) | (u & 0x80808080u);
+    a[0] = __byte_perm(lo, 0u, 0x2404);
+    a[1] = __byte_perm(lo, 0u, 0x3414);
+    a[2] = __byte_perm(hi, 0u, 0x2404);
+    a[3] = __byte_perm(hi, 0u, 0x3414);
+}
+
+__device__ __forceinline__ void decode_bf16(u32 u, u32 (&a)[4]) {
+    // a nibble n at bits 0-3 (and 16-19): n * (2^6 + 2^12) puts its magnitude at bits 6-8 and its sign at 15
+    a[0] = ((u & 0x000F000Fu) * 0x1040u) & 0x81C081C0u;
+    a[1] = (((u >> 8) & 0x000F000Fu) * 0x1040u) & 0x81C081C0u;
+    a[2] = (((u >> 4) & 0x000F000Fu) * 0x1040u) & 0x81C081C0u;
+    a[3] = (((u >> 12) & 0x000F000Fu) * 0x1040u) & 0x81C081C0u;
+}
+
+template <bool BF16> __device__ __forceinline__ u32 scale_pair(u32 code) {
+    return BF16 ? code * 0x00100010u + 0x70007000u : code * 0x00800080u;
+}
+
+template <bool BF16> __device__ __forceinline__ u32 mul2(u32 a, u32 b) {
+    u32 d;
+    if (BF16) asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(0x80008000u));  // + -0: exact
+    else asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
+    return d;
+}
+
+template <bool BF16> __device__ __forceinline__ void mma(float (&c)[4], const u32 (&a)[4], u32 b0, u32 b1) {
+    if (BF16)
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3]) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    else
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3]) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ uint4 load_stream(const uint4* p) {  // read once: keep it out of L1
+    uint4 v;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+    return v;
+}
+
+template <bool BF16, int RT, int NT, int U>
+__device__ void w4a16_body(const uint4* __restrict__ wq, const unsigned short* __restrict__ sq,
+                           const typename Act<BF16>::T* __restrict__ x, typename Act<BF16>::T* __restrict__ y,
+                           const typename Act<BF16>::T* __restrict__ bias, const float* __restrict__ g_ptr,
+                           int m, int n, int k) {
+    typedef typename Act<BF16>::T T;
+#if __CUDA_ARCH__ < 800
+    __trap();  // mma.m16n8k16 needs sm_80; fp4cupy.linear takes the dequantize path on older GPUs
+#else
+    extern __shared__ float red[];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+    const int g = lane >> 2, q = lane & 3;
+    const int nchunks = k >> 6, tile0 = blockIdx.y * RT, tok0 = blockIdx.x * (8 * NT);
+    float acc[RT][NT][4];
+#pragma unroll
+    for (int r = 0; r < RT; ++r)
+#pragma unroll
+        for (int j = 0; j < NT; ++j) acc[r][j][0] = acc[r][j][1] = acc[r][j][2] = acc[r][j][3] = 0.0f;
+
+    const T* xrow[NT];
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+        const int tok = tok0 + 8 * j + g;
+        xrow[j] = x + (i64)(tok < m ? tok : 0) * k + 16 * q;
+    }
+    const uint4* wbase = wq + (i64)tile0 * nchunks * 32 + lane;
+    const unsigned short* sbase = sq + (i64)tile0 * (k >> 4) * 8 + q * 8 + g;
+
+    // Weights, scales and x of U chunks are loaded one step ahead (a register double buffer), so
+    // the loads of a step are in flight while the previous step decodes and multiplies; chunk
+    // indices past the end are clamped for the load and skipped (warp-uniformly) for the math.
+    // Tokens past M read row 0 of x; their output columns are never stored.
+    const int step = U * nwarps;
+    uint4 w[U][RT], xv[U][NT][2];
+    u32 s[U][RT];
+    auto load = [&](int c0) {
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int c = min(c0 + u * nwarps, nchunks - 1);
+#pragma unroll
+            for (int r = 0; r < RT; ++r) {
+                w[u][r] = load_stream(wbase + ((i64)r * nchunks + c) * 32);
+                s[u][r] = sbase[((i64)r * (k >> 4) + 4 * c) * 8];
+            }
+#pragma unroll
+            for (int j = 0; j < NT; ++j) {
+                xv[u][j][0] = __ldg(reinterpret_cast<const uint4*>(xrow[j] + 64 * c));
+                xv[u][j][1] = __ldg(reinterpret_cast<const uint4*>(xrow[j] + 64 * c) + 1);
+            }
+        }
+    };
+    load(warp);
+    for (int c0 = warp; c0 < nchunks; c0 += step) {
+        uint4 wc[U][RT], xc[U][NT][2];
+        u32 sc[U][RT];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+#pragma unroll
+            for (int r = 0; r < RT; ++r) wc[u][r] = w[u][r], sc[u][r] = s[u][r];
+#pragma unroll
+            for (int j = 0; j < NT; ++j) xc[u][j][0] = xv[u][j][0], xc[u][j][1] = xv[u][j][1];
+        }
+        load(c0 + step);
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            if (c0 + u * nwarps >= nchunks) break;
+#pragma unroll
+            for (int r = 0; r < RT; ++r) {
+                const u32 s_lo = scale_pair<BF16>(sc[u][r] & 0xFFu), s_hi = scale_pair<BF16>(sc[u][r] >> 8);
+                const u32 words[4] = {wc[u][r].x, wc[u][r].y, wc[u][r].z, wc[u][r].w};
+#pragma unroll
+                for (int t = 0; t < 4; ++t) {
+                    u32 a[4];
+                    if (BF16) decode_bf16(words[t], a); else decode_f16(words[t], a);
+                    a[0] = mul2<BF16>(a[0], s_lo);
+                    a[1] = mul2<BF16>(a[1], s_hi);
+                    a[2] = mul2<BF16>(a[2], s_lo);
+                    a[3] = mul2<BF16>(a[3], s_hi);
+#pragma unroll
+                    for (int j = 0; j < NT; ++j) {
+                        const uint4 xb = xc[u][j][t >> 1];
+                        mma<BF16>(acc[r][j], a, (t & 1) ? xb.z : xb.x, (t & 1) ? xb.w : xb.y);
+                    }
+                }
+            }
+        }
+    }
+
+    // split-K reduction across the block's warps, then scale, bias, round and store
+    constexpr int PER_WARP = RT * NT * 128;
+#pragma unroll
+    for (int r = 0; r < RT; ++r)
+#pragma unroll
+        for (int j = 0; j < NT; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) red[warp * PER_WARP + ((r * NT + j) * 4 + e) * 32 + lane] = acc[r][j][e];
+    __syncthreads();
+    const float gs = *g_ptr * 16384.0f;
+    for (int idx = threadIdx.x; idx < PER_WARP; idx += blockDim.x) {
+        float v = 0.0f;
+        for (int wi = 0; wi < nwarps; ++wi) v += red[wi * PER_WARP + idx];
+        const int l = idx & 31, e = (idx >> 5) & 3, rj = idx >> 7, j = rj % NT, r = rj / NT;
+        const int row = (tile0 + r) * 16 + (l >> 2) + 8 * (e >> 1);
+        const int tok = tok0 + 8 * j + 2 * (l & 3) + (e & 1);
+        if (row < n && tok < m) {
+            v *= gs;
+            if (bias) v += to_float(bias[row]);
+            y[(i64)tok * n + row] = from_float<T>(v);
+        }
+    }
+#endif
+}
+
+#define W4A16(RT, NT, U)                                                                                        \
+    extern "C" __global__ void __launch_bounds__(512) w4a16_rt##RT##_nt##NT##_u##U##_f16(                             \
+        const uint4* wq, const unsigned short* sq, const __half* x, __half* y, const __half* bias,             \
+        const float* g, int m, int n, int k) { w4a16_body<false, RT, NT, U>(wq, sq, x, y, bias, g, m, n, k); } \
+    extern "C" __global__ void __launch_bounds__(512) w4a16_rt##RT##_nt##NT##_u##U##_bf16(                            \
+        const uint4* wq, const unsigned short* sq, const __nv_bfloat16* x, __nv_bfloat16* y,                   \
+        const __nv_bfloat16* bias, const float* g, int m, int n, int k) {                                      \
+        w4a16_body<true, RT, NT, U>(wq, sq, x, y, bias, g, m, n, k);                                           \
+    }
+
+// (RT, NT, U): keep in step with cuda_linear.VARIANTS
+W4A16(1, 1, 2)
+W4A16(1, 1, 4)
+W4A16(2, 1, 2)
+W4A16(4, 1, 1)
+W4A16(1, 2, 2)
+W4A16(2, 2, 1)
+W4A16(4, 2, 1)
+W4A16(1, 4, 1)
+W4A16(2, 4, 1)
+W4A16(1, 8, 1)

@@ -1,0 +1,96 @@
+"""The W4A16 weight layout and decode, checked on the CPU through their numpy twins
+(fp4cupy/prepared.py replays kernels_cu/prepare.cu and w4a16.cu bit for bit)."""
+import numpy as np
+import pytest
+
+import fp4cupy
+from fp4cupy import prepared, reference
+
+
+def _exact_weight(t):
+    """deq(W) in float64 without the float32 rounding of (e2m1 * s) * g."""
+    e = reference.e2m1_decode(reference.unpack_nibbles(t.data)).astype(np.float64)
+    s = np.repeat(reference.e4m3_decode(t.scales).astype(np.float64), t.group_size, axis=1)
+    return e * s * np.float64(t.global_scale)
+
+
+def _weight(rng, n, k, gs=16, heavy=False, zero_rows=()):
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    if heavy:
+        w *= np.exp(2 * rng.standard_normal((n, 1))).astype(np.float32)
+    for r in zero_rows:
+        w[r] = 0
+    return fp4cupy.quantize(w, group_size=gs)
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+@pytest.mark.parametrize("n,k,gs", [(16, 64, 16), (40, 128, 16), (33, 192, 32), (64, 256, 64)])
+def test_emulated_kernel_equals_dequantized_linear(rng, n, k, gs, bf16):
+    w = _weight(rng, n, k, gs, heavy=True, zero_rows=(1,))
+    pw = fp4cupy.prepare(w)
+    assert pw.path == "mma"
+    x = rng.standard_normal((5, k))
+    want = x @ _exact_weight(w).T
+    got = prepared.emulate_linear(x, pw.codes, pw.scale_codes, w.global_scale, n, bf16)
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_decode_of_every_code_pair(bf16):
+    """All 256 (lo, hi) code pairs in every register slot decode to the E2M1 value * 2^-14 (fp16) or 2^-126."""
+    codes = np.arange(16, dtype=np.uint32)
+    lo, hi = np.meshgrid(codes, codes, indexing="ij")
+    lo, hi = lo.ravel(), hi.ravel()
+    want = reference.e2m1_decode(np.stack([lo, hi], -1).astype(np.uint8)).astype(np.float64)
+    # H0 at bits 0-3 / 16-19, H1 at 8-11 / 24-27, H2 at 4-7 / 20-23, H3 at 12-15 / 28-31
+    for reg, shift in enumerate((0, 8, 4, 12)):
+        u = (lo << shift) | (hi << (16 + shift))
+        regs = (prepared.decode_bf16_words if bf16 else prepared.decode_f16_words)(u)
+        got = prepared._halves(regs[:, reg], fp4cupy.arrays.NUMPY_DTYPES["bfloat16" if bf16 else "float16"])
+        factor = 2.0 ** (126 if bf16 else 14)
+        np.testing.assert_array_equal(got.astype(np.float64) * factor, want)
+        assert (np.signbit(got) == np.signbit(want)).all()
+
+
+def test_scale_codes_decode_exactly_in_fp16_and_bf16():
+    bits = np.arange(0x7F, dtype=np.uint8)  # every non-NaN E4M3 scale
+    code = prepared.f16_code(bits).astype(np.uint32)
+    s = reference.e4m3_decode(bits).astype(np.float64)
+    f16 = prepared._halves(code * 0x00800080, np.float16)
+    bf = prepared._halves(code * 0x00100010 + 0x70007000, fp4cupy.arrays.NUMPY_DTYPES["bfloat16"])
+    np.testing.assert_array_equal(f16[:, 0], s)
+    np.testing.assert_array_equal(f16[:, 1], s)
+    # bf16: scale 0 decodes to 2^97, harmless because prepare zeroes the codes of zero-scale blocks
+    np.testing.assert_array_equal(bf[1:, 0].astype(np.float64), s[1:] * 2.0 ** 112)
+    assert np.isnan(prepared._halves(np.uint32(0xFF) * np.uint32(0x00800080), np.float16)).all()
+
+
+def test_zero_scale_blocks_get_zero_codes(rng):
+    w = _weight(rng, 16, 64)
+    data, scales = w.data.copy(), w.scales.copy()
+    scales[3, 1] = 0  # a block with nonzero codes but a zero scale decodes to 0
+    t = fp4cupy.FP4Tensor(data, scales, w.global_scale, (16, 64))
+    pw = fp4cupy.prepare(t)
+    x = rng.standard_normal((2, 64))
+    got = prepared.emulate_linear(x, pw.codes, pw.scale_codes, t.global_scale, 16, False)
+    np.testing.assert_allclose(got, x @ _exact_weight(t).T, rtol=1e-12)
+
+
+def test_prepare_falls_back_and_says_why(rng):
+    x = rng.standard_normal((3, 96)).astype(np.float32)
+    for t, why in ((fp4cupy.quantize(x, "mxfp4"), "fmt=mxfp4"), (fp4cupy.quantize(x, group_size=8), "group_size=8"),
+                   (fp4cupy.quantize(x), "K=96")):
+        pw = fp4cupy.prepare(t)
+        assert pw.path == "dequantize" and why in repr(pw)
+        y = fp4cupy.linear(np.ones((2, 96), np.float32), pw)
+        np.testing.assert_allclose(y, np.ones((2, 96)) @ t.dequantize().T, rtol=1e-5)
+    with pytest.raises(TypeError, match="2-D FP4Tensor"):
+        fp4cupy.prepare(x)
+
+
+def test_linear_takes_prepared_weights_on_cpu(rng):
+    w = _weight(rng, 24, 128)
+    x = rng.standard_normal((2, 3, 128)).astype(np.float32)
+    pw = fp4cupy.prepare(w)
+    np.testing.assert_array_equal(fp4cupy.linear(x, pw), fp4cupy.linear(x, w))
+    assert pw.weight is w and fp4cupy.prepare(pw) is pw
