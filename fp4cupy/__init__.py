@@ -15,9 +15,23 @@ from .tensor import FP4Tensor
 
 __version__ = "0.1.0"
 
+_TORCH_API = {"NVFP4Linear": "nn", "NVFP4LinearLayer": "nn", "quantize_model": "nn", "quantize_model_to_nvfp4": "nn",
+              "save": "checkpoint", "load": "checkpoint"}
+
+
+def __getattr__(name):
+    """torch-facing names load torch only when first used: ``fp4cupy.NVFP4Linear``, ``fp4cupy.save``, ..."""
+    if name in _TORCH_API:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_TORCH_API[name]}", __name__), name)
+    raise AttributeError(f"module 'fp4cupy' has no attribute {name!r}")
+
+
 __all__ = [
     "FORMATS", "FP4Tensor", "Format", "dequantize", "gemm", "get_compute_capability", "get_format",
     "has_hardware_acceleration", "include_dir", "linear", "prepare", "PreparedWeight", "quantize", "version",
+    "NVFP4Linear", "NVFP4LinearLayer", "quantize_model", "quantize_model_to_nvfp4", "save", "load",
 ]
 
 

@@ -7,7 +7,6 @@ graph is being captured; then a bad block carries a NaN scale, so NaN never deco
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 import threading
@@ -43,7 +42,7 @@ class _Lib:
 
     def empty(self, shape, dtype):
         if self.torch:
-            return self.mod.empty(shape, dtype=getattr(self.mod, dtype), device=f"cuda:{self.device}")
+            return self.mod.empty(shape, dtype=getattr(self.mod, dtype), device=self.device)
         return self.mod.empty(shape, dtype=arrays.NUMPY_DTYPES.get(dtype, np.dtype(dtype)))
 
     def zeros(self, shape, dtype):
@@ -65,13 +64,10 @@ class _Lib:
         return a.to(getattr(self.mod, dtype)) if self.torch else a.astype(arrays.NUMPY_DTYPES[dtype])
 
     def launch(self, filename, name, grid, args):
-        import cupy
-
-        fn = runtime.kernel(filename, name, self.device)
-        # switch devices only when the caller's current one differs (a context switch costs)
-        switch = cupy.cuda.Device(self.device) if cupy.cuda.runtime.getDevice() != self.device else contextlib.nullcontext()
-        with switch:
-            fn((int(grid),), (THREADS,), args, stream=self.stream)
+        """Launch ``name`` with THREADS threads a block on the call's stream. ``args``: Python ints
+        (pointers, int64), np.int32 and np.float32 values, in the kernel's parameter order."""
+        signature = "".join("i" if isinstance(a, np.int32) else "f" if isinstance(a, np.float32) else "q" for a in args)
+        runtime.launcher(filename, name, self.device, signature)(int(grid), THREADS, 0, self.stream.ptr, *args)
 
     def read_back_async(self, a) -> "_ReadBack":
         """Start copying the small device array ``a`` to pinned host memory on the call's stream."""

@@ -138,6 +138,20 @@ class FP4Tensor:
             g = arrays.numpy_to(np.asarray(g).reshape(()), arrays.library_of(data), device)
         return FP4Tensor(data, scales, g, self.shape, self.fmt, self.group_size)
 
+    def to_torch(self) -> dict:
+        """Zero-copy torch views (CPU or CUDA, wherever the data is): ``data`` uint8, ``data_fp4``
+        as torch.float4_e2m1fn_x2 (None if this torch lacks it), ``scales`` as torch.float8_e4m3fn
+        (NVFP4) / torch.float8_e8m0fnu (MXFP4), and ``global_scale`` float32 []."""
+        import torch
+
+        data = self.data if arrays.is_torch(self.data) else torch.from_dlpack(self.data)
+        scales = self.scales if arrays.is_torch(self.scales) else torch.from_dlpack(self.scales)
+        fp4 = getattr(torch, "float4_e2m1fn_x2", None)
+        fp8 = getattr(torch, "float8_e4m3fn" if self.fmt == "nvfp4" else "float8_e8m0fnu", None)
+        g = self._g if arrays.is_torch(self._g) else torch.tensor(self.global_scale, dtype=torch.float32, device=data.device)
+        return dict(data=data, data_fp4=data.view(fp4) if fp4 is not None else None,
+                    scales=scales.view(fp8) if fp8 is not None else scales, global_scale=g)
+
     def __iter__(self):
         """``data, scales, global_scale = t`` (the seed's tuple form)."""
         return iter((self.data, self.scales, self.global_scale))

@@ -1,0 +1,216 @@
+"""torch modules: ``NVFP4Linear`` (the seed's ``NVFP4LinearLayer``) and whole-model quantization.
+
+The layer keeps the canonical quantized weight as buffers, so ``state_dict`` carries exactly what
+``fp4cupy.save`` writes and a checkpoint reloads bit for bit:
+
+    weight        uint8   [N, K/2]    two E2M1 codes a byte, element 2i in the low nibble
+    weight_scale  uint8   [N, K/gs]   E4M3 (NVFP4) or E8M0 (MXFP4) bits
+    weight_global_scale float32 []    decode scale g (1 for MXFP4)
+    bias          (optional) in the original dtype
+
+forward(x) = x @ deq(W).T + bias with FP32 accumulation, through the ``fp4cupy::linear`` custom op:
+exact reference on the CPU, the W4A16 tensor-core kernel on CUDA (its repacked weight is built on
+the first CUDA forward and rebuilt if the buffers are replaced).
+"""
+from __future__ import annotations
+
+import fnmatch
+import functools
+
+import torch
+from torch import nn
+
+from . import torch_ops  # noqa: F401  (registers the custom ops)
+from .formats import get_format
+from .ops import quantize
+from .prepared import fast_path_reason, prepare
+from .tensor import FP4Tensor
+
+
+class _class_or_instance_method:
+    """Calls ``f(cls, instance_or_None, ...)``: one name for a constructor and an in-place filler."""
+
+    def __init__(self, f):
+        self.f = f
+        self.__doc__ = f.__doc__
+
+    def __get__(self, obj, cls):
+        return functools.partial(self.f, cls, obj)
+
+
+class NVFP4Linear(nn.Module):
+    """A linear layer with an FP4 weight [out_features, in_features] (NVFP4 by default, or MXFP4).
+
+    ``NVFP4Linear(in_features, out_features, group_size=16, bias=True)`` makes an empty (zero)
+    layer to fill from a state dict; ``NVFP4Linear.from_float(linear)`` quantizes an ``nn.Linear``.
+    """
+
+    def __init__(self, in_features: int, out_features: int, group_size: int = 16, bias: bool = True,
+                 fmt: str = "nvfp4", device=None, dtype=None):
+        super().__init__()
+        f = get_format(fmt)
+        gs = f.check_group_size(group_size)
+        if in_features % gs:
+            raise ValueError(f"in_features={in_features} must be a multiple of group_size={gs}")
+        self.in_features, self.out_features, self.group_size, self.fmt = in_features, out_features, gs, f.name
+        self.register_buffer("weight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8, device=device))
+        self.register_buffer("weight_scale", torch.zeros(out_features, in_features // gs, dtype=torch.uint8, device=device))
+        self.register_buffer("weight_global_scale", torch.ones((), dtype=torch.float32, device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
+        self._prepared = None  # (buffer pointers, codes, scale codes) of the W4A16 repack
+
+    @_class_or_instance_method
+    def from_float(cls, self, linear: nn.Linear, group_size: int | None = None, fmt: str | None = None) -> NVFP4Linear:
+        """Quantize ``linear.weight`` (recipe of DESIGN.md section 1).
+
+        ``NVFP4Linear.from_float(linear)`` makes a new layer on linear's device;
+        ``NVFP4LinearLayer(in, out, group_size).from_float(linear)`` (the seed's form) fills that
+        layer (its group size and format) and returns it."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_float takes an nn.Linear; got {type(linear).__name__}")
+        w = linear.weight.detach()
+        if self is None:
+            layer = cls(linear.in_features, linear.out_features, group_size or 16, linear.bias is not None,
+                        fmt or "nvfp4", device=w.device, dtype=linear.bias.dtype if linear.bias is not None else w.dtype)
+        else:
+            layer = self
+            if (linear.in_features, linear.out_features) != (layer.in_features, layer.out_features):
+                raise ValueError(f"from_float: the layer is {layer.in_features} -> {layer.out_features} but the "
+                                 f"nn.Linear is {linear.in_features} -> {linear.out_features}")
+            layer.to(w.device)
+            layer.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone())
+        group_size, fmt = layer.group_size, layer.fmt
+        t = quantize(w, fmt, group_size)
+        layer.weight.copy_(t.data)
+        layer.weight_scale.copy_(t.scales)
+        g = t.global_scale_array
+        layer.weight_global_scale.copy_(g if isinstance(g, torch.Tensor) else torch.tensor(float(g)))
+        if linear.bias is not None:
+            layer.bias.data.copy_(linear.bias.detach())
+        layer._prepared = None
+        return layer
+
+    def fp4_weight(self) -> FP4Tensor:
+        """The weight as an FP4Tensor (views of the buffers)."""
+        g = self.weight_global_scale if self.weight.is_cuda else float(self.weight_global_scale)
+        return FP4Tensor(self.weight, self.weight_scale, g, (self.out_features, self.in_features), self.fmt,
+                         self.group_size)
+
+    def _repacked(self):
+        if not self.weight.is_cuda or fast_path_reason(self.fp4_weight()) is not None:
+            return None, None
+        key = (self.weight.data_ptr(), self.weight_scale.data_ptr(), self.weight._version, self.weight_scale._version)
+        if self._prepared is None or self._prepared[0] != key:
+            pw = prepare(self.fp4_weight())
+            self._prepared = (key, pw.codes, pw.scale_codes)
+        return self._prepared[1], self._prepared[2]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        codes, scale_codes = self._repacked()
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return torch.ops.fp4cupy.linear(x, self.weight, self.weight_scale, self.weight_global_scale, codes,
+                                        scale_codes, bias, self.fmt, self.group_size)
+
+    def _apply(self, fn, recurse=True):
+        self._prepared = None  # .to() / .cuda() move the buffers: repack on the next forward
+        return super()._apply(fn, recurse)
+
+    def extra_repr(self) -> str:
+        nbytes = self.weight.numel() + self.weight_scale.numel() + 4
+        dense = 2 * self.in_features * self.out_features
+        return (f"in_features={self.in_features}, out_features={self.out_features}, fmt={self.fmt}, "
+                f"group_size={self.group_size}, bias={self.bias is not None}, "
+                f"weight={nbytes / 2**20:.2f} MiB ({dense / nbytes:.2f}x smaller than bf16)")
+
+
+NVFP4LinearLayer = NVFP4Linear
+
+
+def _tied(model: nn.Module) -> set[int]:
+    """ids of parameters reachable under more than one name (tied weights)."""
+    seen, tied = {}, set()
+    for _, mod in model.named_modules(remove_duplicate=False):
+        for p in mod.parameters(recurse=False):
+            seen[id(p)] = seen.get(id(p), 0) + 1
+    for pid, count in seen.items():
+        if count > 1:
+            tied.add(pid)
+    return tied
+
+
+class QuantizationReport(list):
+    """One dict per nn.Linear met: name, shape, bytes_before, bytes_after, rel_error (Frobenius error
+    of the dequantized weight) and, where left alone, 'skipped' with the reason. ``.model`` is the
+    quantized model."""
+
+    def __init__(self, entries, model):
+        super().__init__(entries)
+        self.model = model
+
+    def __str__(self) -> str:
+        done = [e for e in self if "skipped" not in e]
+        before, after = sum(e["bytes_before"] for e in self), sum(e["bytes_after"] for e in self)
+        worst = max((e["rel_error"] for e in done), default=0.0)
+        return (f"{len(done)} of {len(self)} Linear layers quantized; linear weights {before / 2**20:.1f} MiB -> "
+                f"{after / 2**20:.1f} MiB; worst relative weight error {worst:.4f}")
+
+
+def quantize_model(model: nn.Module, fmt: str = "nvfp4", group_size: int = 16, replace_linear: bool = True,
+                   skip=("lm_head", "embed"), inplace: bool = True, progress: bool = True) -> QuantizationReport:
+    """Replace every ``nn.Linear`` of ``model`` by an ``NVFP4Linear`` (in place, or in a deep copy with
+    ``inplace=False``; the result is ``report.model``) and return the per-layer report.
+
+    skip:  names or glob patterns: a plain name matches any layer whose qualified name contains it
+           ("lm_head"), a pattern is matched against the qualified name ("*.mlp.down_proj").
+           Layers with tied weights, or whose in_features is not a multiple of the group, are left alone.
+    replace_linear=False only measures (the report) and leaves the model as it is.
+    """
+    if not inplace:
+        import copy
+
+        model = copy.deepcopy(model)
+    tied = _tied(model)
+    linears = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, nn.Linear)]
+    bar = linears
+    if progress:
+        try:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(linears, desc=f"quantizing to {fmt}", unit="layer")
+        except ImportError:
+            pass
+    entries = []
+    for name, lin in bar:
+        entry = dict(name=name, shape=tuple(lin.weight.shape), bytes_before=lin.weight.numel() * lin.weight.element_size())
+        why = _skip_reason(name, lin, skip, tied, group_size)
+        if why:
+            entry.update(skipped=why, bytes_after=entry["bytes_before"], rel_error=0.0)
+            entries.append(entry)
+            continue
+        layer = NVFP4Linear.from_float(lin, group_size, fmt)
+        w = lin.weight.detach().float()
+        err = torch.linalg.norm(layer.fp4_weight().dequantize().float() - w) / torch.linalg.norm(w).clamp_min(1e-30)
+        entry.update(bytes_after=layer.weight.numel() + layer.weight_scale.numel() + 4, rel_error=float(err))
+        entries.append(entry)
+        if replace_linear:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, layer)
+    return QuantizationReport(entries, model)
+
+
+def _skip_reason(name, lin, skip, tied, group_size):
+    for pat in (skip,) if isinstance(skip, str) else skip or ():
+        wild = any(c in pat for c in "*?[")
+        if (fnmatch.fnmatch(name, pat) if wild else pat in name):
+            return f"matches skip {pat!r}"
+    if id(lin.weight) in tied:
+        return "tied weight"
+    if lin.in_features % group_size:
+        return f"in_features={lin.in_features} is not a multiple of group_size={group_size}"
+    return None
+
+
+def quantize_model_to_nvfp4(model: nn.Module, group_size: int = 16, replace_linear: bool = True,
+                            skip=("lm_head", "embed"), **kwargs) -> QuantizationReport:
+    """The seed's name: ``quantize_model(model, fmt='nvfp4', ...)``."""
+    return quantize_model(model, "nvfp4", group_size, replace_linear, skip, **kwargs)

@@ -1,0 +1,89 @@
+"""torch.library custom ops, so ``torch.compile(fullgraph=True)`` and CUDA graphs see fp4cupy as
+single opaque ops with known output shapes (fake implementations below).
+
+    fp4cupy::quantize(x, fmt, group_size) -> (data uint8 [..., K/2], scales uint8 [..., K/gs], global_scale f32 [])
+    fp4cupy::dequantize(data, scales, global_scale, fmt, group_size, dtype) -> [..., K]
+    fp4cupy::linear(x, data, scales, global_scale, codes?, scale_codes?, bias?, fmt, group_size) -> [..., N]
+
+``linear`` takes the canonical weight (data/scales/global_scale) and, optionally, its prepared
+repack (codes/scale_codes from ``fp4cupy.prepare``); with the repack, CUDA fp16/bf16 inputs run
+the W4A16 kernel. Importing this module registers the ops (``fp4cupy.nn`` does).
+"""
+from __future__ import annotations
+
+import torch
+
+from . import ops
+from .prepared import PreparedWeight
+from .tensor import FP4Tensor
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _tensor(data, scales, global_scale, shape, fmt, group_size) -> FP4Tensor:
+    g = global_scale if global_scale.is_cuda else float(global_scale)
+    return FP4Tensor(data, scales, g, shape, fmt, group_size)
+
+
+@torch.library.custom_op("fp4cupy::quantize", mutates_args=())
+def quantize(x: torch.Tensor, fmt: str, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    t = ops.quantize(x, fmt, group_size, nonfinite="mark")
+    g = t.global_scale_array
+    g = g.reshape(()).clone() if isinstance(g, torch.Tensor) else torch.tensor(float(g), dtype=torch.float32)
+    return t.data, t.scales, g.to(x.device)
+
+
+@quantize.register_fake
+def _(x, fmt, group_size):
+    k = x.shape[-1]
+    lead = tuple(x.shape[:-1])
+    return (x.new_empty(lead + (k // 2,), dtype=torch.uint8), x.new_empty(lead + (k // group_size,), dtype=torch.uint8),
+            x.new_empty((), dtype=torch.float32))
+
+
+@torch.library.custom_op("fp4cupy::dequantize", mutates_args=())
+def dequantize(data: torch.Tensor, scales: torch.Tensor, global_scale: torch.Tensor, fmt: str, group_size: int,
+               dtype: str) -> torch.Tensor:
+    shape = tuple(data.shape[:-1]) + (data.shape[-1] * 2,)
+    return ops.dequantize(_tensor(data, scales, global_scale, shape, fmt, group_size), dtype=dtype)
+
+
+@dequantize.register_fake
+def _(data, scales, global_scale, fmt, group_size, dtype):
+    return data.new_empty(tuple(data.shape[:-1]) + (data.shape[-1] * 2,), dtype=_DTYPES[dtype])
+
+
+@torch.library.custom_op("fp4cupy::linear", mutates_args=())
+def linear(x: torch.Tensor, data: torch.Tensor, scales: torch.Tensor, global_scale: torch.Tensor,
+           codes: torch.Tensor | None, scale_codes: torch.Tensor | None, bias: torch.Tensor | None, fmt: str,
+           group_size: int) -> torch.Tensor:
+    w = _tensor(data, scales, global_scale, (data.shape[0], data.shape[1] * 2), fmt, group_size)
+    if codes is not None and scale_codes is not None:
+        w = PreparedWeight(w, codes, scale_codes, "mma", None)
+    y = ops.linear(x, w, bias)
+    return y.clone() if y is x else y
+
+
+@linear.register_fake
+def _(x, data, scales, global_scale, codes, scale_codes, bias, fmt, group_size):
+    return x.new_empty(tuple(x.shape[:-1]) + (data.shape[0],))
+
+
+def _linear_setup(ctx, inputs, output):
+    x, data, scales, global_scale, _, _, bias, fmt, group_size = inputs
+    ctx.save_for_backward(data, scales, global_scale)
+    ctx.fmt, ctx.group_size, ctx.has_bias = fmt, group_size, bias is not None
+
+
+def _linear_backward(ctx, grad):
+    """d/dx = grad @ deq(W); d/dbias = grad summed over the leading dims; the weight is frozen."""
+    data, scales, global_scale = ctx.saved_tensors
+    dtype = str(grad.dtype).removeprefix("torch.")
+    w = torch.ops.fp4cupy.dequantize(data, scales, global_scale, ctx.fmt, ctx.group_size,
+                                     dtype if dtype in _DTYPES else "float32")
+    grad_x = grad @ w.to(grad.dtype)
+    grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias else None
+    return grad_x, None, None, None, None, None, grad_bias, None, None
+
+
+linear.register_autograd(_linear_backward, setup_context=_linear_setup)

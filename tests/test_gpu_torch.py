@@ -1,0 +1,96 @@
+"""torch integration on CUDA (run on a GPU: pytest -m gpu): layers, compile, graphs, streams, DLPack."""
+import pytest
+
+import fp4cupy
+
+pytestmark = pytest.mark.gpu
+torch = pytest.importorskip("torch")
+
+
+def rel(a, b):
+    return float(torch.linalg.norm(a.double() - b.double()) / torch.linalg.norm(b.double()))
+
+
+def layer_and_input(dtype=torch.bfloat16, seed=0, bias=True):
+    torch.manual_seed(seed)
+    lin = torch.nn.Linear(512, 384, bias=bias, device="cuda", dtype=dtype)
+    layer = fp4cupy.NVFP4Linear.from_float(lin)
+    return layer, torch.randn(3, 512, device="cuda", dtype=dtype)
+
+
+def reference(layer, x):
+    y = x.double() @ layer.fp4_weight().dequantize().double().T
+    return y if layer.bias is None else y + layer.bias.double()
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float16, 1e-3), (torch.bfloat16, 8e-3), (torch.float32, 1e-5)])
+def test_layer_on_cuda_matches_reference(dtype, tol):
+    layer, x = layer_and_input(dtype)
+    assert rel(layer(x), reference(layer, x)) <= tol
+    cpu = fp4cupy.NVFP4Linear.from_float(torch.nn.Linear(512, 384)).cuda()  # .to() after the fact
+    assert rel(cpu(x.float()), reference(cpu, x.float())) <= 1e-5
+
+
+def test_compile_fullgraph_and_cuda_graph_give_the_eager_result():
+    layer, x = layer_and_input()
+    eager = layer(x)
+    compiled = torch.compile(layer, fullgraph=True)
+    torch.testing.assert_close(compiled(x), eager, rtol=0, atol=0)
+    static_x = x.clone()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        layer(static_x)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = layer(static_x)
+    x2 = torch.randn_like(x)
+    static_x.copy_(x2)
+    g.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(out, layer(x2), rtol=0, atol=0)
+
+
+def test_side_streams_are_respected():
+    layer, x = layer_and_input()
+    want = layer(x)
+    outs = []
+    for _ in range(3):
+        s = torch.cuda.Stream()
+        with torch.cuda.stream(s):
+            xs = x * 1.0  # made on the side stream
+            outs.append((s, layer(xs)))
+    for s, y in outs:
+        torch.cuda.current_stream().wait_stream(s)
+        torch.testing.assert_close(y, want, rtol=0, atol=0)
+
+
+def test_dlpack_is_zero_copy():
+    t = fp4cupy.quantize(torch.randn(64, 128, device="cuda"))
+    assert torch.from_dlpack(t).data_ptr() == t.data.data_ptr()
+    v = t.to_torch()
+    assert v["data_fp4"].data_ptr() == t.data.data_ptr() and v["scales"].data_ptr() == t.scales.data_ptr()
+    cupy = pytest.importorskip("cupy")
+    c = fp4cupy.quantize(cupy.random.standard_normal((64, 128), dtype=cupy.float32))
+    assert c.to_torch()["data"].data_ptr() == c.data.data.ptr
+
+
+def test_tiny_llama_on_cuda_generates_and_round_trips(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    torch.manual_seed(5)
+    model = transformers.LlamaForCausalLM(cfg).cuda().to(torch.bfloat16).eval()
+    ids = torch.randint(0, 128, (1, 10), device="cuda")
+    with torch.no_grad():
+        before = model(ids).logits
+        fp4cupy.quantize_model_to_nvfp4(model, progress=False)
+        after = model(ids).logits
+        assert model.generate(ids, max_new_tokens=4, do_sample=False).shape == (1, 14)
+    assert 0 < rel(after, before) < 0.25
+    fp4cupy.save(model, tmp_path / "m.safetensors")
+    fresh = transformers.LlamaForCausalLM(cfg).cuda().to(torch.bfloat16).eval()
+    fp4cupy.load(tmp_path / "m.safetensors", fresh, device="cuda")
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(ids).logits, after, rtol=0, atol=0)

@@ -1,0 +1,132 @@
+"""torch integration on the CPU: NVFP4Linear, custom ops, whole-model quantization, save/load."""
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+import fp4cupy  # noqa: E402
+from fp4cupy import reference  # noqa: E402
+
+
+def rel(a, b):
+    return float(torch.linalg.norm(a.double() - b.double()) / torch.linalg.norm(b.double()))
+
+
+def exact_linear(x, layer):
+    w = layer.fp4_weight().dequantize().double()
+    y = x.double() @ w.T
+    return y if layer.bias is None else y + layer.bias.double()
+
+
+@pytest.mark.parametrize("fmt,gs", [("nvfp4", 16), ("nvfp4", 32), ("mxfp4", 32)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_from_float_equals_dequantized_linear(fmt, gs, bias):
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(128, 40, bias=bias)
+    layer = fp4cupy.NVFP4Linear.from_float(lin, group_size=gs, fmt=fmt)
+    t = fp4cupy.quantize(lin.weight.detach(), fmt, gs)
+    assert torch.equal(layer.weight, t.data) and torch.equal(layer.weight_scale, t.scales)
+    x = torch.randn(2, 5, 128)
+    y = layer(x)
+    assert y.shape == (2, 5, 40) and y.dtype == x.dtype
+    assert rel(y, exact_linear(x, layer)) < 1e-6
+    assert "fmt=" + fmt in repr(layer) and "smaller than bf16" in repr(layer)
+
+
+def test_seed_constructor_and_state_dict_round_trip():
+    torch.manual_seed(1)
+    layer = fp4cupy.NVFP4LinearLayer(64, 32, group_size=16).from_float(torch.nn.Linear(64, 32))
+    fresh = fp4cupy.NVFP4LinearLayer(64, 32, group_size=16)
+    assert not torch.equal(fresh.weight, layer.weight)
+    fresh.load_state_dict(layer.state_dict())
+    for k, v in layer.state_dict().items():
+        assert torch.equal(v, fresh.state_dict()[k]), k
+    x = torch.randn(3, 64)
+    assert torch.equal(fresh(x), layer(x))
+    with pytest.raises(ValueError, match="multiple of group_size"):
+        fp4cupy.NVFP4Linear(60, 8)
+
+
+def test_custom_ops_pass_opcheck():
+    torch.manual_seed(2)
+    x = torch.randn(4, 64)
+    data, scales, g = torch.ops.fp4cupy.quantize(x, "nvfp4", 16)
+    torch.library.opcheck(torch.ops.fp4cupy.quantize, (x, "nvfp4", 16))
+    torch.library.opcheck(torch.ops.fp4cupy.dequantize, (data, scales, g, "nvfp4", 16, "float32"))
+    w = torch.randn(24, 64)
+    wd, ws, wg = torch.ops.fp4cupy.quantize(w, "nvfp4", 16)
+    torch.library.opcheck(torch.ops.fp4cupy.linear, (x, wd, ws, wg, None, None, torch.randn(24), "nvfp4", 16))
+
+
+def test_compiles_fullgraph_without_breaks():
+    torch.manual_seed(3)
+    layer = fp4cupy.NVFP4Linear.from_float(torch.nn.Linear(64, 16))
+    model = torch.nn.Sequential(layer, torch.nn.GELU())
+    x = torch.randn(2, 64)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), model(x), rtol=0, atol=0)
+
+
+def tiny_llama():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   tie_word_embeddings=False)
+    torch.manual_seed(4)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def test_tiny_llama_quantized_generates_and_stays_close():
+    model = tiny_llama()
+    ids = torch.randint(0, 128, (1, 12))
+    with torch.no_grad():
+        before = model(ids).logits
+    report = fp4cupy.quantize_model_to_nvfp4(model, group_size=16, progress=False)
+    names = {e["name"]: e for e in report}
+    assert "skipped" in names["lm_head"] and isinstance(model.lm_head, torch.nn.Linear)
+    assert isinstance(model.model.layers[0].mlp.down_proj, fp4cupy.NVFP4Linear)
+    done = [e for e in report if "skipped" not in e]
+    assert len(done) == 2 * 7 and all(0.05 < e["rel_error"] < 0.15 for e in done)  # FP4: ~10% per weight
+    assert all(e["bytes_after"] < e["bytes_before"] / 3.5 for e in done)
+    with torch.no_grad():
+        after = model(ids).logits
+        out = model.generate(ids, max_new_tokens=5, do_sample=False)
+    assert out.shape == (1, 17)
+    assert 0 < rel(after, before) < 0.2
+    assert "Linear layers quantized" in str(report)
+
+
+def test_skip_patterns_tied_weights_and_copy():
+    model = tiny_llama()
+    model.lm_head.weight = model.model.embed_tokens.weight  # tie
+    report = fp4cupy.quantize_model(model, skip=("*.mlp.down_proj",), inplace=False, progress=False)
+    names = {e["name"]: e for e in report}
+    assert names["lm_head"]["skipped"] == "tied weight"
+    assert "skip" in names["model.layers.1.mlp.down_proj"]["skipped"]
+    assert isinstance(report.model.model.layers[1].mlp.up_proj, fp4cupy.NVFP4Linear)
+    assert isinstance(model.model.layers[1].mlp.up_proj, torch.nn.Linear)  # the original is untouched
+
+
+def test_save_load_round_trips_bit_exactly(tmp_path):
+    model = tiny_llama()
+    fp4cupy.quantize_model_to_nvfp4(model, progress=False)
+    path = tmp_path / "m.safetensors"
+    fp4cupy.save(model, path)
+    state = fp4cupy.load(path)
+    for k, v in model.state_dict().items():
+        assert torch.equal(state[k], v), k
+    fresh = fp4cupy.load(path, tiny_llama())  # a float model: quantized layers are rebuilt, then loaded
+    assert isinstance(fresh.model.layers[0].self_attn.q_proj, fp4cupy.NVFP4Linear)
+    ids = torch.randint(0, 128, (1, 6))
+    with torch.no_grad():
+        assert torch.equal(fresh(ids).logits, model(ids).logits)
+    assert open(path, "rb").read(8) and b"fp4cupy.layers" in open(path, "rb").read(4096)
+
+
+def test_fp4tensor_to_torch_views():
+    t = fp4cupy.quantize(torch.randn(8, 32))
+    v = t.to_torch()
+    assert v["data"].data_ptr() == t.data.data_ptr() == v["data_fp4"].data_ptr()
+    assert v["scales"].dtype == torch.float8_e4m3fn
+    np.testing.assert_array_equal(v["scales"].float().numpy(), reference.e4m3_decode(t.scales.numpy()))
+    m = fp4cupy.quantize(torch.randn(8, 32), "mxfp4").to_torch()
+    assert m["scales"].dtype == torch.float8_e8m0fnu and float(m["global_scale"]) == 1.0
