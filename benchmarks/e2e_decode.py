@@ -28,7 +28,10 @@ def llama3_8b_config(layers: int):
     from transformers import LlamaConfig
 
     return LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers,
-                       num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0)
+                       num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192)
+
+
+ROPE_THETA = 500000.0  # Llama 3
 
 
 class Block(nn.Module):
@@ -71,7 +74,7 @@ class Decoder(nn.Module):
         self.norm = nn.RMSNorm(c.hidden_size, eps=1e-5)
         self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False)
         d = c.hidden_size // c.num_attention_heads
-        inv = 1.0 / (c.rope_theta ** (torch.arange(0, d, 2).float() / d))
+        inv = 1.0 / (ROPE_THETA ** (torch.arange(0, d, 2).float() / d))
         ang = torch.outer(torch.arange(max_len).float(), inv)
         self.register_buffer("cos", torch.cat((ang, ang), -1).cos(), persistent=False)
         self.register_buffer("sin", torch.cat((ang, ang), -1).sin(), persistent=False)
@@ -95,12 +98,12 @@ def linear_weight_bytes(model) -> int:
             total += m.weight.numel() * m.weight.element_size()
         elif isinstance(m, fp4cupy.NVFP4Linear):
             total += sum(b.numel() * b.element_size() for b in (m.weight, m.weight_scale, m.weight_global_scale))
-            if m._prepared is not None:
-                total += sum(t.numel() * t.element_size() for t in m._prepared[1:])
+            if m.codes is not None:
+                total += sum(t.numel() * t.element_size() for t in (m.codes, m.scale_codes))
     return total
 
 
-def decode(model, new_tokens: int, prompt_len: int = 16):
+def decode(model, new_tokens: int, prompt_len: int = 16, compile_step: bool = False):
     """Greedy decode of ``new_tokens`` after ``prompt_len`` teacher-forced tokens; each step replays
     one CUDA graph. Returns (tokens/s over the generated tokens, the tokens)."""
     dev = "cuda"
@@ -108,16 +111,17 @@ def decode(model, new_tokens: int, prompt_len: int = 16):
                torch.zeros(model.cache_shape, device=dev, dtype=torch.bfloat16)) for _ in model.layers]
     token = torch.zeros(1, 1, dtype=torch.long, device=dev)
     pos = torch.zeros(1, dtype=torch.long, device=dev)
+    step = torch.compile(model.step, fullgraph=True, dynamic=False) if compile_step else model.step
     with torch.no_grad():
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s):
             for _ in range(2):
-                model.step(token, pos, caches)
+                step(token, pos, caches)
         torch.cuda.current_stream().wait_stream(s)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            logits = model.step(token, pos, caches)
+            logits = step(token, pos, caches)
         prompt = torch.arange(1, prompt_len + 1, device=dev)
         for i in range(prompt_len):
             token.fill_(int(prompt[i])), pos.fill_(i)
@@ -139,6 +143,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--new", type=int, default=128)
+    ap.add_argument("--compile", action="store_true", help="torch.compile each step (both variants) before capture")
     args = ap.parse_args()
     cfg = llama3_8b_config(args.layers)
     torch.manual_seed(0)
@@ -150,18 +155,20 @@ def main():
         nn.init.normal_(p, std=0.02) if p.dim() > 1 else nn.init.ones_(p)
     model.eval()
     bf16_bytes = linear_weight_bytes(model)
-    tps_bf16, toks_bf16 = decode(model, args.new)
+    tps_bf16, toks_bf16 = decode(model, args.new, compile_step=args.compile)
     t0 = time.perf_counter()
     report = fp4cupy.quantize_model(model, skip=(), progress=False)
     qtime = time.perf_counter() - t0
     torch.cuda.empty_cache()
-    tps_fp4, toks_fp4 = decode(model, args.new)
+    torch._dynamo.reset()
+    tps_fp4, toks_fp4 = decode(model, args.new, compile_step=args.compile)
     fp4_bytes = linear_weight_bytes(model)
     canonical = sum(e["bytes_after"] for e in report)
     same = float((toks_bf16 == toks_fp4).float().mean())
     print(f"\n## benchmarks/e2e_decode.py on {card()} (torch {torch.__version__}, fp4cupy {fp4cupy.version()})\n")
     print(f"Llama-3-8B shapes, {args.layers} layers, random bf16 weights, batch 1, {args.new} new tokens, "
-          "static KV cache, one CUDA graph per step (same code and settings for both).\n")
+          f"static KV cache, one CUDA graph per step{', torch.compile(fullgraph=True) inside' if args.compile else ''} "
+          "(same code and settings for both).\n")
     print("| weights | tokens/s | speed-up | linear weight bytes on the GPU | vs bf16 |")
     print("|---|---|---|---|---|")
     print(f"| bf16 nn.Linear | {tps_bf16:.1f} | 1.00x | {bf16_bytes / 2**30:.2f} GiB | 1.00 |")

@@ -57,7 +57,11 @@ class NVFP4Linear(nn.Module):
         self.register_buffer("weight_scale", torch.zeros(out_features, in_features // gs, dtype=torch.uint8, device=device))
         self.register_buffer("weight_global_scale", torch.ones((), dtype=torch.float32, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
-        self._prepared = None  # (buffer pointers, codes, scale codes) of the W4A16 repack
+        # the W4A16 repack of the weight (CUDA only; not saved): rebuilt by from_float, .to()/.cuda()
+        # and load_state_dict, so forward only reads buffers (traceable by torch.compile)
+        self.register_buffer("codes", None, persistent=False)
+        self.register_buffer("scale_codes", None, persistent=False)
+        self.register_load_state_dict_post_hook(lambda module, _: module.refresh_repack())
 
     @_class_or_instance_method
     def from_float(cls, self, linear: nn.Linear, group_size: int | None = None, fmt: str | None = None) -> NVFP4Linear:
@@ -87,7 +91,7 @@ class NVFP4Linear(nn.Module):
         layer.weight_global_scale.copy_(g if isinstance(g, torch.Tensor) else torch.tensor(float(g)))
         if linear.bias is not None:
             layer.bias.data.copy_(linear.bias.detach())
-        layer._prepared = None
+        layer.refresh_repack()
         return layer
 
     def fp4_weight(self) -> FP4Tensor:
@@ -96,24 +100,24 @@ class NVFP4Linear(nn.Module):
         return FP4Tensor(self.weight, self.weight_scale, g, (self.out_features, self.in_features), self.fmt,
                          self.group_size)
 
-    def _repacked(self):
-        if not self.weight.is_cuda or fast_path_reason(self.fp4_weight()) is not None:
-            return None, None
-        key = (self.weight.data_ptr(), self.weight_scale.data_ptr(), self.weight._version, self.weight_scale._version)
-        if self._prepared is None or self._prepared[0] != key:
+    def refresh_repack(self) -> None:
+        """Rebuild the W4A16 repack from the weight buffers (after changing them in place by hand)."""
+        codes = scale_codes = None
+        if self.weight.is_cuda and fast_path_reason(self.fp4_weight()) is None:
             pw = prepare(self.fp4_weight())
-            self._prepared = (key, pw.codes, pw.scale_codes)
-        return self._prepared[1], self._prepared[2]
+            codes, scale_codes = pw.codes, pw.scale_codes
+        self.codes, self.scale_codes = codes, scale_codes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        codes, scale_codes = self._repacked()
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return torch.ops.fp4cupy.linear(x, self.weight, self.weight_scale, self.weight_global_scale, codes,
-                                        scale_codes, bias, self.fmt, self.group_size)
+        return torch.ops.fp4cupy.linear(x, self.weight, self.weight_scale, self.weight_global_scale, self.codes,
+                                        self.scale_codes, bias, self.fmt, self.group_size)
 
     def _apply(self, fn, recurse=True):
-        self._prepared = None  # .to() / .cuda() move the buffers: repack on the next forward
-        return super()._apply(fn, recurse)
+        out = super()._apply(fn, recurse)
+        if self.codes is None or self.codes.device != self.weight.device:
+            self.refresh_repack()  # moved between devices: repack where the weight now lives
+        return out
 
     def extra_repr(self) -> str:
         nbytes = self.weight.numel() + self.weight_scale.numel() + 4
