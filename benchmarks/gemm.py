@@ -20,7 +20,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import fp4cupy  # noqa: E402
 from fp4cupy import cuda_linear  # noqa: E402
-from timing import Rotating, card, compare, graph_compare  # noqa: E402
+from timing import Rotating, card, compare, graph_compare, host_us  # noqa: E402
 
 SHAPES = ((4096, 4096), (14336, 4096), (4096, 14336), (28672, 8192), (8192, 28672))
 MS = (1, 16, 128, 2048)
@@ -63,21 +63,8 @@ def host_overhead_us(calls=3000):
     pw = fp4cupy.prepare(fp4cupy.quantize(torch.randn(256, 256, device="cuda")))
     x = torch.randn(1, 256, device="cuda", dtype=torch.float16)
     w16 = torch.randn(256, 256, device="cuda", dtype=torch.float16)
-    out = {}
-    for name, fn in (("fp4cupy.linear (prepared W, M=1, 256x256)", lambda: fp4cupy.linear(x, pw)),
-                     ("torch F.linear fp16 (same shape)", lambda: F.linear(x, w16))):
-        for _ in range(100):
-            fn()
-        torch.cuda.synchronize()
-        samples = []
-        for _ in range(5):
-            t0 = time.perf_counter()
-            for _ in range(calls // 5):
-                fn()
-            torch.cuda.synchronize()
-            samples.append((time.perf_counter() - t0) / (calls // 5) * 1e6)
-        out[name] = sorted(samples)[2]
-    return out
+    return {"fp4cupy.linear (prepared W, M=1, 256x256)": host_us(lambda: fp4cupy.linear(x, pw), calls),
+            "torch F.linear fp16 (same shape)": host_us(lambda: F.linear(x, w16), calls)}
 
 
 def main(quick=False):

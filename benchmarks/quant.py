@@ -15,7 +15,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import fp4cupy  # noqa: E402
-from timing import Rotating, card, compare  # noqa: E402
+from timing import Rotating, card, compare, host_us  # noqa: E402
 
 SHAPES = ((8192, 8192), (28672, 8192))
 
@@ -60,20 +60,7 @@ def host_overhead_us(calls: int = 2000) -> dict:
              "quantize, amax, 'mark'": lambda: fp4cupy.quantize(x, nonfinite="mark"),
              "quantize, amax, raise (waits for the GPU)": lambda: fp4cupy.quantize(x),
              "dequantize -> bf16": lambda: fp4cupy.dequantize(t, dtype=torch.bfloat16)}
-    out = {}
-    for name, fn in cases.items():
-        for _ in range(50):
-            fn()
-        torch.cuda.synchronize()
-        samples = []
-        for _ in range(5):
-            t0 = time.perf_counter()
-            for _ in range(calls // 5):
-                fn()
-            torch.cuda.synchronize()
-            samples.append((time.perf_counter() - t0) / (calls // 5) * 1e6)
-        out[name] = sorted(samples)[2]
-    return out
+    return {name: host_us(fn, calls) for name, fn in cases.items()}
 
 
 def main():

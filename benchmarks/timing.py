@@ -45,6 +45,24 @@ class Rotating:
         return self.items[self.i]
 
 
+def host_us(fn, calls: int = 2000, warmup: int = 50) -> float:
+    """Wall time per call in µs of ``fn()`` issued back to back (median of 5 batches): the host cost
+    when the GPU work per call is tiny."""
+    import time
+
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    samples = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for _ in range(calls // 5):
+            fn()
+        torch.cuda.synchronize()
+        samples.append((time.perf_counter() - t0) / (calls // 5) * 1e6)
+    return sorted(samples)[2]
+
+
 def card() -> str:
     return torch.cuda.get_device_name()
 

@@ -157,13 +157,7 @@ def linear(x, pw: PreparedWeight, bias=None):
     m = math.prod(lead)
     if pw.path != "mma" or dtype not in ("float16", "bfloat16") or m > MMA_MAX_M or m == 0 or not _mma_ok(lib.device):
         return _linear_dequantized(x, w, bias, lib)
-    x2 = x.reshape(m, k)
-    if lib.torch:
-        x2 = x2.contiguous()
-    else:
-        x2 = lib.mod.ascontiguousarray(x2)
-    if lib.ptr(x2) % 16:
-        x2 = x2.clone() if lib.torch else x2.copy()
+    x2 = lib.contiguous_aligned(x.reshape(m, k))
     y = lib.empty((m, n), dtype)
     if bias is not None:
         bias = lib.cast(bias, dtype) if arrays.dtype_name(bias) != dtype else bias

@@ -57,6 +57,13 @@ class _Lib:
     def ptr(self, a) -> int:
         return a.data_ptr() if self.torch else a.data.ptr
 
+    def contiguous_aligned(self, a):
+        """``a`` itself when it is contiguous with a 16-byte aligned start, else a copy that is."""
+        a = a.contiguous() if self.torch else self.mod.ascontiguousarray(a)
+        if self.ptr(a) % 16:
+            a = a.clone() if self.torch else a.copy()
+        return a
+
     def capturing(self) -> bool:
         return self.stream.is_capturing()
 
@@ -131,13 +138,7 @@ def _prepare_input(x, lib: _Lib, k_padded: int):
             x = lib.mod.nn.functional.pad(x, (0, k_padded - k))
         else:
             x = lib.mod.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, k_padded - k)])
-    if lib.torch:
-        x = x.contiguous()
-    else:
-        x = lib.mod.ascontiguousarray(x)
-    if lib.ptr(x) % 16:
-        x = x.clone() if lib.torch else x.copy()
-    return x
+    return lib.contiguous_aligned(x)
 
 
 # ----------------------------------------------------------------------------- quantize / dequantize
