@@ -50,6 +50,20 @@ def repack(w: FP4Tensor):
     return codes, scale_codes
 
 
+def unrepack(codes, scale_codes, n: int, k: int, gs: int):
+    """The canonical (data uint8 [N, K/2], scales uint8 [N, K/gs]) of a repacked weight, on its device."""
+    lib = _Lib(codes)
+    data = lib.empty((n, k // 2), "uint8")
+    scales = lib.empty((n, k // gs), "uint8")
+    total = codes.shape[0] * (k // 64) * 32
+    lib.launch("prepare.cu", "w4_unrepack_codes", -(-total // THREADS),
+               (lib.ptr(codes), lib.ptr(data), np.int32(n), np.int32(k), total))
+    total = n * (k // gs)
+    lib.launch("prepare.cu", "w4_unrepack_scales", -(-total // THREADS),
+               (lib.ptr(scale_codes), lib.ptr(scales), np.int32(n), np.int32(k), np.int32(gs), total))
+    return data, scales
+
+
 # ----------------------------------------------------------------------------- linear
 class Plan:
     """One launch configuration of the w4a16 kernel."""
@@ -108,41 +122,37 @@ def _mma_ok(device: int) -> bool:
 _TORCH = {}
 
 
-def _fast_args(pw: PreparedWeight):
-    """(n, k, device, codes ptr, scale codes ptr, g ptr) of a prepared torch weight, computed once."""
+def linear_repacked(x, codes, scale_codes, global_scale, n: int, bias=None):
+    """The host-lean W4A16 path for torch tensors, from the repacked weight alone (codes uint8
+    [T, K/64, 32, 16], scale codes, global scale float32 [] on the GPU): y, or None when a
+    precondition fails (fp16/bf16 contiguous x on the weight's device, at most MMA_MAX_M tokens,
+    bias of x's dtype and length N) and the caller must take another path."""
     torch = _TORCH.get("torch")
     if torch is None:
         import torch
 
         _TORCH.update(torch=torch, half=(torch.float16, torch.bfloat16))
-    w = pw.weight
-    dev = w.data.get_device()
-    if dev < 0 or not _mma_ok(dev):
-        return None
-    pw._fast = (*w.shape, dev, pw.codes.data_ptr(), pw.scale_codes.data_ptr(), w.global_scale_array.data_ptr())
-    return pw._fast
-
-
-def linear_torch(x, pw: PreparedWeight, bias=None):
-    """The host-lean path for torch tensors: the W4A16 kernel when every precondition holds
-    (fp16/bf16 contiguous x on W's device, at most MMA_MAX_M tokens, bias of x's dtype), else None."""
-    fast = pw._fast or _fast_args(pw)
-    if fast is None:
-        return None
-    n, k, dev, codes, scale_codes, g = fast
+    k = codes.shape[1] * 64
+    dev = codes.get_device()
     shape = x.shape
-    if (x.dtype not in _TORCH["half"] or shape[-1] != k or x.get_device() != dev or not x.is_contiguous()
+    if (x.dtype not in _TORCH["half"] or shape[-1] != k or x.get_device() != dev or dev < 0 or not x.is_contiguous()
             or x.data_ptr() & 15 or (bias is not None and (bias.dtype != x.dtype or not bias.is_contiguous()
                                                            or bias.get_device() != dev or bias.numel() != n))):
         return None
     m = x.numel() // k
-    if not 0 < m <= MMA_MAX_M:
+    if not 0 < m <= MMA_MAX_M or not _mma_ok(dev):
         return None
     y = x.new_empty(shape[:-1] + (n,))
     p = plan(n, k, m, x.dtype is _TORCH["half"][1], dev)
-    p.launch(p.grid, p.threads, p.shared, _torch_stream_ptr(_TORCH["torch"], dev), codes, scale_codes,
-             x.data_ptr(), y.data_ptr(), 0 if bias is None else bias.data_ptr(), g, m, n, k)
+    p.launch(p.grid, p.threads, p.shared, _torch_stream_ptr(torch, dev), codes.data_ptr(), scale_codes.data_ptr(),
+             x.data_ptr(), y.data_ptr(), 0 if bias is None else bias.data_ptr(), global_scale.data_ptr(), m, n, k)
     return y
+
+
+def linear_torch(x, pw: PreparedWeight, bias=None):
+    """``linear_repacked`` for a PreparedWeight of torch tensors."""
+    w = pw.weight
+    return linear_repacked(x, pw.codes, pw.scale_codes, w.global_scale_array, w.shape[0], bias)
 
 
 def linear(x, pw: PreparedWeight, bias=None):

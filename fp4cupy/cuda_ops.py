@@ -26,10 +26,9 @@ class _Lib:
     """Allocation, pointers and the current stream of one array library (torch or CuPy), for one call."""
 
     def __init__(self, like):
-        self.torch = arrays.is_torch(like)
+        torch = arrays._torch()
+        self.torch = torch is not None and isinstance(like, torch.Tensor)
         if self.torch:
-            import torch
-
             self.mod = torch
             self.device = like.device.index
             self.stream = _external_stream(_torch_stream_ptr(torch, self.device))
@@ -47,11 +46,9 @@ class _Lib:
 
     def zeros(self, shape, dtype):
         """Zero-filled by an async memset on the call's stream (no fill kernel)."""
-        import cupy
-
         a = self.empty(shape, dtype)
         nbytes = a.numel() * a.element_size() if self.torch else a.nbytes
-        cupy.cuda.runtime.memsetAsync(self.ptr(a), 0, nbytes, self.stream.ptr)
+        arrays._cupy().cuda.runtime.memsetAsync(self.ptr(a), 0, nbytes, self.stream.ptr)
         return a
 
     def ptr(self, a) -> int:
@@ -73,8 +70,12 @@ class _Lib:
     def launch(self, filename, name, grid, args):
         """Launch ``name`` with THREADS threads a block on the call's stream. ``args``: Python ints
         (pointers, int64), np.int32 and np.float32 values, in the kernel's parameter order."""
-        signature = "".join("i" if isinstance(a, np.int32) else "f" if isinstance(a, np.float32) else "q" for a in args)
-        runtime.launcher(filename, name, self.device, signature)(int(grid), THREADS, 0, self.stream.ptr, *args)
+        key = (filename, name, self.device)
+        launch = _LAUNCHERS.get(key)
+        if launch is None:
+            signature = "".join("i" if isinstance(a, np.int32) else "f" if isinstance(a, np.float32) else "q" for a in args)
+            launch = _LAUNCHERS[key] = runtime.launcher(filename, name, self.device, signature)
+        launch(int(grid), THREADS, 0, self.stream.ptr, *args)
 
     def read_back_async(self, a) -> "_ReadBack":
         """Start copying the small device array ``a`` to pinned host memory on the call's stream."""
@@ -112,6 +113,9 @@ def _torch_stream_ptr(torch, device: int) -> int:
     """torch's current stream on ``device`` as a raw pointer (the private call is ~20x cheaper)."""
     raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
     return raw(device) if raw is not None else torch.cuda.current_stream(device).cuda_stream
+
+
+_LAUNCHERS: dict = {}  # (file, kernel, device) -> runtime.Launcher, its signature read off the first call
 
 
 @functools.lru_cache(maxsize=64)

@@ -1,16 +1,18 @@
 """torch modules: ``NVFP4Linear`` (the seed's ``NVFP4LinearLayer``) and whole-model quantization.
 
-The layer keeps the canonical quantized weight as buffers, so ``state_dict`` carries exactly what
-``fp4cupy.save`` writes and a checkpoint reloads bit for bit:
+``state_dict`` carries the canonical quantized weight, so a checkpoint reloads bit for bit:
 
     weight        uint8   [N, K/2]    two E2M1 codes a byte, element 2i in the low nibble
     weight_scale  uint8   [N, K/gs]   E4M3 (NVFP4) or E8M0 (MXFP4) bits
     weight_global_scale float32 []    decode scale g (1 for MXFP4)
     bias          (optional) in the original dtype
 
+On the CPU those are the layer's buffers. On CUDA, for weights the W4A16 kernel takes, the layer
+holds only the kernel's repack (``codes``, ``scale_codes``: the same 4.5 bits a weight) and decodes
+the canonical bytes when they are asked for (``state_dict``, ``fp4_weight()``, moving to the CPU).
+
 forward(x) = x @ deq(W).T + bias with FP32 accumulation, through the ``fp4cupy::linear`` custom op:
-exact reference on the CPU, the W4A16 tensor-core kernel on CUDA (its repacked weight is built on
-the first CUDA forward and rebuilt if the buffers are replaced).
+exact reference on the CPU, the W4A16 tensor-core kernel on CUDA.
 """
 from __future__ import annotations
 
@@ -83,10 +85,8 @@ class NVFP4Linear(nn.Module):
                                  f"nn.Linear is {linear.in_features} -> {linear.out_features}")
             layer.to(w.device)
             layer.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone())
-        group_size, fmt = layer.group_size, layer.fmt
-        t = quantize(w, fmt, group_size)
-        layer.weight.copy_(t.data)
-        layer.weight_scale.copy_(t.scales)
+        t = quantize(w, layer.fmt, layer.group_size)
+        layer.weight, layer.weight_scale = t.data, t.scales  # fresh buffers (a repacked layer has none)
         g = t.global_scale_array
         layer.weight_global_scale.copy_(g if isinstance(g, torch.Tensor) else torch.tensor(float(g)))
         if linear.bias is not None:
@@ -95,32 +95,75 @@ class NVFP4Linear(nn.Module):
         return layer
 
     def fp4_weight(self) -> FP4Tensor:
-        """The weight as an FP4Tensor (views of the buffers)."""
-        g = self.weight_global_scale if self.weight.is_cuda else float(self.weight_global_scale)
-        return FP4Tensor(self.weight, self.weight_scale, g, (self.out_features, self.in_features), self.fmt,
-                         self.group_size)
+        """The canonical weight as an FP4Tensor: views of the buffers, or decoded from the repack
+        when that is the only copy (on CUDA)."""
+        data, scales = self.weight, self.weight_scale
+        if data is None:
+            from . import cuda_linear
+
+            data, scales = cuda_linear.unrepack(self.codes, self.scale_codes, self.out_features, self.in_features,
+                                                self.group_size)
+        g = self.weight_global_scale if data.is_cuda else float(self.weight_global_scale)
+        return FP4Tensor(data, scales, g, (self.out_features, self.in_features), self.fmt, self.group_size)
 
     def refresh_repack(self) -> None:
-        """Rebuild the W4A16 repack from the weight buffers (after changing them in place by hand)."""
+        """Repack the weight buffers for the W4A16 kernel (on CUDA, for weights it takes) and drop the
+        canonical buffers: the repack is then the only copy on the GPU (4.5 bits a weight), and
+        ``state_dict`` / ``fp4_weight`` decode the canonical form from it. Call it after changing the
+        canonical buffers by hand."""
+        if self.weight is None:
+            return
         codes = scale_codes = None
         if self.weight.is_cuda and fast_path_reason(self.fp4_weight()) is None:
             pw = prepare(self.fp4_weight())
             codes, scale_codes = pw.codes, pw.scale_codes
+            self.weight, self.weight_scale = None, None
         self.codes, self.scale_codes = codes, scale_codes
+
+    def _materialize(self) -> None:
+        """Canonical buffers back from the repack (before loading into them, or on leaving the GPU)."""
+        if self.weight is None:
+            if self.codes.is_cuda:
+                t = self.fp4_weight()
+                self.weight, self.weight_scale = t.data, t.scales
+            else:
+                from .prepared import unpack_codes, unpack_scales
+
+                n, k = self.out_features, self.in_features
+                self.weight = torch.from_numpy(unpack_codes(self.codes.numpy(), n, k))
+                self.weight_scale = torch.from_numpy(unpack_scales(self.scale_codes.numpy(), n, k, self.group_size))
+            self.codes = self.scale_codes = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return torch.ops.fp4cupy.linear(x, self.weight, self.weight_scale, self.weight_global_scale, self.codes,
-                                        self.scale_codes, bias, self.fmt, self.group_size)
+                                        self.scale_codes, bias, self.fmt, self.group_size, self.out_features)
 
     def _apply(self, fn, recurse=True):
         out = super()._apply(fn, recurse)
-        if self.codes is None or self.codes.device != self.weight.device:
-            self.refresh_repack()  # moved between devices: repack where the weight now lives
+        if self.weight is None and not self.codes.is_cuda:
+            self._materialize()  # the repack left the GPU: the CPU keeps the canonical form
+        elif self.weight is not None and self.weight.is_cuda and (self.codes is None or self.codes.device != self.weight.device):
+            self.refresh_repack()
         return out
 
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.weight is None:  # held only as the repack: export the canonical bytes
+            t = self.fp4_weight()
+            destination[prefix + "weight"], destination[prefix + "weight_scale"] = t.data, t.scales
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        self._materialize()  # the canonical buffers receive the checkpoint; the post hook repacks
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def weight_nbytes(self) -> int:
+        """Bytes this layer's weight holds on its device (canonical buffers or the repack, + 4 for g)."""
+        held = (self.weight, self.weight_scale) if self.weight is not None else (self.codes, self.scale_codes)
+        return sum(t.numel() * t.element_size() for t in held) + 4
+
     def extra_repr(self) -> str:
-        nbytes = self.weight.numel() + self.weight_scale.numel() + 4
+        nbytes = self.weight_nbytes()
         dense = 2 * self.in_features * self.out_features
         return (f"in_features={self.in_features}, out_features={self.out_features}, fmt={self.fmt}, "
                 f"group_size={self.group_size}, bias={self.bias is not None}, "
@@ -194,7 +237,7 @@ def quantize_model(model: nn.Module, fmt: str = "nvfp4", group_size: int = 16, r
         layer = NVFP4Linear.from_float(lin, group_size, fmt)
         w = lin.weight.detach().float()
         err = torch.linalg.norm(layer.fp4_weight().dequantize().float() - w) / torch.linalg.norm(w).clamp_min(1e-30)
-        entry.update(bytes_after=layer.weight.numel() + layer.weight_scale.numel() + 4, rel_error=float(err))
+        entry.update(bytes_after=layer.weight_nbytes(), rel_error=float(err))
         entries.append(entry)
         if replace_linear:
             parent, _, child = name.rpartition(".")

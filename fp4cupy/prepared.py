@@ -41,11 +41,10 @@ class PreparedWeight:
     path:    'mma' (the W4A16 tensor-core kernel) or 'dequantize' (decode W each call, then a matmul).
     """
 
-    __slots__ = ("weight", "codes", "scale_codes", "path", "reason", "_fast")
+    __slots__ = ("weight", "codes", "scale_codes", "path", "reason")
 
     def __init__(self, weight: FP4Tensor, codes, scale_codes, path: str, reason: str | None):
         self.weight, self.codes, self.scale_codes, self.path, self.reason = weight, codes, scale_codes, path, reason
-        self._fast = None  # launch arguments cached by cuda_linear.linear_torch
 
     @property
     def shape(self) -> tuple:
@@ -138,6 +137,25 @@ def repack_scales(scales: np.ndarray, n: int, k: int, gs: int) -> np.ndarray:
     per16 = np.repeat(f16_code(scales), gs // 16, axis=1)[:, : k // 16]
     per16 = _padded_rows(per16, tiles * 16).reshape(tiles, 2, 8, k // 16)
     return np.ascontiguousarray(per16.transpose(0, 3, 2, 1))
+
+
+def unpack_codes(codes: np.ndarray, n: int, k: int) -> np.ndarray:
+    """The inverse of ``repack_codes``: packed uint8 [N, K/2] (zero-scale blocks come back as 0)."""
+    words = codes.view(np.uint32).reshape(-1, k // 64, 8, 4, 4)  # tile, chunk, g, q, t
+    regs = [(words >> s) & 15 for s in (0, 16, 8, 24, 4, 20, 12, 28)]  # a0 a1 b0 b1 a2 a3 b2 b3
+    a = np.stack([regs[0], regs[1], regs[4], regs[5]], -1)  # row r:   cols 4t + 0..3
+    b = np.stack([regs[2], regs[3], regs[6], regs[7]], -1)  # row r+8
+    rows = np.stack([a, b], 1)  # tile, half, chunk, g, q, t, i
+    full = rows.transpose(0, 1, 3, 2, 4, 5, 6).reshape(-1, k)[:n]
+    return reference.pack_nibbles(full.astype(np.uint8))
+
+
+def unpack_scales(scale_codes: np.ndarray, n: int, k: int, gs: int) -> np.ndarray:
+    """The inverse of ``repack_scales``: E4M3 bits [N, K/gs]."""
+    per16 = scale_codes.transpose(0, 3, 2, 1).reshape(-1, k // 16)[:n]  # rows (tile, half, g)
+    code = per16[:, :: gs // 16].astype(np.uint16)
+    s = (code << 7).view(np.float16).astype(np.float32)
+    return np.where(code == 0xFF, np.uint8(0x7F), reference.e4m3_encode(s)).astype(np.uint8)
 
 
 # ----------------------------------------------------------------------------- numpy replay of w4a16.cu

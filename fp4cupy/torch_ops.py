@@ -3,11 +3,12 @@ single opaque ops with known output shapes (fake implementations below).
 
     fp4cupy::quantize(x, fmt, group_size) -> (data uint8 [..., K/2], scales uint8 [..., K/gs], global_scale f32 [])
     fp4cupy::dequantize(data, scales, global_scale, fmt, group_size, dtype) -> [..., K]
-    fp4cupy::linear(x, data, scales, global_scale, codes?, scale_codes?, bias?, fmt, group_size) -> [..., N]
+    fp4cupy::linear(x, data?, scales?, global_scale, codes?, scale_codes?, bias?, fmt, group_size, N) -> [..., N]
 
-``linear`` takes the canonical weight (data/scales/global_scale) and, optionally, its prepared
-repack (codes/scale_codes from ``fp4cupy.prepare``); with the repack, CUDA fp16/bf16 inputs run
-the W4A16 kernel. Importing this module registers the ops (``fp4cupy.nn`` does).
+``linear`` takes the canonical weight (data/scales/global_scale), its prepared repack
+(codes/scale_codes from ``fp4cupy.prepare``), or both; with the repack, CUDA fp16/bf16 inputs run
+the W4A16 kernel, and other inputs decode the canonical form from it when it is the only copy.
+Importing this module registers the ops (``fp4cupy.nn`` does).
 """
 from __future__ import annotations
 
@@ -54,36 +55,45 @@ def _(data, scales, global_scale, fmt, group_size, dtype):
 
 
 @torch.library.custom_op("fp4cupy::linear", mutates_args=())
-def linear(x: torch.Tensor, data: torch.Tensor, scales: torch.Tensor, global_scale: torch.Tensor,
+def linear(x: torch.Tensor, data: torch.Tensor | None, scales: torch.Tensor | None, global_scale: torch.Tensor,
            codes: torch.Tensor | None, scale_codes: torch.Tensor | None, bias: torch.Tensor | None, fmt: str,
-           group_size: int) -> torch.Tensor:
-    w = _tensor(data, scales, global_scale, (data.shape[0], data.shape[1] * 2), fmt, group_size)
-    if codes is not None and scale_codes is not None:
-        w = PreparedWeight(w, codes, scale_codes, "mma", None)
-    y = ops.linear(x, w, bias)
-    return y.clone() if y is x else y
+           group_size: int, out_features: int) -> torch.Tensor:
+    if codes is not None and x.is_cuda:
+        from . import cuda_linear
+
+        y = cuda_linear.linear_repacked(x, codes, scale_codes, global_scale, out_features, bias)
+        if y is not None:
+            return y
+        if data is None:  # the repack is the only copy: decode the canonical form for the other paths
+            data, scales = cuda_linear.unrepack(codes, scale_codes, out_features, x.shape[-1], group_size)
+    w = _tensor(data, scales, global_scale, (out_features, data.shape[1] * 2), fmt, group_size)
+    return ops.linear(x, PreparedWeight(w, None, None, "dequantize", "no repack"), bias)
 
 
 @linear.register_fake
-def _(x, data, scales, global_scale, codes, scale_codes, bias, fmt, group_size):
-    return x.new_empty(tuple(x.shape[:-1]) + (data.shape[0],))
+def _(x, data, scales, global_scale, codes, scale_codes, bias, fmt, group_size, out_features):
+    return x.new_empty(tuple(x.shape[:-1]) + (out_features,))
 
 
 def _linear_setup(ctx, inputs, output):
-    x, data, scales, global_scale, _, _, bias, fmt, group_size = inputs
-    ctx.save_for_backward(data, scales, global_scale)
-    ctx.fmt, ctx.group_size, ctx.has_bias = fmt, group_size, bias is not None
+    x, data, scales, global_scale, codes, scale_codes, bias, fmt, group_size, out_features = inputs
+    ctx.save_for_backward(data, scales, global_scale, codes, scale_codes)
+    ctx.fmt, ctx.group_size, ctx.has_bias, ctx.n, ctx.k = fmt, group_size, bias is not None, out_features, x.shape[-1]
 
 
 def _linear_backward(ctx, grad):
     """d/dx = grad @ deq(W); d/dbias = grad summed over the leading dims; the weight is frozen."""
-    data, scales, global_scale = ctx.saved_tensors
+    data, scales, global_scale, codes, scale_codes = ctx.saved_tensors
+    if data is None:
+        from . import cuda_linear
+
+        data, scales = cuda_linear.unrepack(codes, scale_codes, ctx.n, ctx.k, ctx.group_size)
     dtype = str(grad.dtype).removeprefix("torch.")
     w = torch.ops.fp4cupy.dequantize(data, scales, global_scale, ctx.fmt, ctx.group_size,
                                      dtype if dtype in _DTYPES else "float32")
     grad_x = grad @ w.to(grad.dtype)
     grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias else None
-    return grad_x, None, None, None, None, None, grad_bias, None, None
+    return grad_x, None, None, None, None, None, grad_bias, None, None, None
 
 
 linear.register_autograd(_linear_backward, setup_context=_linear_setup)

@@ -65,3 +65,41 @@ extern "C" __global__ void w4_repack_scales(const u8* __restrict__ scales, u8* _
     const int r = (int)(tile * 16) + (j >> 1) + 8 * (j & 1);
     out[idx] = (u8)e4m3_to_f16_code(scale_byte(scales, n, k / gs, r, grp16 * 16, gs));
 }
+
+// The inverses, for exporting a weight held only in the repacked form (codes of zero-scale blocks
+// come back as 0, which is what fp4cupy's quantizer writes there anyway).
+extern "C" __global__ void w4_unrepack_codes(const uint4* __restrict__ codes, u8* __restrict__ data,
+                                             int n, int k, i64 total) {
+    const i64 idx = blockIdx.x * (i64)blockDim.x + threadIdx.x;
+    if (idx >= total) return;
+    const int lane = (int)(idx & 31), nchunks = k / 64;
+    const i64 rest = idx >> 5;
+    const int chunk = (int)(rest % nchunks);
+    const i64 tile = rest / nchunks;
+    const int g = lane >> 2, q = lane & 3;
+    const int r0 = (int)(tile * 16) + g, r1 = r0 + 8, col = chunk * 64 + 16 * q;
+    const uint4 v = codes[idx];
+    const u32 w[4] = {v.x, v.y, v.z, v.w};
+    u32 a[2] = {0, 0}, b[2] = {0, 0};  // 16 codes of rows r0 and r1, element 2i in the low nibble
+#pragma unroll
+    for (int t = 0; t < 4; ++t) {
+        const u32 u = w[t];
+        const u32 ra = (u & 15u) | ((u >> 16) & 15u) << 4 | ((u >> 4) & 15u) << 8 | ((u >> 20) & 15u) << 12;
+        const u32 rb = ((u >> 8) & 15u) | ((u >> 24) & 15u) << 4 | ((u >> 12) & 15u) << 8 | ((u >> 28) & 15u) << 12;
+        a[t >> 1] |= ra << (16 * (t & 1));
+        b[t >> 1] |= rb << (16 * (t & 1));
+    }
+    if (r0 < n) *reinterpret_cast<uint2*>(data + (i64)r0 * (k / 2) + col / 2) = make_uint2(a[0], a[1]);
+    if (r1 < n) *reinterpret_cast<uint2*>(data + (i64)r1 * (k / 2) + col / 2) = make_uint2(b[0], b[1]);
+}
+
+extern "C" __global__ void w4_unrepack_scales(const u8* __restrict__ scale_codes, u8* __restrict__ scales,
+                                              int n, int k, int gs, i64 total) {
+    const i64 idx = blockIdx.x * (i64)blockDim.x + threadIdx.x;  // one per (row, group)
+    if (idx >= total) return;
+    const int kg = k / gs;
+    const int r = (int)(idx / kg), grp = (int)(idx % kg);
+    const int tile = r / 16, within = r % 16, g = within % 8, half = within / 8;
+    const u32 c = scale_codes[(((i64)tile * (k / 16) + grp * (gs / 16)) * 8 + g) * 2 + half];
+    scales[idx] = c == 0xFFu ? 0x7Fu : (u8)fp4_e4m3_encode(__half2float(__ushort_as_half((unsigned short)(c << 7))));
+}

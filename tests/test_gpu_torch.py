@@ -94,3 +94,21 @@ def test_tiny_llama_on_cuda_generates_and_round_trips(tmp_path):
     fp4cupy.load(tmp_path / "m.safetensors", fresh, device="cuda")
     with torch.no_grad():
         torch.testing.assert_close(fresh(ids).logits, after, rtol=0, atol=0)
+
+
+def test_cuda_layer_holds_only_the_repack_and_exports_the_canonical_bytes():
+    torch.manual_seed(9)
+    lin = torch.nn.Linear(256, 200, device="cuda", dtype=torch.bfloat16)
+    layer = fp4cupy.NVFP4Linear.from_float(lin)
+    t = fp4cupy.quantize(lin.weight.detach())
+    assert layer.weight is None and layer.codes is not None  # 4.5 bits a weight on the GPU, once
+    assert layer.weight_nbytes() <= 256 * 200 * 9 // 16 + 16 * 4 * 256 // 2 + 4  # row tiles padded to 64
+    state = layer.state_dict()
+    assert torch.equal(state["weight"], t.data) and torch.equal(state["weight_scale"], t.scales)
+    cpu = layer.cpu()
+    assert torch.equal(cpu.weight, t.data.cpu()) and cpu.codes is None
+    back = cpu.cuda()
+    x = torch.randn(2, 256, device="cuda", dtype=torch.bfloat16)
+    torch.testing.assert_close(back(x), fp4cupy.NVFP4Linear.from_float(lin)(x), rtol=0, atol=0)
+    big = torch.randn(300, 256, device="cuda", dtype=torch.bfloat16)  # M > MMA_MAX_M: decoded from the repack
+    assert rel(back(big), reference(back, big)) <= 8e-3

@@ -94,3 +94,11 @@ def test_linear_takes_prepared_weights_on_cpu(rng):
     pw = fp4cupy.prepare(w)
     np.testing.assert_array_equal(fp4cupy.linear(x, pw), fp4cupy.linear(x, w))
     assert pw.weight is w and fp4cupy.prepare(pw) is pw
+
+
+@pytest.mark.parametrize("n,k,gs", [(16, 64, 16), (40, 128, 16), (33, 192, 32), (70, 256, 64)])
+def test_unpack_inverts_the_repack(rng, n, k, gs):
+    w = _weight(rng, n, k, gs, heavy=True, zero_rows=(2,))
+    pw = fp4cupy.prepare(w)
+    np.testing.assert_array_equal(prepared.unpack_codes(pw.codes, n, k), w.data)
+    np.testing.assert_array_equal(prepared.unpack_scales(pw.scale_codes, n, k, gs), w.scales)

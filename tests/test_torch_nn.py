@@ -54,7 +54,7 @@ def test_custom_ops_pass_opcheck():
     torch.library.opcheck(torch.ops.fp4cupy.dequantize, (data, scales, g, "nvfp4", 16, "float32"))
     w = torch.randn(24, 64)
     wd, ws, wg = torch.ops.fp4cupy.quantize(w, "nvfp4", 16)
-    torch.library.opcheck(torch.ops.fp4cupy.linear, (x, wd, ws, wg, None, None, torch.randn(24), "nvfp4", 16))
+    torch.library.opcheck(torch.ops.fp4cupy.linear, (x, wd, ws, wg, None, None, torch.randn(24), "nvfp4", 16, 24))
 
 
 def test_compiles_fullgraph_without_breaks():
