@@ -4,6 +4,7 @@ single opaque ops with known output shapes (fake implementations below).
     fp4cupy::quantize(x, fmt, group_size) -> (data uint8 [..., K/2], scales uint8 [..., K/gs], global_scale f32 [])
     fp4cupy::dequantize(data, scales, global_scale, fmt, group_size, dtype) -> [..., K]
     fp4cupy::linear(x, data?, scales?, global_scale, codes?, scale_codes?, bias?, fmt, group_size, N) -> [..., N]
+    fp4cupy::unrepack(codes, scale_codes, N, K, group_size) -> (data, scales)
 
 ``linear`` takes the canonical weight (data/scales/global_scale), its prepared repack
 (codes/scale_codes from ``fp4cupy.prepare``), or both; with the repack, CUDA fp16/bf16 inputs run
@@ -75,6 +76,19 @@ def _(x, data, scales, global_scale, codes, scale_codes, bias, fmt, group_size, 
     return x.new_empty(tuple(x.shape[:-1]) + (out_features,))
 
 
+@torch.library.custom_op("fp4cupy::unrepack", mutates_args=())
+def unrepack(codes: torch.Tensor, scale_codes: torch.Tensor, n: int, k: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The canonical (data, scales) of a weight held as the W4A16 repack (CUDA)."""
+    from . import cuda_linear
+
+    return cuda_linear.unrepack(codes, scale_codes, n, k, group_size)
+
+
+@unrepack.register_fake
+def _(codes, scale_codes, n, k, group_size):
+    return codes.new_empty((n, k // 2)), codes.new_empty((n, k // group_size))
+
+
 def _linear_setup(ctx, inputs, output):
     x, data, scales, global_scale, codes, scale_codes, bias, fmt, group_size, out_features = inputs
     ctx.save_for_backward(data, scales, global_scale, codes, scale_codes)
@@ -85,9 +99,7 @@ def _linear_backward(ctx, grad):
     """d/dx = grad @ deq(W); d/dbias = grad summed over the leading dims; the weight is frozen."""
     data, scales, global_scale, codes, scale_codes = ctx.saved_tensors
     if data is None:
-        from . import cuda_linear
-
-        data, scales = cuda_linear.unrepack(codes, scale_codes, ctx.n, ctx.k, ctx.group_size)
+        data, scales = torch.ops.fp4cupy.unrepack(codes, scale_codes, ctx.n, ctx.k, ctx.group_size)
     dtype = str(grad.dtype).removeprefix("torch.")
     w = torch.ops.fp4cupy.dequantize(data, scales, global_scale, ctx.fmt, ctx.group_size,
                                      dtype if dtype in _DTYPES else "float32")
