@@ -130,3 +130,27 @@ def test_fp4tensor_to_torch_views():
     np.testing.assert_array_equal(v["scales"].float().numpy(), reference.e4m3_decode(t.scales.numpy()))
     m = fp4cupy.quantize(torch.randn(8, 32), "mxfp4").to_torch()
     assert m["scales"].dtype == torch.float8_e8m0fnu and float(m["global_scale"]) == 1.0
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "bert"])
+def test_other_transformers_architectures(arch):
+    """Qwen2 (biased q/k/v projections) and a BERT-style encoder quantize and run."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(6)
+    if arch == "qwen2":
+        cfg = transformers.Qwen2Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+        model = transformers.Qwen2ForCausalLM(cfg).eval()
+    else:
+        cfg = transformers.BertConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4)
+        model = transformers.BertModel(cfg).eval()
+    ids = torch.randint(0, 128, (1, 9))
+    with torch.no_grad():
+        before = model(ids)[0]
+        report = fp4cupy.quantize_model(model, progress=False)
+        after = model(ids)[0]
+    done = [e for e in report if "skipped" not in e]
+    assert len(done) >= 2 * 6 and 0 < rel(after, before) < 0.3
+    biased = [m for m in model.modules() if isinstance(m, fp4cupy.NVFP4Linear) and m.bias is not None]
+    assert biased  # Qwen2's q/k/v and BERT's layers carry a bias
