@@ -94,6 +94,23 @@ class NVFP4Linear(nn.Module):
         layer.refresh_repack()
         return layer
 
+    @classmethod
+    def from_fp4(cls, weight: FP4Tensor, bias: torch.Tensor | None = None) -> NVFP4Linear:
+        """A layer around an already quantized torch FP4Tensor weight [N, K] (e.g. one shard of a
+        tensor-parallel weight); ``bias`` [N] is copied."""
+        if not isinstance(weight, FP4Tensor) or len(weight.shape) != 2 or weight.library != "torch":
+            raise TypeError(f"from_fp4 takes a 2-D FP4Tensor of torch tensors; got {weight!r}")
+        n, k = weight.shape
+        layer = cls(k, n, weight.group_size, bias is not None, weight.fmt, device=weight.data.device,
+                    dtype=bias.dtype if bias is not None else None)
+        layer.weight, layer.weight_scale = weight.data, weight.scales
+        g = weight.global_scale_array
+        layer.weight_global_scale.copy_(g if isinstance(g, torch.Tensor) else torch.tensor(float(g)))
+        if bias is not None:
+            layer.bias.data.copy_(bias.detach())
+        layer.refresh_repack()
+        return layer
+
     def fp4_weight(self) -> FP4Tensor:
         """The canonical weight as an FP4Tensor: views of the buffers, or decoded from the repack
         when that is the only copy (on CUDA)."""
