@@ -11,7 +11,7 @@ torch = pytest.importorskip("torch")
 import fp4cupy  # noqa: E402
 from fp4cupy.parallel import shard_k, shard_rows  # noqa: E402
 
-WORKER = Path(__file__).parent / "dist" / "tp_check.py"
+WORKER = Path(__file__).parent / "workers" / "tp_check.py"
 
 
 def test_shards_rebuild_the_tensor():
