@@ -72,11 +72,43 @@ def main(argv=None) -> int:
     d.add_argument("--fmt", choices=("nvfp4", "mxfp4"), default="nvfp4")
     d.add_argument("--shape", type=_parse_shape, action="append", help="NxK, repeatable (default: Llama-3-8B shapes)")
     sub.add_parser("info", help="print version, GPU, target and kernel cache")
+    q = sub.add_parser("quantize", help="quantize a Hugging Face checkpoint directory into another")
+    q.add_argument("src", help="a transformers model directory (config.json + weights)")
+    q.add_argument("out", help="the directory to write")
+    q.add_argument("--export", choices=("modelopt", "compressed-tensors", "nvfp4"), default="nvfp4")
+    q.add_argument("--group-size", type=int, default=16)
+    q.add_argument("--skip", action="append", default=None, help="layer name or glob to keep in float (repeatable; "
+                   "default: lm_head)")
+    q.add_argument("--device", default="cpu", help="where to quantize ('cpu', 'cuda', 'cuda:N')")
     args = parser.parse_args(argv)
     if args.command == "demo":
         demo(args.device, tuple(args.shape) if args.shape else LLAMA_SHAPES, args.fmt)
+    elif args.command == "quantize":
+        return quantize_checkpoint(args.src, args.out, args.export, args.group_size, args.skip or ["lm_head"], args.device)
     else:
         _info()
+    return 0
+
+
+def quantize_checkpoint(src, out, export_format, group_size, skip, device="cpu") -> int:
+    """``fp4cupy quantize``: load ``src`` whole, quantize its Linear layers, export; 2 on bad input."""
+    from pathlib import Path
+
+    if not (Path(src) / "config.json").is_file():
+        print(f"fp4cupy quantize: {src} is not a Hugging Face model directory (no config.json)", file=sys.stderr)
+        return 2
+    try:
+        import transformers
+
+        import fp4cupy
+
+        model = transformers.AutoModelForCausalLM.from_pretrained(src).to(device).eval()
+        report = fp4cupy.quantize_model(model, group_size=group_size, skip=tuple(skip))
+        fp4cupy.export(model, out, format=export_format, source_dir=src)
+    except (OSError, ValueError, ImportError) as e:
+        print(f"fp4cupy quantize: {e}", file=sys.stderr)
+        return 2
+    print(f"{report}; wrote {export_format} checkpoint to {out}")
     return 0
 
 

@@ -1,0 +1,197 @@
+"""Export and import quantized checkpoints in the layouts other tools read, shard by shard.
+
+    fp4cupy.export(model, "out/", format="modelopt" | "compressed-tensors" | "nvfp4")
+    fp4cupy.import_checkpoint(model, "out/")      # NVFP4Linear layers filled bit-exactly
+
+Per quantized linear layer ``p`` (N x K, group 16; W = weight, g = fp4cupy's decode global scale):
+
+| format | packed E2M1 codes | E4M3 block scales | global scale |
+|---|---|---|---|
+| nvfp4 (fp4cupy) | p.weight uint8 [N, K/2] | p.weight_scale uint8 | p.weight_global_scale f32 [] = g |
+| modelopt (vLLM modelopt_fp4) | p.weight uint8 | p.weight_scale float8_e4m3fn | p.weight_scale_2 f32 [] = g |
+| compressed-tensors nvfp4-pack-quantized | p.weight_packed uint8 | p.weight_scale float8_e4m3fn | p.weight_global_scale f32 [1] = 1/g |
+
+Codes are two a byte, element 2i in the low nibble, in all three. compressed-tensors divides by its
+global scale; the exported 1/g is a float32 whose reciprocal rounds back to g where such a float32
+exists (most g), else the nearest: then g comes back 1 ulp (2^-24 relative) off. Codes and block
+scales always round-trip bit for bit. Other tensors (embeddings, norms, skipped layers) are
+written as they are.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import __version__
+from .nn import NVFP4Linear
+
+FORMATS = ("nvfp4", "modelopt", "compressed-tensors")
+SHARD_BYTES = 2 * 2**30
+SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+              "generation_config.json", "vocab.txt", "merges.txt", "vocab.json")
+
+
+def inverse_global_scale(g: float) -> float:
+    """A float32 c near 1/g whose float32 reciprocal is g again (when one exists; else RN(1/g))."""
+    c = np.float32(1.0) / np.float32(g)
+    for cand in (c, np.nextafter(c, np.float32(np.inf)), np.nextafter(c, np.float32(0))):
+        if np.float32(1.0) / cand == np.float32(g):
+            return float(cand)
+    return float(c)
+
+
+def _layer_tensors(name: str, m: NVFP4Linear, fmt: str) -> dict:
+    w = m.fp4_weight()
+    data, scales = w.data.detach().cpu(), w.scales.detach().cpu()
+    g = float(m.weight_global_scale)
+    if fmt == "nvfp4":
+        out = {"weight": data, "weight_scale": scales, "weight_global_scale": torch.tensor(g, dtype=torch.float32)}
+    elif fmt == "modelopt":
+        out = {"weight": data, "weight_scale": scales.view(torch.float8_e4m3fn),
+               "weight_scale_2": torch.tensor(g, dtype=torch.float32)}
+    else:
+        out = {"weight_packed": data, "weight_scale": scales.view(torch.float8_e4m3fn),
+               "weight_global_scale": torch.tensor([inverse_global_scale(g)], dtype=torch.float32)}
+    if m.bias is not None:
+        out["bias"] = m.bias.detach().cpu()
+    return {f"{name}.{k}": v.contiguous() for k, v in out.items()}
+
+
+def _quant_config(fmt: str, group_size: int, ignore: list) -> dict:
+    if fmt == "nvfp4":
+        return {"quant_method": "nvfp4", "group_size": group_size, "ignore": ignore, "producer": f"fp4cupy {__version__}"}
+    if fmt == "modelopt":
+        # weight-only NVFP4; vLLM's ModelOpt loader reads quant_algo (W4A4 checkpoints say "NVFP4")
+        return {"quant_method": "modelopt", "quant_algo": "W4A16_NVFP4", "group_size": group_size,
+                "exclude_modules": ignore, "ignore": ignore}
+    scheme = {"num_bits": 4, "type": "float", "strategy": "tensor_group", "group_size": group_size,
+              "symmetric": True, "dynamic": False}
+    return {"quant_method": "compressed-tensors", "format": "nvfp4-pack-quantized", "quantization_status": "compressed",
+            "config_groups": {"group_0": {"targets": ["Linear"], "weights": scheme, "input_activations": None,
+                                          "output_activations": None, "format": "nvfp4-pack-quantized"}},
+            "ignore": ignore}
+
+
+def export(model: nn.Module, out_dir, format: str = "nvfp4", source_dir=None, shard_bytes: int = SHARD_BYTES) -> Path:
+    """Write ``model`` (with NVFP4Linear layers) to ``out_dir`` as sharded safetensors in ``format``,
+    plus config.json with its quantization_config (and hf_quant_config.json for modelopt). Tensors
+    are converted and written one shard at a time. Tokenizer files are copied from ``source_dir``."""
+    from safetensors.torch import save_file
+
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}; got {format!r}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, NVFP4Linear)}
+    if not layers:
+        raise ValueError("the model has no NVFP4Linear layers: quantize it first (fp4cupy.quantize_model)")
+    sizes = {m.group_size for m in layers.values()} | {m.fmt for m in layers.values()}
+    if sizes - {16, "nvfp4"} and format != "nvfp4":
+        raise ValueError(f"{format} checkpoints hold NVFP4 with group 16; this model has {sorted(map(str, sizes))}")
+    pending, shards, size = {}, [], 0
+
+    def flush():
+        nonlocal pending, size
+        if pending:
+            name = f"model-{len(shards) + 1:05d}.safetensors"
+            save_file(pending, str(out / name), metadata={"format": "pt"})
+            shards.append((name, list(pending)))
+            pending, size = {}, 0
+
+    def add(tensors):
+        nonlocal size
+        for k, v in tensors.items():
+            pending[k] = v
+            size += v.numel() * v.element_size()
+        if size >= shard_bytes:
+            flush()
+
+    seen = set()
+    for key, value in model.state_dict().items():
+        layer = key.rpartition(".")[0]
+        if layer in layers:  # weight, weight_scale, weight_global_scale, bias: written together, converted
+            if layer not in seen:
+                seen.add(layer)
+                add(_layer_tensors(layer, layers[layer], format))
+            continue
+        add({key: value.detach().cpu().contiguous().clone()})
+    flush()
+    weight_map = {k: name for name, keys in shards for k in keys}
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
+    ignore = sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear))
+    qcfg = _quant_config(format, 16 if format != "nvfp4" else next(iter(layers.values())).group_size, ignore)
+    cfg = model.config.to_dict() if hasattr(model, "config") and hasattr(model.config, "to_dict") else {}
+    cfg["quantization_config"] = qcfg
+    (out / "config.json").write_text(json.dumps(cfg, indent=2, default=str))
+    if format == "modelopt":
+        hf = {"producer": {"name": "fp4cupy", "version": __version__},
+              "quantization": {k: qcfg[k] for k in ("quant_algo", "group_size", "exclude_modules")} | {"kv_cache_quant_algo": None}}
+        (out / "hf_quant_config.json").write_text(json.dumps(hf, indent=2))
+    for f in SIDE_FILES:
+        if source_dir is not None and (Path(source_dir) / f).is_file():
+            shutil.copy2(Path(source_dir) / f, out / f)
+    return out
+
+
+def detect_format(keys) -> str:
+    keys = list(keys)
+    if any(k.endswith(".weight_packed") for k in keys):
+        return "compressed-tensors"
+    if any(k.endswith(".weight_scale_2") for k in keys):
+        return "modelopt"
+    if any(k.endswith(".weight_global_scale") for k in keys):
+        return "nvfp4"
+    raise ValueError("no NVFP4 layers found in the checkpoint (expected weight_packed, weight_scale_2 or "
+                     "weight_global_scale tensors)")
+
+
+def import_checkpoint(model: nn.Module, src_dir, strict: bool = True) -> nn.Module:
+    """Load a checkpoint written in any of FORMATS into ``model``: the Linear layers it quantized become
+    NVFP4Linear with the stored codes and scales, read one shard at a time."""
+    from safetensors import safe_open
+
+    src = Path(src_dir)
+    files = sorted(src.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no .safetensors files in {src}")
+    keys = {}
+    for f in files:
+        with safe_open(str(f), "pt") as h:
+            keys.update({k: f for k in h.keys()})
+    fmt = detect_format(keys)
+    codes_key = "weight_packed" if fmt == "compressed-tensors" else "weight"
+    scale2 = {"nvfp4": "weight_global_scale", "modelopt": "weight_scale_2", "compressed-tensors": "weight_global_scale"}[fmt]
+    quantized = sorted({k.rsplit(".", 1)[0] for k in keys if k.endswith("." + scale2)})
+    for name in quantized:
+        cur = model.get_submodule(name)
+        if not isinstance(cur, NVFP4Linear):
+            layer = NVFP4Linear(cur.in_features, cur.out_features, 16, cur.bias is not None,
+                                device=cur.weight.device, dtype=cur.weight.dtype)
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, layer)
+    state = {}
+    for f in files:
+        with safe_open(str(f), "pt") as h:
+            for k in h.keys():
+                layer, _, leaf = k.rpartition(".")
+                t = h.get_tensor(k)
+                if layer in quantized:
+                    if leaf == codes_key:
+                        state[f"{layer}.weight"] = t.view(torch.uint8)
+                    elif leaf == "weight_scale":
+                        state[f"{layer}.weight_scale"] = t.view(torch.uint8)
+                    elif leaf == scale2:
+                        g = float(t.reshape(-1)[0])
+                        g = float(np.float32(1.0) / np.float32(g)) if fmt == "compressed-tensors" else g
+                        state[f"{layer}.weight_global_scale"] = torch.tensor(g, dtype=torch.float32)
+                    elif leaf == "bias":
+                        state[k] = t
+                    continue  # input_scale and other calibration tensors are not used by weight-only layers
+                state[k] = t
+    model.load_state_dict(state, strict=strict)
+    return model

@@ -1,0 +1,90 @@
+"""Checkpoint export / import in the fp4cupy, modelopt and compressed-tensors layouts (CPU)."""
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+import fp4cupy  # noqa: E402
+from fp4cupy import interop as ex  # noqa: E402
+
+
+def tiny(seed=7):
+    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("fmt", ex.FORMATS)
+def test_export_import_round_trips_bit_exactly(tmp_path, fmt):
+    model = tiny()
+    fp4cupy.quantize_model_to_nvfp4(model, progress=False)
+    out = fp4cupy.export(model, tmp_path / fmt, format=fmt, shard_bytes=20_000)  # several shards
+    assert len(list(out.glob("model-*.safetensors"))) > 1
+    cfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert "lm_head" in cfg["ignore"]
+    back = fp4cupy.import_checkpoint(tiny(seed=99), out)
+    for k, v in model.state_dict().items():
+        got = back.state_dict()[k]
+        if fmt == "compressed-tensors" and k.endswith("weight_global_scale"):
+            # stored as 1/g: when no float32 c has RN(1/c) == g, g comes back 1 ulp off
+            assert abs(float(got) - float(v)) <= float(np.spacing(np.float32(v))), k
+        else:
+            assert torch.equal(got, v), k
+    ids = torch.randint(0, 96, (1, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-6)
+
+
+def test_layouts_keys_and_dtypes(tmp_path):
+    from safetensors import safe_open
+
+    model = tiny()
+    fp4cupy.quantize_model_to_nvfp4(model, progress=False)
+    q = "model.layers.0.self_attn.q_proj"
+    g = float(model.get_submodule(q).weight_global_scale)
+    want = {"modelopt": {"weight": (torch.uint8, (64, 32)), "weight_scale": (torch.float8_e4m3fn, (64, 4)),
+                         "weight_scale_2": (torch.float32, ())},
+            "compressed-tensors": {"weight_packed": (torch.uint8, (64, 32)), "weight_scale": (torch.float8_e4m3fn, (64, 4)),
+                                   "weight_global_scale": (torch.float32, (1,))}}
+    for fmt, spec in want.items():
+        out = fp4cupy.export(model, tmp_path / fmt, format=fmt)
+        with safe_open(str(next(out.glob("model-*.safetensors"))), "pt") as h:
+            for leaf, (dtype, shape) in spec.items():
+                t = h.get_tensor(f"{q}.{leaf}")
+                assert t.dtype == dtype and tuple(t.shape) == shape, (fmt, leaf)
+            gs = float(h.get_tensor(f"{q}.{'weight_scale_2' if fmt == 'modelopt' else 'weight_global_scale'}").reshape(-1)[0])
+        assert gs == (g if fmt == "modelopt" else ex.inverse_global_scale(g))
+    hf = json.loads((tmp_path / "modelopt" / "hf_quant_config.json").read_text())
+    assert hf["quantization"]["group_size"] == 16 and "lm_head" in hf["quantization"]["exclude_modules"]
+
+
+def test_inverse_global_scale_is_within_one_ulp():
+    rng = np.random.default_rng(0)
+    gs = rng.uniform(1e-6, 1.0, 2000).astype(np.float32)
+    back = np.array([np.float32(1) / np.float32(ex.inverse_global_scale(g)) for g in gs])
+    assert (np.abs(back - gs) <= np.spacing(gs)).all()
+    assert (back == gs).mean() > 0.6  # exact wherever a reciprocal preimage exists
+
+
+def test_export_needs_quantized_layers(tmp_path):
+    with pytest.raises(ValueError, match="no NVFP4Linear"):
+        fp4cupy.export(tiny(), tmp_path)
+    with pytest.raises(ValueError, match="format must be"):
+        fp4cupy.export(tiny(), tmp_path, format="gguf")
+
+
+def test_quantize_command(tmp_path, capsys):
+    from fp4cupy import cli
+
+    src = tmp_path / "src"
+    tiny().save_pretrained(src)
+    (src / "tokenizer_config.json").write_text("{}")
+    assert cli.main(["quantize", str(src), str(tmp_path / "out"), "--export", "modelopt"]) == 0
+    assert (tmp_path / "out" / "hf_quant_config.json").is_file() and (tmp_path / "out" / "tokenizer_config.json").is_file()
+    back = fp4cupy.import_checkpoint(tiny(seed=3), tmp_path / "out")
+    assert isinstance(back.model.layers[1].mlp.up_proj, fp4cupy.NVFP4Linear)
+    assert cli.main(["quantize", str(tmp_path / "nothing"), str(tmp_path / "o2")]) == 2
+    assert "not a Hugging Face model directory" in capsys.readouterr().err
