@@ -64,7 +64,7 @@ def _layer_tensors(name: str, m: NVFP4Linear, fmt: str) -> dict:
 
 def _quant_config(fmt: str, group_size: int, ignore: list) -> dict:
     if fmt == "nvfp4":
-        return {"quant_method": "nvfp4", "group_size": group_size, "ignore": ignore, "producer": f"fp4cupy {__version__}"}
+        return {"quant_method": "nvfp4", "group_size": group_size, "ignore": ignore, "producer": {"name": "fp4cupy", "version": __version__}}
     if fmt == "modelopt":
         # weight-only NVFP4; vLLM's ModelOpt loader reads quant_algo (W4A4 checkpoints say "NVFP4")
         return {"quant_method": "modelopt", "quant_algo": "W4A16_NVFP4", "group_size": group_size,

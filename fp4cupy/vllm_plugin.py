@@ -1,0 +1,152 @@
+"""vLLM plugin (entry point ``vllm.general_plugins``): quantization methods ``nvfp4`` and ``fp4cupy``.
+
+    LLM(model=checkpoint_dir, quantization="nvfp4")
+
+Reads fp4cupy's own checkpoints (``quantization_config = {"quant_method": "nvfp4", "group_size": 16}``)
+and, when asked for ``nvfp4``, modelopt and compressed-tensors NVFP4 checkpoints (see interop.py for
+the three layouts). Each linear layer keeps the checkpoint's tensors as vLLM parameters (loaded by
+vLLM's own weight loaders, weight-loader v2), then ``process_weights_after_loading`` builds one
+FP4Tensor per logical shard — a fused QKV or gate-up layer keeps one global scale per shard, so it
+stays exact — and prepares the W4A16 layout on CUDA. ``apply`` is ``fp4cupy.linear`` per shard:
+the tensor-core kernel on a GPU, the exact reference on the CPU. Importing this module needs no vLLM.
+"""
+from __future__ import annotations
+
+import fnmatch
+
+LAYOUTS = {  # checkpoint tensor names per layout, and whether the global scale is stored inverted
+    "nvfp4": dict(codes="weight", scales="weight_scale", g="weight_global_scale", fp8_scales=False, inverse=False),
+    "modelopt": dict(codes="weight", scales="weight_scale", g="weight_scale_2", fp8_scales=True, inverse=False),
+    "compressed-tensors": dict(codes="weight_packed", scales="weight_scale", g="weight_global_scale", fp8_scales=True,
+                               inverse=True),
+}
+NAMES = ("nvfp4", "fp4cupy")
+
+
+def layout_of(cfg: dict | None) -> str | None:
+    """Which checkpoint layout a quantization_config (or hf_quant_config.json) describes."""
+    if not cfg:
+        return None
+    if cfg.get("quant_method") in NAMES:
+        return "nvfp4"
+    if "nvfp4" in str(cfg.get("format", "")).lower():
+        return "compressed-tensors"
+    algo = str(cfg.get("quant_algo") or (cfg.get("quantization") or {}).get("quant_algo") or "")
+    return "modelopt" if "NVFP4" in algo.upper() else None
+
+
+def _group_size(cfg: dict) -> int:
+    for group in (cfg.get("config_groups") or {}).values():
+        if (group.get("weights") or {}).get("group_size"):
+            return int(group["weights"]["group_size"])
+    return int(cfg.get("group_size") or (cfg.get("quantization") or {}).get("group_size") or 16)
+
+
+def _ignored(cfg: dict) -> list:
+    q = cfg.get("quantization") or {}
+    return list(cfg.get("ignore") or cfg.get("exclude_modules") or q.get("exclude_modules") or [])
+
+
+try:  # the classes exist only where vLLM is installed (module level, so vLLM can pickle them)
+    import torch
+    from vllm.model_executor.layers.linear import (LinearBase, LinearMethodBase, UnquantizedLinearMethod,
+                                                   register_weight_loader_v2_supported_method)
+    from vllm.model_executor.layers.quantization import register_quantization_config
+    from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
+    from vllm.model_executor.parameter import GroupQuantScaleParameter, ModelWeightParameter, PerTensorScaleParameter
+except ImportError:  # fp4cupy never requires vLLM
+    QuantizationConfig = None
+
+if QuantizationConfig is not None:
+    import fp4cupy
+
+    @register_weight_loader_v2_supported_method
+    class FP4CupyLinearMethod(LinearMethodBase):
+        def __init__(self, config):
+            self.config = config
+            self.names = LAYOUTS[config.layout]
+
+        def create_weights(self, layer, input_size_per_partition, output_partition_sizes, input_size, output_size,
+                           params_dtype, **extra_weight_attrs):
+            gs, k, n = self.config.group_size, input_size_per_partition, sum(output_partition_sizes)
+            if k % gs:
+                raise ValueError(f"fp4cupy: a linear layer of {input_size} inputs split {input_size // k} ways has "
+                                 f"{k} inputs per shard, not a multiple of group_size={gs}")
+            loader = extra_weight_attrs["weight_loader"]
+            scale_dtype = torch.float8_e4m3fn if self.names["fp8_scales"] else torch.uint8
+            layer.register_parameter(self.names["codes"], ModelWeightParameter(
+                data=torch.empty(n, k // 2, dtype=torch.uint8), input_dim=1, output_dim=0, weight_loader=loader))
+            layer.register_parameter(self.names["scales"], GroupQuantScaleParameter(
+                data=torch.empty(n, k // gs, dtype=scale_dtype), input_dim=1, output_dim=0, weight_loader=loader))
+            layer.register_parameter(self.names["g"], PerTensorScaleParameter(
+                data=torch.ones(len(output_partition_sizes), dtype=torch.float32), weight_loader=loader))
+            layer.fp4_partitions, layer.fp4_k = list(output_partition_sizes), k
+
+        def process_weights_after_loading(self, layer) -> None:
+            codes = getattr(layer, self.names["codes"]).data.view(torch.uint8)
+            scales = getattr(layer, self.names["scales"]).data.view(torch.uint8)
+            g = getattr(layer, self.names["g"]).data.float().cpu()
+            shards, row = [], 0
+            for i, rows in enumerate(layer.fp4_partitions):  # one global scale per logical shard: exact
+                gi = float(1.0 / g[i]) if self.names["inverse"] else float(g[i])
+                gi = torch.tensor(gi, dtype=torch.float32, device=codes.device) if codes.is_cuda else gi
+                t = fp4cupy.FP4Tensor(codes[row:row + rows].contiguous(), scales[row:row + rows].contiguous(), gi,
+                                      (rows, layer.fp4_k), "nvfp4", self.config.group_size)
+                shards.append(fp4cupy.prepare(t) if codes.is_cuda else t)  # the CPU runs the reference
+                row += rows
+            layer.fp4_shards = shards
+
+        def apply(self, layer, x, bias=None):
+            ys = [fp4cupy.linear(x, w) for w in layer.fp4_shards]
+            y = ys[0] if len(ys) == 1 else torch.cat(ys, dim=-1)
+            return y if bias is None else y + bias
+
+    class FP4CupyConfig(QuantizationConfig):
+        name = "nvfp4"
+
+        def __init__(self, layout: str = "nvfp4", group_size: int = 16, ignore=()):
+            super().__init__()
+            self.layout, self.group_size, self.ignore = layout, group_size, list(ignore)
+
+        def get_name(self):
+            return self.name
+
+        def get_supported_act_dtypes(self):
+            return [torch.bfloat16, torch.float16, torch.float32]
+
+        @classmethod
+        def get_min_capability(cls) -> int:
+            return 75
+
+        @staticmethod
+        def get_config_filenames():
+            return []
+
+        @classmethod
+        def from_config(cls, config):
+            layout = layout_of(config)
+            if layout is None:
+                raise ValueError(f"fp4cupy: not an NVFP4 quantization_config: {config}")
+            return cls(layout, _group_size(config), _ignored(config))
+
+        @classmethod
+        def override_quantization_method(cls, hf_quant_cfg, user_quant, hf_config=None):
+            return cls.name if user_quant in NAMES and layout_of(hf_quant_cfg) else None
+
+        def is_skipped(self, prefix: str) -> bool:
+            return any(prefix == p or prefix.endswith("." + p) or fnmatch.fnmatch(prefix, p) for p in self.ignore)
+
+        def get_quant_method(self, layer, prefix):
+            if isinstance(layer, LinearBase):
+                return UnquantizedLinearMethod() if self.is_skipped(prefix) else FP4CupyLinearMethod(self)
+            return None
+
+    class FP4CupyAliasConfig(FP4CupyConfig):
+        name = "fp4cupy"
+
+
+def register() -> None:
+    """Register the quantization methods with vLLM (vLLM calls this through the entry point)."""
+    if QuantizationConfig is not None:
+        register_quantization_config("nvfp4")(FP4CupyConfig)
+        register_quantization_config("fp4cupy")(FP4CupyAliasConfig)
