@@ -88,3 +88,69 @@ def test_quantize_command(tmp_path, capsys):
     assert isinstance(back.model.layers[1].mlp.up_proj, fp4cupy.NVFP4Linear)
     assert cli.main(["quantize", str(tmp_path / "nothing"), str(tmp_path / "o2")]) == 2
     assert "not a Hugging Face model directory" in capsys.readouterr().err
+
+
+def test_transformers_reads_our_compressed_tensors_export(tmp_path):
+    """transformers + compressed-tensors load the export; their decompressed weights (computed in
+    bf16 by compressed-tensors) equal fp4cupy's dequantize to bf16, bit for bit."""
+    pytest.importorskip("compressed_tensors")
+    model = tiny()
+    fp4cupy.quantize_model_to_nvfp4(model, progress=False)
+    out = fp4cupy.export(model, tmp_path / "ct", format="compressed-tensors")
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(
+        out, quantization_config=transformers.CompressedTensorsConfig(run_compressed=False), dtype=torch.float32)
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, fp4cupy.NVFP4Linear)]
+    assert len(layers) == 14
+    for name, layer in layers:
+        got = loaded.get_submodule(name).weight.detach().to(torch.bfloat16)
+        assert torch.equal(got, layer.fp4_weight().dequantize(dtype=torch.bfloat16)), name
+
+
+def test_import_of_a_checkpoint_written_by_compressed_tensors(tmp_path):
+    """The compressed-tensors library quantizes and packs (its own recipe); importing keeps its bytes."""
+    ct = pytest.importorskip("compressed_tensors")
+    from compressed_tensors.compressors import NVFP4PackedCompressor
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+    from compressed_tensors.quantization.utils import calculate_qparams, generate_gparam
+    from safetensors.torch import save_file
+
+    model = tiny()
+    args = QuantizationArgs(num_bits=4, type="float", strategy="tensor_group", group_size=16, symmetric=True, dynamic=False)
+    scheme = QuantizationScheme(targets=["Linear"], weights=args)
+    state, written = {}, {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear) and name != "lm_head":
+            w = mod.weight.detach()
+            gs = generate_gparam(w.amin(), w.amax())
+            blocks = w.view(w.shape[0], -1, 16)
+            scale, _ = calculate_qparams(blocks.amin(-1), blocks.amax(-1), args, global_scale=gs)
+            packed = NVFP4PackedCompressor.compress({"weight": w, "weight_scale": scale, "weight_global_scale": gs}, scheme)
+            written[name] = packed
+            state.update({f"{name}.{k}": v.contiguous() for k, v in packed.items()})
+    for k, v in model.state_dict().items():
+        if k.rpartition(".")[0] not in written:
+            state[k] = v.contiguous()
+    (tmp_path / "ck").mkdir()
+    save_file(state, str(tmp_path / "ck" / "model.safetensors"))
+    back = fp4cupy.import_checkpoint(tiny(seed=5), tmp_path / "ck")
+    for name, packed in written.items():
+        layer = back.get_submodule(name)
+        assert isinstance(layer, fp4cupy.NVFP4Linear), name
+        assert torch.equal(layer.weight, packed["weight_packed"]), name
+        assert torch.equal(layer.weight_scale, packed["weight_scale"].view(torch.uint8)), name
+        assert float(layer.weight_global_scale) == float(np.float32(1) / np.float32(float(packed["weight_global_scale"])))
+    assert ct.__version__
+
+
+def test_vllm_plugin_imports_without_vllm_and_reads_the_three_configs(tmp_path):
+    from fp4cupy import vllm_plugin
+
+    vllm_plugin.register()  # a no-op where vLLM is absent; vLLM itself is exercised by tests/workers/vllm_e2e.py
+    model = tiny()
+    fp4cupy.quantize_model_to_nvfp4(model, progress=False)
+    for fmt in ex.FORMATS:
+        out = fp4cupy.export(model, tmp_path / fmt, format=fmt)
+        cfg = json.loads((out / "config.json").read_text())["quantization_config"]
+        assert vllm_plugin.layout_of(cfg) == fmt
+        assert vllm_plugin._group_size(cfg) == 16 and "lm_head" in vllm_plugin._ignored(cfg)
+    assert vllm_plugin.layout_of({"quant_method": "gptq"}) is None

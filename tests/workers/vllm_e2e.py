@@ -44,6 +44,50 @@ def reference(model, tok):
     return out
 
 
+def modelopt_declared(k: int, n: int, group: int) -> dict:
+    """{name: (dtype, shape)} that the installed vLLM's modelopt NVFP4 weight scheme registers for an
+    unfused [n, k] layer, read from its source (the register_params calls), not copied by hand."""
+    import ast
+    import inspect
+    import textwrap
+    from types import SimpleNamespace
+
+    from vllm.model_executor.layers.quantization import modelopt
+
+    scheme = next(c for n_, c in vars(modelopt).items() if n_.startswith("KNvfp4Static"))
+    tree = ast.parse(textwrap.dedent(inspect.getsource(scheme.create_weights)))
+    env = {"shapes": SimpleNamespace(output_size_per_partition=n, input_size_per_partition=k, num_partitions=1),
+           "ctx": SimpleNamespace(group_size=group), "torch": torch}
+    out = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "register_params":
+            name = ast.literal_eval(node.args[1])
+            shape = eval(compile(ast.Expression(node.args[2]), "<vllm>", "eval"), env)  # noqa: S307
+            dtype = eval(compile(ast.Expression(node.args[3]), "<vllm>", "eval"), env)  # noqa: S307
+            out[name] = (dtype, tuple(shape))
+    return out
+
+
+def check_modelopt_layout(out_dir, layer: str, n: int, k: int) -> list:
+    from safetensors import safe_open
+
+    want = modelopt_declared(k, n, 16)
+    problems = []
+    tensors = {}
+    for f in sorted(os.listdir(out_dir)):
+        if f.endswith(".safetensors"):
+            with safe_open(os.path.join(out_dir, f), "pt") as h:
+                tensors.update({key: h.get_tensor(key) for key in h.keys() if key.startswith(layer + ".")})
+    for name, (dtype, shape) in want.items():
+        t = tensors.get(f"{layer}.{name}")
+        if t is None:
+            problems.append(f"modelopt layout: vLLM declares {name}, the export lacks it")
+        elif t.dtype != dtype or (tuple(t.shape) != shape and not (shape == (1,) and t.dim() == 0)):
+            problems.append(f"modelopt layout: {name} is {t.dtype}{tuple(t.shape)}, vLLM declares {dtype}{shape}")
+    print(f"modelopt layout vs vLLM's declaration: {sorted(want)} {'ok' if not problems else 'DIFFERS'}", flush=True)
+    return problems
+
+
 def main() -> int:
     import fp4cupy
     from vllm import LLM, SamplingParams
@@ -56,6 +100,8 @@ def main() -> int:
         want = reference(model, tok)
         for fmt in ("nvfp4", "modelopt", "compressed-tensors"):
             out = fp4cupy.export(model, os.path.join(root, fmt), format=fmt, source_dir=src)
+            if fmt == "modelopt":
+                failures += check_modelopt_layout(out, "model.layers.0.self_attn.o_proj", 256, 256)
             llm = LLM(model=str(out), quantization="nvfp4", dtype="float32", enforce_eager=True, max_model_len=64,
                       gpu_memory_utilization=0.2, seed=0)
             res = llm.generate(PROMPTS, SamplingParams(max_tokens=NEW, temperature=0.0, logprobs=5, ignore_eos=True))
