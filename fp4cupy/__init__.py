@@ -16,7 +16,8 @@ from .tensor import FP4Tensor
 __version__ = "0.1.0"
 
 _TORCH_API = {"NVFP4Linear": "nn", "NVFP4LinearLayer": "nn", "quantize_model": "nn", "quantize_model_to_nvfp4": "nn",
-              "save": "checkpoint", "load": "checkpoint", "export": "interop", "import_checkpoint": "interop"}
+              "save": "checkpoint", "load": "checkpoint", "export": "interop", "import_checkpoint": "interop",
+              "calibrate": "interop"}
 
 
 def __getattr__(name):
@@ -32,7 +33,7 @@ __all__ = [
     "FORMATS", "FP4Tensor", "Format", "dequantize", "gemm", "get_compute_capability", "get_format",
     "has_hardware_acceleration", "include_dir", "linear", "prepare", "PreparedWeight", "quantize", "version",
     "NVFP4Linear", "NVFP4LinearLayer", "quantize_model", "quantize_model_to_nvfp4", "save", "load", "export",
-    "import_checkpoint",
+    "import_checkpoint", "calibrate",
 ]
 
 

@@ -45,7 +45,39 @@ def inverse_global_scale(g: float) -> float:
     return float(c)
 
 
-def _layer_tensors(name: str, m: NVFP4Linear, fmt: str) -> dict:
+def calibrate(model: nn.Module, batches, progress: bool = True) -> dict:
+    """Per-layer max |input| of every NVFP4Linear / nn.Linear over ``batches`` (each a tensor of
+    input ids, or a dict of model kwargs): the activation amax a W4A4 export needs."""
+    amax, hooks = {}, []
+
+    def hook(name):
+        def record(module, args):
+            a = float(args[0].detach().abs().max())
+            amax[name] = max(amax.get(name, 0.0), a)
+        return record
+
+    for name, m in model.named_modules():
+        if isinstance(m, (NVFP4Linear, nn.Linear)):
+            hooks.append(m.register_forward_pre_hook(hook(name)))
+    try:
+        items = batches
+        if progress:
+            try:
+                from tqdm.auto import tqdm
+
+                items = tqdm(batches, desc="calibrating", unit="batch")
+            except ImportError:
+                pass
+        with torch.no_grad():
+            for b in items:
+                model(**b) if isinstance(b, dict) else model(b)
+    finally:
+        for h in hooks:
+            h.remove()
+    return amax
+
+
+def _layer_tensors(name: str, m: NVFP4Linear, fmt: str, input_amax: float | None = None) -> dict:
     w = m.fp4_weight()
     data, scales = w.data.detach().cpu(), w.scales.detach().cpu()
     g = float(m.weight_global_scale)
@@ -57,30 +89,39 @@ def _layer_tensors(name: str, m: NVFP4Linear, fmt: str) -> dict:
     else:
         out = {"weight_packed": data, "weight_scale": scales.view(torch.float8_e4m3fn),
                "weight_global_scale": torch.tensor([inverse_global_scale(g)], dtype=torch.float32)}
+    if input_amax is not None and fmt != "nvfp4":  # W4A4: the activation's decode global scale (amax / 2688)
+        ga = float(np.float32(max(input_amax, 1e-30)) / np.float32(2688.0))
+        out["input_scale" if fmt == "modelopt" else "input_global_scale"] = (
+            torch.tensor(ga, dtype=torch.float32) if fmt == "modelopt"
+            else torch.tensor([inverse_global_scale(ga)], dtype=torch.float32))
     if m.bias is not None:
         out["bias"] = m.bias.detach().cpu()
     return {f"{name}.{k}": v.contiguous() for k, v in out.items()}
 
 
-def _quant_config(fmt: str, group_size: int, ignore: list) -> dict:
+def _quant_config(fmt: str, group_size: int, ignore: list, w4a4: bool = False) -> dict:
     if fmt == "nvfp4":
         return {"quant_method": "nvfp4", "group_size": group_size, "ignore": ignore, "producer": {"name": "fp4cupy", "version": __version__}}
     if fmt == "modelopt":
         # weight-only NVFP4; vLLM's ModelOpt loader reads quant_algo (W4A4 checkpoints say "NVFP4")
-        return {"quant_method": "modelopt", "quant_algo": "W4A16_NVFP4", "group_size": group_size,
+        return {"quant_method": "modelopt", "quant_algo": "NVFP4" if w4a4 else "W4A16_NVFP4", "group_size": group_size,
                 "exclude_modules": ignore, "ignore": ignore}
     scheme = {"num_bits": 4, "type": "float", "strategy": "tensor_group", "group_size": group_size,
               "symmetric": True, "dynamic": False}
     return {"quant_method": "compressed-tensors", "format": "nvfp4-pack-quantized", "quantization_status": "compressed",
-            "config_groups": {"group_0": {"targets": ["Linear"], "weights": scheme, "input_activations": None,
+            "config_groups": {"group_0": {"targets": ["Linear"], "weights": scheme,
+                                          "input_activations": dict(scheme, dynamic="local") if w4a4 else None,
                                           "output_activations": None, "format": "nvfp4-pack-quantized"}},
             "ignore": ignore}
 
 
-def export(model: nn.Module, out_dir, format: str = "nvfp4", source_dir=None, shard_bytes: int = SHARD_BYTES) -> Path:
+def export(model: nn.Module, out_dir, format: str = "nvfp4", source_dir=None, shard_bytes: int = SHARD_BYTES,
+           input_amax: dict | None = None) -> Path:
     """Write ``model`` (with NVFP4Linear layers) to ``out_dir`` as sharded safetensors in ``format``,
     plus config.json with its quantization_config (and hf_quant_config.json for modelopt). Tensors
-    are converted and written one shard at a time. Tokenizer files are copied from ``source_dir``."""
+    are converted and written one shard at a time. Tokenizer files are copied from ``source_dir``.
+    ``input_amax`` (from ``calibrate``) makes a W4A4 modelopt / compressed-tensors checkpoint with
+    static activation global scales (input_scale / input_global_scale)."""
     from safetensors.torch import save_file
 
     if format not in FORMATS:
@@ -117,14 +158,15 @@ def export(model: nn.Module, out_dir, format: str = "nvfp4", source_dir=None, sh
         if layer in layers:  # weight, weight_scale, weight_global_scale, bias: written together, converted
             if layer not in seen:
                 seen.add(layer)
-                add(_layer_tensors(layer, layers[layer], format))
+                add(_layer_tensors(layer, layers[layer], format, (input_amax or {}).get(layer)))
             continue
         add({key: value.detach().cpu().contiguous().clone()})
     flush()
     weight_map = {k: name for name, keys in shards for k in keys}
     (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
     ignore = sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear))
-    qcfg = _quant_config(format, 16 if format != "nvfp4" else next(iter(layers.values())).group_size, ignore)
+    qcfg = _quant_config(format, 16 if format != "nvfp4" else next(iter(layers.values())).group_size, ignore,
+                         w4a4=bool(input_amax) and format != "nvfp4")
     cfg = model.config.to_dict() if hasattr(model, "config") and hasattr(model.config, "to_dict") else {}
     cfg["quantization_config"] = qcfg
     (out / "config.json").write_text(json.dumps(cfg, indent=2, default=str))

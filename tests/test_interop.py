@@ -154,3 +154,23 @@ def test_vllm_plugin_imports_without_vllm_and_reads_the_three_configs(tmp_path):
         assert vllm_plugin.layout_of(cfg) == fmt
         assert vllm_plugin._group_size(cfg) == 16 and "lm_head" in vllm_plugin._ignored(cfg)
     assert vllm_plugin.layout_of({"quant_method": "gptq"}) is None
+
+
+def test_calibrated_w4a4_exports(tmp_path):
+    from safetensors import safe_open
+
+    model = tiny()
+    fp4cupy.quantize_model_to_nvfp4(model, progress=False)
+    amax = fp4cupy.calibrate(model, [torch.randint(0, 96, (1, 8)) for _ in range(3)], progress=False)
+    q = "model.layers.0.self_attn.q_proj"
+    assert amax[q] > 0 and len(amax) == 15  # 14 quantized + lm_head
+    out = fp4cupy.export(model, tmp_path / "mo", format="modelopt", input_amax=amax)
+    hf = json.loads((out / "hf_quant_config.json").read_text())
+    assert hf["quantization"]["quant_algo"] == "NVFP4"
+    with safe_open(str(next(out.glob("model-*.safetensors"))), "pt") as h:
+        assert float(h.get_tensor(f"{q}.input_scale")) == pytest.approx(amax[q] / 2688, rel=1e-6)
+    out = fp4cupy.export(model, tmp_path / "ct", format="compressed-tensors", input_amax=amax)
+    with safe_open(str(next(out.glob("model-*.safetensors"))), "pt") as h:
+        assert float(h.get_tensor(f"{q}.input_global_scale")[0]) == pytest.approx(2688 / amax[q], rel=1e-6)
+    back = fp4cupy.import_checkpoint(tiny(seed=2), out)  # activation scales are read past, weights load
+    assert isinstance(back.model.layers[0].self_attn.q_proj, fp4cupy.NVFP4Linear)
