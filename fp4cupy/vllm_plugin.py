@@ -15,10 +15,12 @@ from __future__ import annotations
 import fnmatch
 
 LAYOUTS = {  # checkpoint tensor names per layout, and whether the global scale is stored inverted
-    "nvfp4": dict(codes="weight", scales="weight_scale", g="weight_global_scale", fp8_scales=False, inverse=False),
-    "modelopt": dict(codes="weight", scales="weight_scale", g="weight_scale_2", fp8_scales=True, inverse=False),
+    "nvfp4": dict(codes="weight", scales="weight_scale", g="weight_global_scale", fp8_scales=False, inverse=False,
+                  act="input_scale"),
+    "modelopt": dict(codes="weight", scales="weight_scale", g="weight_scale_2", fp8_scales=True, inverse=False,
+                     act="input_scale"),
     "compressed-tensors": dict(codes="weight_packed", scales="weight_scale", g="weight_global_scale", fp8_scales=True,
-                               inverse=True),
+                               inverse=True, act="input_global_scale"),
 }
 NAMES = ("nvfp4", "fp4cupy")
 
@@ -40,6 +42,13 @@ def _group_size(cfg: dict) -> int:
         if (group.get("weights") or {}).get("group_size"):
             return int(group["weights"]["group_size"])
     return int(cfg.get("group_size") or (cfg.get("quantization") or {}).get("group_size") or 16)
+
+
+def _w4a4(cfg: dict) -> bool:
+    """Whether the checkpoint carries static activation scales (W4A4)."""
+    algo = str(cfg.get("quant_algo") or (cfg.get("quantization") or {}).get("quant_algo") or "")
+    acts = [g.get("input_activations") for g in (cfg.get("config_groups") or {}).values()]
+    return algo.upper() == "NVFP4" or any(a and not a.get("dynamic") is True for a in acts)
 
 
 def _ignored(cfg: dict) -> list:
@@ -70,8 +79,8 @@ if QuantizationConfig is not None:
                            params_dtype, **extra_weight_attrs):
             gs, k, n = self.config.group_size, input_size_per_partition, sum(output_partition_sizes)
             if k % gs:
-                raise ValueError(f"fp4cupy: a linear layer of {input_size} inputs split {input_size // k} ways has "
-                                 f"{k} inputs per shard, not a multiple of group_size={gs}")
+                raise ValueError(f"fp4cupy: layer {getattr(layer, 'prefix', '?')!r} has {input_size} inputs split "
+                                 f"{input_size // k} ways: {k} per shard, not a multiple of group_size={gs}")
             loader = extra_weight_attrs["weight_loader"]
             scale_dtype = torch.float8_e4m3fn if self.names["fp8_scales"] else torch.uint8
             layer.register_parameter(self.names["codes"], ModelWeightParameter(
@@ -80,6 +89,9 @@ if QuantizationConfig is not None:
                 data=torch.empty(n, k // gs, dtype=scale_dtype), input_dim=1, output_dim=0, weight_loader=loader))
             layer.register_parameter(self.names["g"], PerTensorScaleParameter(
                 data=torch.ones(len(output_partition_sizes), dtype=torch.float32), weight_loader=loader))
+            if self.config.w4a4:  # static activation scales of W4A4 checkpoints: loaded, unused (weight-only)
+                layer.register_parameter(self.names["act"], PerTensorScaleParameter(
+                    data=torch.ones(len(output_partition_sizes), dtype=torch.float32), weight_loader=loader))
             layer.fp4_partitions, layer.fp4_k = list(output_partition_sizes), k
 
         def process_weights_after_loading(self, layer) -> None:
@@ -104,9 +116,9 @@ if QuantizationConfig is not None:
     class FP4CupyConfig(QuantizationConfig):
         name = "nvfp4"
 
-        def __init__(self, layout: str = "nvfp4", group_size: int = 16, ignore=()):
+        def __init__(self, layout: str = "nvfp4", group_size: int = 16, ignore=(), w4a4: bool = False):
             super().__init__()
-            self.layout, self.group_size, self.ignore = layout, group_size, list(ignore)
+            self.layout, self.group_size, self.ignore, self.w4a4 = layout, group_size, list(ignore), w4a4
 
         def get_name(self):
             return self.name
@@ -127,7 +139,7 @@ if QuantizationConfig is not None:
             layout = layout_of(config)
             if layout is None:
                 raise ValueError(f"fp4cupy: not an NVFP4 quantization_config: {config}")
-            return cls(layout, _group_size(config), _ignored(config))
+            return cls(layout, _group_size(config), _ignored(config), _w4a4(config))
 
         @classmethod
         def override_quantization_method(cls, hf_quant_cfg, user_quant, hf_config=None):

