@@ -20,16 +20,24 @@ __device__ __forceinline__ u32 scale_byte(const u8* scales, int n, int kg, int r
     return r < n ? scales[(i64)r * kg + col / gs] : 0u;
 }
 
+// Which rows and columns the lane slot ``idx`` of the code layout holds: rows r0 and r0 + 8,
+// columns col .. col + 15 (idx = ((tile * K/64 + chunk) * 32 + lane), lane = 4g + q).
+struct LaneSlot {
+    int r0, col;
+    __device__ LaneSlot(i64 idx, int k) {
+        const int lane = (int)(idx & 31), nchunks = k / 64;
+        const i64 rest = idx >> 5;
+        r0 = (int)((rest / nchunks) * 16) + (lane >> 2);
+        col = (int)(rest % nchunks) * 64 + 16 * (lane & 3);
+    }
+};
+
 extern "C" __global__ void w4_repack_codes(const u8* __restrict__ data, const u8* __restrict__ scales,
                                            uint4* __restrict__ out, int n, int k, int gs, i64 total) {
     const i64 idx = blockIdx.x * (i64)blockDim.x + threadIdx.x;
     if (idx >= total) return;
-    const int lane = (int)(idx & 31), nchunks = k / 64;
-    const i64 rest = idx >> 5;
-    const int chunk = (int)(rest % nchunks);
-    const i64 tile = rest / nchunks;
-    const int g = lane >> 2, q = lane & 3;
-    const int r0 = (int)(tile * 16) + g, r1 = r0 + 8, col = chunk * 64 + 16 * q;
+    const LaneSlot at(idx, k);
+    const int r0 = at.r0, r1 = at.r0 + 8, col = at.col;
     const int kg = k / gs;
     u8 a[8] = {0, 0, 0, 0, 0, 0, 0, 0}, b[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     // 16 codes of each row (8 bytes), zero where the row is padding or its block scale is 0
@@ -72,12 +80,8 @@ extern "C" __global__ void w4_unrepack_codes(const uint4* __restrict__ codes, u8
                                              int n, int k, i64 total) {
     const i64 idx = blockIdx.x * (i64)blockDim.x + threadIdx.x;
     if (idx >= total) return;
-    const int lane = (int)(idx & 31), nchunks = k / 64;
-    const i64 rest = idx >> 5;
-    const int chunk = (int)(rest % nchunks);
-    const i64 tile = rest / nchunks;
-    const int g = lane >> 2, q = lane & 3;
-    const int r0 = (int)(tile * 16) + g, r1 = r0 + 8, col = chunk * 64 + 16 * q;
+    const LaneSlot at(idx, k);
+    const int r0 = at.r0, r1 = at.r0 + 8, col = at.col;
     const uint4 v = codes[idx];
     const u32 w[4] = {v.x, v.y, v.z, v.w};
     u32 a[2] = {0, 0}, b[2] = {0, 0};  // 16 codes of rows r0 and r1, element 2i in the low nibble
