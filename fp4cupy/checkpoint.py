@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from . import __version__
-from .nn import NVFP4Linear
+from .nn import NVFP4Linear, replace_module
 
 META_LAYERS = "fp4cupy.layers"
 
@@ -60,7 +60,6 @@ def load(path, model: nn.Module | None = None, device="cpu", strict: bool = True
         layer = NVFP4Linear(spec["in_features"], spec["out_features"], spec["group_size"], spec["bias"], spec["fmt"],
                             device=ref.device if ref is not None else None,
                             dtype=ref.dtype if ref is not None and ref.is_floating_point() else torch.bfloat16)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, layer)
+        replace_module(model, name, layer)
     model.load_state_dict(state, strict=strict)
     return model

@@ -34,9 +34,6 @@ def repack(w: FP4Tensor):
     uint8 [T, K/16, 8, 2]) with T = ceil(N/16) rounded up to a multiple of 4 (zero rows)."""
     lib = _Lib(w.data)
     n, k = w.shape
-    if bool((w.scales >= 128).any()):
-        raise ValueError("prepare: the weight has negative E4M3 block scales; fp4cupy never writes them "
-                         "and the fast kernel does not take them")
     tiles = -(-n // (TILE_ROWS * TILE_PAD)) * TILE_PAD
     codes = lib.empty((tiles, k // 64, 32, 16), "uint8")
     scale_codes = lib.empty((tiles, k // 16, 8, 2), "uint8")

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from . import __version__
-from .nn import NVFP4Linear
+from .nn import NVFP4Linear, replace_module
 
 FORMATS = ("nvfp4", "modelopt", "compressed-tensors")
 SHARD_BYTES = 2 * 2**30
@@ -214,8 +214,7 @@ def import_checkpoint(model: nn.Module, src_dir, strict: bool = True) -> nn.Modu
         if not isinstance(cur, NVFP4Linear):
             layer = NVFP4Linear(cur.in_features, cur.out_features, 16, cur.bias is not None,
                                 device=cur.weight.device, dtype=cur.weight.dtype)
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, layer)
+            replace_module(model, name, layer)
     state = {}
     for f in files:
         with safe_open(str(f), "pt") as h:

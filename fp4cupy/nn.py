@@ -202,6 +202,12 @@ def _tied(model: nn.Module) -> set[int]:
     return tied
 
 
+def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` where ``model.get_submodule(name)`` is."""
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
 class QuantizationReport(list):
     """One dict per nn.Linear met: name, shape, bytes_before, bytes_after, rel_error (Frobenius error
     of the dequantized weight) and, where left alone, 'skipped' with the reason. ``.model`` is the
@@ -257,8 +263,7 @@ def quantize_model(model: nn.Module, fmt: str = "nvfp4", group_size: int = 16, r
         entry.update(bytes_after=layer.weight_nbytes(), rel_error=float(err))
         entries.append(entry)
         if replace_linear:
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, layer)
+            replace_module(model, name, layer)
     return QuantizationReport(entries, model)
 
 

@@ -78,6 +78,9 @@ def prepare(w: FP4Tensor) -> PreparedWeight:
     reason = fast_path_reason(w)
     if reason is not None:
         return PreparedWeight(w, None, None, "dequantize", reason)
+    if bool((w.scales >= 128).any()):  # the sign bit of E4M3 (numpy, torch and CuPy alike)
+        raise ValueError("prepare: the weight has negative E4M3 block scales; fp4cupy never writes them "
+                         "and the fast kernel does not take them")
     if arrays.is_cuda(w.data):
         from . import cuda_linear
 
@@ -85,16 +88,9 @@ def prepare(w: FP4Tensor) -> PreparedWeight:
     else:
         n, k = w.shape
         data, scales = arrays.to_numpy(w.data), arrays.to_numpy(w.scales)
-        _check_scales(scales)
         codes = arrays.numpy_to(repack_codes(data, scales, n, k, w.group_size).view(np.uint8), w.library)
         scale_codes = arrays.numpy_to(repack_scales(scales, n, k, w.group_size), w.library)
     return PreparedWeight(w, codes, scale_codes, "mma", None)
-
-
-def _check_scales(scales: np.ndarray) -> None:
-    if (scales & 0x80).any():
-        raise ValueError("prepare: the weight has negative E4M3 block scales; fp4cupy never writes them "
-                         "and the fast kernel does not take them")
 
 
 def _nbytes(a) -> int:

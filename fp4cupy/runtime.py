@@ -225,12 +225,6 @@ class Launcher:
             b = self._local.block = (buf, params, ctypes.addressof(params))
         return b
 
-    def set_max_shared(self, nbytes: int) -> None:
-        """Allow ``nbytes`` of dynamic shared memory (above 48 KB needs this once per kernel)."""
-        from cupy.cuda import driver
-
-        driver.funcSetAttribute(self.fn.ptr, driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, nbytes)
-
     def __call__(self, grid, threads: int, shared: int, stream_ptr: int, *args):
         block = getattr(self._local, "block", None) or self._block()
         struct.pack_into(self._fmt, block[0], 0, *args)

@@ -102,3 +102,13 @@ def test_unpack_inverts_the_repack(rng, n, k, gs):
     pw = fp4cupy.prepare(w)
     np.testing.assert_array_equal(prepared.unpack_codes(pw.codes, n, k), w.data)
     np.testing.assert_array_equal(prepared.unpack_scales(pw.scale_codes, n, k, gs), w.scales)
+
+
+def test_prepare_rejects_negative_scales_and_non_weights(rng):
+    w = _weight(rng, 16, 64)
+    scales = w.scales.copy()
+    scales[0, 0] |= 0x80
+    with pytest.raises(ValueError, match="negative E4M3 block scales"):
+        fp4cupy.prepare(fp4cupy.FP4Tensor(w.data, scales, w.global_scale, (16, 64)))
+    with pytest.raises(TypeError, match="2-D FP4Tensor"):
+        fp4cupy.prepare(fp4cupy.quantize(rng.standard_normal((2, 4, 64)).astype(np.float32)))

@@ -154,3 +154,12 @@ def test_other_transformers_architectures(arch):
     assert len(done) >= 2 * 6 and 0 < rel(after, before) < 0.3
     biased = [m for m in model.modules() if isinstance(m, fp4cupy.NVFP4Linear) and m.bias is not None]
     assert biased  # Qwen2's q/k/v and BERT's layers carry a bias
+
+
+def test_layer_constructors_reject_what_they_cannot_take():
+    with pytest.raises(TypeError, match="from_float takes an nn.Linear"):
+        fp4cupy.NVFP4Linear.from_float(torch.nn.Conv1d(4, 4, 1))
+    with pytest.raises(ValueError, match="the layer is 64 -> 32 but the nn.Linear is 32 -> 64"):
+        fp4cupy.NVFP4LinearLayer(64, 32).from_float(torch.nn.Linear(32, 64))
+    with pytest.raises(TypeError, match="from_fp4 takes a 2-D FP4Tensor of torch tensors"):
+        fp4cupy.NVFP4Linear.from_fp4(fp4cupy.quantize(np.ones((4, 32), np.float32)))
