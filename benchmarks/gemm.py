@@ -35,7 +35,7 @@ def linear_rows(dtype=torch.float16, shapes=SHAPES, ms=MS):
         for m in ms:
             x = torch.randn(m, k, device="cuda", dtype=dtype)
             r = graph_compare(lambda i: F.linear(x, dense[i % 3]), lambda i: fp4cupy.linear(x, prep[i % 3]))
-            path = cuda_linear.plan(n, k, m, dtype == torch.bfloat16, 0).name if m <= cuda_linear.MMA_MAX_M else "dequantize+cuBLAS"
+            path = kernel_used(n, k, m, dtype == torch.bfloat16)
             alt = "-"
             if m == 128:  # the other path, to place the M threshold
                 saved, cuda_linear.MMA_MAX_M = cuda_linear.MMA_MAX_M, 0
@@ -49,6 +49,15 @@ def linear_rows(dtype=torch.float16, shapes=SHAPES, ms=MS):
         del dense, prep
         torch.cuda.empty_cache()
     return rows
+
+
+def kernel_used(n, k, m, bf16):
+    if m > cuda_linear.MMA_MAX_M:
+        return "dequantize+cuBLAS"
+    if m >= cuda_linear.WG_MIN_M and cuda_linear._wg_ok(0):
+        p = cuda_linear.wg_plan(n, k, m, bf16, 0)
+        return f"{p.name} grid {p.grid[0]}x{p.grid[1]}"
+    return cuda_linear.plan(n, k, m, bf16, 0).name
 
 
 def gemm_row(size=8192):

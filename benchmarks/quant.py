@@ -18,6 +18,7 @@ import fp4cupy  # noqa: E402
 from timing import Rotating, card, compare, host_us  # noqa: E402
 
 SHAPES = ((8192, 8192), (28672, 8192))
+INNER = 20  # calls per timed sample: the time of a call in a stream of calls, as a model's layers quantize
 
 
 def torch_reference_quantize(x: torch.Tensor, gs: int = 16):
@@ -72,7 +73,7 @@ def main():
         dst = torch.empty(n, k, device="cuda", dtype=torch.bfloat16)
         in_b, data_b, sc_b = n * k * 2, n * k // 2, n * k // 16
         q_bytes = in_b + data_b + sc_b
-        copy = compare(lambda: dst.copy_(xs.next()), lambda: dst.copy_(xs.next()))
+        copy = compare(lambda: dst.copy_(xs.next()), lambda: dst.copy_(xs.next()), inner=INNER)
         copy_tbs = 2 * in_b / copy["ours_ms"] / 1e9
         g = float(xs.items[0].float().abs().max()) / 2688
         ts = Rotating(fp4cupy.quantize(x) for x in xs.items)
@@ -85,7 +86,7 @@ def main():
             ("dequantize -> bf16", lambda: fp4cupy.dequantize(ts.next(), dtype=torch.bfloat16), None, data_b + sc_b + in_b),
         )
         for name, ours, vs_peer, nbytes in ops:
-            r = compare(vs_peer or (lambda: dst.copy_(xs.next())), ours)
+            r = compare(vs_peer or (lambda: dst.copy_(xs.next())), ours, inner=INNER)
             tbs = nbytes / r["ours_ms"] / 1e9
             vs = f"{r['ratio']:.2f}x ({r['lo']:.2f}-{r['hi']:.2f})" if vs_peer else "-"
             rows.append((f"{n}x{k}", name, r["ours_ms"], tbs, 100 * tbs / copy_tbs, vs))
@@ -99,7 +100,8 @@ def main():
     print("|---|---|---|---|---|---|")
     for s, name, ms, tbs, pct, vs in rows:
         print(f"| {s} | {name} | {ms:.3f} | {tbs:.2f} | {pct:.0f}% | {vs} |")
-    print(f"\nTB/s = (input + packed codes + scales) / time. Cold compile + load of all kernels with an empty cache: "
+    print(f"\nEach sample times {INNER} back-to-back calls of one side (peers alike), samples alternate.")
+    print(f"TB/s = (input + packed codes + scales) / time. Cold compile + load of all kernels with an empty cache: "
           f"{cold:.2f} s; first call with a warm cache: {warm:.3f} s")
     print("\n| host time per call, bf16 [16, 256] | µs |\n|---|---|")
     for name, us in host.items():

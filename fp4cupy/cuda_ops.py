@@ -70,12 +70,7 @@ class _Lib:
     def launch(self, filename, name, grid, args):
         """Launch ``name`` with THREADS threads a block on the call's stream. ``args``: Python ints
         (pointers, int64), np.int32 and np.float32 values, in the kernel's parameter order."""
-        key = (filename, name, self.device)
-        launch = _LAUNCHERS.get(key)
-        if launch is None:
-            signature = "".join("i" if isinstance(a, np.int32) else "f" if isinstance(a, np.float32) else "q" for a in args)
-            launch = _LAUNCHERS[key] = runtime.launcher(filename, name, self.device, signature)
-        launch(int(grid), THREADS, 0, self.stream.ptr, *args)
+        _launch_raw(self.device, self.stream.ptr, filename, name, grid, args)
 
     def read_back_async(self, a) -> "_ReadBack":
         """Start copying the small device array ``a`` to pinned host memory on the call's stream."""
@@ -180,6 +175,104 @@ def quantize(x, f: Format, gs: int, mode: str, global_scale, shape, nonfinite="r
     else:
         g_host = g_given or None
     return FP4Tensor._from_kernel(data, scales, g_out, g_host, shape, f.name, gs)
+
+
+_T = {}  # torch, its dtypes -> kernel suffix, uint8 (filled on the first torch call)
+
+
+def _torch_names():
+    if not _T:
+        import torch
+
+        _T.update(torch=torch, suffix={torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"},
+                  u8=torch.uint8, i64=torch.int64, f32=torch.float32)
+    return _T
+
+
+_SCRATCH: dict = {}  # device -> a status buffer that nobody reads (one-pass 'mark' calls)
+
+
+def quantize_torch(x, f: Format, gs: int, mode: str, global_scale, nonfinite: str):
+    """The host-lean path of ``quantize`` for a contiguous, 16-byte aligned CUDA torch tensor whose
+    last axis is a multiple of ``gs``: the same kernels with fewer allocations (no status buffer
+    at all for a one-pass 'mark' call) and no generic dispatch. None when a precondition fails."""
+    t = _torch_names()
+    torch = t["torch"]
+    suffix = t["suffix"].get(x.dtype)
+    shape = x.shape
+    kk = shape[-1]
+    if suffix is None or kk % gs or not x.is_contiguous() or x.data_ptr() & 15:
+        return None
+    dev = x.get_device()
+    stream = _torch_stream_ptr(torch, dev)
+    n = x.numel()
+    ngroups = n // gs
+    lead = shape[:-1]
+    data = x.new_empty(lead + (kk // 2,), dtype=t["u8"])
+    scales = x.new_empty(lead + (kk // gs,), dtype=t["u8"])
+    amax_pass = f.global_scale and global_scale is None
+    check = nonfinite == "raise" and not torch.cuda.is_current_stream_capturing()
+    if amax_pass or check:
+        status = x.new_empty(4, dtype=t["i64"])
+        _cupy_runtime().memsetAsync(status.data_ptr(), 0, 32, stream)
+        status_ptr = status.data_ptr()
+    else:
+        status_ptr = _scratch(torch, dev)
+    g_out = x.new_empty((), dtype=t["f32"]) if f.global_scale else None
+    readback = None
+    if amax_pass:
+        grid = max(1, min(-(-n * x.element_size() // (16 * THREADS)), _sm_count(dev) * 8))
+        _launch_raw(dev, stream, "quantize.cu", f"fp4_amax_{suffix}", grid, (x.data_ptr(), n, status_ptr))
+        if check:
+            readback = _ReadBack(_RawLib(dev, stream), status)
+    name = f"{f.name}_quantize_g{gs}_{suffix}" if f.name == "nvfp4" else f"{f.name}_{mode}_quantize_g{gs}_{suffix}"
+    g_given = float(np.float32(global_scale)) if global_scale is not None else 0.0
+    _launch_raw(dev, stream, "quantize.cu", name, -(-ngroups // THREADS),
+                (x.data_ptr(), data.data_ptr(), scales.data_ptr(), np.float32(g_given), status_ptr,
+                 0 if g_out is None else g_out.data_ptr(), ngroups, np.int32(not amax_pass)))
+    if check:
+        readback = readback or _ReadBack(_RawLib(dev, stream), status)
+        _raise_if_nonfinite(readback.result(np.int64), x, tuple(shape))
+    if g_out is None:
+        g_out, g_host = np.float32(1.0), 1.0
+    else:
+        g_host = g_given or None
+    return FP4Tensor._from_kernel(data, scales, g_out, g_host, tuple(shape), f.name, gs)
+
+
+class _RawLib:
+    """What ``_ReadBack`` needs of a ``_Lib``: a torch tensor's device and a raw stream."""
+
+    torch = True
+
+    def __init__(self, device: int, stream: int):
+        self.device, self.stream = device, _external_stream(stream)
+
+    @staticmethod
+    def ptr(a) -> int:
+        return a.data_ptr()
+
+
+def _cupy_runtime():
+    import cupy
+
+    return cupy.cuda.runtime
+
+
+def _scratch(torch, device: int) -> int:
+    buf = _SCRATCH.get(device)
+    if buf is None:
+        buf = _SCRATCH[device] = torch.zeros(4, dtype=torch.int64, device=f"cuda:{device}")
+    return buf.data_ptr()
+
+
+def _launch_raw(device: int, stream: int, filename: str, name: str, grid: int, args):
+    key = (filename, name, device)
+    launch = _LAUNCHERS.get(key)
+    if launch is None:
+        signature = "".join("i" if isinstance(a, np.int32) else "f" if isinstance(a, np.float32) else "q" for a in args)
+        launch = _LAUNCHERS[key] = runtime.launcher(filename, name, device, signature)
+    launch(int(grid), THREADS, 0, stream, *args)
 
 
 def _raise_if_nonfinite(status: np.ndarray, x, shape):

@@ -83,13 +83,17 @@ def quantize(x, fmt="nvfp4", group_size=None, *, scale_mode=None, global_scale=N
     f = get_format(fmt)
     gs = f.check_group_size(group_size)
     mode = f.check_scale_mode(scale_mode)
-    x = check_float_input(x)
     if global_scale is not None:
         if not f.global_scale:
             raise ValueError(f"{f.name} has no global scale; global_scale must be None")
         g = float(global_scale)
-        if not (np.isfinite(g) and g > 0):
+        if not (math.isfinite(g) and g > 0):
             raise ValueError(f"global_scale must be a positive finite number; got {global_scale!r}")
+    if arrays.is_torch(x) and x.is_cuda and x.ndim and x.numel():  # the host-lean path, None if it declines
+        t = _cuda_ops().quantize_torch(x, f, gs, mode, global_scale, nonfinite)
+        if t is not None:
+            return t
+    x = check_float_input(x)
     shape = tuple(int(s) for s in x.shape)
     if shape[-1] % gs and not pad:
         raise ValueError(

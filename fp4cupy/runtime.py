@@ -216,6 +216,13 @@ class Launcher:
         self._size = max(struct.calcsize(self._fmt), 8)
         self._local = threading.local()
 
+    def allow_shared(self, nbytes: int) -> "Launcher":
+        """Let launches use ``nbytes`` of dynamic shared memory (above 48 KiB needs this opt-in)."""
+        driver = _cupy().cuda.driver
+        with _cupy().cuda.Device(self.device):
+            driver.funcSetAttribute(self._ptr, driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, int(nbytes))
+        return self
+
     def _block(self):
         b = getattr(self._local, "block", None)
         if b is None:

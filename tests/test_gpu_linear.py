@@ -77,6 +77,24 @@ def test_every_kernel_variant(variant, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n,k", [(1000, 64 * 13), (1000, 192), (300, 64 * 40)])
+def test_warpgroup_kernel_with_and_without_split_k(n, k, dtype):
+    """w4a16_wgmma.cu (sm_90a): 64 and 128 token columns, ragged N, K split over 3 or 10 blocks or not."""
+    if not cuda_linear._wg_ok(0):
+        pytest.skip("the warpgroup-MMA kernel needs sm_90a")
+    g = gen(n + k)
+    pw = fp4cupy.prepare(fp4cupy.quantize(torch.randn(n, k, device="cuda", generator=g) * 3))
+    bias = torch.randn(n, device="cuda", generator=g).to(dtype)
+    for m in (17, 64, 65, 128):
+        p = cuda_linear.wg_plan(n, k, m, dtype == torch.bfloat16, 0)
+        assert p.name.startswith(f"w4a16_wg_nt{64 if m <= 64 else 128}")
+        x = torch.randn(m, k, device="cuda", generator=g).to(dtype)
+        assert rel(fp4cupy.linear(x, pw), reference(x, pw.weight)) <= TOL[dtype], (m, p)
+        assert rel(fp4cupy.linear(x, pw, bias), reference(x, pw.weight, bias)) <= TOL[dtype], (m, p)
+    assert cuda_linear.wg_plan(n, k, 128, False, 0).split == (k > 192)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_one_hot_rows_read_back_the_weight_exactly(dtype):
     """x = rows of the identity: y = deq(W) columns, each one product and one rounding — any decode,
     scale or layout slip (e.g. a flushed +-0.5 subnormal) shows as an exact mismatch."""
@@ -85,7 +103,7 @@ def test_one_hot_rows_read_back_the_weight_exactly(dtype):
                          * torch.exp(2 * torch.randn(96, 1, device="cuda", generator=g)))
     eye = torch.eye(256, device="cuda", dtype=dtype)
     pw = fp4cupy.prepare(w)
-    for rows in (slice(0, 1), slice(0, 16), slice(100, 164)):
+    for rows in (slice(0, 1), slice(0, 16), slice(100, 164), slice(3, 131)):  # 64, 128 rows: wgmma on sm_90a
         y = fp4cupy.linear(eye[rows], pw)
         want = fp4cupy.dequantize(w).T[rows].to(dtype)
         torch.testing.assert_close(y, want, rtol=0, atol=0)

@@ -1,0 +1,48 @@
+// w4a16_decode.cuh - the in-register decode shared by the W4A16 kernels (w4a16.cu, w4a16_wgmma.cu):
+// 8 repacked E2M1 codes -> the 4 A registers of one m16n8k16 fragment (see prepare.cu for the
+// nibble order), and the block-scale multiply that makes them e2m1 * s * 2^-14 exactly.
+#pragma once
+#include "common.cuh"
+
+template <bool BF16> struct Act;
+template <> struct Act<false> { typedef __half T; };
+template <> struct Act<true> { typedef __nv_bfloat16 T; };
+
+// 8 codes (repacked order) -> A registers {H0, H1, H2, H3}, before the scale.
+__device__ __forceinline__ void decode_f16(u32 u, u32 (&a)[4]) {
+    // fp16 high bytes (sign at bit 7, magnitude at bits 1-3) of the codes in the low / high nibbles
+    const u32 lo = ((u << 1) & 0x0E0E0E0Eu) | ((u << 4) & 0x80808080u);
+    const u32 hi = ((u >> 3) & 0x0E0E0E0Eu) | (u & 0x80808080u);
+    a[0] = __byte_perm(lo, 0u, 0x2404);
+    a[1] = __byte_perm(lo, 0u, 0x3414);
+    a[2] = __byte_perm(hi, 0u, 0x2404);
+    a[3] = __byte_perm(hi, 0u, 0x3414);
+}
+
+__device__ __forceinline__ void decode_bf16(u32 u, u32 (&a)[4]) {
+    // a nibble n at bits 0-3 (and 16-19): n * (2^6 + 2^12) puts its magnitude at bits 6-8 and its sign at 15
+    a[0] = ((u & 0x000F000Fu) * 0x1040u) & 0x81C081C0u;
+    a[1] = (((u >> 8) & 0x000F000Fu) * 0x1040u) & 0x81C081C0u;
+    a[2] = (((u >> 4) & 0x000F000Fu) * 0x1040u) & 0x81C081C0u;
+    a[3] = (((u >> 12) & 0x000F000Fu) * 0x1040u) & 0x81C081C0u;
+}
+
+template <bool BF16> __device__ __forceinline__ u32 scale_pair(u32 code) {
+    return BF16 ? code * 0x00100010u + 0x70007000u : code * 0x00800080u;
+}
+
+template <bool BF16> __device__ __forceinline__ u32 mul2(u32 a, u32 b) {
+    u32 d;
+    if (BF16) asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(0x80008000u));  // + -0: exact
+    else asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
+    return d;
+}
+
+template <bool BF16> __device__ __forceinline__ void mma(float (&c)[4], const u32 (&a)[4], u32 b0, u32 b1) {
+    if (BF16)
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3]) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    else
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3]) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}

@@ -1,0 +1,216 @@
+// w4a16_wgmma.cu - y[M, N] = x[M, K] @ W^T * g (+ bias) for 16 < M <= 128 tokens on sm_90a:
+// warpgroup MMA (wgmma.m64nNTk16) with the weight decoded in registers as the A operand.
+//
+// Roles: y^T = W x^T. A warpgroup owns 64 rows of W (its 4 warps one 16-row tile each, in the
+// repack of prepare.cu, decoded exactly as in w4a16.cu to e2m1 * s * 2^-14) and all NT tokens:
+// wgmma.m64nNTk16 with A from registers and B = x^T from shared memory, FP32 accumulators.
+// A block is WGS warpgroups (64 * WGS rows) sharing each x chunk; grid.y splits K.
+//
+// x in shared memory: per 64-wide K chunk, the K order of the repack (logical column c of k-tile t
+// is x column 16 * (c % 8 / 2) + 4 t + c % 2 + 2 (c / 8)) is built by 4-byte cp.async copies into
+// wgmma's no-swizzle K-major layout: core matrix (p = 2 t + c / 8, token group tg) of 8 tokens x
+// 16 bytes at byte p * LBO + tg * 128 (LBO = NT * 16 + 16), word q of a row holding x columns
+// 16 q + 2 p, +1. Weights and scale codes stream through the same cp.async pipeline, WG_STAGES
+// deep (each thread reads back only what it copied).
+//
+// Split K (grid.y > 1) adds FP32 partial sums into ws[M, N] (zeroed by the caller), and
+// w4a16_finish_<dtype> scales, adds the bias and rounds. Off sm_90a the kernels trap.
+#include "w4a16_decode.cuh"
+
+#define WG_STAGES 5
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+__device__ __forceinline__ void cp_async4(u32 dst, const void* src, int src_bytes) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(dst), "l"(src), "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async16(u32 dst, const void* src) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
+template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N)); }
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
+template <int N> __device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory"); }
+
+// shared-memory matrix descriptor, no swizzle: start, LBO (next core matrix along K), SBO (along N)
+__device__ __forceinline__ u64 smem_desc(u32 addr, u32 lbo, u32 sbo) {
+    return (u64)((addr & 0x3FFFFu) >> 4) | ((u64)(lbo >> 4) << 16) | ((u64)(sbo >> 4) << 32);
+}
+
+#define WG_D32 "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
+               "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
+#define WG_D64 WG_D32 ", %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, " \
+               "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+#define WG_F8(i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]), "+f"(d[i + 6]), "+f"(d[i + 7])
+#define WG_F32 WG_F8(0), WG_F8(8), WG_F8(16), WG_F8(24)
+#define WG_F64 WG_F32, WG_F8(32), WG_F8(40), WG_F8(48), WG_F8(56)
+#define WG_MMA(N, TY, DL, A0, DESC, ONE)                                                              \
+    "{.reg .pred p; setp.ne.b32 p, " ONE ", 0; wgmma.mma_async.sync.aligned.m64n" #N "k16.f32." TY "." TY \
+    " {" DL "}, {" A0 "}, " DESC ", p, 1, 1, 0;}"
+
+// d (+)= A (64 x 16, registers) * B (16 x NT, shared memory via desc)
+template <bool BF16, int NT> __device__ __forceinline__ void wgmma(float (&d)[NT / 2], const u32 (&a)[4], u64 desc);
+template <> __device__ __forceinline__ void wgmma<false, 128>(float (&d)[64], const u32 (&a)[4], u64 desc) {
+    asm volatile(WG_MMA(128, "f16", WG_D64, "%64, %65, %66, %67", "%68", "%69")
+                 : WG_F64 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1));
+}
+template <> __device__ __forceinline__ void wgmma<true, 128>(float (&d)[64], const u32 (&a)[4], u64 desc) {
+    asm volatile(WG_MMA(128, "bf16", WG_D64, "%64, %65, %66, %67", "%68", "%69")
+                 : WG_F64 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1));
+}
+template <> __device__ __forceinline__ void wgmma<false, 64>(float (&d)[32], const u32 (&a)[4], u64 desc) {
+    asm volatile(WG_MMA(64, "f16", WG_D32, "%32, %33, %34, %35", "%36", "%37")
+                 : WG_F32 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1));
+}
+template <> __device__ __forceinline__ void wgmma<true, 64>(float (&d)[32], const u32 (&a)[4], u64 desc) {
+    asm volatile(WG_MMA(64, "bf16", WG_D32, "%32, %33, %34, %35", "%36", "%37")
+                 : WG_F32 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1));
+}
+#endif
+
+template <bool BF16, int NT>
+__device__ void w4a16_wg_body(const uint4* __restrict__ wq, const unsigned short* __restrict__ sq,
+                              const typename Act<BF16>::T* __restrict__ x, typename Act<BF16>::T* __restrict__ y,
+                              float* __restrict__ ws, const typename Act<BF16>::T* __restrict__ bias,
+                              const float* __restrict__ g_ptr, int m, int n, int k, int chunks_per_split,
+                              int lbo, int sbo) {
+#if !defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    __trap();  // wgmma needs sm_90a; other GPUs take w4a16.cu or dequantize + cuBLAS
+#else
+    typedef typename Act<BF16>::T T;
+    extern __shared__ __align__(128) unsigned char smem[];
+    const int x_bytes = 8 * lbo;  // one chunk of x: 8 core-matrix columns of NT tokens (+ padding)
+    const int tid = threadIdx.x, nthreads = blockDim.x, lane = tid & 31, warp = tid >> 5, nwarps = nthreads >> 5;
+    const int wg = warp >> 2, g = lane >> 2, q = lane & 3;
+    const int row0 = (blockIdx.x * (nthreads >> 7) + wg) * 64;  // this warpgroup's first row
+    // A warpgroup past N computes on the last 64 rows (every warp runs the same wgmmas: no
+    // divergent path around them) and stores nothing. An odd chunk count gets one more chunk of
+    // zero x (its weights are the last real chunk's), so chunks run in pairs.
+    const int tile = min(row0, (n - 1) / 64 * 64) / 16 + (warp & 3);  // this warp's 16-row tile
+    const int nchunks = k >> 6, c0 = blockIdx.y * chunks_per_split;
+    const int nloc = min(nchunks - c0, chunks_per_split), npairs = (nloc + 1) >> 1;
+    const u32 base = (u32)__cvta_generic_to_shared(smem);
+    const u32 w_base = base + WG_STAGES * x_bytes, s_base = w_base + WG_STAGES * nthreads * 16;
+    const uint4* wsrc = wq + (i64)tile * nchunks * 32 + lane;
+    const unsigned short* ssrc = sq + ((i64)tile * (k >> 4) + q) * 8 + (g & ~1);
+    // x: warp-wide copies of one token's 64 columns (128 bytes); lane = 8 q' + p holds columns
+    // 16 q' + 2 p, +1, which go to word q' of core-matrix column p (LBO is padded by 16 bytes so
+    // the 8 columns of one copy fall in different banks).
+    const u32 x_dst = (u32)((lane & 7) * lbo + (lane >> 3) * 4);
+
+    auto issue = [&](int i) {  // copies of local chunk i into stage i % WG_STAGES
+        const int c = c0 + min(i, nloc - 1), st = i % WG_STAGES;
+        const bool real = i < nloc;
+        for (int tok = warp; tok < NT; tok += nwarps)
+            cp_async4(base + st * x_bytes + x_dst + (tok >> 3) * 128 + (tok & 7) * 16,
+                      x + (i64)min(tok, m - 1) * k + 64 * c + 2 * lane, tok < m && real ? 4 : 0);
+        cp_async16(w_base + (st * nthreads + tid) * 16, wsrc + (i64)c * 32);
+        cp_async4(s_base + (st * nthreads + tid) * 4, ssrc + (i64)c * 32, 4);
+    };
+
+    float acc[NT / 2];
+#pragma unroll
+    for (int i = 0; i < NT / 2; ++i) acc[i] = 0.0f;
+
+    // One chunk: wait for its copies, start the copies WG_STAGES - 2 chunks ahead (into the stage
+    // of chunk i - 2, whose wgmmas every warpgroup has waited for), decode A, queue 4 wgmmas and
+    // wait for the previous chunk's only, so the tensor cores work while the next chunk decodes.
+    auto step = [&](int i, u32 (&a)[4][4]) {
+        cp_async_wait<WG_STAGES - 3>();
+        fence_proxy_async();
+        __syncthreads();
+        if (i + WG_STAGES - 2 < 2 * npairs) issue(i + WG_STAGES - 2);
+        cp_async_commit();
+        const int st = i % WG_STAGES;
+        uint4 wv;
+        u32 sv;
+        asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(wv.x), "=r"(wv.y), "=r"(wv.z), "=r"(wv.w)
+                     : "r"(w_base + (st * nthreads + tid) * 16));
+        asm volatile("ld.shared.u32 %0, [%1];" : "=r"(sv) : "r"(s_base + (st * nthreads + tid) * 4));
+        sv = (g & 1) ? sv >> 16 : sv & 0xFFFFu;
+        const u32 s_lo = scale_pair<BF16>(sv & 0xFFu), s_hi = scale_pair<BF16>(sv >> 8);
+        const u32 words[4] = {wv.x, wv.y, wv.z, wv.w};
+#pragma unroll
+        for (int t = 0; t < 4; ++t) {
+            if (BF16) decode_bf16(words[t], a[t]); else decode_f16(words[t], a[t]);
+            a[t][0] = mul2<BF16>(a[t][0], s_lo);
+            a[t][1] = mul2<BF16>(a[t][1], s_hi);
+            a[t][2] = mul2<BF16>(a[t][2], s_lo);
+            a[t][3] = mul2<BF16>(a[t][3], s_hi);
+        }
+        wgmma_fence();
+#pragma unroll
+        for (int t = 0; t < 4; ++t)
+            wgmma<BF16, NT>(acc, a[t], smem_desc(base + st * x_bytes + 2 * t * lbo, lbo, sbo));
+        wgmma_commit();
+        wgmma_wait<1>();
+    };
+
+#pragma unroll
+    for (int i = 0; i < WG_STAGES - 2; ++i) {
+        if (i < 2 * npairs) issue(i);
+        cp_async_commit();
+    }
+    u32 a0[4][4], a1[4][4];  // A registers of even and odd chunks (in use until the next-but-one wait)
+    for (int i = 0; i < 2 * npairs; i += 2) {
+        step(i, a0);
+        step(i + 1, a1);
+    }
+    cp_async_wait<0>();
+    wgmma_wait<0>();
+    if (row0 >= n) return;
+
+    // acc[4j + e]: row row0 + 16 (warp % 4) + g + 8 (e / 2), token 8 j + 2 q + e % 2
+    const float gs = *g_ptr * 16384.0f;
+    const bool split = gridDim.y > 1;
+#pragma unroll
+    for (int j = 0; j < NT / 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int row = row0 + 16 * (warp & 3) + g + 8 * (e >> 1), tok = 8 * j + 2 * q + (e & 1);
+            if (row < n && tok < m) {
+                if (split) {
+                    atomicAdd(ws + (i64)tok * n + row, acc[4 * j + e]);
+                } else {
+                    float v = acc[4 * j + e] * gs;
+                    if (bias) v += to_float(bias[row]);
+                    y[(i64)tok * n + row] = from_float<T>(v);
+                }
+            }
+        }
+#endif
+}
+
+template <typename T>
+__device__ void w4a16_finish_body(const float* __restrict__ ws, T* __restrict__ y, const T* __restrict__ bias,
+                                  const float* __restrict__ g_ptr, int m, int n) {
+    const i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x;
+    if (i >= (i64)m * n) return;
+    float v = ws[i] * (*g_ptr * 16384.0f);
+    if (bias) v += to_float(bias[i % n]);
+    y[i] = from_float<T>(v);
+}
+
+#define W4A16_WG(NT)                                                                                               \
+    extern "C" __global__ void __launch_bounds__(512, 1) w4a16_wg_nt##NT##_f16(                                   \
+        const uint4* wq, const unsigned short* sq, const __half* x, __half* y, float* ws, const __half* bias,      \
+        const float* g, int m, int n, int k, int cps, int lbo, int sbo) {                                          \
+        w4a16_wg_body<false, NT>(wq, sq, x, y, ws, bias, g, m, n, k, cps, lbo, sbo);                               \
+    }                                                                                                              \
+    extern "C" __global__ void __launch_bounds__(512, 1) w4a16_wg_nt##NT##_bf16(                                  \
+        const uint4* wq, const unsigned short* sq, const __nv_bfloat16* x, __nv_bfloat16* y, float* ws,            \
+        const __nv_bfloat16* bias, const float* g, int m, int n, int k, int cps, int lbo, int sbo) {               \
+        w4a16_wg_body<true, NT>(wq, sq, x, y, ws, bias, g, m, n, k, cps, lbo, sbo);                                \
+    }
+
+W4A16_WG(64)
+W4A16_WG(128)
+
+extern "C" __global__ void w4a16_finish_f16(const float* ws, __half* y, const __half* bias, const float* g, int m, int n) {
+    w4a16_finish_body<__half>(ws, y, bias, g, m, n);
+}
+extern "C" __global__ void w4a16_finish_bf16(const float* ws, __nv_bfloat16* y, const __nv_bfloat16* bias,
+                                             const float* g, int m, int n) {
+    w4a16_finish_body<__nv_bfloat16>(ws, y, bias, g, m, n);
+}
