@@ -114,16 +114,17 @@ def plan(n: int, k: int, m: int, bf16: bool, device: int) -> Plan:
 
 # The warpgroup-MMA kernel (w4a16_wgmma.cu, sm_90a) for WG_MIN_M..MMA_MAX_M tokens.
 WG_MIN_M = 17
-WG_STAGES = 5             # cp.async pipeline depth, as in the kernel
+WG_SLOTS = 8              # chunk slots in shared memory, as in the kernel
 WG_GROUPS = 4             # warpgroups a block: 256 rows of W share each chunk of x
 _WG_SIGNATURE = "PPPPPPPiiiiii"  # codes, scale codes, x, y, ws, bias, g, m, n, k, chunks a split, lbo, sbo
 
 
 class WgPlan:
-    """One launch of w4a16_wg_nt{NT}: grid (row blocks, K splits); split K adds FP32 partials into a
-    zeroed workspace [M, N] that ``finish`` scales, biases and rounds."""
+    """The launches of w4a16_wgmma.cu: ``xprep`` reorders x, w4a16_wg_nt{NT} runs on grid (row
+    blocks, K splits); split K adds FP32 partials into a zeroed workspace [M, N] that ``finish``
+    scales, biases and rounds."""
 
-    __slots__ = ("launch", "finish", "grid", "threads", "shared", "cps", "lbo", "sbo", "name")
+    __slots__ = ("xprep", "launch", "finish", "grid", "threads", "shared", "cps", "lbo", "sbo", "name")
 
     def __init__(self, **kw):
         for key, value in kw.items():
@@ -149,13 +150,13 @@ def wg_plan(n: int, k: int, m: int, bf16: bool, device: int) -> WgPlan:
     cps = -(-nchunks // splits)
     splits = -(-nchunks // cps)
     dt = "bf16" if bf16 else "f16"
-    lbo = nt * 16 + 16    # K-direction core-matrix stride, padded 16 bytes against bank conflicts
-    shared = WG_STAGES * (8 * lbo + threads * 20)
+    shared = WG_SLOTS * (nt * 128 + threads * 20)
     name = f"w4a16_wg_nt{nt}_{dt}"
     launch = runtime.launcher("w4a16_wgmma.cu", name, device, _WG_SIGNATURE).allow_shared(shared)
     finish = runtime.launcher("w4a16_wgmma.cu", f"w4a16_finish_{dt}", device, "PPPPii")
-    return WgPlan(launch=launch, finish=finish, grid=(blocks, splits), threads=threads, shared=shared, cps=cps,
-                  lbo=lbo, sbo=128, name=name)
+    xprep = runtime.launcher("w4a16_wgmma.cu", "w4a16_wg_xprep", device, "PPiii")
+    return WgPlan(xprep=xprep, launch=launch, finish=finish, grid=(blocks, splits), threads=threads, shared=shared, cps=cps,
+                  lbo=nt * 16, sbo=128, name=name)
 
 
 @functools.lru_cache(maxsize=None)
@@ -165,13 +166,17 @@ def _wg_ok(device: int) -> bool:
 
 
 def launch_w4a16(m: int, n: int, k: int, bf16: bool, device: int, stream: int, codes: int, scale_codes: int,
-                 x: int, y: int, bias: int, g: int, zeros_f32) -> None:
-    """Launch the W4A16 kernel(s) for ``m`` tokens on raw pointers; ``zeros_f32()`` returns the
-    pointer of a zeroed float32 [m, n] buffer (needed only when the plan splits K)."""
+                 x: int, y: int, bias: int, g: int, scratch) -> None:
+    """Launch the W4A16 kernel(s) for ``m`` tokens on raw pointers. ``scratch(nbytes, zeroed)``
+    returns the pointer of a device buffer the caller keeps until the launches are queued (the
+    warpgroup kernel's reordered x, and its FP32 workspace when K is split)."""
     if m >= WG_MIN_M and _wg_ok(device):
         p = wg_plan(n, k, m, bf16, device)
-        ws = zeros_f32() if p.split else 0
-        p.launch(p.grid, p.threads, p.shared, stream, codes, scale_codes, x, y, ws, bias, g, m, n, k, p.cps,
+        nt = p.lbo // 16
+        xp = scratch(k * nt * 2, False)
+        p.xprep(-(-nt * (k // 8) // 256), 256, 0, stream, x, xp, m, k, nt)
+        ws = scratch(m * n * 4, True) if p.split else 0
+        p.launch(p.grid, p.threads, p.shared, stream, codes, scale_codes, xp, y, ws, bias, g, m, n, k, p.cps,
                  p.lbo, p.sbo)
         if ws:
             p.finish(-(-m * n // 256), 256, 0, stream, ws, y, bias, g, m, n)
@@ -198,7 +203,7 @@ def linear_repacked(x, codes, scale_codes, global_scale, n: int, bias=None):
     if torch is None:
         import torch
 
-        _TORCH.update(torch=torch, half=(torch.float16, torch.bfloat16))
+        _TORCH.update(torch=torch, half=(torch.float16, torch.bfloat16), u8=torch.uint8)
     k = codes.shape[1] * 64
     dev = codes.get_device()
     shape = x.shape
@@ -211,15 +216,16 @@ def linear_repacked(x, codes, scale_codes, global_scale, n: int, bias=None):
         return None
     y = x.new_empty(shape[:-1] + (n,))
     stream = _torch_stream_ptr(torch, dev)
-    ws = []
+    kept = []
 
-    def zeros_f32():
-        ws.append(torch.empty((m, n), dtype=torch.float32, device=x.device))
-        _cupy_runtime().memsetAsync(ws[0].data_ptr(), 0, m * n * 4, stream)
-        return ws[0].data_ptr()
+    def scratch(nbytes, zeroed):
+        kept.append(x.new_empty(nbytes, dtype=_TORCH["u8"]))
+        if zeroed:
+            _cupy_runtime().memsetAsync(kept[-1].data_ptr(), 0, nbytes, stream)
+        return kept[-1].data_ptr()
 
     launch_w4a16(m, n, k, x.dtype is _TORCH["half"][1], dev, stream, codes.data_ptr(), scale_codes.data_ptr(),
-                 x.data_ptr(), y.data_ptr(), 0 if bias is None else bias.data_ptr(), global_scale.data_ptr(), zeros_f32)
+                 x.data_ptr(), y.data_ptr(), 0 if bias is None else bias.data_ptr(), global_scale.data_ptr(), scratch)
     return y
 
 
@@ -246,14 +252,14 @@ def linear(x, pw: PreparedWeight, bias=None):
     if bias is not None:
         bias = lib.cast(bias, dtype) if arrays.dtype_name(bias) != dtype else bias
         bias = bias.contiguous() if lib.torch else lib.mod.ascontiguousarray(bias)
-    ws = []
+    kept = []
 
-    def zeros_f32():
-        ws.append(lib.zeros((m, n), "float32"))
-        return lib.ptr(ws[0])
+    def scratch(nbytes, zeroed):
+        kept.append(lib.zeros((nbytes,), "uint8") if zeroed else lib.empty((nbytes,), "uint8"))
+        return lib.ptr(kept[-1])
 
     launch_w4a16(m, n, k, dtype == "bfloat16", lib.device, lib.stream.ptr, lib.ptr(pw.codes), lib.ptr(pw.scale_codes),
-                 lib.ptr(x2), lib.ptr(y), 0 if bias is None else lib.ptr(bias), lib.ptr(w.global_scale_array), zeros_f32)
+                 lib.ptr(x2), lib.ptr(y), 0 if bias is None else lib.ptr(bias), lib.ptr(w.global_scale_array), scratch)
     return y.reshape(lead + (n,))
 
 

@@ -6,22 +6,27 @@
 // wgmma.m64nNTk16 with A from registers and B = x^T from shared memory, FP32 accumulators.
 // A block is WGS warpgroups (64 * WGS rows) sharing each x chunk; grid.y splits K.
 //
-// x in shared memory: per 64-wide K chunk, the K order of the repack (logical column c of k-tile t
-// is x column 16 * (c % 8 / 2) + 4 t + c % 2 + 2 (c / 8)) is built by 4-byte cp.async copies into
-// wgmma's no-swizzle K-major layout: core matrix (p = 2 t + c / 8, token group tg) of 8 tokens x
-// 16 bytes at byte p * LBO + tg * 128 (LBO = NT * 16 + 16), word q of a row holding x columns
-// 16 q + 2 p, +1. Weights and scale codes stream through the same cp.async pipeline, WG_STAGES
-// deep (each thread reads back only what it copied).
+// x: w4a16_wg_xprep writes it once per call in the order the kernel's shared memory wants, so a
+// chunk is one contiguous NT * 128-byte copy: per 64-wide K chunk, the K order of the repack
+// (logical column c of k-tile t is x column 16 (c % 8 / 2) + 4 t + c % 2 + 2 (c / 8)) in wgmma's
+// no-swizzle K-major layout: core matrix (p = 2 t + c / 8, token group tg) of 8 tokens x 16 bytes
+// at byte p * NT * 16 + tg * 128, word q of a token's row holding x columns 16 q + 2 p, +1; tokens
+// past M are zero. Weights and scale codes stream through the same cp.async pipeline, WG_AHEAD
+// pairs of chunks ahead (each thread reads back only what it copied).
 //
 // Split K (grid.y > 1) adds FP32 partial sums into ws[M, N] (zeroed by the caller), and
 // w4a16_finish_<dtype> scales, adds the bias and rounds. Off sm_90a the kernels trap.
 #include "w4a16_decode.cuh"
 
-#define WG_STAGES 5
+#define WG_SLOTS 8  // chunk slots in shared memory (4 pairs)
+#define WG_AHEAD 2  // pairs copied ahead
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 __device__ __forceinline__ void cp_async4(u32 dst, const void* src, int src_bytes) {
     asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(dst), "l"(src), "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async16z(u32 dst, const void* src, int src_bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(src_bytes));
 }
 __device__ __forceinline__ void cp_async16(u32 dst, const void* src) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src));
@@ -69,9 +74,24 @@ template <> __device__ __forceinline__ void wgmma<true, 64>(float (&d)[32], cons
 }
 #endif
 
+// x [m, k] (2-byte elements, as words) -> xp [k / 64][8][nt / 8][8][4] words, zero past m.
+extern "C" __global__ void w4a16_wg_xprep(const uint4* __restrict__ x, u32* __restrict__ xp, int m, int k, int nt) {
+    const i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x;  // 4 words of x (or of zeros past m)
+    const int per_row = k >> 3;
+    if (i >= (i64)nt * per_row) return;
+    const int tok = (int)(i / per_row), w0 = (int)(i % per_row) * 4;
+    const uint4 v = tok < m ? x[i] : make_uint4(0u, 0u, 0u, 0u);
+    const u32 words[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        const int w = w0 + j, c = w >> 5, q = (w >> 3) & 3, p = w & 7;
+        xp[(i64)c * nt * 32 + p * nt * 4 + (tok >> 3) * 32 + (tok & 7) * 4 + q] = words[j];
+    }
+}
+
 template <bool BF16, int NT>
 __device__ void w4a16_wg_body(const uint4* __restrict__ wq, const unsigned short* __restrict__ sq,
-                              const typename Act<BF16>::T* __restrict__ x, typename Act<BF16>::T* __restrict__ y,
+                              const uint4* __restrict__ xp, typename Act<BF16>::T* __restrict__ y,
                               float* __restrict__ ws, const typename Act<BF16>::T* __restrict__ bias,
                               const float* __restrict__ g_ptr, int m, int n, int k, int chunks_per_split,
                               int lbo, int sbo) {
@@ -80,8 +100,8 @@ __device__ void w4a16_wg_body(const uint4* __restrict__ wq, const unsigned short
 #else
     typedef typename Act<BF16>::T T;
     extern __shared__ __align__(128) unsigned char smem[];
-    const int x_bytes = 8 * lbo;  // one chunk of x: 8 core-matrix columns of NT tokens (+ padding)
-    const int tid = threadIdx.x, nthreads = blockDim.x, lane = tid & 31, warp = tid >> 5, nwarps = nthreads >> 5;
+    constexpr int x_bytes = NT * 128;  // one chunk of x: 8 core-matrix columns of NT tokens
+    const int tid = threadIdx.x, nthreads = blockDim.x, lane = tid & 31, warp = tid >> 5;
     const int wg = warp >> 2, g = lane >> 2, q = lane & 3;
     const int row0 = (blockIdx.x * (nthreads >> 7) + wg) * 64;  // this warpgroup's first row
     // A warpgroup past N computes on the last 64 rows (every warp runs the same wgmmas: no
@@ -91,45 +111,43 @@ __device__ void w4a16_wg_body(const uint4* __restrict__ wq, const unsigned short
     const int nchunks = k >> 6, c0 = blockIdx.y * chunks_per_split;
     const int nloc = min(nchunks - c0, chunks_per_split), npairs = (nloc + 1) >> 1;
     const u32 base = (u32)__cvta_generic_to_shared(smem);
-    const u32 w_base = base + WG_STAGES * x_bytes, s_base = w_base + WG_STAGES * nthreads * 16;
+    const u32 w_base = base + WG_SLOTS * x_bytes, s_base = w_base + WG_SLOTS * nthreads * 16;
     const uint4* wsrc = wq + (i64)tile * nchunks * 32 + lane;
     const unsigned short* ssrc = sq + ((i64)tile * (k >> 4) + q) * 8 + (g & ~1);
-    // x: warp-wide copies of one token's 64 columns (128 bytes); lane = 8 q' + p holds columns
-    // 16 q' + 2 p, +1, which go to word q' of core-matrix column p (LBO is padded by 16 bytes so
-    // the 8 columns of one copy fall in different banks).
-    const u32 x_dst = (u32)((lane & 7) * lbo + (lane >> 3) * 4);
 
-    auto issue = [&](int i) {  // copies of local chunk i into stage i % WG_STAGES
-        const int c = c0 + min(i, nloc - 1), st = i % WG_STAGES;
-        const bool real = i < nloc;
-        for (int tok = warp; tok < NT; tok += nwarps)
-            cp_async4(base + st * x_bytes + x_dst + (tok >> 3) * 128 + (tok & 7) * 16,
-                      x + (i64)min(tok, m - 1) * k + 64 * c + 2 * lane, tok < m && real ? 4 : 0);
-        cp_async16(w_base + (st * nthreads + tid) * 16, wsrc + (i64)c * 32);
-        cp_async4(s_base + (st * nthreads + tid) * 4, ssrc + (i64)c * 32, 4);
+    // copies of the pair of local chunks 2 pr, 2 pr + 1 into slots (2 pr) % WG_SLOTS, + 1
+    auto issue_pair = [&](int pr) {
+        const int i = 2 * pr, st = i % WG_SLOTS;
+        const uint4* src = xp + (i64)(c0 + i) * NT * 8 + tid;
+        u32 dst = base + st * x_bytes + tid * 16;
+        const int second = i + 1 < nloc ? 16 : 0;  // the pair's second chunk is real
+        for (int j = tid; j < NT * 16; j += nthreads, src += nthreads, dst += nthreads * 16)
+            cp_async16z(dst, src, j < NT * 8 ? 16 : second);
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int c = c0 + min(i + h, nloc - 1);
+            cp_async16(w_base + ((st + h) * nthreads + tid) * 16, wsrc + (i64)c * 32);
+            cp_async4(s_base + ((st + h) * nthreads + tid) * 4, ssrc + (i64)c * 32, 4);
+        }
     };
 
     float acc[NT / 2];
 #pragma unroll
     for (int i = 0; i < NT / 2; ++i) acc[i] = 0.0f;
 
-    // One chunk: wait for its copies, start the copies WG_STAGES - 2 chunks ahead (into the stage
-    // of chunk i - 2, whose wgmmas every warpgroup has waited for), decode A, queue 4 wgmmas and
-    // wait for the previous chunk's only, so the tensor cores work while the next chunk decodes.
-    auto step = [&](int i, u32 (&a)[4][4]) {
-        cp_async_wait<WG_STAGES - 3>();
-        fence_proxy_async();
-        __syncthreads();
-        if (i + WG_STAGES - 2 < 2 * npairs) issue(i + WG_STAGES - 2);
-        cp_async_commit();
-        const int st = i % WG_STAGES;
-        uint4 wv;
-        u32 sv;
+    // The weights and scale codes a thread copied for a chunk (read back once they have landed).
+    uint4 wv;
+    u32 sv;
+    auto read_own = [&](int i) {
+        const int st = i % WG_SLOTS;
         asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(wv.x), "=r"(wv.y), "=r"(wv.z), "=r"(wv.w)
                      : "r"(w_base + (st * nthreads + tid) * 16));
         asm volatile("ld.shared.u32 %0, [%1];" : "=r"(sv) : "r"(s_base + (st * nthreads + tid) * 4));
-        sv = (g & 1) ? sv >> 16 : sv & 0xFFFFu;
-        const u32 s_lo = scale_pair<BF16>(sv & 0xFFu), s_hi = scale_pair<BF16>(sv >> 8);
+    };
+    // Decode chunk i's A (from wv, sv) and queue its 4 wgmmas as one group.
+    auto mma_chunk = [&](int i, u32 (&a)[4][4]) {
+        const u32 sc = (g & 1) ? sv >> 16 : sv & 0xFFFFu;
+        const u32 s_lo = scale_pair<BF16>(sc & 0xFFu), s_hi = scale_pair<BF16>(sc >> 8);
         const u32 words[4] = {wv.x, wv.y, wv.z, wv.w};
 #pragma unroll
         for (int t = 0; t < 4; ++t) {
@@ -139,23 +157,37 @@ __device__ void w4a16_wg_body(const uint4* __restrict__ wq, const unsigned short
             a[t][2] = mul2<BF16>(a[t][2], s_lo);
             a[t][3] = mul2<BF16>(a[t][3], s_hi);
         }
+        const u32 xs = base + (i % WG_SLOTS) * x_bytes;
         wgmma_fence();
 #pragma unroll
-        for (int t = 0; t < 4; ++t)
-            wgmma<BF16, NT>(acc, a[t], smem_desc(base + st * x_bytes + 2 * t * lbo, lbo, sbo));
+        for (int t = 0; t < 4; ++t) wgmma<BF16, NT>(acc, a[t], smem_desc(xs + 2 * t * lbo, lbo, sbo));
         wgmma_commit();
-        wgmma_wait<1>();
     };
 
+    // Chunks go in pairs: one barrier a pair (its x has landed; every warpgroup has finished the
+    // pair before last, whose slots the copies WG_AHEAD pairs ahead reuse). A chunk's A registers
+    // stay untouched until the wait after the next chunk's wgmmas; the tensor cores run while the
+    // next chunk decodes.
 #pragma unroll
-    for (int i = 0; i < WG_STAGES - 2; ++i) {
-        if (i < 2 * npairs) issue(i);
+    for (int pr = 0; pr < WG_AHEAD; ++pr) {
+        if (pr < npairs) issue_pair(pr);
         cp_async_commit();
     }
-    u32 a0[4][4], a1[4][4];  // A registers of even and odd chunks (in use until the next-but-one wait)
-    for (int i = 0; i < 2 * npairs; i += 2) {
-        step(i, a0);
-        step(i + 1, a1);
+    cp_async_wait<WG_AHEAD - 1>();
+    read_own(0);
+    u32 a0[4][4], a1[4][4];
+    for (int pr = 0; pr < npairs; ++pr) {
+        fence_proxy_async();
+        __syncthreads();
+        if (pr + WG_AHEAD < npairs) issue_pair(pr + WG_AHEAD);
+        cp_async_commit();
+        mma_chunk(2 * pr, a0);
+        read_own(2 * pr + 1);
+        wgmma_wait<1>();  // chunk 2 pr - 1 done: a1 is free
+        mma_chunk(2 * pr + 1, a1);
+        cp_async_wait<WG_AHEAD - 1>();  // this thread's copies of pair pr + 1
+        if (pr + 1 < npairs) read_own(2 * pr + 2);
+        wgmma_wait<1>();  // chunk 2 pr done: a0 is free
     }
     cp_async_wait<0>();
     wgmma_wait<0>();
@@ -194,14 +226,14 @@ __device__ void w4a16_finish_body(const float* __restrict__ ws, T* __restrict__ 
 
 #define W4A16_WG(NT)                                                                                               \
     extern "C" __global__ void __launch_bounds__(512, 1) w4a16_wg_nt##NT##_f16(                                   \
-        const uint4* wq, const unsigned short* sq, const __half* x, __half* y, float* ws, const __half* bias,      \
+        const uint4* wq, const unsigned short* sq, const uint4* xp, __half* y, float* ws, const __half* bias,      \
         const float* g, int m, int n, int k, int cps, int lbo, int sbo) {                                          \
-        w4a16_wg_body<false, NT>(wq, sq, x, y, ws, bias, g, m, n, k, cps, lbo, sbo);                               \
+        w4a16_wg_body<false, NT>(wq, sq, xp, y, ws, bias, g, m, n, k, cps, lbo, sbo);                              \
     }                                                                                                              \
     extern "C" __global__ void __launch_bounds__(512, 1) w4a16_wg_nt##NT##_bf16(                                  \
-        const uint4* wq, const unsigned short* sq, const __nv_bfloat16* x, __nv_bfloat16* y, float* ws,            \
+        const uint4* wq, const unsigned short* sq, const uint4* xp, __nv_bfloat16* y, float* ws,                  \
         const __nv_bfloat16* bias, const float* g, int m, int n, int k, int cps, int lbo, int sbo) {               \
-        w4a16_wg_body<true, NT>(wq, sq, x, y, ws, bias, g, m, n, k, cps, lbo, sbo);                                \
+        w4a16_wg_body<true, NT>(wq, sq, xp, y, ws, bias, g, m, n, k, cps, lbo, sbo);                               \
     }
 
 W4A16_WG(64)
