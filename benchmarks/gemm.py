@@ -37,18 +37,23 @@ def linear_rows(dtype=torch.float16, shapes=SHAPES, ms=MS):
             r = graph_compare(lambda i: F.linear(x, dense[i % 3]), lambda i: fp4cupy.linear(x, prep[i % 3]))
             path = kernel_used(n, k, m, dtype == torch.bfloat16)
             alt = "-"
-            if m == 128:  # the other path, to place the M threshold
-                saved, cuda_linear.MMA_MAX_M = cuda_linear.MMA_MAX_M, 0
-                try:
-                    ra = graph_compare(lambda i: F.linear(x, dense[i % 3]), lambda i: fp4cupy.linear(x, prep[i % 3]))
-                    alt = f"{ra['ratio']:.2f}x"
-                finally:
-                    cuda_linear.MMA_MAX_M = saved
+            if m == 128:  # the other paths, to place the M thresholds
+                alt = ", ".join(f"{name} {other_path_ratio(x, dense, prep, attr, value):.2f}x" for name, attr, value in
+                                (("mma.sync", "WG_MIN_M", 10**9), ("dequantize+cuBLAS", "MMA_MAX_M", 0)))
             rows.append(dict(n=n, k=k, m=m, ours=r["ours_ms"], peer=r["peer_ms"], ratio=r["ratio"], lo=r["lo"],
                              hi=r["hi"], gbs=wbytes / r["ours_ms"] / 1e6, path=path, alt=alt))
         del dense, prep
         torch.cuda.empty_cache()
     return rows
+
+
+def other_path_ratio(x, dense, prep, attr, value):
+    saved = getattr(cuda_linear, attr)
+    setattr(cuda_linear, attr, value)
+    try:
+        return graph_compare(lambda i: F.linear(x, dense[i % 3]), lambda i: fp4cupy.linear(x, prep[i % 3]))["ratio"]
+    finally:
+        setattr(cuda_linear, attr, saved)
 
 
 def kernel_used(n, k, m, bf16):
@@ -86,7 +91,7 @@ def main(quick=False):
     print(f"\n## benchmarks/gemm.py on {card()} (torch {torch.__version__}, fp4cupy {fp4cupy.version()})\n")
     print("W4A16 linear, x fp16, W NVFP4 (group 16) vs cuBLAS fp16 F.linear, CUDA-graph replays; "
           "speed-up = median of alternating pairs.\n")
-    print("| N x K | M | fp4cupy ms | cuBLAS ms | speed-up (min-max) | weight GB/s | kernel | other path at M=128 |")
+    print("| N x K | M | fp4cupy ms | cuBLAS ms | speed-up (min-max) | weight GB/s | kernel | other paths at M=128 |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['n']}x{r['k']} | {r['m']} | {r['ours']:.4f} | {r['peer']:.4f} | {r['ratio']:.2f}x ({r['lo']:.2f}-{r['hi']:.2f}) "

@@ -1,7 +1,7 @@
 """GPU matrix products: the W4A16 ``linear`` (kernels_cu/w4a16.cu) and the FP4 x FP4 ``gemm``.
 
-linear: up to 16 tokens, one launch of an mma.sync kernel chosen from ``plan()`` by (M bucket, N);
-17-128 tokens on sm_90a, the warpgroup-MMA kernel (w4a16_wgmma.cu, ``wg_plan``), elsewhere the
+linear: up to 32 tokens, one launch of an mma.sync kernel chosen from ``plan()`` by (M bucket, N);
+33-128 tokens on sm_90a, the warpgroup-MMA kernel (w4a16_wgmma.cu, ``wg_plan``), elsewhere the
 mma.sync kernel. The weight must be ``prepare``d (repacked once, prepare.cu). Past ``MMA_MAX_M`` tokens, on GPUs older than
 sm_80, or for weights the kernel does not take, W is dequantized and cuBLAS multiplies.
 
@@ -17,7 +17,7 @@ import math
 import numpy as np
 
 from . import arrays, runtime
-from .cuda_ops import THREADS, _cupy_runtime, _Lib, _sm_count, _torch_stream_ptr, dequantize
+from .cuda_ops import THREADS, _Lib, _sm_count, _torch_stream_ptr, dequantize
 from .prepared import PreparedWeight
 from .tensor import FP4Tensor
 
@@ -113,10 +113,10 @@ def plan(n: int, k: int, m: int, bf16: bool, device: int) -> Plan:
 
 
 # The warpgroup-MMA kernel (w4a16_wgmma.cu, sm_90a) for WG_MIN_M..MMA_MAX_M tokens.
-WG_MIN_M = 17
+WG_MIN_M = 33            # up to 32 tokens the mma.sync kernel is as fast or faster (benchmarks/RESULTS.md)
 WG_SLOTS = 8              # chunk slots in shared memory, as in the kernel
 WG_GROUPS = 4             # warpgroups a block: 256 rows of W share each chunk of x
-_WG_SIGNATURE = "PPPPPPPiiiiii"  # codes, scale codes, x, y, ws, bias, g, m, n, k, chunks a split, lbo, sbo
+_WG_SIGNATURE = "PPPPPPPiiii"  # codes, scale codes, reordered x, y, ws, bias, g, m, n, k, chunks a split
 
 
 class WgPlan:
@@ -124,7 +124,7 @@ class WgPlan:
     blocks, K splits); split K adds FP32 partials into a zeroed workspace [M, N] that ``finish``
     scales, biases and rounds."""
 
-    __slots__ = ("xprep", "launch", "finish", "grid", "threads", "shared", "cps", "lbo", "sbo", "name")
+    __slots__ = ("xprep", "launch", "finish", "grid", "threads", "shared", "cps", "nt", "name")
 
     def __init__(self, **kw):
         for key, value in kw.items():
@@ -154,9 +154,9 @@ def wg_plan(n: int, k: int, m: int, bf16: bool, device: int) -> WgPlan:
     name = f"w4a16_wg_nt{nt}_{dt}"
     launch = runtime.launcher("w4a16_wgmma.cu", name, device, _WG_SIGNATURE).allow_shared(shared)
     finish = runtime.launcher("w4a16_wgmma.cu", f"w4a16_finish_{dt}", device, "PPPPii")
-    xprep = runtime.launcher("w4a16_wgmma.cu", "w4a16_wg_xprep", device, "PPiii")
+    xprep = runtime.launcher("w4a16_wgmma.cu", "w4a16_wg_xprep", device, "PPPqiii")
     return WgPlan(xprep=xprep, launch=launch, finish=finish, grid=(blocks, splits), threads=threads, shared=shared, cps=cps,
-                  lbo=nt * 16, sbo=128, name=name)
+                  nt=nt, name=name)
 
 
 @functools.lru_cache(maxsize=None)
@@ -167,17 +167,15 @@ def _wg_ok(device: int) -> bool:
 
 def launch_w4a16(m: int, n: int, k: int, bf16: bool, device: int, stream: int, codes: int, scale_codes: int,
                  x: int, y: int, bias: int, g: int, scratch) -> None:
-    """Launch the W4A16 kernel(s) for ``m`` tokens on raw pointers. ``scratch(nbytes, zeroed)``
-    returns the pointer of a device buffer the caller keeps until the launches are queued (the
-    warpgroup kernel's reordered x, and its FP32 workspace when K is split)."""
+    """Launch the W4A16 kernel(s) for ``m`` tokens on raw pointers. ``scratch(nbytes)`` returns the
+    pointer of a device buffer the caller keeps until the launches are queued (the warpgroup
+    kernel's reordered x, and its FP32 workspace when K is split)."""
     if m >= WG_MIN_M and _wg_ok(device):
         p = wg_plan(n, k, m, bf16, device)
-        nt = p.lbo // 16
-        xp = scratch(k * nt * 2, False)
-        p.xprep(-(-nt * (k // 8) // 256), 256, 0, stream, x, xp, m, k, nt)
-        ws = scratch(m * n * 4, True) if p.split else 0
-        p.launch(p.grid, p.threads, p.shared, stream, codes, scale_codes, xp, y, ws, bias, g, m, n, k, p.cps,
-                 p.lbo, p.sbo)
+        xp = scratch(k * p.nt * 2)
+        ws = scratch(m * n * 4) if p.split else 0  # zeroed by xprep
+        p.xprep(-(-p.nt * (k // 8) // 256), 256, 0, stream, x, xp, ws, m * n if ws else 0, m, k, p.nt)
+        p.launch(p.grid, p.threads, p.shared, stream, codes, scale_codes, xp, y, ws, bias, g, m, n, k, p.cps)
         if ws:
             p.finish(-(-m * n // 256), 256, 0, stream, ws, y, bias, g, m, n)
         return
@@ -218,10 +216,8 @@ def linear_repacked(x, codes, scale_codes, global_scale, n: int, bias=None):
     stream = _torch_stream_ptr(torch, dev)
     kept = []
 
-    def scratch(nbytes, zeroed):
+    def scratch(nbytes):
         kept.append(x.new_empty(nbytes, dtype=_TORCH["u8"]))
-        if zeroed:
-            _cupy_runtime().memsetAsync(kept[-1].data_ptr(), 0, nbytes, stream)
         return kept[-1].data_ptr()
 
     launch_w4a16(m, n, k, x.dtype is _TORCH["half"][1], dev, stream, codes.data_ptr(), scale_codes.data_ptr(),
@@ -254,8 +250,8 @@ def linear(x, pw: PreparedWeight, bias=None):
         bias = bias.contiguous() if lib.torch else lib.mod.ascontiguousarray(bias)
     kept = []
 
-    def scratch(nbytes, zeroed):
-        kept.append(lib.zeros((nbytes,), "uint8") if zeroed else lib.empty((nbytes,), "uint8"))
+    def scratch(nbytes):
+        kept.append(lib.empty((nbytes,), "uint8"))
         return lib.ptr(kept[-1])
 
     launch_w4a16(m, n, k, dtype == "bfloat16", lib.device, lib.stream.ptr, lib.ptr(pw.codes), lib.ptr(pw.scale_codes),

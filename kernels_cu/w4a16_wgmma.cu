@@ -74,9 +74,12 @@ template <> __device__ __forceinline__ void wgmma<true, 64>(float (&d)[32], cons
 }
 #endif
 
-// x [m, k] (2-byte elements, as words) -> xp [k / 64][8][nt / 8][8][4] words, zero past m.
-extern "C" __global__ void w4a16_wg_xprep(const uint4* __restrict__ x, u32* __restrict__ xp, int m, int k, int nt) {
+// x [m, k] (2-byte elements, as words) -> xp [k / 64][8][nt / 8][8][4] words, zero past m; and
+// the split-K workspace ws (ws_words floats, none when 0) zeroed.
+extern "C" __global__ void w4a16_wg_xprep(const uint4* __restrict__ x, u32* __restrict__ xp, float* __restrict__ ws,
+                                          i64 ws_words, int m, int k, int nt) {
     const i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x;  // 4 words of x (or of zeros past m)
+    for (i64 j = i; j < ws_words; j += (i64)gridDim.x * blockDim.x) ws[j] = 0.0f;
     const int per_row = k >> 3;
     if (i >= (i64)nt * per_row) return;
     const int tok = (int)(i / per_row), w0 = (int)(i % per_row) * 4;
@@ -93,8 +96,7 @@ template <bool BF16, int NT>
 __device__ void w4a16_wg_body(const uint4* __restrict__ wq, const unsigned short* __restrict__ sq,
                               const uint4* __restrict__ xp, typename Act<BF16>::T* __restrict__ y,
                               float* __restrict__ ws, const typename Act<BF16>::T* __restrict__ bias,
-                              const float* __restrict__ g_ptr, int m, int n, int k, int chunks_per_split,
-                              int lbo, int sbo) {
+                              const float* __restrict__ g_ptr, int m, int n, int k, int chunks_per_split) {
 #if !defined(__CUDA_ARCH_FEAT_SM90_ALL)
     __trap();  // wgmma needs sm_90a; other GPUs take w4a16.cu or dequantize + cuBLAS
 #else
@@ -111,6 +113,9 @@ __device__ void w4a16_wg_body(const uint4* __restrict__ wq, const unsigned short
     const int nchunks = k >> 6, c0 = blockIdx.y * chunks_per_split;
     const int nloc = min(nchunks - c0, chunks_per_split), npairs = (nloc + 1) >> 1;
     const u32 base = (u32)__cvta_generic_to_shared(smem);
+    // wgmma descriptor of slot 0, k-tile 0 (LBO: next core matrix along K, NT * 16 bytes; SBO: next
+    // 8 tokens, 128 bytes); other slots and k-tiles add their byte offset / 16 to the address field
+    const u64 desc0 = smem_desc(base, NT * 16, 128);
     const u32 w_base = base + WG_SLOTS * x_bytes, s_base = w_base + WG_SLOTS * nthreads * 16;
     const uint4* wsrc = wq + (i64)tile * nchunks * 32 + lane;
     const unsigned short* ssrc = sq + ((i64)tile * (k >> 4) + q) * 8 + (g & ~1);
@@ -157,10 +162,10 @@ __device__ void w4a16_wg_body(const uint4* __restrict__ wq, const unsigned short
             a[t][2] = mul2<BF16>(a[t][2], s_lo);
             a[t][3] = mul2<BF16>(a[t][3], s_hi);
         }
-        const u32 xs = base + (i % WG_SLOTS) * x_bytes;
+        const u64 desc = desc0 + (u32)((i % WG_SLOTS) * (x_bytes >> 4));
         wgmma_fence();
 #pragma unroll
-        for (int t = 0; t < 4; ++t) wgmma<BF16, NT>(acc, a[t], smem_desc(xs + 2 * t * lbo, lbo, sbo));
+        for (int t = 0; t < 4; ++t) wgmma<BF16, NT>(acc, a[t], desc + t * (2 * NT * 16 >> 4));
         wgmma_commit();
     };
 
@@ -227,13 +232,13 @@ __device__ void w4a16_finish_body(const float* __restrict__ ws, T* __restrict__ 
 #define W4A16_WG(NT)                                                                                               \
     extern "C" __global__ void __launch_bounds__(512, 1) w4a16_wg_nt##NT##_f16(                                   \
         const uint4* wq, const unsigned short* sq, const uint4* xp, __half* y, float* ws, const __half* bias,      \
-        const float* g, int m, int n, int k, int cps, int lbo, int sbo) {                                          \
-        w4a16_wg_body<false, NT>(wq, sq, xp, y, ws, bias, g, m, n, k, cps, lbo, sbo);                              \
+        const float* g, int m, int n, int k, int cps) {                                                            \
+        w4a16_wg_body<false, NT>(wq, sq, xp, y, ws, bias, g, m, n, k, cps);                                        \
     }                                                                                                              \
     extern "C" __global__ void __launch_bounds__(512, 1) w4a16_wg_nt##NT##_bf16(                                  \
         const uint4* wq, const unsigned short* sq, const uint4* xp, __nv_bfloat16* y, float* ws,                  \
-        const __nv_bfloat16* bias, const float* g, int m, int n, int k, int cps, int lbo, int sbo) {               \
-        w4a16_wg_body<true, NT>(wq, sq, xp, y, ws, bias, g, m, n, k, cps, lbo, sbo);                               \
+        const __nv_bfloat16* bias, const float* g, int m, int n, int k, int cps) {                                 \
+        w4a16_wg_body<true, NT>(wq, sq, xp, y, ws, bias, g, m, n, k, cps);                                         \
     }
 
 W4A16_WG(64)

@@ -85,7 +85,7 @@ def test_warpgroup_kernel_with_and_without_split_k(n, k, dtype):
     g = gen(n + k)
     pw = fp4cupy.prepare(fp4cupy.quantize(torch.randn(n, k, device="cuda", generator=g) * 3))
     bias = torch.randn(n, device="cuda", generator=g).to(dtype)
-    for m in (17, 64, 65, 128):
+    for m in (33, 64, 65, 128):
         p = cuda_linear.wg_plan(n, k, m, dtype == torch.bfloat16, 0)
         assert p.name.startswith(f"w4a16_wg_nt{64 if m <= 64 else 128}")
         x = torch.randn(m, k, device="cuda", generator=g).to(dtype)
