@@ -173,11 +173,12 @@ def launch_w4a16(m: int, n: int, k: int, bf16: bool, device: int, stream: int, c
     if m >= WG_MIN_M and _wg_ok(device):
         p = wg_plan(n, k, m, bf16, device)
         xp = scratch(k * p.nt * 2)
-        ws = scratch(m * n * 4) if p.split else 0  # zeroed by xprep
-        p.xprep(-(-p.nt * (k // 8) // 256), 256, 0, stream, x, xp, ws, m * n if ws else 0, m, k, p.nt)
+        ws_words = n * (m + (m & 1)) if p.split else 0  # [N][M rounded up to even], zeroed by xprep
+        ws = scratch(4 * ws_words) if ws_words else 0
+        p.xprep(-(-p.nt * (k // 8) // 256), 256, 0, stream, x, xp, ws, ws_words, m, k, p.nt)
         p.launch(p.grid, p.threads, p.shared, stream, codes, scale_codes, xp, y, ws, bias, g, m, n, k, p.cps)
         if ws:
-            p.finish(-(-m * n // 256), 256, 0, stream, ws, y, bias, g, m, n)
+            p.finish((-(-n // 32), -(-m // 32)), 256, 0, stream, ws, y, bias, g, m, n)
         return
     p = plan(n, k, m, bf16, device)
     p.launch(p.grid, p.threads, p.shared, stream, codes, scale_codes, x, y, bias, g, m, n, k)

@@ -14,8 +14,8 @@
 // past M are zero. Weights and scale codes stream through the same cp.async pipeline, WG_AHEAD
 // pairs of chunks ahead (each thread reads back only what it copied).
 //
-// Split K (grid.y > 1) adds FP32 partial sums into ws[M, N] (zeroed by the caller), and
-// w4a16_finish_<dtype> scales, adds the bias and rounds. Off sm_90a the kernels trap.
+// Split K (grid.y > 1) adds FP32 partial sums into ws[N][M rounded up to even] (zeroed by
+// w4a16_wg_xprep), and w4a16_finish_<dtype> scales, adds the bias, rounds and transposes. Off sm_90a the kernels trap.
 #include "w4a16_decode.cuh"
 
 #define WG_SLOTS 8  // chunk slots in shared memory (4 pairs)
@@ -199,34 +199,56 @@ __device__ void w4a16_wg_body(const uint4* __restrict__ wq, const unsigned short
     if (row0 >= n) return;
 
     // acc[4j + e]: row row0 + 16 (warp % 4) + g + 8 (e / 2), token 8 j + 2 q + e % 2
+    if (gridDim.y > 1) {  // split K: add the two tokens' partial sums into ws[row][token] at once
+        const int mp = (m + 1) & ~1;
+#pragma unroll
+        for (int j = 0; j < NT / 8; ++j)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const int row = row0 + 16 * (warp & 3) + g + 8 * h, tok = 8 * j + 2 * q;
+                if (row < n && tok < m)
+                    asm volatile("red.global.add.v2.f32 [%0], {%1, %2};" ::"l"(ws + (i64)row * mp + tok),
+                                 "f"(acc[4 * j + 2 * h]), "f"(acc[4 * j + 2 * h + 1]) : "memory");
+            }
+        return;
+    }
     const float gs = *g_ptr * 16384.0f;
-    const bool split = gridDim.y > 1;
 #pragma unroll
     for (int j = 0; j < NT / 8; ++j)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
             const int row = row0 + 16 * (warp & 3) + g + 8 * (e >> 1), tok = 8 * j + 2 * q + (e & 1);
             if (row < n && tok < m) {
-                if (split) {
-                    atomicAdd(ws + (i64)tok * n + row, acc[4 * j + e]);
-                } else {
-                    float v = acc[4 * j + e] * gs;
-                    if (bias) v += to_float(bias[row]);
-                    y[(i64)tok * n + row] = from_float<T>(v);
-                }
+                float v = acc[4 * j + e] * gs;
+                if (bias) v += to_float(bias[row]);
+                y[(i64)tok * n + row] = from_float<T>(v);
             }
         }
 #endif
 }
 
+// y[token][row] = ws[row][token] * g * 2^14 (+ bias), through a 32 x 32 shared tile (256 threads,
+// grid (rows / 32, tokens / 32)) so that both the read and the write are coalesced.
 template <typename T>
 __device__ void w4a16_finish_body(const float* __restrict__ ws, T* __restrict__ y, const T* __restrict__ bias,
                                   const float* __restrict__ g_ptr, int m, int n) {
-    const i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x;
-    if (i >= (i64)m * n) return;
-    float v = ws[i] * (*g_ptr * 16384.0f);
-    if (bias) v += to_float(bias[i % n]);
-    y[i] = from_float<T>(v);
+    __shared__ float tile[32][33];
+    const int tx = threadIdx.x & 31, ty = threadIdx.x >> 5, r0 = blockIdx.x * 32, t0 = blockIdx.y * 32;
+    const int mp = (m + 1) & ~1;
+    for (int i = ty; i < 32; i += 8) {
+        const int row = r0 + i, tok = t0 + tx;
+        tile[i][tx] = row < n && tok < m ? ws[(i64)row * mp + tok] : 0.0f;
+    }
+    __syncthreads();
+    const float gs = *g_ptr * 16384.0f;
+    for (int i = ty; i < 32; i += 8) {
+        const int tok = t0 + i, row = r0 + tx;
+        if (row < n && tok < m) {
+            float v = tile[tx][i] * gs;
+            if (bias) v += to_float(bias[row]);
+            y[(i64)tok * n + row] = from_float<T>(v);
+        }
+    }
 }
 
 #define W4A16_WG(NT)                                                                                               \
