@@ -116,6 +116,7 @@ def plan(n: int, k: int, m: int, bf16: bool, device: int) -> Plan:
 WG_MIN_M = 33            # up to 32 tokens the mma.sync kernel is as fast or faster (benchmarks/RESULTS.md)
 WG_SLOTS = 8              # chunk slots in shared memory, as in the kernel
 WG_GROUPS = 4             # warpgroups a block: 256 rows of W share each chunk of x
+WG_CLUSTER = 2            # blocks a cluster (multicast copies of x), as in the kernel
 _WG_SIGNATURE = "PPPPPPPiiii"  # codes, scale codes, reordered x, y, ws, bias, g, m, n, k, chunks a split
 
 
@@ -144,13 +145,14 @@ def wg_plan(n: int, k: int, m: int, bf16: bool, device: int) -> WgPlan:
     of 64 a split): 28672 rows -> 112 blocks, 4096 rows -> 16 blocks x 8 splits on an H100."""
     nt = 64 if m <= 64 else 128
     threads = 128 * WG_GROUPS
-    blocks = -(-n // (64 * WG_GROUPS))
+    blocks = -(-n // (64 * WG_GROUPS * WG_CLUSTER)) * WG_CLUSTER  # whole clusters
     nchunks = k // 64
     splits = max(1, min(_sm_count(device) // blocks, nchunks // 4))
     cps = -(-nchunks // splits)
+    cps += cps & 1        # whole pairs of chunks a split (only the last may end odd)
     splits = -(-nchunks // cps)
     dt = "bf16" if bf16 else "f16"
-    shared = WG_SLOTS * (nt * 128 + threads * 20)
+    shared = WG_SLOTS * (nt * 128 + threads * 20) + 8 * WG_SLOTS  # + the pair slots' mbarriers
     name = f"w4a16_wg_nt{nt}_{dt}"
     launch = runtime.launcher("w4a16_wgmma.cu", name, device, _WG_SIGNATURE).allow_shared(shared)
     finish = runtime.launcher("w4a16_wgmma.cu", f"w4a16_finish_{dt}", device, "PPPPii")
@@ -172,7 +174,7 @@ def launch_w4a16(m: int, n: int, k: int, bf16: bool, device: int, stream: int, c
     kernel's reordered x, and its FP32 workspace when K is split)."""
     if m >= WG_MIN_M and _wg_ok(device):
         p = wg_plan(n, k, m, bf16, device)
-        xp = scratch(k * p.nt * 2)
+        xp = scratch((k + 64) * p.nt * 2)  # + one zero chunk
         ws_words = n * (m + (m & 1)) if p.split else 0  # [N][M rounded up to even], zeroed by xprep
         ws = scratch(4 * ws_words) if ws_words else 0
         p.xprep(-(-p.nt * (k // 8) // 256), 256, 0, stream, x, xp, ws, ws_words, m, k, p.nt)

@@ -1,42 +1,72 @@
-// w4a16_wgmma.cu - y[M, N] = x[M, K] @ W^T * g (+ bias) for 16 < M <= 128 tokens on sm_90a:
+// w4a16_wgmma.cu - y[M, N] = x[M, K] @ W^T * g (+ bias) for 33..128 tokens on sm_90a:
 // warpgroup MMA (wgmma.m64nNTk16) with the weight decoded in registers as the A operand.
 //
 // Roles: y^T = W x^T. A warpgroup owns 64 rows of W (its 4 warps one 16-row tile each, in the
 // repack of prepare.cu, decoded exactly as in w4a16.cu to e2m1 * s * 2^-14) and all NT tokens:
 // wgmma.m64nNTk16 with A from registers and B = x^T from shared memory, FP32 accumulators.
-// A block is WGS warpgroups (64 * WGS rows) sharing each x chunk; grid.y splits K.
+// A block is 4 warpgroups (256 rows of W); a cluster of 2 blocks (neighbouring row blocks) gets
+// each chunk of x by one multicast copy, which halves the L2 traffic of re-reading x; grid.y
+// splits K.
 //
-// x: w4a16_wg_xprep writes it once per call in the order the kernel's shared memory wants, so a
-// chunk is one contiguous NT * 128-byte copy: per 64-wide K chunk, the K order of the repack
-// (logical column c of k-tile t is x column 16 (c % 8 / 2) + 4 t + c % 2 + 2 (c / 8)) in wgmma's
-// no-swizzle K-major layout: core matrix (p = 2 t + c / 8, token group tg) of 8 tokens x 16 bytes
-// at byte p * NT * 16 + tg * 128, word q of a token's row holding x columns 16 q + 2 p, +1; tokens
-// past M are zero. Weights and scale codes stream through the same cp.async pipeline, WG_AHEAD
-// pairs of chunks ahead (each thread reads back only what it copied).
+// x: w4a16_wg_xprep writes it once per call in the order the shared memory wants, so a pair of
+// 64-wide K chunks is one contiguous copy: per chunk, the K order of the repack (logical column
+// c of k-tile t is x column 16 (c % 8 / 2) + 4 t + c % 2 + 2 (c / 8)) in wgmma's no-swizzle
+// K-major layout: core matrix (p = 2 t + c / 8, token group tg) of 8 tokens x 16 bytes at byte
+// p * NT * 16 + tg * 128, word q of a token's row holding x columns 16 q + 2 p, +1; tokens past M
+// are zero. Weights and scale codes: each thread copies its own with cp.async and reads them back.
 //
 // Split K (grid.y > 1) adds FP32 partial sums into ws[N][M rounded up to even] (zeroed by
-// w4a16_wg_xprep), and w4a16_finish_<dtype> scales, adds the bias, rounds and transposes. Off sm_90a the kernels trap.
+// w4a16_wg_xprep), and w4a16_finish_<dtype> scales, adds the bias, rounds and transposes.
+// Off sm_90a the kernels trap.
 #include "w4a16_decode.cuh"
 
 #define WG_SLOTS 8  // chunk slots in shared memory (4 pairs)
 #define WG_AHEAD 2  // pairs copied ahead
+#define WG_CLUSTER 2  // CTAs a cluster: neighbouring row blocks share each copy of x (multicast)
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define WG_CLUSTER_DIMS __cluster_dims__(WG_CLUSTER, 1, 1)
+#else
+#define WG_CLUSTER_DIMS
+#endif
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 __device__ __forceinline__ void cp_async4(u32 dst, const void* src, int src_bytes) {
     asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(dst), "l"(src), "r"(src_bytes));
-}
-__device__ __forceinline__ void cp_async16z(u32 dst, const void* src, int src_bytes) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(src_bytes));
 }
 __device__ __forceinline__ void cp_async16(u32 dst, const void* src) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
 template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N)); }
-__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
 template <int N> __device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory"); }
+
+__device__ __forceinline__ u32 cluster_rank() { u32 r; asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r)); return r; }
+__device__ __forceinline__ void cluster_sync() {
+    asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+}
+__device__ __forceinline__ void mbar_init(u32 bar, u32 count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_expect_arrive(u32 bar, u32 bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(u32 bar, u32 parity) {
+    asm volatile("{\n\t.reg .pred P;\nWAIT:\n\tmbarrier.try_wait.parity.shared::cta.b64 P, [%0], %1;\n\t@!P bra WAIT;\n}"
+                 ::"r"(bar), "r"(parity) : "memory");
+}
+// arrive on the mbarrier at the same offset in the shared memory of cluster CTA ``rank``
+__device__ __forceinline__ void mbar_arrive_remote(u32 bar, u32 rank) {
+    asm volatile("{\n\t.reg .b32 ra;\n\tmapa.shared::cluster.u32 ra, %0, %1;\n\t"
+                 "mbarrier.arrive.release.cluster.shared::cluster.b64 _, [ra];\n}" ::"r"(bar), "r"(rank) : "memory");
+}
+// bytes from global memory into the same shared-memory offset of every CTA in ``mask``, each
+// completing ``bytes`` of transaction count on its own mbarrier at offset ``bar``
+__device__ __forceinline__ void bulk_multicast(u32 dst, const void* src, u32 bytes, u32 bar, unsigned short mask) {
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster [%0], [%1], %2, [%3], %4;"
+                 ::"r"(dst), "l"(src), "r"(bytes), "r"(bar), "h"(mask) : "memory");
+}
 
 // shared-memory matrix descriptor, no swizzle: start, LBO (next core matrix along K), SBO (along N)
 __device__ __forceinline__ u64 smem_desc(u32 addr, u32 lbo, u32 sbo) {
@@ -74,12 +104,15 @@ template <> __device__ __forceinline__ void wgmma<true, 64>(float (&d)[32], cons
 }
 #endif
 
-// x [m, k] (2-byte elements, as words) -> xp [k / 64][8][nt / 8][8][4] words, zero past m; and
-// the split-K workspace ws (ws_words floats, none when 0) zeroed.
+// x [m, k] (2-byte elements, as words) -> xp [k / 64 + 1][8][nt / 8][8][4] words, zero past m and
+// in the extra last chunk (the partner of an odd last chunk); and the split-K workspace ws
+// (ws_words floats, none when 0) zeroed.
 extern "C" __global__ void w4a16_wg_xprep(const uint4* __restrict__ x, u32* __restrict__ xp, float* __restrict__ ws,
                                           i64 ws_words, int m, int k, int nt) {
     const i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x;  // 4 words of x (or of zeros past m)
-    for (i64 j = i; j < ws_words; j += (i64)gridDim.x * blockDim.x) ws[j] = 0.0f;
+    const i64 stride = (i64)gridDim.x * blockDim.x;
+    for (i64 j = i; j < ws_words; j += stride) ws[j] = 0.0f;
+    for (i64 j = i; j < (i64)nt * 32; j += stride) xp[(i64)(k >> 6) * nt * 32 + j] = 0u;
     const int per_row = k >> 3;
     if (i >= (i64)nt * per_row) return;
     const int tok = (int)(i / per_row), w0 = (int)(i % per_row) * 4;
@@ -120,21 +153,39 @@ __device__ void w4a16_wg_body(const uint4* __restrict__ wq, const unsigned short
     const uint4* wsrc = wq + (i64)tile * nchunks * 32 + lane;
     const unsigned short* ssrc = sq + ((i64)tile * (k >> 4) + q) * 8 + (g & ~1);
 
-    // copies of the pair of local chunks 2 pr, 2 pr + 1 into slots (2 pr) % WG_SLOTS, + 1
-    auto issue_pair = [&](int pr) {
-        const int i = 2 * pr, st = i % WG_SLOTS;
-        const uint4* src = xp + (i64)(c0 + i) * NT * 8 + tid;
-        u32 dst = base + st * x_bytes + tid * 16;
-        const int second = i + 1 < nloc ? 16 : 0;  // the pair's second chunk is real
-        for (int j = tid; j < NT * 16; j += nthreads, src += nthreads, dst += nthreads * 16)
-            cp_async16z(dst, src, j < NT * 8 ? 16 : second);
+    // Pair pr of local chunks (2 pr, 2 pr + 1) goes to pair slot pr % 4 (chunk slots 2 pr % 8, +1).
+    // x: thread 0 of each CTA expects the pair's bytes on full[slot]; thread 0 of the cluster's
+    // first CTA waits until all 8 warpgroups of the cluster have released the slot's previous pair
+    // (empty[slot], in its shared memory) and copies the pair once into both CTAs (multicast).
+    // Weights and scale codes: every thread copies its own (cp.async), no barrier needed.
+    const u32 rank = cluster_rank();
+    const u32 full0 = s_base + WG_SLOTS * nthreads * 4, empty0 = full0 + 8 * (WG_SLOTS / 2);
+    constexpr u32 pair_bytes = 2 * x_bytes;
+    auto issue_x = [&](int pr) {
+        const u32 sl = pr % (WG_SLOTS / 2);
+        mbar_expect_arrive(full0 + 8 * sl, pair_bytes);
+        if (rank == 0) {
+            if (pr >= WG_SLOTS / 2) mbar_wait(empty0 + 8 * sl, (pr / (WG_SLOTS / 2) - 1) & 1);
+            bulk_multicast(base + sl * pair_bytes, xp + (i64)(c0 + 2 * pr) * NT * 8, pair_bytes, full0 + 8 * sl, 3);
+        }
+    };
+    auto issue_w = [&](int pr) {
+        const int st = (2 * pr) % WG_SLOTS;
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-            const int c = c0 + min(i + h, nloc - 1);
+            const int c = c0 + min(2 * pr + h, nloc - 1);
             cp_async16(w_base + ((st + h) * nthreads + tid) * 16, wsrc + (i64)c * 32);
             cp_async4(s_base + ((st + h) * nthreads + tid) * 4, ssrc + (i64)c * 32, 4);
         }
     };
+    if (tid == 0) {
+        for (int sl = 0; sl < WG_SLOTS / 2; ++sl) {
+            mbar_init(full0 + 8 * sl, 1);
+            mbar_init(empty0 + 8 * sl, WG_CLUSTER * (nthreads >> 7));
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    }
+    cluster_sync();
 
     float acc[NT / 2];
 #pragma unroll
@@ -149,8 +200,8 @@ __device__ void w4a16_wg_body(const uint4* __restrict__ wq, const unsigned short
                      : "r"(w_base + (st * nthreads + tid) * 16));
         asm volatile("ld.shared.u32 %0, [%1];" : "=r"(sv) : "r"(s_base + (st * nthreads + tid) * 4));
     };
-    // Decode chunk i's A (from wv, sv) and queue its 4 wgmmas as one group.
-    auto mma_chunk = [&](int i, u32 (&a)[4][4]) {
+    // Decode chunk i's A (from wv, sv).
+    auto decode = [&](u32 (&a)[4][4]) {
         const u32 sc = (g & 1) ? sv >> 16 : sv & 0xFFFFu;
         const u32 s_lo = scale_pair<BF16>(sc & 0xFFu), s_hi = scale_pair<BF16>(sc >> 8);
         const u32 words[4] = {wv.x, wv.y, wv.z, wv.w};
@@ -162,6 +213,9 @@ __device__ void w4a16_wg_body(const uint4* __restrict__ wq, const unsigned short
             a[t][2] = mul2<BF16>(a[t][2], s_lo);
             a[t][3] = mul2<BF16>(a[t][3], s_hi);
         }
+    };
+    // Queue chunk i's 4 wgmmas as one group.
+    auto mma = [&](int i, const u32 (&a)[4][4]) {
         const u64 desc = desc0 + (u32)((i % WG_SLOTS) * (x_bytes >> 4));
         wgmma_fence();
 #pragma unroll
@@ -169,33 +223,42 @@ __device__ void w4a16_wg_body(const uint4* __restrict__ wq, const unsigned short
         wgmma_commit();
     };
 
-    // Chunks go in pairs: one barrier a pair (its x has landed; every warpgroup has finished the
-    // pair before last, whose slots the copies WG_AHEAD pairs ahead reuse). A chunk's A registers
-    // stay untouched until the wait after the next chunk's wgmmas; the tensor cores run while the
-    // next chunk decodes.
+    // Chunk pairs: decode chunk 2 pr, wait for the pair's x, queue chunk 2 pr; once chunk 2 pr - 1
+    // is done (the previous pair complete: release its slot), decode and queue chunk 2 pr + 1. A chunk's A
+    // registers stay untouched until the wait after the next chunk's wgmmas; the tensor cores run
+    // while the next chunk decodes. Copies run WG_AHEAD pairs ahead.
 #pragma unroll
     for (int pr = 0; pr < WG_AHEAD; ++pr) {
-        if (pr < npairs) issue_pair(pr);
+        if (pr < npairs) {
+            if (tid == 0) issue_x(pr);
+            issue_w(pr);
+        }
         cp_async_commit();
     }
     cp_async_wait<WG_AHEAD - 1>();
     read_own(0);
     u32 a0[4][4], a1[4][4];
     for (int pr = 0; pr < npairs; ++pr) {
-        fence_proxy_async();
-        __syncthreads();
-        if (pr + WG_AHEAD < npairs) issue_pair(pr + WG_AHEAD);
+        if (pr + WG_AHEAD < npairs) {
+            if (tid == 0) issue_x(pr + WG_AHEAD);
+            issue_w(pr + WG_AHEAD);
+        }
         cp_async_commit();
-        mma_chunk(2 * pr, a0);
+        decode(a0);  // chunk 2 pr (weights only: before the wait for x)
         read_own(2 * pr + 1);
-        wgmma_wait<1>();  // chunk 2 pr - 1 done: a1 is free
-        mma_chunk(2 * pr + 1, a1);
+        mbar_wait(full0 + 8 * (pr % (WG_SLOTS / 2)), (pr / (WG_SLOTS / 2)) & 1);
+        mma(2 * pr, a0);
+        wgmma_wait<1>();  // chunk 2 pr - 1 done: a1 and the previous pair's slot are free
+        if (pr > 0 && (tid & 127) == 0) mbar_arrive_remote(empty0 + 8 * ((pr - 1) % (WG_SLOTS / 2)), 0);
+        decode(a1);
+        mma(2 * pr + 1, a1);
         cp_async_wait<WG_AHEAD - 1>();  // this thread's copies of pair pr + 1
         if (pr + 1 < npairs) read_own(2 * pr + 2);
         wgmma_wait<1>();  // chunk 2 pr done: a0 is free
     }
     cp_async_wait<0>();
     wgmma_wait<0>();
+    cluster_sync();  // no CTA leaves while its partner may still arrive on its barriers
     if (row0 >= n) return;
 
     // acc[4j + e]: row row0 + 16 (warp % 4) + g + 8 (e / 2), token 8 j + 2 q + e % 2
@@ -252,12 +315,12 @@ __device__ void w4a16_finish_body(const float* __restrict__ ws, T* __restrict__ 
 }
 
 #define W4A16_WG(NT)                                                                                               \
-    extern "C" __global__ void __launch_bounds__(512, 1) w4a16_wg_nt##NT##_f16(                                   \
+    extern "C" __global__ void __launch_bounds__(512, 1) WG_CLUSTER_DIMS w4a16_wg_nt##NT##_f16(                                   \
         const uint4* wq, const unsigned short* sq, const uint4* xp, __half* y, float* ws, const __half* bias,      \
         const float* g, int m, int n, int k, int cps) {                                                            \
         w4a16_wg_body<false, NT>(wq, sq, xp, y, ws, bias, g, m, n, k, cps);                                        \
     }                                                                                                              \
-    extern "C" __global__ void __launch_bounds__(512, 1) w4a16_wg_nt##NT##_bf16(                                  \
+    extern "C" __global__ void __launch_bounds__(512, 1) WG_CLUSTER_DIMS w4a16_wg_nt##NT##_bf16(                                  \
         const uint4* wq, const unsigned short* sq, const uint4* xp, __nv_bfloat16* y, float* ws,                  \
         const __nv_bfloat16* bias, const float* g, int m, int n, int k, int cps) {                                 \
         w4a16_wg_body<true, NT>(wq, sq, xp, y, ws, bias, g, m, n, k, cps);                                         \
