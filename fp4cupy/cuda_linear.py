@@ -167,23 +167,19 @@ def _wg_ok(device: int) -> bool:
     return cc is not None and runtime.target_for(cc) == "sm_90a"
 
 
-def launch_w4a16(m: int, n: int, k: int, bf16: bool, device: int, stream: int, codes: int, scale_codes: int,
-                 x: int, y: int, bias: int, g: int, scratch) -> None:
-    """Launch the W4A16 kernel(s) for ``m`` tokens on raw pointers. ``scratch(nbytes)`` returns the
-    pointer of a device buffer the caller keeps until the launches are queued (the warpgroup
-    kernel's reordered x, and its FP32 workspace when K is split)."""
-    if m >= WG_MIN_M and _wg_ok(device):
-        p = wg_plan(n, k, m, bf16, device)
-        xp = scratch((k + 64) * p.nt * 2)  # + one zero chunk
-        ws_words = n * (m + (m & 1)) if p.split else 0  # [N][M rounded up to even], zeroed by xprep
-        ws = scratch(4 * ws_words) if ws_words else 0
-        p.xprep(-(-p.nt * (k // 8) // 256), 256, 0, stream, x, xp, ws, ws_words, m, k, p.nt)
-        p.launch(p.grid, p.threads, p.shared, stream, codes, scale_codes, xp, y, ws, bias, g, m, n, k, p.cps)
-        if ws:
-            p.finish((-(-n // 32), -(-m // 32)), 256, 0, stream, ws, y, bias, g, m, n)
-        return
-    p = plan(n, k, m, bf16, device)
-    p.launch(p.grid, p.threads, p.shared, stream, codes, scale_codes, x, y, bias, g, m, n, k)
+def launch_wg(m: int, n: int, k: int, bf16: bool, device: int, stream: int, codes: int, scale_codes: int,
+              x: int, y: int, bias: int, g: int, scratch) -> None:
+    """Launch w4a16_wgmma.cu for ``m`` tokens on raw pointers. ``scratch(nbytes)`` returns the
+    pointer of a device buffer the caller keeps until the launches are queued (the reordered x,
+    and the FP32 workspace when K is split)."""
+    p = wg_plan(n, k, m, bf16, device)
+    xp = scratch((k + 64) * p.nt * 2)  # + one zero chunk
+    ws_words = n * (m + (m & 1)) if p.split else 0  # [N][M rounded up to even], zeroed by xprep
+    ws = scratch(4 * ws_words) if ws_words else 0
+    p.xprep(-(-p.nt * (k // 8) // 256), 256, 0, stream, x, xp, ws, ws_words, m, k, p.nt)
+    p.launch(p.grid, p.threads, p.shared, stream, codes, scale_codes, xp, y, ws, bias, g, m, n, k, p.cps)
+    if ws:
+        p.finish((-(-n // 32), -(-m // 32)), 256, 0, stream, ws, y, bias, g, m, n)
 
 
 @functools.lru_cache(maxsize=None)
@@ -217,14 +213,20 @@ def linear_repacked(x, codes, scale_codes, global_scale, n: int, bias=None):
         return None
     y = x.new_empty(shape[:-1] + (n,))
     stream = _torch_stream_ptr(torch, dev)
+    bf16 = x.dtype is _TORCH["half"][1]
+    args = (codes.data_ptr(), scale_codes.data_ptr(), x.data_ptr(), y.data_ptr(),
+            0 if bias is None else bias.data_ptr(), global_scale.data_ptr())
+    if m < WG_MIN_M or not _wg_ok(dev):
+        p = plan(n, k, m, bf16, dev)
+        p.launch(p.grid, p.threads, p.shared, stream, *args, m, n, k)
+        return y
     kept = []
 
     def scratch(nbytes):
         kept.append(x.new_empty(nbytes, dtype=_TORCH["u8"]))
         return kept[-1].data_ptr()
 
-    launch_w4a16(m, n, k, x.dtype is _TORCH["half"][1], dev, stream, codes.data_ptr(), scale_codes.data_ptr(),
-                 x.data_ptr(), y.data_ptr(), 0 if bias is None else bias.data_ptr(), global_scale.data_ptr(), scratch)
+    launch_wg(m, n, k, bf16, dev, stream, *args, scratch)
     return y
 
 
@@ -251,14 +253,19 @@ def linear(x, pw: PreparedWeight, bias=None):
     if bias is not None:
         bias = lib.cast(bias, dtype) if arrays.dtype_name(bias) != dtype else bias
         bias = bias.contiguous() if lib.torch else lib.mod.ascontiguousarray(bias)
-    kept = []
+    args = (lib.ptr(pw.codes), lib.ptr(pw.scale_codes), lib.ptr(x2), lib.ptr(y), 0 if bias is None else lib.ptr(bias),
+            lib.ptr(w.global_scale_array))
+    if m < WG_MIN_M or not _wg_ok(lib.device):
+        p = plan(n, k, m, dtype == "bfloat16", lib.device)
+        p.launch(p.grid, p.threads, p.shared, lib.stream.ptr, *args, m, n, k)
+    else:
+        kept = []
 
-    def scratch(nbytes):
-        kept.append(lib.empty((nbytes,), "uint8"))
-        return lib.ptr(kept[-1])
+        def scratch(nbytes):
+            kept.append(lib.empty((nbytes,), "uint8"))
+            return lib.ptr(kept[-1])
 
-    launch_w4a16(m, n, k, dtype == "bfloat16", lib.device, lib.stream.ptr, lib.ptr(pw.codes), lib.ptr(pw.scale_codes),
-                 lib.ptr(x2), lib.ptr(y), 0 if bias is None else lib.ptr(bias), lib.ptr(w.global_scale_array), scratch)
+        launch_wg(m, n, k, dtype == "bfloat16", lib.device, lib.stream.ptr, *args, scratch)
     return y.reshape(lead + (n,))
 
 
