@@ -121,9 +121,10 @@ _WG_SIGNATURE = "PPPPPPPiiii"  # codes, scale codes, reordered x, y, ws, bias, g
 
 
 class WgPlan:
-    """The launches of w4a16_wgmma.cu: ``xprep`` reorders x, w4a16_wg_nt{NT} runs on grid (row
-    blocks, K splits); split K adds FP32 partials into a zeroed workspace [M, N] that ``finish``
-    scales, biases and rounds."""
+    """The launches of w4a16_wgmma.cu: ``xprep`` reorders x (and zeroes the workspace),
+    w4a16_wg_nt{NT} runs on grid (row blocks in clusters of WG_CLUSTER, K splits); split K adds
+    FP32 partials into the workspace [N][M rounded up to even] that ``finish`` scales, biases,
+    rounds and transposes into y."""
 
     __slots__ = ("xprep", "launch", "finish", "grid", "threads", "shared", "cps", "nt", "name")
 
@@ -157,8 +158,8 @@ def wg_plan(n: int, k: int, m: int, bf16: bool, device: int) -> WgPlan:
     launch = runtime.launcher("w4a16_wgmma.cu", name, device, _WG_SIGNATURE).allow_shared(shared)
     finish = runtime.launcher("w4a16_wgmma.cu", f"w4a16_finish_{dt}", device, "PPPPii")
     xprep = runtime.launcher("w4a16_wgmma.cu", "w4a16_wg_xprep", device, "PPPqiii")
-    return WgPlan(xprep=xprep, launch=launch, finish=finish, grid=(blocks, splits), threads=threads, shared=shared, cps=cps,
-                  nt=nt, name=name)
+    return WgPlan(xprep=xprep, launch=launch, finish=finish, grid=(blocks, splits), threads=threads, shared=shared,
+                  cps=cps, nt=nt, name=name)
 
 
 @functools.lru_cache(maxsize=None)
