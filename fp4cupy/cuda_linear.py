@@ -140,18 +140,25 @@ class WgPlan:
         return f"WgPlan({self.name}, grid={self.grid}, threads={self.threads}, shared={self.shared}, chunks a split={self.cps})"
 
 
+def wg_grid(n: int, k: int, sms: int) -> tuple[int, int, int]:
+    """(row blocks, K splits, chunks of 64 a split) for w4a16_wgmma.cu: whole clusters of blocks of
+    64 * WG_GROUPS rows; K split so that about one block runs per SM, at least 4 chunks and an even
+    number a split (only the last split may end on an odd chunk). On an H100 (132 SMs): 28672 rows
+    -> 112 blocks, 4096 rows x K 4096 -> 16 blocks x 8 splits of 8 chunks."""
+    blocks = -(-n // (64 * WG_GROUPS * WG_CLUSTER)) * WG_CLUSTER
+    nchunks = k // 64
+    splits = max(1, min(sms // blocks, nchunks // 4))
+    cps = -(-nchunks // splits)
+    cps += cps & 1
+    return blocks, -(-nchunks // cps), cps
+
+
 @functools.lru_cache(maxsize=4096)
 def wg_plan(n: int, k: int, m: int, bf16: bool, device: int) -> WgPlan:
-    """NT = 64 or 128 token columns; K split so that about one block runs per SM (at least 4 chunks
-    of 64 a split): 28672 rows -> 112 blocks, 4096 rows -> 16 blocks x 8 splits on an H100."""
+    """NT = 64 or 128 token columns, the grid of ``wg_grid``."""
     nt = 64 if m <= 64 else 128
     threads = 128 * WG_GROUPS
-    blocks = -(-n // (64 * WG_GROUPS * WG_CLUSTER)) * WG_CLUSTER  # whole clusters
-    nchunks = k // 64
-    splits = max(1, min(_sm_count(device) // blocks, nchunks // 4))
-    cps = -(-nchunks // splits)
-    cps += cps & 1        # whole pairs of chunks a split (only the last may end odd)
-    splits = -(-nchunks // cps)
+    blocks, splits, cps = wg_grid(n, k, _sm_count(device))
     dt = "bf16" if bf16 else "f16"
     shared = WG_SLOTS * (nt * 128 + threads * 20) + 8 * WG_SLOTS  # + the pair slots' mbarriers
     name = f"w4a16_wg_nt{nt}_{dt}"
