@@ -84,24 +84,18 @@ __device__ __forceinline__ u64 smem_desc(u32 addr, u32 lbo, u32 sbo) {
     "{.reg .pred p; setp.ne.b32 p, " ONE ", 0; wgmma.mma_async.sync.aligned.m64n" #N "k16.f32." TY "." TY \
     " {" DL "}, {" A0 "}, " DESC ", p, 1, 1, 0;}"
 
-// d (+)= A (64 x 16, registers) * B (16 x NT, shared memory via desc)
+// d (+)= A (64 x 16, registers) * B (16 x NT, shared memory via desc), one specialization a
+// (type, NT): the accumulator operand list is spelled out per NT
 template <bool BF16, int NT> __device__ __forceinline__ void wgmma(float (&d)[NT / 2], const u32 (&a)[4], u64 desc);
-template <> __device__ __forceinline__ void wgmma<false, 128>(float (&d)[64], const u32 (&a)[4], u64 desc) {
-    asm volatile(WG_MMA(128, "f16", WG_D64, "%64, %65, %66, %67", "%68", "%69")
-                 : WG_F64 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1));
-}
-template <> __device__ __forceinline__ void wgmma<true, 128>(float (&d)[64], const u32 (&a)[4], u64 desc) {
-    asm volatile(WG_MMA(128, "bf16", WG_D64, "%64, %65, %66, %67", "%68", "%69")
-                 : WG_F64 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1));
-}
-template <> __device__ __forceinline__ void wgmma<false, 64>(float (&d)[32], const u32 (&a)[4], u64 desc) {
-    asm volatile(WG_MMA(64, "f16", WG_D32, "%32, %33, %34, %35", "%36", "%37")
-                 : WG_F32 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1));
-}
-template <> __device__ __forceinline__ void wgmma<true, 64>(float (&d)[32], const u32 (&a)[4], u64 desc) {
-    asm volatile(WG_MMA(64, "bf16", WG_D32, "%32, %33, %34, %35", "%36", "%37")
-                 : WG_F32 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1));
-}
+#define WG_MMA_FN(BF16, NT, TY, DL, FL, A0, DESC, ONE)                                                     \
+    template <> __device__ __forceinline__ void wgmma<BF16, NT>(float (&d)[NT / 2], const u32 (&a)[4], u64 desc) { \
+        asm volatile(WG_MMA(NT, TY, DL, A0, DESC, ONE)                                                       \
+                     : FL : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1));                  \
+    }
+WG_MMA_FN(false, 128, "f16", WG_D64, WG_F64, "%64, %65, %66, %67", "%68", "%69")
+WG_MMA_FN(true, 128, "bf16", WG_D64, WG_F64, "%64, %65, %66, %67", "%68", "%69")
+WG_MMA_FN(false, 64, "f16", WG_D32, WG_F32, "%32, %33, %34, %35", "%36", "%37")
+WG_MMA_FN(true, 64, "bf16", WG_D32, WG_F32, "%32, %33, %34, %35", "%36", "%37")
 #endif
 
 // x [m, k] (2-byte elements, as words) -> xp [k / 64 + 1][8][nt / 8][8][4] words, zero past m and
