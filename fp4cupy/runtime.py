@@ -95,7 +95,7 @@ def has_fp4_hardware(device: int | None = None) -> bool:
 # ----------------------------------------------------------------------------- compiling
 @functools.lru_cache(maxsize=None)
 def cuda_include_dir() -> str | None:
-    """Folder with cuda_fp16.h / cuda_bf16.h (from the [ctk] wheels or a CUDA toolkit)."""
+    """Folder with cuda_fp16.h / cuda_bf16.h (from the nvidia-cuda-runtime wheel or a CUDA toolkit)."""
     try:
         from cuda.pathfinder import find_nvidia_header_directory
 

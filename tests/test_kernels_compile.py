@@ -1,4 +1,5 @@
-"""Every kernel source compiles for every target fp4cupy claims, with no GPU (NVRTC + headers from [ctk])."""
+"""Every kernel source compiles for every target fp4cupy claims, with no GPU (NVRTC and headers from the
+[cuda12] / [cuda13] extras' wheels). CI runs it with NVRTC 12 and NVRTC 13."""
 import os
 import struct
 from pathlib import Path
@@ -14,12 +15,33 @@ SOURCES = sorted(p.name for p in runtime.KERNEL_DIR.glob("*.cu")) + [str(Path(__
 
 
 def cubin_target(cubin: bytes) -> str:
-    """'sm_90a'-style name from a cubin's ELF header (e_flags at 0x30; ABI 51 vs the newer one)."""
+    """'sm_90a'-style name from a cubin's ELF header. e_flags (at 0x30) hold the SM number: bits 0-7
+    in the old ELF ABI (51), bits 8-15 in the newer one. The arch-specific 'a' is flag 0x800 (old
+    ABI), flag 0x8 (CUDA 12, newer ABI), or attribute 9 = 1 of the .nv.compat section (CUDA 13)."""
     assert cubin[:4] == b"\x7fELF"
     flags = struct.unpack_from("<I", cubin, 0x30)[0]
     if cubin[7] == 51:
         return f"sm_{flags & 0xFF}" + ("a" if flags & 0x800 else "")
-    return f"sm_{(flags >> 8) & 0xFF}" + ("a" if flags & 0x8 else "")
+    specific = bool(flags & 0x8) or _compat_attributes(cubin).get(9) == 1
+    return f"sm_{(flags >> 8) & 0xFF}" + ("a" if specific else "")
+
+
+def _compat_attributes(cubin: bytes) -> dict:
+    """{attribute: value} of the .nv.compat section: records of (format, attribute, value), where
+    format 4 carries a 16-bit size and that many bytes, the others one 16-bit value."""
+    shoff = struct.unpack_from("<Q", cubin, 0x28)[0]
+    entsize, count, names = struct.unpack_from("<HHH", cubin, 0x3A)
+    headers = [struct.unpack_from("<IIQQQQ", cubin, shoff + i * entsize) for i in range(count)]
+    strtab = headers[names][4]
+    for name, _type, _flags, _addr, offset, size in headers:
+        if cubin[strtab + name : cubin.index(b"\0", strtab + name)] == b".nv.compat":
+            section, attrs, pos = cubin[offset : offset + size], {}, 0
+            while pos + 4 <= len(section):
+                fmt, attr, value = section[pos], section[pos + 1], struct.unpack_from("<H", section, pos + 2)[0]
+                attrs[attr] = section[pos + 4 : pos + 4 + value] if fmt == 4 else value
+                pos += 4 + (value if fmt == 4 else 0)
+            return attrs
+    return {}
 
 
 @pytest.mark.parametrize("target", runtime.CI_TARGETS)
