@@ -31,6 +31,17 @@ from . import __version__
 from .nn import NVFP4Linear, replace_module
 
 FORMATS = ("nvfp4", "modelopt", "compressed-tensors")
+# Per layout: the tensor names of the codes, the block scales, the global scale and the static
+# activation scale (W4A4); whether block scales are stored as float8_e4m3fn (else uint8 bits); and
+# whether global scales are stored inverted (1/g, as a one-element vector: compressed-tensors).
+LAYOUTS = {
+    "nvfp4": dict(codes="weight", scales="weight_scale", g="weight_global_scale", act="input_scale",
+                  fp8_scales=False, inverse=False),
+    "modelopt": dict(codes="weight", scales="weight_scale", g="weight_scale_2", act="input_scale",
+                     fp8_scales=True, inverse=False),
+    "compressed-tensors": dict(codes="weight_packed", scales="weight_scale", g="weight_global_scale",
+                               act="input_global_scale", fp8_scales=True, inverse=True),
+}
 SHARD_BYTES = 2 * 2**30
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
               "generation_config.json", "vocab.txt", "merges.txt", "vocab.json")
@@ -78,22 +89,19 @@ def calibrate(model: nn.Module, batches, progress: bool = True) -> dict:
 
 
 def _layer_tensors(name: str, m: NVFP4Linear, fmt: str, input_amax: float | None = None) -> dict:
+    layout = LAYOUTS[fmt]
     w = m.fp4_weight()
     data, scales = w.data.detach().cpu(), w.scales.detach().cpu()
-    g = float(m.weight_global_scale)
-    if fmt == "nvfp4":
-        out = {"weight": data, "weight_scale": scales, "weight_global_scale": torch.tensor(g, dtype=torch.float32)}
-    elif fmt == "modelopt":
-        out = {"weight": data, "weight_scale": scales.view(torch.float8_e4m3fn),
-               "weight_scale_2": torch.tensor(g, dtype=torch.float32)}
-    else:
-        out = {"weight_packed": data, "weight_scale": scales.view(torch.float8_e4m3fn),
-               "weight_global_scale": torch.tensor([inverse_global_scale(g)], dtype=torch.float32)}
+
+    def global_scale(g: float) -> torch.Tensor:
+        if layout["inverse"]:
+            return torch.tensor([inverse_global_scale(g)], dtype=torch.float32)
+        return torch.tensor(g, dtype=torch.float32)
+
+    out = {layout["codes"]: data, layout["scales"]: scales.view(torch.float8_e4m3fn) if layout["fp8_scales"] else scales,
+           layout["g"]: global_scale(float(m.weight_global_scale))}
     if input_amax is not None and fmt != "nvfp4":  # W4A4: the activation's decode global scale (amax / 2688)
-        ga = float(np.float32(max(input_amax, 1e-30)) / np.float32(2688.0))
-        out["input_scale" if fmt == "modelopt" else "input_global_scale"] = (
-            torch.tensor(ga, dtype=torch.float32) if fmt == "modelopt"
-            else torch.tensor([inverse_global_scale(ga)], dtype=torch.float32))
+        out[layout["act"]] = global_scale(float(np.float32(max(input_amax, 1e-30)) / np.float32(2688.0)))
     if m.bias is not None:
         out["bias"] = m.bias.detach().cpu()
     return {f"{name}.{k}": v.contiguous() for k, v in out.items()}
@@ -205,9 +213,8 @@ def import_checkpoint(model: nn.Module, src_dir, strict: bool = True) -> nn.Modu
     for f in files:
         with safe_open(str(f), "pt") as h:
             keys.update({k: f for k in h.keys()})
-    fmt = detect_format(keys)
-    codes_key = "weight_packed" if fmt == "compressed-tensors" else "weight"
-    scale2 = {"nvfp4": "weight_global_scale", "modelopt": "weight_scale_2", "compressed-tensors": "weight_global_scale"}[fmt]
+    layout = LAYOUTS[detect_format(keys)]
+    codes_key, scale2 = layout["codes"], layout["g"]
     quantized = sorted({k.rsplit(".", 1)[0] for k in keys if k.endswith("." + scale2)})
     for name in quantized:
         cur = model.get_submodule(name)
@@ -224,11 +231,11 @@ def import_checkpoint(model: nn.Module, src_dir, strict: bool = True) -> nn.Modu
                 if layer in quantized:
                     if leaf == codes_key:
                         state[f"{layer}.weight"] = t.view(torch.uint8)
-                    elif leaf == "weight_scale":
+                    elif leaf == layout["scales"]:
                         state[f"{layer}.weight_scale"] = t.view(torch.uint8)
                     elif leaf == scale2:
                         g = float(t.reshape(-1)[0])
-                        g = float(np.float32(1.0) / np.float32(g)) if fmt == "compressed-tensors" else g
+                        g = float(np.float32(1.0) / np.float32(g)) if layout["inverse"] else g
                         state[f"{layer}.weight_global_scale"] = torch.tensor(g, dtype=torch.float32)
                     elif leaf == "bias":
                         state[k] = t

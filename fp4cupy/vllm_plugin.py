@@ -14,14 +14,8 @@ from __future__ import annotations
 
 import fnmatch
 
-LAYOUTS = {  # checkpoint tensor names per layout, and whether the global scale is stored inverted
-    "nvfp4": dict(codes="weight", scales="weight_scale", g="weight_global_scale", fp8_scales=False, inverse=False,
-                  act="input_scale"),
-    "modelopt": dict(codes="weight", scales="weight_scale", g="weight_scale_2", fp8_scales=True, inverse=False,
-                     act="input_scale"),
-    "compressed-tensors": dict(codes="weight_packed", scales="weight_scale", g="weight_global_scale", fp8_scales=True,
-                               inverse=True, act="input_global_scale"),
-}
+from .interop import LAYOUTS  # the tensor names of each checkpoint layout
+
 NAMES = ("nvfp4", "fp4cupy")
 
 
