@@ -175,15 +175,21 @@ def _wg_ok(device: int) -> bool:
     return cc is not None and runtime.target_for(cc) == "sm_90a"
 
 
-def launch_wg(m: int, n: int, k: int, bf16: bool, device: int, stream: int, codes: int, scale_codes: int,
-              x: int, y: int, bias: int, g: int, scratch) -> None:
-    """Launch w4a16_wgmma.cu for ``m`` tokens on raw pointers. ``scratch(nbytes)`` returns the
-    pointer of a device buffer the caller keeps until the launches are queued (the reordered x,
-    and the FP32 workspace when K is split)."""
+def launch_w4a16(m: int, n: int, k: int, bf16: bool, device: int, stream: int, args: tuple, scratch) -> None:
+    """Queue the W4A16 kernels for ``m`` (1..MMA_MAX_M) tokens on ``stream``. ``args``: the raw
+    pointers (codes, scale codes, x, y, bias or 0, global scale). Up to WG_MIN_M - 1 tokens, or off
+    sm_90a, one mma.sync launch from ``plan``; else w4a16_wgmma.cu, whose scratch (the reordered x,
+    and the FP32 workspace when K is split) comes from ``scratch(nbytes)`` -> (buffer, pointer),
+    held until the launches are queued (the allocators reuse it in stream order, after them)."""
+    if m < WG_MIN_M or not _wg_ok(device):
+        p = plan(n, k, m, bf16, device)
+        p.launch(p.grid, p.threads, p.shared, stream, *args, m, n, k)
+        return
+    codes, scale_codes, x, y, bias, g = args
     p = wg_plan(n, k, m, bf16, device)
-    xp = scratch((k + 64) * p.nt * 2)  # + one zero chunk
+    xp_buf, xp = scratch((k + 64) * p.nt * 2)  # + one zero chunk
     ws_words = n * (m + (m & 1)) if p.split else 0  # [N][M rounded up to even], zeroed by xprep
-    ws = scratch(4 * ws_words) if ws_words else 0
+    ws_buf, ws = scratch(4 * ws_words) if ws_words else (None, 0)
     p.xprep(-(-p.nt * (k // 8) // 256), 256, 0, stream, x, xp, ws, ws_words, m, k, p.nt)
     p.launch(p.grid, p.threads, p.shared, stream, codes, scale_codes, xp, y, ws, bias, g, m, n, k, p.cps)
     if ws:
@@ -220,22 +226,18 @@ def linear_repacked(x, codes, scale_codes, global_scale, n: int, bias=None):
     if not 0 < m <= MMA_MAX_M or not _mma_ok(dev):
         return None
     y = x.new_empty(shape[:-1] + (n,))
-    stream = _torch_stream_ptr(torch, dev)
-    bf16 = x.dtype is _TORCH["half"][1]
     args = (codes.data_ptr(), scale_codes.data_ptr(), x.data_ptr(), y.data_ptr(),
             0 if bias is None else bias.data_ptr(), global_scale.data_ptr())
-    if m < WG_MIN_M or not _wg_ok(dev):
-        p = plan(n, k, m, bf16, dev)
-        p.launch(p.grid, p.threads, p.shared, stream, *args, m, n, k)
-        return y
-    kept = []
-
-    def scratch(nbytes):
-        kept.append(x.new_empty(nbytes, dtype=_TORCH["u8"]))
-        return kept[-1].data_ptr()
-
-    launch_wg(m, n, k, bf16, dev, stream, *args, scratch)
+    launch_w4a16(m, n, k, x.dtype is _TORCH["half"][1], dev, _torch_stream_ptr(torch, dev), args, _torch_scratch(x))
     return y
+
+
+def _torch_scratch(like):
+    """``launch_w4a16``'s scratch for torch: uint8 buffers on ``like``'s device."""
+    def scratch(nbytes: int):
+        buf = like.new_empty(nbytes, dtype=_TORCH["u8"])
+        return buf, buf.data_ptr()
+    return scratch
 
 
 def linear_torch(x, pw: PreparedWeight, bias=None):
@@ -263,17 +265,7 @@ def linear(x, pw: PreparedWeight, bias=None):
         bias = bias.contiguous() if lib.torch else lib.mod.ascontiguousarray(bias)
     args = (lib.ptr(pw.codes), lib.ptr(pw.scale_codes), lib.ptr(x2), lib.ptr(y), 0 if bias is None else lib.ptr(bias),
             lib.ptr(w.global_scale_array))
-    if m < WG_MIN_M or not _wg_ok(lib.device):
-        p = plan(n, k, m, dtype == "bfloat16", lib.device)
-        p.launch(p.grid, p.threads, p.shared, lib.stream.ptr, *args, m, n, k)
-    else:
-        kept = []
-
-        def scratch(nbytes):
-            kept.append(lib.empty((nbytes,), "uint8"))
-            return lib.ptr(kept[-1])
-
-        launch_wg(m, n, k, dtype == "bfloat16", lib.device, lib.stream.ptr, *args, scratch)
+    launch_w4a16(m, n, k, dtype == "bfloat16", lib.device, lib.stream.ptr, args, lib.scratch)
     return y.reshape(lead + (n,))
 
 

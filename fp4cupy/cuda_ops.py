@@ -54,6 +54,11 @@ class _Lib:
     def ptr(self, a) -> int:
         return a.data_ptr() if self.torch else a.data.ptr
 
+    def scratch(self, nbytes: int):
+        """(a uint8 device buffer of ``nbytes``, its pointer)."""
+        a = self.empty((nbytes,), "uint8")
+        return a, self.ptr(a)
+
     def contiguous_aligned(self, a):
         """``a`` itself when it is contiguous with a 16-byte aligned start, else a copy that is."""
         a = a.contiguous() if self.torch else self.mod.ascontiguousarray(a)

@@ -22,3 +22,45 @@ def test_wgmma_grid_on_an_h100():
     assert cuda_linear.wg_grid(28672, 8192, 132) == (112, 1, 128)
     assert cuda_linear.wg_grid(4096, 4096, 132) == (16, 8, 8)
     assert cuda_linear.wg_grid(8192, 28672, 132) == (32, 4, 112)
+
+
+class Recorder:
+    """A stand-in for a runtime.Launcher: records (name, grid, threads, shared, args)."""
+
+    def __init__(self, name, calls):
+        self.name, self.calls = name, calls
+
+    def __call__(self, grid, threads, shared, stream, *args):
+        self.calls.append((self.name, grid, threads, shared, stream, args))
+
+
+@pytest.mark.parametrize("m,wg_ok,want", [(1, True, ["mma"]), (32, True, ["mma"]), (33, False, ["mma"]),
+                                          (33, True, ["xprep", "wg", "finish"]), (128, True, ["xprep", "wg", "finish"])])
+def test_launch_w4a16_picks_the_kernel_and_sizes_the_scratch(monkeypatch, m, wg_ok, want):
+    calls, buffers = [], []
+    n, k, sms = 4096, 4096, 132  # split K on an H100 (16 blocks x 8 splits)
+    monkeypatch.setattr(cuda_linear, "_wg_ok", lambda device: wg_ok)
+    monkeypatch.setattr(cuda_linear, "plan", lambda n, k, m, bf16, device: cuda_linear.Plan(
+        Recorder("mma", calls), grid=(7, 1), threads=256, shared=1024, name="mma"))
+    blocks, splits, cps = cuda_linear.wg_grid(n, k, sms)
+    nt = 64 if m <= 64 else 128
+    monkeypatch.setattr(cuda_linear, "wg_plan", lambda n, k, m, bf16, device: cuda_linear.WgPlan(
+        xprep=Recorder("xprep", calls), launch=Recorder("wg", calls), finish=Recorder("finish", calls),
+        grid=(blocks, splits), threads=512, shared=99, cps=cps, nt=nt, name="wg"))
+
+    def scratch(nbytes):
+        buffers.append(nbytes)
+        return object(), 1000 * len(buffers)
+
+    args = (11, 12, 13, 14, 0, 16)  # codes, scale codes, x, y, no bias, g
+    cuda_linear.launch_w4a16(m, n, k, False, 0, 77, args, scratch)
+    assert [c[0] for c in calls] == want and all(c[4] == 77 for c in calls)
+    if want == ["mma"]:
+        assert calls[0][5] == args + (m, n, k) and not buffers
+        return
+    ws_words = n * (m + m % 2)
+    assert buffers == [(k + 64) * nt * 2, 4 * ws_words]  # reordered x with a zero chunk; [N][M even] FP32
+    assert calls[0][5] == (13, 1000, 2000, ws_words, m, k, nt)
+    assert calls[1][1:4] == ((blocks, splits), 512, 99)
+    assert calls[1][5] == (11, 12, 1000, 14, 2000, 0, 16, m, n, k, cps)
+    assert calls[2][1] == (n // 32, -(-m // 32)) and calls[2][5] == (2000, 14, 0, 16, m, n)
