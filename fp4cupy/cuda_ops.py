@@ -159,27 +159,55 @@ def quantize(x, f: Format, gs: int, mode: str, global_scale, shape, nonfinite="r
     status = lib.zeros((4,), "int64")
     check = nonfinite == "raise" and not lib.capturing()
     g_out = lib.empty((), "float32") if f.global_scale else None
-    g_given = float(np.float32(global_scale)) if global_scale is not None else 0.0
     readback = None
     amax_pass = f.global_scale and global_scale is None
     if amax_pass:
-        per = 16 // (x.element_size() if lib.torch else x.itemsize)
-        grid = max(1, min(-(-n // (per * THREADS)), _sm_count(lib.device) * 8))
-        lib.launch("quantize.cu", f"fp4_amax_{suffix}", grid, (lib.ptr(x), n, lib.ptr(status)))
+        _launch_amax(lib.device, lib.stream.ptr, suffix, lib.ptr(x), n, x.element_size() if lib.torch else x.itemsize,
+                     lib.ptr(status))
         if check:  # the amax pass counts NaN/Inf: wait for it only, not for the quantize pass
             readback = lib.read_back_async(status)
-    name = f"{f.name}_quantize_g{gs}_{suffix}" if f.name == "nvfp4" else f"{f.name}_{mode}_quantize_g{gs}_{suffix}"
-    lib.launch("quantize.cu", name, -(-ngroups // THREADS),
-               (lib.ptr(x), lib.ptr(data), lib.ptr(scales), np.float32(g_given), lib.ptr(status),
-                0 if g_out is None else lib.ptr(g_out), ngroups, np.int32(not amax_pass)))
+    _launch_quantize(lib.device, lib.stream.ptr, f, gs, mode, suffix, lib.ptr(x), lib.ptr(data), lib.ptr(scales),
+                     lib.ptr(status), 0 if g_out is None else lib.ptr(g_out), ngroups, global_scale, amax_pass)
     if check:
         readback = readback or lib.read_back_async(status)
         _raise_if_nonfinite(readback.result(np.int64), x, shape)
+    return _result(data, scales, g_out, global_scale, shape, f, gs)
+
+
+def quantize_kernel_name(f: Format, gs: int, mode: str, suffix: str) -> str:
+    """The kernel of quantize.cu for a format, group size, MXFP4 scale mode and input dtype suffix."""
+    return f"{f.name}_quantize_g{gs}_{suffix}" if f.name == "nvfp4" else f"{f.name}_{mode}_quantize_g{gs}_{suffix}"
+
+
+def amax_grid(nbytes: int, sms: int) -> int:
+    """Blocks of the grid-stride amax pass over ``nbytes`` of input: one 16-byte load a thread per
+    step, at most 8 blocks a SM."""
+    return max(1, min(-(-nbytes // (16 * THREADS)), sms * 8))
+
+
+def _launch_amax(device: int, stream: int, suffix: str, x: int, n: int, itemsize: int, status: int) -> None:
+    grid = amax_grid(n * itemsize, _sm_count(device))
+    _launch_raw(device, stream, "quantize.cu", f"fp4_amax_{suffix}", grid, (x, n, status))
+
+
+def _launch_quantize(device: int, stream: int, f: Format, gs: int, mode: str, suffix: str, x: int, data: int,
+                     scales: int, status: int, g_out: int, ngroups: int, global_scale, amax_pass: bool) -> None:
+    """One thread a block of ``gs``; g from ``global_scale`` when given, else from the amax in status.
+    NaN/Inf blocks are counted into status only when no amax pass did it already."""
+    _launch_raw(device, stream, "quantize.cu", quantize_kernel_name(f, gs, mode, suffix), -(-ngroups // THREADS),
+                (x, data, scales, np.float32(_given(global_scale)), status, g_out, ngroups, np.int32(not amax_pass)))
+
+
+def _given(global_scale) -> float:
+    """The kernel's g_given: the float32 value of a given global scale, 0 for none (then amax decides)."""
+    return float(np.float32(global_scale)) if global_scale is not None else 0.0
+
+
+def _result(data, scales, g_out, global_scale, shape, f: Format, gs: int) -> FP4Tensor:
+    """The FP4Tensor of a quantize launch; its global scale known on the host when it was given."""
     if g_out is None:
-        g_out, g_host = np.float32(1.0), 1.0
-    else:
-        g_host = g_given or None
-    return FP4Tensor._from_kernel(data, scales, g_out, g_host, shape, f.name, gs)
+        return FP4Tensor._from_kernel(data, scales, np.float32(1.0), 1.0, shape, f.name, gs)
+    return FP4Tensor._from_kernel(data, scales, g_out, _given(global_scale) or None, shape, f.name, gs)
 
 
 _T = {}  # torch, its dtypes -> kernel suffix, uint8 (filled on the first torch call)
@@ -226,23 +254,15 @@ def quantize_torch(x, f: Format, gs: int, mode: str, global_scale, nonfinite: st
     g_out = x.new_empty((), dtype=t["f32"]) if f.global_scale else None
     readback = None
     if amax_pass:
-        grid = max(1, min(-(-n * x.element_size() // (16 * THREADS)), _sm_count(dev) * 8))
-        _launch_raw(dev, stream, "quantize.cu", f"fp4_amax_{suffix}", grid, (x.data_ptr(), n, status_ptr))
+        _launch_amax(dev, stream, suffix, x.data_ptr(), n, x.element_size(), status_ptr)
         if check:
             readback = _ReadBack(_RawLib(dev, stream), status)
-    name = f"{f.name}_quantize_g{gs}_{suffix}" if f.name == "nvfp4" else f"{f.name}_{mode}_quantize_g{gs}_{suffix}"
-    g_given = float(np.float32(global_scale)) if global_scale is not None else 0.0
-    _launch_raw(dev, stream, "quantize.cu", name, -(-ngroups // THREADS),
-                (x.data_ptr(), data.data_ptr(), scales.data_ptr(), np.float32(g_given), status_ptr,
-                 0 if g_out is None else g_out.data_ptr(), ngroups, np.int32(not amax_pass)))
+    _launch_quantize(dev, stream, f, gs, mode, suffix, x.data_ptr(), data.data_ptr(), scales.data_ptr(), status_ptr,
+                     0 if g_out is None else g_out.data_ptr(), ngroups, global_scale, amax_pass)
     if check:
         readback = readback or _ReadBack(_RawLib(dev, stream), status)
         _raise_if_nonfinite(readback.result(np.int64), x, tuple(shape))
-    if g_out is None:
-        g_out, g_host = np.float32(1.0), 1.0
-    else:
-        g_host = g_given or None
-    return FP4Tensor._from_kernel(data, scales, g_out, g_host, tuple(shape), f.name, gs)
+    return _result(data, scales, g_out, global_scale, tuple(shape), f, gs)
 
 
 class _RawLib:

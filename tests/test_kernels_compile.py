@@ -80,3 +80,17 @@ def test_cache_is_reused_and_keyed_by_source(tmp_path, monkeypatch):
     src.write_text('extern "C" __global__ void k(float* x) { x[0] = 2.0f; }\n')
     runtime.compile_source(str(src), "sm_80")
     assert len(list(tmp_path.glob("k-sm_80-*.bin"))) == 2
+
+
+def test_every_quantize_kernel_the_host_names_is_in_the_module(tmp_path, monkeypatch):
+    from fp4cupy import cuda_ops
+    from fp4cupy.formats import FORMATS
+
+    monkeypatch.setenv("FP4CUPY_CACHE_DIR", str(tmp_path))
+    cubin = runtime.compile_source("quantize.cu", "sm_80")
+    names = [cuda_ops.quantize_kernel_name(f, gs, mode, suffix) for f in FORMATS.values() for gs in f.group_sizes
+             for mode in f.scale_modes for suffix in cuda_ops._DTYPE_SUFFIX.values()]
+    names += [f"fp4_amax_{suffix}" for suffix in cuda_ops._DTYPE_SUFFIX.values()]
+    assert len(names) == 21
+    missing = [n for n in names if n.encode() + b"\0" not in cubin]
+    assert not missing, missing

@@ -1,4 +1,4 @@
-"""The launch arithmetic of the W4A16 kernels (no GPU needed): every K chunk is covered once."""
+"""The launch arithmetic and kernel choice of the W4A16 and quantize launches (no GPU needed)."""
 import pytest
 
 from fp4cupy import cuda_linear
@@ -64,3 +64,13 @@ def test_launch_w4a16_picks_the_kernel_and_sizes_the_scratch(monkeypatch, m, wg_
     assert calls[1][1:4] == ((blocks, splits), 512, 99)
     assert calls[1][5] == (11, 12, 1000, 14, 2000, 0, 16, m, n, k, cps)
     assert calls[2][1] == (n // 32, -(-m // 32)) and calls[2][5] == (2000, 14, 0, 16, m, n)
+
+
+@pytest.mark.parametrize("n,itemsize", [(1, 2), (2048, 2), (2049, 2), (8192 * 8192, 2), (8192 * 8192, 4), (100, 4)])
+def test_amax_grid_reads_every_element_with_at_most_8_blocks_a_sm(n, itemsize):
+    from fp4cupy import cuda_ops
+
+    grid = cuda_ops.amax_grid(n * itemsize, 132)
+    loads = 16 // itemsize  # elements a thread reads a step
+    assert 1 <= grid <= 8 * 132
+    assert grid == 8 * 132 or grid * cuda_ops.THREADS * loads >= n > (grid - 1) * cuda_ops.THREADS * loads
