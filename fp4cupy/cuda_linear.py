@@ -175,13 +175,18 @@ def _wg_ok(device: int) -> bool:
     return cc is not None and runtime.target_for(cc) == "sm_90a"
 
 
+def uses_warpgroup_kernel(m: int, device: int) -> bool:
+    """Whether ``launch_w4a16`` takes w4a16_wgmma.cu for ``m`` tokens on ``device``."""
+    return m >= WG_MIN_M and _wg_ok(device)
+
+
 def launch_w4a16(m: int, n: int, k: int, bf16: bool, device: int, stream: int, args: tuple, scratch) -> None:
     """Queue the W4A16 kernels for ``m`` (1..MMA_MAX_M) tokens on ``stream``. ``args``: the raw
     pointers (codes, scale codes, x, y, bias or 0, global scale). Up to WG_MIN_M - 1 tokens, or off
     sm_90a, one mma.sync launch from ``plan``; else w4a16_wgmma.cu, whose scratch (the reordered x,
     and the FP32 workspace when K is split) comes from ``scratch(nbytes)`` -> (buffer, pointer),
     held until the launches are queued (the allocators reuse it in stream order, after them)."""
-    if m < WG_MIN_M or not _wg_ok(device):
+    if not uses_warpgroup_kernel(m, device):
         p = plan(n, k, m, bf16, device)
         p.launch(p.grid, p.threads, p.shared, stream, *args, m, n, k)
         return
