@@ -33,14 +33,14 @@ def main(n=28672, k=8192, reps=20):
     def quant(given):
         x = xs[next(it) % 3]
         if not given:
-            launch("quantize.cu", "fp4_amax_bf16", grid_a, (x.data_ptr(), n * k, status.data_ptr()))
+            launch("quantize.cu", "fp4_amax_bf16", grid_a, (x.data_ptr(), n * k, status.data_ptr(), 0))
         launch("quantize.cu", "nvfp4_quantize_g16_bf16", grid_q,
                (x.data_ptr(), data.data_ptr(), scales.data_ptr(), np.float32(0.002 if given else 0.0),
-                status.data_ptr(), g.data_ptr(), ngroups, np.int32(1)))
+                status.data_ptr(), g.data_ptr(), ngroups, np.int32(1), 0))
 
     def amax():
         x = xs[next(it) % 3]
-        launch("quantize.cu", "fp4_amax_bf16", grid_a, (x.data_ptr(), n * k, status.data_ptr()))
+        launch("quantize.cu", "fp4_amax_bf16", grid_a, (x.data_ptr(), n * k, status.data_ptr(), 0))
 
     def deq():
         launch("dequantize.cu", "nvfp4_dequantize_g16_bf16", grid_q,

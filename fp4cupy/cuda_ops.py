@@ -2,8 +2,9 @@
 
 Kernels get raw pointers (no per-call ``cupy.from_dlpack``); torch tensors run on
 ``torch.cuda.current_stream()``, CuPy arrays on CuPy's current stream, so launches join CUDA
-graph capture. The NaN/Inf check reads a 32-byte status buffer back (one sync) except while a
-graph is being captured; then a bad block carries a NaN scale, so NaN never decodes finite.
+graph capture. The NaN/Inf check waits for the kernel that counts them (the amax pass, else the
+quantize pass), whose last block writes the count into pinned host memory, except while a graph
+is being captured; then a bad block carries a NaN scale, so NaN never decodes finite.
 """
 from __future__ import annotations
 
@@ -77,36 +78,41 @@ class _Lib:
         (pointers, int64), np.int32 and np.float32 values, in the kernel's parameter order."""
         _launch_raw(self.device, self.stream.ptr, filename, name, grid, args)
 
-    def read_back_async(self, a) -> "_ReadBack":
-        """Start copying the small device array ``a`` to pinned host memory on the call's stream."""
-        return _ReadBack(self, a)
 
-
-class _ReadBack:
-    """A device-to-host copy into pinned memory and an event after it; ``result()`` waits for the
-    event only (work queued after the copy keeps running)."""
+class _HostStatus:
+    """Pinned host words that a kernel's last block fills with status[0..2] (``publish_status`` in
+    common.cuh), and an event recorded after that kernel: ``result()`` waits for the event only,
+    so work queued after the kernel keeps running. One per thread and device."""
 
     _local = threading.local()
 
-    def __init__(self, lib: _Lib, a):
+    @classmethod
+    def for_device(cls, device: int) -> "_HostStatus":
+        cache = cls._local.__dict__.setdefault("per_device", {})
+        hs = cache.get(device)
+        if hs is None:
+            hs = cache[device] = cls(device)
+        return hs
+
+    def __init__(self, device: int):
         import cupy
 
-        nbytes = a.numel() * a.element_size() if lib.torch else a.nbytes
-        cache = self._local.__dict__.setdefault("per_device", {})
-        entry = cache.get(lib.device)
-        if entry is None or entry[0].size < nbytes:
-            with cupy.cuda.Device(lib.device):
-                entry = (np.frombuffer(cupy.cuda.alloc_pinned_memory(max(nbytes, 64)), np.uint8),
-                         cupy.cuda.Event(block=False, disable_timing=True))
-            cache[lib.device] = entry
-        self.host, self.event, self.nbytes = entry[0], entry[1], nbytes
-        cupy.cuda.runtime.memcpyAsync(self.host.ctypes.data, lib.ptr(a), nbytes,
-                                      cupy.cuda.runtime.memcpyDeviceToHost, lib.stream.ptr)
-        self.event.record(lib.stream)
+        with cupy.cuda.Device(device):
+            self._memory = cupy.cuda.alloc_pinned_memory(64)  # under UVA a kernel may write it directly
+            self.event = cupy.cuda.Event(block=False, disable_timing=True)
+        self.words = np.frombuffer(self._memory, np.int64, 3)
 
-    def result(self, dtype) -> np.ndarray:
+    def arm(self) -> int:
+        """Clear the words (the last call's kernel is done: its result was read) and return their address."""
+        self.words[:] = 0
+        return self.words.ctypes.data
+
+    def record(self, stream: int) -> None:
+        self.event.record(_external_stream(stream))
+
+    def result(self) -> np.ndarray:
         self.event.synchronize()
-        return self.host[: self.nbytes].view(dtype).copy()
+        return self.words.copy()
 
 
 def _torch_stream_ptr(torch, device: int) -> int:
@@ -152,25 +158,17 @@ def quantize(x, f: Format, gs: int, mode: str, global_scale, shape, nonfinite="r
     x = _prepare_input(x, lib, kp)
     suffix = _DTYPE_SUFFIX[arrays.dtype_name(x)]
     n = math.prod(x.shape)
-    ngroups = n // gs
     lead = tuple(shape[:-1])
     data = lib.empty(lead + (kp // 2,), "uint8")
     scales = lib.empty(lead + (kp // gs,), "uint8")
     status = lib.zeros((4,), "int64")
     check = nonfinite == "raise" and not lib.capturing()
     g_out = lib.empty((), "float32") if f.global_scale else None
-    readback = None
-    amax_pass = f.global_scale and global_scale is None
-    if amax_pass:
-        _launch_amax(lib.device, lib.stream.ptr, suffix, lib.ptr(x), n, x.element_size() if lib.torch else x.itemsize,
-                     lib.ptr(status))
-        if check:  # the amax pass counts NaN/Inf: wait for it only, not for the quantize pass
-            readback = lib.read_back_async(status)
-    _launch_quantize(lib.device, lib.stream.ptr, f, gs, mode, suffix, lib.ptr(x), lib.ptr(data), lib.ptr(scales),
-                     lib.ptr(status), 0 if g_out is None else lib.ptr(g_out), ngroups, global_scale, amax_pass)
-    if check:
-        readback = readback or lib.read_back_async(status)
-        _raise_if_nonfinite(readback.result(np.int64), x, shape)
+    words = _run_passes(lib.device, lib.stream.ptr, f, gs, mode, suffix, lib.ptr(x), n,
+                        x.element_size() if lib.torch else x.itemsize, lib.ptr(data), lib.ptr(scales), lib.ptr(status),
+                        0 if g_out is None else lib.ptr(g_out), global_scale, check)
+    if words is not None:
+        _raise_if_nonfinite(words, x, shape)
     return _result(data, scales, g_out, global_scale, shape, f, gs)
 
 
@@ -185,17 +183,43 @@ def amax_grid(nbytes: int, sms: int) -> int:
     return max(1, min(-(-nbytes // (16 * THREADS)), sms * 8))
 
 
-def _launch_amax(device: int, stream: int, suffix: str, x: int, n: int, itemsize: int, status: int) -> None:
+def _run_passes(device: int, stream: int, f: Format, gs: int, mode: str, suffix: str, x: int, n: int, itemsize: int,
+                data: int, scales: int, status: int, g_out: int, global_scale, check: bool):
+    """Queue the amax pass (when g is not given) and the quantize pass over the ``n`` elements at
+    ``x``. With ``check``, wait for the pass that counts NaN/Inf (the amax pass when there is one:
+    the quantize pass keeps running) and return its status words; else None, without waiting."""
+    amax_pass = f.global_scale and global_scale is None
+    hs = _HostStatus.for_device(device) if check else None
+    host = hs.arm() if check else 0
+    if amax_pass:
+        _launch_amax(device, stream, suffix, x, n, itemsize, status, host)
+        if check:
+            hs.record(stream)
+    _launch_quantize(device, stream, f, gs, mode, suffix, x, data, scales, status, g_out, n // gs, global_scale,
+                     amax_pass, 0 if amax_pass else host)
+    if not check:
+        return None
+    if not amax_pass:
+        hs.record(stream)
+    return hs.result()
+
+
+def _launch_amax(device: int, stream: int, suffix: str, x: int, n: int, itemsize: int, status: int,
+                 host: int) -> None:
+    """max|x| and the NaN/Inf count into status; published to ``host`` (pinned) unless it is 0."""
     grid = amax_grid(n * itemsize, _sm_count(device))
-    _launch_raw(device, stream, "quantize.cu", f"fp4_amax_{suffix}", grid, (x, n, status))
+    _launch_raw(device, stream, "quantize.cu", f"fp4_amax_{suffix}", grid, (x, n, status, host))
 
 
 def _launch_quantize(device: int, stream: int, f: Format, gs: int, mode: str, suffix: str, x: int, data: int,
-                     scales: int, status: int, g_out: int, ngroups: int, global_scale, amax_pass: bool) -> None:
+                     scales: int, status: int, g_out: int, ngroups: int, global_scale, amax_pass: bool,
+                     host: int) -> None:
     """One thread a block of ``gs``; g from ``global_scale`` when given, else from the amax in status.
-    NaN/Inf blocks are counted into status only when no amax pass did it already."""
+    NaN/Inf blocks are counted into status only when no amax pass did it already; status is
+    published to ``host`` (pinned) unless it is 0."""
     _launch_raw(device, stream, "quantize.cu", quantize_kernel_name(f, gs, mode, suffix), -(-ngroups // THREADS),
-                (x, data, scales, np.float32(_given(global_scale)), status, g_out, ngroups, np.int32(not amax_pass)))
+                (x, data, scales, np.float32(_given(global_scale)), status, g_out, ngroups, np.int32(not amax_pass),
+                 host))
 
 
 def _given(global_scale) -> float:
@@ -239,7 +263,6 @@ def quantize_torch(x, f: Format, gs: int, mode: str, global_scale, nonfinite: st
     dev = x.get_device()
     stream = _torch_stream_ptr(torch, dev)
     n = x.numel()
-    ngroups = n // gs
     lead = shape[:-1]
     data = x.new_empty(lead + (kk // 2,), dtype=t["u8"])
     scales = x.new_empty(lead + (kk // gs,), dtype=t["u8"])
@@ -252,30 +275,11 @@ def quantize_torch(x, f: Format, gs: int, mode: str, global_scale, nonfinite: st
     else:
         status_ptr = _scratch(torch, dev)
     g_out = x.new_empty((), dtype=t["f32"]) if f.global_scale else None
-    readback = None
-    if amax_pass:
-        _launch_amax(dev, stream, suffix, x.data_ptr(), n, x.element_size(), status_ptr)
-        if check:
-            readback = _ReadBack(_RawLib(dev, stream), status)
-    _launch_quantize(dev, stream, f, gs, mode, suffix, x.data_ptr(), data.data_ptr(), scales.data_ptr(), status_ptr,
-                     0 if g_out is None else g_out.data_ptr(), ngroups, global_scale, amax_pass)
-    if check:
-        readback = readback or _ReadBack(_RawLib(dev, stream), status)
-        _raise_if_nonfinite(readback.result(np.int64), x, tuple(shape))
+    words = _run_passes(dev, stream, f, gs, mode, suffix, x.data_ptr(), n, x.element_size(), data.data_ptr(),
+                        scales.data_ptr(), status_ptr, 0 if g_out is None else g_out.data_ptr(), global_scale, check)
+    if words is not None:
+        _raise_if_nonfinite(words, x, tuple(shape))
     return _result(data, scales, g_out, global_scale, tuple(shape), f, gs)
-
-
-class _RawLib:
-    """What ``_ReadBack`` needs of a ``_Lib``: a torch tensor's device and a raw stream."""
-
-    torch = True
-
-    def __init__(self, device: int, stream: int):
-        self.device, self.stream = device, _external_stream(stream)
-
-    @staticmethod
-    def ptr(a) -> int:
-        return a.data_ptr()
 
 
 def _cupy_runtime():

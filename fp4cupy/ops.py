@@ -73,8 +73,9 @@ def quantize(x, fmt="nvfp4", group_size=None, *, scale_mode=None, global_scale=N
     global_scale: NVFP4 decode scale to use instead of amax/(6*448) (e.g. a calibrated activation
                   scale); one pass, blocks past the E4M3 range saturate.
     pad:          if K is not a multiple of the group, pad with zeros and remember the true shape.
-    nonfinite:    'raise' (default): NaN/Inf in ``x`` raise ValueError (on a GPU this reads a flag back:
-                  one host sync). 'mark': never waits; a block holding NaN/Inf gets a NaN scale and
+    nonfinite:    'raise' (default): NaN/Inf in ``x`` raise ValueError (on a GPU the host waits for
+                  the pass that counts them, the amax pass when there is one, while the quantize
+                  pass runs on). 'mark': never waits; a block holding NaN/Inf gets a NaN scale and
                   decodes to NaN (never to finite values). Inside CUDA-graph capture 'mark' applies.
     Rounding is round-to-nearest-even everywhere (see reference).
     """

@@ -48,8 +48,21 @@ __device__ __forceinline__ void store_floats(T* __restrict__ p, const float (&v)
 }
 
 // Status words shared with the host (zeroed before a launch):
-//   [0] count of NaN/Inf inputs, [1] ~(flat index of the first one), [2] float bits of max|x| over finite x.
-enum { STATUS_BAD = 0, STATUS_FIRST = 1, STATUS_AMAX = 2, STATUS_WORDS = 4 };
+//   [0] count of NaN/Inf inputs, [1] ~(flat index of the first one), [2] float bits of max|x| over
+//   finite x, [3] blocks that have published (see publish_status).
+enum { STATUS_BAD = 0, STATUS_FIRST = 1, STATUS_AMAX = 2, STATUS_TICKETS = 3, STATUS_WORDS = 4 };
+
+// Called by every thread of every block after its atomics on status: the grid's last block copies
+// status[0..2] into host (pinned, mapped) memory, so the host reads them once this kernel is done,
+// with no device-to-host copy queued behind it on the stream.
+__device__ __forceinline__ void publish_status(u64* status, volatile u64* host) {
+    __shared__ bool last;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) last = atomicAdd(&status[STATUS_TICKETS], 1ull) == (u64)gridDim.x * gridDim.y - 1;
+    __syncthreads();
+    if (last && threadIdx.x < STATUS_TICKETS) host[threadIdx.x] = atomicAdd(&status[threadIdx.x], 0ull);
+}
 
 __device__ __forceinline__ void report_nonfinite(u64* status, u64 count, u64 first_index) {
     atomicAdd(&status[STATUS_BAD], count);

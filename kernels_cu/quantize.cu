@@ -1,11 +1,12 @@
 // quantize.cu - FP4 quantization kernels, bit-exact with fp4cupy/reference.py.
 //
-// <fmt>_amax_<dtype>:               max|x| over finite x and the NaN/Inf count, into status[].
+// fp4_amax_<dtype>:                 max|x| over finite x and the NaN/Inf count, into status[].
 // <fmt>_quantize_g<GS>_<dtype>:     one thread per block of GS elements along the flat input
 //                                   (K is a multiple of GS, so blocks never straddle rows).
 // NVFP4 takes its global scale g from g_given when > 0 (one pass) or from status' amax (g = amax/2688, 1 if 0),
 // and writes g to g_out. A block holding NaN/Inf gets a NaN scale and zero codes, and is counted
 // when count_bad is set, so a graph-captured launch never emits finite codes for NaN.
+// Either kernel given a host pointer publishes status[0..2] there when it is done (publish_status).
 #include "common.cuh"
 
 enum { RULE_NVFP4 = 0, RULE_MX_FLOOR = 1, RULE_MX_RCEIL = 2 };
@@ -113,7 +114,7 @@ __device__ __forceinline__ u32 pack8(const u32 (&f)[8]) {
 }
 
 template <typename T, int GS, int RULE>
-__device__ void quantize_body(const T* __restrict__ x, u8* __restrict__ data, u8* __restrict__ scales,
+__device__ void quantize_groups(const T* __restrict__ x, u8* __restrict__ data, u8* __restrict__ scales,
                               float g_given, u64* status, float* g_out, i64 ngroups, int count_bad) {
     const i64 grp = blockIdx.x * (i64)blockDim.x + threadIdx.x;
     float g = 1.0f;
@@ -206,12 +207,16 @@ __device__ void quantize_body(const T* __restrict__ x, u8* __restrict__ data, u8
     }
 }
 
-#define AMAX(NAME, T) \
-    extern "C" __global__ void NAME(const T* x, i64 n, u64* status) { amax_body<T>(x, n, status); }
+#define AMAX(NAME, T)                                                                                 \
+    extern "C" __global__ void NAME(const T* x, i64 n, u64* status, u64* host) {                        \
+        amax_body<T>(x, n, status);                                                                     \
+        if (host) publish_status(status, host);                                                         \
+    }
 #define QUANT(NAME, T, GS, RULE)                                                                        \
     extern "C" __global__ void __launch_bounds__(256) NAME(const T* x, u8* data, u8* scales,            \
-        float g_given, u64* status, float* g_out, i64 ngroups, int count_bad) {                          \
-        quantize_body<T, GS, RULE>(x, data, scales, g_given, status, g_out, ngroups, count_bad);        \
+        float g_given, u64* status, float* g_out, i64 ngroups, int count_bad, u64* host) {               \
+        quantize_groups<T, GS, RULE>(x, data, scales, g_given, status, g_out, ngroups, count_bad);      \
+        if (host) publish_status(status, host);                                                         \
     }
 #define QUANT_DTYPES(PREFIX, GS, RULE)                  \
     QUANT(PREFIX##_f32, float, GS, RULE)                \

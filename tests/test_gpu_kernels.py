@@ -135,6 +135,22 @@ def test_nan_inf_raise_on_gpu(value, given):
         fp4cupy.quantize(x, global_scale=given)
 
 
+@pytest.mark.parametrize("library", ["torch", "cupy"])
+@pytest.mark.parametrize("given", [None, 0.01])
+def test_nan_inf_raise_from_many_blocks(library, given):
+    """The count comes from the grid's last block; a clean call after a failed one sees no stale count."""
+    import cupy
+
+    x = torch.randn(4096, 1024, device="cuda")  # 4M elements: ~1000 blocks in each pass
+    x[4095, 1023] = float("nan")
+    x[1000, 5] = float("inf")
+    xin = x if library == "torch" else cupy.from_dlpack(x)
+    with pytest.raises(ValueError, match=r"2 NaN/Inf value\(s\), the first at index \(1000, 5\)"):
+        fp4cupy.quantize(xin, global_scale=given)
+    x[4095, 1023] = x[1000, 5] = 0.0
+    fp4cupy.quantize(xin, global_scale=given)
+
+
 def test_more_than_2_31_elements():
     rows, k = 131072 + 64, 16384  # 2^31 + 2^20 elements of bf16 (4.3 GB)
     gen = torch.Generator(device="cuda").manual_seed(0)
