@@ -113,6 +113,18 @@ __device__ __forceinline__ u32 pack8(const u32 (&f)[8]) {
     return __byte_perm(__byte_perm(p0, p1, 0x0040), __byte_perm(p2, p3, 0x0040), 0x5410);
 }
 
+// The block's codes packed into words, element i encoded from scaled(x_i) (x_i over the block scale).
+template <typename T, int GS, typename Scaled>
+__device__ __forceinline__ void encode_block(const RawBlock<T, GS>& blk, u32 (&words)[GS / 8], Scaled scaled) {
+#pragma unroll
+    for (int w = 0; w < GS / 8; ++w) {
+        u32 f[8];
+#pragma unroll
+        for (int j = 0; j < 8; ++j) f[j] = e2m1_code_low_bits(scaled(blk.value(w * 8 + j)), blk.sign_word(w * 8 + j));
+        words[w] = pack8(f);
+    }
+}
+
 template <typename T, int GS, int RULE>
 __device__ void quantize_groups(const T* __restrict__ x, u8* __restrict__ data, u8* __restrict__ scales,
                               float g_given, u64* status, float* g_out, i64 ngroups, int count_bad) {
@@ -161,39 +173,18 @@ __device__ void quantize_groups(const T* __restrict__ x, u8* __restrict__ data, 
 #pragma unroll
             for (int w = 0; w < GS / 8; ++w) words[w] = 0u;
         } else if (d >= 8.673617379884035e-19f && d <= 1.152921504606847e18f && __fmul_rn(bam, rcp) < 1.2676506e30f) {
-#pragma unroll
-            for (int w = 0; w < GS / 8; ++w) {
-                u32 f[8];
-#pragma unroll
-                for (int j = 0; j < 8; ++j) {
-                    const float v = blk.value(w * 8 + j);
-                    const float q0 = __fmul_rn(v, rcp);
-                    f[j] = e2m1_code_low_bits(__fmaf_rn(__fmaf_rn(-q0, d, v), rcp, q0), blk.sign_word(w * 8 + j));
-                }
-                words[w] = pack8(f);
-            }
+            encode_block(blk, words, [&](float v) {
+                const float q0 = __fmul_rn(v, rcp);
+                return __fmaf_rn(__fmaf_rn(-q0, d, v), rcp, q0);
+            });
         } else {
-#pragma unroll
-            for (int w = 0; w < GS / 8; ++w) {
-                u32 f[8];
-#pragma unroll
-                for (int j = 0; j < 8; ++j)
-                    f[j] = e2m1_code_low_bits(__fdiv_rn(blk.value(w * 8 + j), d), blk.sign_word(w * 8 + j));
-                words[w] = pack8(f);
-            }
+            encode_block(blk, words, [&](float v) { return __fdiv_rn(v, d); });
         }
     } else {
         const int e = RULE == RULE_MX_FLOOR ? fp4_e8m0_floor_exponent(bam) : fp4_e8m0_rceil_exponent(bam);
         scales[grp] = (u8)(e + 127);
         const float mult = fp4_exp2i(-e);  // exact power-of-two scaling
-#pragma unroll
-        for (int w = 0; w < GS / 8; ++w) {
-            u32 f[8];
-#pragma unroll
-            for (int j = 0; j < 8; ++j)
-                f[j] = e2m1_code_low_bits(__fmul_rn(blk.value(w * 8 + j), mult), blk.sign_word(w * 8 + j));
-            words[w] = pack8(f);
-        }
+        encode_block(blk, words, [&](float v) { return __fmul_rn(v, mult); });
     }
     u8* out = data + grp * (GS / 2);
     if (GS == 8) {
