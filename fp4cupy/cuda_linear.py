@@ -17,7 +17,7 @@ import math
 import numpy as np
 
 from . import arrays, runtime
-from .cuda_ops import THREADS, _Lib, _sm_count, _torch_stream_ptr, dequantize
+from .cuda_ops import THREADS, _Lib, _sm_count, _torch_names, _torch_stream_ptr, dequantize
 from .prepared import PreparedWeight
 from .tensor import FP4Tensor
 
@@ -207,23 +207,17 @@ def _mma_ok(device: int) -> bool:
     return cc is not None and cc >= MMA_MIN_CC
 
 
-_TORCH = {}
-
-
 def linear_repacked(x, codes, scale_codes, global_scale, n: int, bias=None):
     """The host-lean W4A16 path for torch tensors, from the repacked weight alone (codes uint8
     [T, K/64, 32, 16], scale codes, global scale float32 [] on the GPU): y, or None when a
     precondition fails (fp16/bf16 contiguous x on the weight's device, at most MMA_MAX_M tokens,
     bias of x's dtype and length N) and the caller must take another path."""
-    torch = _TORCH.get("torch")
-    if torch is None:
-        import torch
-
-        _TORCH.update(torch=torch, half=(torch.float16, torch.bfloat16), u8=torch.uint8)
+    t = _torch_names()
+    half = t["half"]
     k = codes.shape[1] * 64
     dev = codes.get_device()
     shape = x.shape
-    if (x.dtype not in _TORCH["half"] or shape[-1] != k or x.get_device() != dev or dev < 0 or not x.is_contiguous()
+    if (x.dtype not in half or shape[-1] != k or x.get_device() != dev or dev < 0 or not x.is_contiguous()
             or x.data_ptr() & 15 or (bias is not None and (bias.dtype != x.dtype or not bias.is_contiguous()
                                                            or bias.get_device() != dev or bias.numel() != n))):
         return None
@@ -233,14 +227,14 @@ def linear_repacked(x, codes, scale_codes, global_scale, n: int, bias=None):
     y = x.new_empty(shape[:-1] + (n,))
     args = (codes.data_ptr(), scale_codes.data_ptr(), x.data_ptr(), y.data_ptr(),
             0 if bias is None else bias.data_ptr(), global_scale.data_ptr())
-    launch_w4a16(m, n, k, x.dtype is _TORCH["half"][1], dev, _torch_stream_ptr(torch, dev), args, _torch_scratch(x))
+    launch_w4a16(m, n, k, x.dtype is half[1], dev, _torch_stream_ptr(t["torch"], dev), args, _torch_scratch(x))
     return y
 
 
 def _torch_scratch(like):
     """``launch_w4a16``'s scratch for torch: uint8 buffers on ``like``'s device."""
     def scratch(nbytes: int):
-        buf = like.new_empty(nbytes, dtype=_TORCH["u8"])
+        buf = like.new_empty(nbytes, dtype=_torch_names()["u8"])
         return buf, buf.data_ptr()
     return scratch
 

@@ -234,16 +234,18 @@ def _result(data, scales, g_out, global_scale, shape, f: Format, gs: int) -> FP4
     return FP4Tensor._from_kernel(data, scales, g_out, _given(global_scale) or None, shape, f.name, gs)
 
 
-_T = {}  # torch, its dtypes -> kernel suffix, uint8 (filled on the first torch call)
+_TORCH_NAMES: dict = {}  # filled on the first torch call
 
 
-def _torch_names():
-    if not _T:
+def _torch_names() -> dict:
+    """torch and the dtypes the host-lean torch paths compare against (imported once, on first use):
+    torch, suffix (dtype -> kernel suffix), half (float16, bfloat16), u8, i64, f32."""
+    if not _TORCH_NAMES:
         import torch
 
-        _T.update(torch=torch, suffix={torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"},
-                  u8=torch.uint8, i64=torch.int64, f32=torch.float32)
-    return _T
+        _TORCH_NAMES.update(torch=torch, suffix={torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"},
+                            half=(torch.float16, torch.bfloat16), u8=torch.uint8, i64=torch.int64, f32=torch.float32)
+    return _TORCH_NAMES
 
 
 _SCRATCH: dict = {}  # device -> a status buffer that nobody reads (one-pass 'mark' calls)
