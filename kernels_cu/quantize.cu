@@ -127,7 +127,7 @@ __device__ __forceinline__ void encode_block(const RawBlock<T, GS>& blk, u32 (&w
 
 template <typename T, int GS, int RULE>
 __device__ void quantize_groups(const T* __restrict__ x, u8* __restrict__ data, u8* __restrict__ scales,
-                              float g_given, u64* status, float* g_out, i64 ngroups, int count_bad) {
+                                float g_given, u64* status, float* g_out, i64 ngroups, int count_bad) {
     const i64 grp = blockIdx.x * (i64)blockDim.x + threadIdx.x;
     float g = 1.0f;
     if (RULE == RULE_NVFP4) {
