@@ -204,6 +204,14 @@ def _run_passes(device: int, stream: int, f: Format, gs: int, mode: str, suffix:
     return hs.result()
 
 
+GROUPS_PER_THREAD = 4  # quantize.cu is grid-stride: g and 1/(6 g) are made once for this many blocks
+
+
+def quantize_grid(ngroups: int) -> int:
+    """Blocks of the grid-stride quantize pass: about GROUPS_PER_THREAD groups a thread."""
+    return max(1, -(-ngroups // (THREADS * GROUPS_PER_THREAD)))
+
+
 def _launch_amax(device: int, stream: int, suffix: str, x: int, n: int, itemsize: int, status: int,
                  host: int) -> None:
     """max|x| and the NaN/Inf count into status; published to ``host`` (pinned) unless it is 0."""
@@ -214,10 +222,10 @@ def _launch_amax(device: int, stream: int, suffix: str, x: int, n: int, itemsize
 def _launch_quantize(device: int, stream: int, f: Format, gs: int, mode: str, suffix: str, x: int, data: int,
                      scales: int, status: int, g_out: int, ngroups: int, global_scale, amax_pass: bool,
                      host: int) -> None:
-    """One thread a block of ``gs``; g from ``global_scale`` when given, else from the amax in status.
+    """Grid-stride over the blocks of ``gs`` (``quantize_grid``); g from ``global_scale`` when given, else from the amax in status.
     NaN/Inf blocks are counted into status only when no amax pass did it already; status is
     published to ``host`` (pinned) unless it is 0."""
-    _launch_raw(device, stream, "quantize.cu", quantize_kernel_name(f, gs, mode, suffix), -(-ngroups // THREADS),
+    _launch_raw(device, stream, "quantize.cu", quantize_kernel_name(f, gs, mode, suffix), quantize_grid(ngroups),
                 (x, data, scales, np.float32(_given(global_scale)), status, g_out, ngroups, np.int32(not amax_pass),
                  host))
 

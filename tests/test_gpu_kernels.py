@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import fp4cupy
-from fp4cupy import cuda_ops, reference as ref, runtime
+from fp4cupy import reference as ref, runtime
 
 pytestmark = pytest.mark.gpu
 torch = pytest.importorskip("torch")
@@ -89,6 +89,31 @@ def test_near_ties_of_the_division(rng, g):
     data, scales, _ = ref.quantize(x, global_scale=g)
     np.testing.assert_array_equal(t_gpu.scales.cpu().numpy(), scales)
     np.testing.assert_array_equal(t_gpu.data.cpu().numpy(), data)
+
+
+@pytest.mark.parametrize("g", [1.0, 0.7, 3.1e-5, 123.456, 1e-25, 1e20])
+def test_near_ties_of_the_block_scale(rng, g):
+    """Block maxima within a few ulps of every E4M3 code and every midpoint between neighbouring
+    codes (subnormal ones and the saturation at 448 included), times 6 g: an inexact
+    blockamax / (6 g) or a wrong E4M3 rounding picks another scale code. g = 1e-25 and 1e20 take
+    the IEEE-division path (6 g outside [2^-60, 2^60])."""
+    v = ref.e4m3_decode(np.arange(0x7F, dtype=np.uint8)).astype(np.float64)
+    points = np.concatenate([v, (v[:-1] + v[1:]) / 2, [464.0, 480.0, 1e4]]).astype(np.float32)
+    d6 = np.float32(6) * np.float32(g)
+    bam = (points.astype(np.float64) * np.float64(d6)).astype(np.float32)
+    rows = []
+    for k in range(-3, 4):
+        b = bam.copy()
+        for _ in range(abs(k)):
+            b = np.nextafter(b, np.float32(np.inf if k > 0 else -np.inf))
+        rows.append(b)
+    bam = np.abs(np.concatenate(rows))
+    x = (rng.uniform(-1, 1, (bam.size, 16)) * bam[:, None]).astype(np.float32)
+    x[np.arange(bam.size), rng.integers(0, 16, bam.size)] = bam * rng.choice(np.float32([1, -1]), bam.size)
+    t = fp4cupy.quantize(to_torch(x, torch.float32), global_scale=g)
+    data, scales, _ = ref.quantize(x, global_scale=g)
+    np.testing.assert_array_equal(t.scales.cpu().numpy(), scales)
+    np.testing.assert_array_equal(t.data.cpu().numpy(), data)
 
 
 @pytest.mark.parametrize("fmt,gs,mode", [("nvfp4", 16, None), ("mxfp4", 32, "floor")])
