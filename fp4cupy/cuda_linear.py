@@ -123,7 +123,7 @@ _WG_SIGNATURE = "PPPPPPPiiii"  # codes, scale codes, reordered x, y, ws, bias, g
 class WgPlan:
     """The launches of w4a16_wgmma.cu: ``xprep`` reorders x (and zeroes the workspace),
     w4a16_wg_nt{NT} runs on grid (row blocks in clusters of WG_CLUSTER, K splits); split K adds
-    FP32 partials into the workspace [N][M rounded up to even] that ``finish`` scales, biases,
+    FP32 partials into the workspace [N][M rounded up to 4] that ``finish`` scales, biases,
     rounds and transposes into y."""
 
     __slots__ = ("xprep", "launch", "finish", "grid", "threads", "shared", "cps", "nt", "name")
@@ -193,7 +193,7 @@ def launch_w4a16(m: int, n: int, k: int, bf16: bool, device: int, stream: int, a
     codes, scale_codes, x, y, bias, g = args
     p = wg_plan(n, k, m, bf16, device)
     xp_buf, xp = scratch((k + 64) * p.nt * 2)  # + one zero chunk
-    ws_words = n * (m + (m & 1)) if p.split else 0  # [N][M rounded up to even], zeroed by xprep
+    ws_words = n * ((m + 3) & ~3) if p.split else 0  # FP32 [N][M rounded up to 4] (16-byte reds), zeroed by xprep
     ws_buf, ws = scratch(4 * ws_words) if ws_words else (None, 0)
     p.xprep(-(-p.nt * (k // 8) // 256), 256, 0, stream, x, xp, ws, ws_words, m, k, p.nt)
     p.launch(p.grid, p.threads, p.shared, stream, codes, scale_codes, xp, y, ws, bias, g, m, n, k, p.cps)

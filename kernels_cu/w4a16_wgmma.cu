@@ -15,7 +15,7 @@
 // p * NT * 16 + tg * 128, word q of a token's row holding x columns 16 q + 2 p, +1; tokens past M
 // are zero. Weights and scale codes: each thread copies its own with cp.async and reads them back.
 //
-// Split K (grid.y > 1) adds FP32 partial sums into ws[N][M rounded up to even] (zeroed by
+// Split K (grid.y > 1) adds FP32 partial sums into ws[N][M rounded up to 4] (zeroed by
 // w4a16_wg_xprep), and w4a16_finish_<dtype> scales, adds the bias, rounds and transposes.
 // Off sm_90a the kernels trap.
 #include "w4a16_decode.cuh"
@@ -253,22 +253,34 @@ __device__ void w4a16_wg_body(const uint4* __restrict__ wq, const unsigned short
     cp_async_wait<0>();
     wgmma_wait<0>();
     cluster_sync();  // no CTA leaves while its partner may still arrive on its barriers
-    if (row0 >= n) return;
 
     // acc[4j + e]: row row0 + 16 (warp % 4) + g + 8 (e / 2), token 8 j + 2 q + e % 2
-    if (gridDim.y > 1) {  // split K: add the two tokens' partial sums into ws[row][token] at once
-        const int mp = (m + 1) & ~1;
+    if (gridDim.y > 1) {
+        // Split K: the block's partial sums go through shared memory (free after the barrier
+        // above), [rows][NT + 8] floats (no bank conflicts), then each warp adds one row of NT
+        // tokens into ws[row][token] with 16-byte reds: half the reds of adding each pair.
+        constexpr int LD = NT + 8;
+        float* part = reinterpret_cast<float*>(smem);
+        const int rl = 64 * wg + 16 * (warp & 3) + g;
 #pragma unroll
         for (int j = 0; j < NT / 8; ++j)
 #pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                const int row = row0 + 16 * (warp & 3) + g + 8 * h, tok = 8 * j + 2 * q;
-                if (row < n && tok < m)
-                    asm volatile("red.global.add.v2.f32 [%0], {%1, %2};" ::"l"(ws + (i64)row * mp + tok),
-                                 "f"(acc[4 * j + 2 * h]), "f"(acc[4 * j + 2 * h + 1]) : "memory");
+            for (int h = 0; h < 2; ++h)
+                *reinterpret_cast<float2*>(part + (rl + 8 * h) * LD + 8 * j + 2 * q) =
+                    make_float2(acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1]);
+        __syncthreads();
+        const int mp = (m + 3) & ~3, rows = nthreads >> 1, first = blockIdx.x * rows;
+        for (int i = tid; i < rows * (NT / 4); i += nthreads) {
+            const int r = i / (NT / 4), tok = i % (NT / 4) * 4, row = first + r;
+            if (row < n && tok < m) {
+                const float4 v = *reinterpret_cast<const float4*>(part + r * LD + tok);
+                asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};" ::"l"(ws + (i64)row * mp + tok),
+                             "f"(v.x), "f"(v.y), "f"(v.z), "f"(v.w) : "memory");
             }
+        }
         return;
     }
+    if (row0 >= n) return;
     const float gs = *g_ptr * 16384.0f;
 #pragma unroll
     for (int j = 0; j < NT / 8; ++j)
@@ -291,7 +303,7 @@ __device__ void w4a16_finish_body(const float* __restrict__ ws, T* __restrict__ 
                                   const float* __restrict__ g_ptr, int m, int n) {
     __shared__ float tile[32][33];
     const int tx = threadIdx.x & 31, ty = threadIdx.x >> 5, r0 = blockIdx.x * 32, t0 = blockIdx.y * 32;
-    const int mp = (m + 1) & ~1;
+    const int mp = (m + 3) & ~3;
     for (int i = ty; i < 32; i += 8) {
         const int row = r0 + i, tok = t0 + tx;
         tile[i][tx] = row < n && tok < m ? ws[(i64)row * mp + tok] : 0.0f;
@@ -322,6 +334,7 @@ __device__ void w4a16_finish_body(const float* __restrict__ ws, T* __restrict__ 
 
 W4A16_WG(64)
 W4A16_WG(128)
+
 
 extern "C" __global__ void w4a16_finish_f16(const float* ws, __half* y, const __half* bias, const float* g, int m, int n) {
     w4a16_finish_body<__half>(ws, y, bias, g, m, n);

@@ -58,8 +58,8 @@ def test_launch_w4a16_picks_the_kernel_and_sizes_the_scratch(monkeypatch, m, wg_
     if want == ["mma"]:
         assert calls[0][5] == args + (m, n, k) and not buffers
         return
-    ws_words = n * (m + m % 2)
-    assert buffers == [(k + 64) * nt * 2, 4 * ws_words]  # reordered x with a zero chunk; [N][M even] FP32
+    ws_words = n * (-(-m // 4) * 4)
+    assert buffers == [(k + 64) * nt * 2, 4 * ws_words]  # reordered x with a zero chunk; [N][M rounded up to 4] FP32
     assert calls[0][5] == (13, 1000, 2000, ws_words, m, k, nt)
     assert calls[1][1:4] == ((blocks, splits), 512, 99)
     assert calls[1][5] == (11, 12, 1000, 14, 2000, 0, 16, m, n, k, cps)
