@@ -75,8 +75,10 @@ def quantize(x, fmt="nvfp4", group_size=None, *, scale_mode=None, global_scale=N
     pad:          if K is not a multiple of the group, pad with zeros and remember the true shape.
     nonfinite:    'raise' (default): NaN/Inf in ``x`` raise ValueError (on a GPU the host waits for
                   the pass that counts them, the amax pass when there is one, while the quantize
-                  pass runs on). 'mark': never waits; a block holding NaN/Inf gets a NaN scale and
-                  decodes to NaN (never to finite values). Inside CUDA-graph capture 'mark' applies.
+                  pass runs on; with a given global_scale that is the quantize pass itself, so a
+                  hot loop with a calibrated scale should pass 'mark'). 'mark': never waits; a
+                  block holding NaN/Inf gets a NaN scale and decodes to NaN (never to finite
+                  values). Inside CUDA-graph capture 'mark' applies.
     Rounding is round-to-nearest-even everywhere (see reference).
     """
     if nonfinite not in ("raise", "mark"):
