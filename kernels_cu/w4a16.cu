@@ -20,6 +20,17 @@ __device__ __forceinline__ uint4 load_stream(const uint4* p) {  // read once: ke
     return v;
 }
 
+template <int B> struct Buf { static constexpr int value = B; };
+
+// The main loop's buffer scheme and register cap per kernel, from an A/B on an H200 (NOTES.md,
+// session 6): with one row tile the two buffers taking turns is fastest; with more, copying the
+// prefetched buffer is, except bf16 RT=2 NT=2, which takes turns under a 64-register cap (four
+// blocks of 8 warps a SM; uncapped it needs 74, copying 76).
+template <bool BF16, int RT, int NT, int U> constexpr bool ping_pong() {
+    return RT == 1 || (BF16 && RT == 2 && NT == 2 && U == 1);
+}
+constexpr int min_blocks(bool bf16, int rt, int nt, int u) { return bf16 && rt == 2 && nt == 2 && u == 1 ? 2 : 0; }
+
 template <bool BF16, int RT, int NT, int U>
 __device__ void w4a16_body(const uint4* __restrict__ wq, const unsigned short* __restrict__ sq,
                            const typename Act<BF16>::T* __restrict__ x, typename Act<BF16>::T* __restrict__ y,
@@ -39,57 +50,56 @@ __device__ void w4a16_body(const uint4* __restrict__ wq, const unsigned short* _
 #pragma unroll
         for (int j = 0; j < NT; ++j) acc[r][j][0] = acc[r][j][1] = acc[r][j][2] = acc[r][j][3] = 0.0f;
 
-    const T* xrow[NT];
+    // Byte addresses: each stream's base for this thread, and a chunk's offset as an unsigned
+    // 32-bit product added in one IMAD.WIDE (offsets stay below RT * K / 2 bytes).
+    const char* xrow[NT];
 #pragma unroll
     for (int j = 0; j < NT; ++j) {
         const int tok = tok0 + 8 * j + g;
-        xrow[j] = x + (i64)(tok < m ? tok : 0) * k + 16 * q;
+        xrow[j] = reinterpret_cast<const char*>(x + (i64)(tok < m ? tok : 0) * k + 16 * q);
     }
-    const uint4* wbase = wq + (i64)tile0 * nchunks * 32 + lane;
-    const unsigned short* sbase = sq + (i64)tile0 * (k >> 4) * 8 + q * 8 + g;
+    const char* wrow[RT];
+    const char* srow[RT];
+#pragma unroll
+    for (int r = 0; r < RT; ++r) {
+        wrow[r] = reinterpret_cast<const char*>(wq + ((i64)(tile0 + r) * nchunks * 32 + lane));
+        srow[r] = reinterpret_cast<const char*>(sq + ((i64)(tile0 + r) * (k >> 4) * 8 + q * 8 + g));
+    }
 
-    // Weights, scales and x of U chunks are loaded one step ahead (a register double buffer), so
-    // the loads of a step are in flight while the previous step decodes and multiplies; chunk
-    // indices past the end are clamped for the load and skipped (warp-uniformly) for the math.
-    // Tokens past M read row 0 of x; their output columns are never stored.
+    // Weights, scales and x of U chunks are loaded one step ahead (two register buffers), so the
+    // loads of a step are in flight while the other buffer decodes and multiplies; chunk indices
+    // past the end are clamped for the load and skipped (warp-uniformly) for the math. Tokens
+    // past M read row 0 of x; their output columns are never stored.
     const int step = U * nwarps;
-    uint4 w[U][RT], xv[U][NT][2];
-    u32 s[U][RT];
-    auto load = [&](int c0) {
+    uint4 w[2][U][RT], xv[2][U][NT][2];
+    u32 s[2][U][RT];
+    auto load = [&](auto buf, int c0) {
+        constexpr int b = decltype(buf)::value;
 #pragma unroll
         for (int u = 0; u < U; ++u) {
-            const int c = min(c0 + u * nwarps, nchunks - 1);
+            const unsigned c = min(c0 + u * nwarps, nchunks - 1);
 #pragma unroll
             for (int r = 0; r < RT; ++r) {
-                w[u][r] = load_stream(wbase + ((i64)r * nchunks + c) * 32);
-                s[u][r] = sbase[((i64)r * (k >> 4) + 4 * c) * 8];
+                w[b][u][r] = load_stream(reinterpret_cast<const uint4*>(wrow[r] + (u64)(c * 512u)));
+                s[b][u][r] = *reinterpret_cast<const unsigned short*>(srow[r] + (u64)(c * 64u));
             }
 #pragma unroll
             for (int j = 0; j < NT; ++j) {
-                xv[u][j][0] = __ldg(reinterpret_cast<const uint4*>(xrow[j] + 64 * c));
-                xv[u][j][1] = __ldg(reinterpret_cast<const uint4*>(xrow[j] + 64 * c) + 1);
+                const uint4* xp = reinterpret_cast<const uint4*>(xrow[j] + (u64)(c * 128u));
+                xv[b][u][j][0] = __ldg(xp);
+                xv[b][u][j][1] = __ldg(xp + 1);
             }
         }
     };
-    load(warp);
-    for (int c0 = warp; c0 < nchunks; c0 += step) {
-        uint4 wc[U][RT], xc[U][NT][2];
-        u32 sc[U][RT];
-#pragma unroll
-        for (int u = 0; u < U; ++u) {
-#pragma unroll
-            for (int r = 0; r < RT; ++r) wc[u][r] = w[u][r], sc[u][r] = s[u][r];
-#pragma unroll
-            for (int j = 0; j < NT; ++j) xc[u][j][0] = xv[u][j][0], xc[u][j][1] = xv[u][j][1];
-        }
-        load(c0 + step);
+    auto compute = [&](auto buf, int c0) {
+        constexpr int b = decltype(buf)::value;
 #pragma unroll
         for (int u = 0; u < U; ++u) {
             if (c0 + u * nwarps >= nchunks) break;
 #pragma unroll
             for (int r = 0; r < RT; ++r) {
-                const u32 s_lo = scale_pair<BF16>(sc[u][r] & 0xFFu), s_hi = scale_pair<BF16>(sc[u][r] >> 8);
-                const u32 words[4] = {wc[u][r].x, wc[u][r].y, wc[u][r].z, wc[u][r].w};
+                const u32 s_lo = scale_pair<BF16>(s[b][u][r] & 0xFFu), s_hi = scale_pair<BF16>(s[b][u][r] >> 8);
+                const u32 words[4] = {w[b][u][r].x, w[b][u][r].y, w[b][u][r].z, w[b][u][r].w};
 #pragma unroll
                 for (int t = 0; t < 4; ++t) {
                     u32 a[4];
@@ -100,11 +110,34 @@ __device__ void w4a16_body(const uint4* __restrict__ wq, const unsigned short* _
                     a[3] = mul2<BF16>(a[3], s_hi);
 #pragma unroll
                     for (int j = 0; j < NT; ++j) {
-                        const uint4 xb = xc[u][j][t >> 1];
+                        const uint4 xb = xv[b][u][j][t >> 1];
                         mma<BF16>(acc[r][j], a, (t & 1) ? xb.z : xb.x, (t & 1) ? xb.w : xb.y);
                     }
                 }
             }
+        }
+    };
+    if (ping_pong<BF16, RT, NT, U>()) {  // the buffers take turns: no copies, a loop twice as long
+        load(Buf<0>(), warp);
+        for (int c0 = warp; c0 < nchunks; c0 += 2 * step) {
+            load(Buf<1>(), c0 + step);
+            compute(Buf<0>(), c0);
+            if (c0 + step >= nchunks) break;
+            load(Buf<0>(), c0 + 2 * step);
+            compute(Buf<1>(), c0 + step);
+        }
+    } else {  // buffer 0 is always the one in flight: copy it to buffer 1, reload it, decode 1
+        load(Buf<0>(), warp);
+        for (int c0 = warp; c0 < nchunks; c0 += step) {
+#pragma unroll
+            for (int u = 0; u < U; ++u) {
+#pragma unroll
+                for (int r = 0; r < RT; ++r) w[1][u][r] = w[0][u][r], s[1][u][r] = s[0][u][r];
+#pragma unroll
+                for (int j = 0; j < NT; ++j) xv[1][u][j][0] = xv[0][u][j][0], xv[1][u][j][1] = xv[0][u][j][1];
+            }
+            load(Buf<0>(), c0 + step);
+            compute(Buf<1>(), c0);
         }
     }
 
@@ -133,11 +166,11 @@ __device__ void w4a16_body(const uint4* __restrict__ wq, const unsigned short* _
 #endif
 }
 
-#define W4A16(RT, NT, U)                                                                                        \
-    extern "C" __global__ void __launch_bounds__(512) w4a16_rt##RT##_nt##NT##_u##U##_f16(                             \
+#define W4A16(RT, NT, U)                                                                                            \
+    extern "C" __global__ void __launch_bounds__(512, min_blocks(false, RT, NT, U)) w4a16_rt##RT##_nt##NT##_u##U##_f16(                             \
         const uint4* wq, const unsigned short* sq, const __half* x, __half* y, const __half* bias,             \
         const float* g, int m, int n, int k) { w4a16_body<false, RT, NT, U>(wq, sq, x, y, bias, g, m, n, k); } \
-    extern "C" __global__ void __launch_bounds__(512) w4a16_rt##RT##_nt##NT##_u##U##_bf16(                            \
+    extern "C" __global__ void __launch_bounds__(512, min_blocks(true, RT, NT, U)) w4a16_rt##RT##_nt##NT##_u##U##_bf16(                            \
         const uint4* wq, const unsigned short* sq, const __nv_bfloat16* x, __nv_bfloat16* y,                   \
         const __nv_bfloat16* bias, const float* g, int m, int n, int k) {                                      \
         w4a16_body<true, RT, NT, U>(wq, sq, x, y, bias, g, m, n, k);                                           \
