@@ -93,18 +93,20 @@ def make_plan(n: int, m: int, variant, warps: int, bf16: bool, device: int) -> P
 
 @functools.lru_cache(maxsize=4096)
 def plan(n: int, k: int, m: int, bf16: bool, device: int) -> Plan:
-    """The kernel variant for (M bucket, N), from benchmarks/w4a16_variants.py on an H100.
+    """The kernel variant for (M bucket, N), from benchmarks/w4a16_variants.py on an H100 (and an
+    H200 for the one-row-tile choice at M <= 8).
 
     NT token tiles of 8 (M <= 8, 16, 32, 64); two row tiles of 16 per block (x read half as often)
-    unless that leaves fewer blocks than SMs, then one with a deeper pipeline; 8 warps split K,
-    16 when there are fewer than two blocks per SM, 4 for one token tile when there are at least
-    four blocks per SM (28672x8192: 51 vs 54 us on an H100).
+    unless that leaves fewer blocks than SMs, then one (a deeper pipeline for NT >= 2); 8 warps
+    split K, 16 when there are fewer than two blocks per SM, 4 for one token tile when there are at
+    least four blocks per SM (28672x8192: 51 vs 54 us on an H100). At M <= 8 the single row tile
+    takes U=2: with its buffers taking turns, U=4 needs 128 registers and was 0-9% slower (H200).
     """
     nt = 1 if m <= 8 else 2 if m <= 16 else 4 if m <= 32 else 8
     sms = _sm_count(device)
     tiles = -(-n // TILE_ROWS)
     mtiles = -(-m // (8 * nt))
-    two, one = {1: ((2, 1, 2), (1, 1, 4)), 2: ((2, 2, 1), (1, 2, 2)), 4: ((2, 4, 1), (1, 4, 1)),
+    two, one = {1: ((2, 1, 2), (1, 1, 2)), 2: ((2, 2, 1), (1, 2, 2)), 4: ((2, 4, 1), (1, 4, 1)),
                 8: ((1, 8, 1), (1, 8, 1))}[nt]
     blocks = -(-tiles // two[0]) * mtiles
     variant, warps = (one, 8) if blocks < sms else (two, 16 if blocks < 2 * sms else 4 if nt == 1 and blocks >= 4 * sms else 8)
