@@ -198,9 +198,10 @@ def launch_w4a16(m: int, n: int, k: int, bf16: bool, device: int, stream: int, a
     ws_words = n * ((m + 3) & ~3) if p.split else 0  # FP32 [N][M rounded up to 4] (16-byte reds), zeroed by xprep
     ws_buf, ws = scratch(4 * ws_words) if ws_words else (None, 0)
     p.xprep(-(-p.nt * (k // 8) // 256), 256, 0, stream, x, xp, ws, ws_words, m, k, p.nt)
-    p.launch(p.grid, p.threads, p.shared, stream, codes, scale_codes, xp, y, ws, bias, g, m, n, k, p.cps)
+    # programmatic dependents (sm_90): the main kernel copies its first weights while xprep ends
+    p.launch.after(p.grid, p.threads, p.shared, stream, codes, scale_codes, xp, y, ws, bias, g, m, n, k, p.cps)
     if ws:
-        p.finish((-(-n // 32), -(-m // 32)), 256, 0, stream, ws, y, bias, g, m, n)
+        p.finish.after((-(-n // 32), -(-m // 32)), 256, 0, stream, ws, y, bias, g, m, n)
 
 
 @functools.lru_cache(maxsize=None)

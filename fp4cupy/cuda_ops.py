@@ -222,12 +222,13 @@ def _launch_amax(device: int, stream: int, suffix: str, x: int, n: int, itemsize
 def _launch_quantize(device: int, stream: int, f: Format, gs: int, mode: str, suffix: str, x: int, data: int,
                      scales: int, status: int, g_out: int, ngroups: int, global_scale, amax_pass: bool,
                      host: int) -> None:
-    """Grid-stride over the blocks of ``gs`` (``quantize_grid``); g from ``global_scale`` when given, else from the amax in status.
+    """Grid-stride over the blocks of ``gs`` (``quantize_grid``), launched after the amax pass as its
+    programmatic dependent when there is one; g from ``global_scale`` when given, else from the amax in status.
     NaN/Inf blocks are counted into status only when no amax pass did it already; status is
     published to ``host`` (pinned) unless it is 0."""
     _launch_raw(device, stream, "quantize.cu", quantize_kernel_name(f, gs, mode, suffix), quantize_grid(ngroups),
                 (x, data, scales, np.float32(_given(global_scale)), status, g_out, ngroups, np.int32(not amax_pass),
-                 host))
+                 host), after=amax_pass)
 
 
 def _given(global_scale) -> float:
@@ -305,13 +306,15 @@ def _scratch(torch, device: int) -> int:
     return buf.data_ptr()
 
 
-def _launch_raw(device: int, stream: int, filename: str, name: str, grid: int, args):
+def _launch_raw(device: int, stream: int, filename: str, name: str, grid: int, args, after: bool = False):
+    """Launch with THREADS threads a block; ``after``: as a programmatic dependent of the kernel
+    before it in the stream (runtime.Launcher.after)."""
     key = (filename, name, device)
     launch = _LAUNCHERS.get(key)
     if launch is None:
         signature = "".join("i" if isinstance(a, np.int32) else "f" if isinstance(a, np.float32) else "q" for a in args)
         launch = _LAUNCHERS[key] = runtime.launcher(filename, name, device, signature)
-    launch(int(grid), THREADS, 0, stream, *args)
+    (launch.after if after else launch)(int(grid), THREADS, 0, stream, *args)
 
 
 def _raise_if_nonfinite(status: np.ndarray, x, shape):

@@ -203,6 +203,7 @@ class Launcher:
 
         launch = Launcher("w4a16.cu", "w4a16_rt1_nt1_f16", 0, "PPPPPPiii")
         launch((grid_x, grid_y), threads, shared_bytes, stream_ptr, *args)
+        launch.after((grid_x, grid_y), threads, shared_bytes, stream_ptr, *args)  # see after()
     """
 
     def __init__(self, filename: str, name: str, device: int, signature: str):
@@ -215,6 +216,8 @@ class Launcher:
         self._offsets = [struct.calcsize("@" + signature[: i + 1]) - struct.calcsize(c) for i, c in enumerate(signature)]
         self._size = max(struct.calcsize(self._fmt), 8)
         self._local = threading.local()
+        cc = compute_capability(device)
+        self._launch_ex = _cu_launch_kernel_ex() if cc is not None and cc >= (9, 0) else None
 
     def allow_shared(self, nbytes: int) -> "Launcher":
         """Let launches use ``nbytes`` of dynamic shared memory (above 48 KiB needs this opt-in)."""
@@ -241,6 +244,59 @@ class Launcher:
                 self._launch(self._ptr, gx, gy, 1, threads, 1, 1, shared, stream_ptr, block[2], 0)
         else:
             self._launch(self._ptr, gx, gy, 1, threads, 1, 1, shared, stream_ptr, block[2], 0)
+
+    def after(self, grid, threads: int, shared: int, stream_ptr: int, *args):
+        """Launch as a programmatic dependent of the kernel before it in the stream (sm_90+): its
+        blocks may start while that kernel finishes, so the kernel must call
+        grid_dependency_wait() (common.cuh) before it touches what that kernel writes. Elsewhere,
+        or without cuLaunchKernelEx, a plain launch."""
+        if self._launch_ex is None:
+            return self(grid, threads, shared, stream_ptr, *args)
+        block = getattr(self._local, "block", None) or self._block()
+        struct.pack_into(self._fmt, block[0], 0, *args)
+        config = getattr(self._local, "config", None)
+        if config is None:
+            config = self._local.config = _LaunchConfig()
+            self._local.attr = attr = _LaunchAttribute(id=_PROGRAMMATIC_STREAM_SERIALIZATION, value=1)
+            config.gridDimZ = config.blockDimY = config.blockDimZ = 1
+            config.attrs, config.numAttrs = ctypes.addressof(attr), 1
+        config.gridDimX, config.gridDimY = (grid, 1) if isinstance(grid, int) else grid
+        config.blockDimX, config.sharedMemBytes, config.hStream = threads, shared, stream_ptr
+        if self._get_device() != self.device:
+            with _cupy().cuda.Device(self.device):
+                rc = self._launch_ex(ctypes.addressof(config), self._ptr, block[2], None)
+        else:
+            rc = self._launch_ex(ctypes.addressof(config), self._ptr, block[2], None)
+        if rc:
+            raise RuntimeError(f"cuLaunchKernelEx of {self.name} failed: CUresult {rc}")
+
+
+# cuLaunchKernelEx's structs (cuda.h, CUDA 12+): CUlaunchConfig, and CUlaunchAttribute (an id, then
+# a 64-byte value union; 72 bytes) carrying CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION.
+_PROGRAMMATIC_STREAM_SERIALIZATION = 6
+
+
+class _LaunchAttribute(ctypes.Structure):
+    _fields_ = [("id", ctypes.c_int), ("_pad", ctypes.c_char * 4), ("value", ctypes.c_int), ("_rest", ctypes.c_char * 60)]
+
+
+class _LaunchConfig(ctypes.Structure):
+    _fields_ = [("gridDimX", ctypes.c_uint), ("gridDimY", ctypes.c_uint), ("gridDimZ", ctypes.c_uint),
+                ("blockDimX", ctypes.c_uint), ("blockDimY", ctypes.c_uint), ("blockDimZ", ctypes.c_uint),
+                ("sharedMemBytes", ctypes.c_uint), ("hStream", ctypes.c_void_p), ("attrs", ctypes.c_void_p),
+                ("numAttrs", ctypes.c_uint)]
+
+
+@functools.lru_cache(maxsize=None)
+def _cu_launch_kernel_ex():
+    """The driver's cuLaunchKernelEx through ctypes, or None where there is none (driver < 12.0)."""
+    try:
+        fn = ctypes.CDLL("libcuda.so.1").cuLaunchKernelEx
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+    fn.restype = ctypes.c_int
+    return fn
 
 
 @functools.lru_cache(maxsize=None)

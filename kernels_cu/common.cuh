@@ -47,6 +47,23 @@ __device__ __forceinline__ void store_floats(T* __restrict__ p, const float (&v)
     }
 }
 
+// Programmatic dependent launch (sm_90+; runtime.Launcher.after): a kernel so launched may start
+// while the kernel before it in the stream finishes. grid_dependency_wait() returns once that
+// kernel has completed and its writes are visible (at once for a plain launch), so it must come
+// before the first access to what that kernel writes; launch_dependents() lets the next kernel's
+// blocks be scheduled before this one ends.
+__device__ __forceinline__ void grid_dependency_wait() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void launch_dependents() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
 // Status words shared with the host (zeroed before a launch):
 //   [0] count of NaN/Inf inputs, [1] ~(flat index of the first one), [2] float bits of max|x| over
 //   finite x, [3] blocks that have published (see publish_status).

@@ -267,6 +267,7 @@ __device__ void quantize_group(const T* __restrict__ x, u8* __restrict__ data, u
 
 #define AMAX(NAME, T)                                                                                 \
     extern "C" __global__ void NAME(const T* x, i64 n, u64* status, u64* host) {                        \
+        launch_dependents(); /* the quantize pass may be scheduled as this grid's blocks end */        \
         amax_body<T>(x, n, status);                                                                     \
         if (host) publish_status(status, host);                                                         \
     }
@@ -295,6 +296,7 @@ __device__ void quantize_groups(const T* __restrict__ x, u8* __restrict__ data, 
 #define QUANT(NAME, T, GS, RULE)                                                                        \
     extern "C" __global__ void __launch_bounds__(256) NAME(const T* x, u8* data, u8* scales,            \
         float g_given, u64* status, float* g_out, i64 ngroups, int count_bad, u64* host) {               \
+        grid_dependency_wait(); /* launched after the amax pass: its status, and x */                   \
         quantize_groups<T, GS, RULE>(x, data, scales, g_given, status, g_out, ngroups, count_bad);      \
         if (host) publish_status(status, host);                                                         \
     }

@@ -103,6 +103,7 @@ WG_MMA_FN(true, 64, "bf16", WG_D32, WG_F32, "%32, %33, %34, %35", "%36", "%37")
 // (ws_words floats, none when 0) zeroed.
 extern "C" __global__ void w4a16_wg_xprep(const uint4* __restrict__ x, u32* __restrict__ xp, float* __restrict__ ws,
                                           i64 ws_words, int m, int k, int nt) {
+    launch_dependents();  // the main kernel's blocks may start (and copy weights) as these end
     const i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x;  // 4 words of x (or of zeros past m)
     const i64 stride = (i64)gridDim.x * blockDim.x;
     for (i64 j = i; j < ws_words; j += stride) ws[j] = 0.0f;
@@ -222,13 +223,13 @@ __device__ void w4a16_wg_body(const uint4* __restrict__ wq, const unsigned short
     // registers stay untouched until the wait after the next chunk's wgmmas; the tensor cores run
     // while the next chunk decodes. Copies run WG_AHEAD pairs ahead.
 #pragma unroll
-    for (int pr = 0; pr < WG_AHEAD; ++pr) {
-        if (pr < npairs) {
-            if (tid == 0) issue_x(pr);
-            issue_w(pr);
-        }
+    for (int pr = 0; pr < WG_AHEAD; ++pr) {  // the weights do not depend on xprep: copy them first
+        if (pr < npairs) issue_w(pr);
         cp_async_commit();
     }
+    grid_dependency_wait();  // launched after xprep (Launcher.after): its x and zeroed ws from here on
+    if (tid == 0)
+        for (int pr = 0; pr < WG_AHEAD && pr < npairs; ++pr) issue_x(pr);
     cp_async_wait<WG_AHEAD - 1>();
     read_own(0);
     u32 a0[4][4], a1[4][4];
@@ -252,6 +253,7 @@ __device__ void w4a16_wg_body(const uint4* __restrict__ wq, const unsigned short
     }
     cp_async_wait<0>();
     wgmma_wait<0>();
+    launch_dependents();  // the finish kernel may be scheduled as blocks end
     cluster_sync();  // no CTA leaves while its partner may still arrive on its barriers
 
     // acc[4j + e]: row row0 + 16 (warp % 4) + g + 8 (e / 2), token 8 j + 2 q + e % 2
@@ -301,6 +303,7 @@ __device__ void w4a16_wg_body(const uint4* __restrict__ wq, const unsigned short
 template <typename T>
 __device__ void w4a16_finish_body(const float* __restrict__ ws, T* __restrict__ y, const T* __restrict__ bias,
                                   const float* __restrict__ g_ptr, int m, int n) {
+    grid_dependency_wait();  // launched after the main kernel (Launcher.after)
     __shared__ float tile[32][33];
     const int tx = threadIdx.x & 31, ty = threadIdx.x >> 5, r0 = blockIdx.x * 32, t0 = blockIdx.y * 32;
     const int mp = (m + 3) & ~3;

@@ -33,9 +33,13 @@ class Recorder:
     def __call__(self, grid, threads, shared, stream, *args):
         self.calls.append((self.name, grid, threads, shared, stream, args))
 
+    def after(self, grid, threads, shared, stream, *args):  # a programmatic dependent launch
+        self.calls.append((self.name + "+after", grid, threads, shared, stream, args))
+
 
 @pytest.mark.parametrize("m,wg_ok,want", [(1, True, ["mma"]), (32, True, ["mma"]), (33, False, ["mma"]),
-                                          (33, True, ["xprep", "wg", "finish"]), (128, True, ["xprep", "wg", "finish"])])
+                                          (33, True, ["xprep", "wg+after", "finish+after"]),
+                                          (128, True, ["xprep", "wg+after", "finish+after"])])
 def test_launch_w4a16_picks_the_kernel_and_sizes_the_scratch(monkeypatch, m, wg_ok, want):
     calls, buffers = [], []
     n, k, sms = 4096, 4096, 132  # split K on an H100 (16 blocks x 8 splits)
