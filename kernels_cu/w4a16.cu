@@ -51,7 +51,7 @@ __device__ void w4a16_body(const uint4* __restrict__ wq, const unsigned short* _
         for (int j = 0; j < NT; ++j) acc[r][j][0] = acc[r][j][1] = acc[r][j][2] = acc[r][j][3] = 0.0f;
 
     // Byte addresses: each stream's base for this thread, and a chunk's offset as an unsigned
-    // 32-bit product added in one IMAD.WIDE (offsets stay below RT * K / 2 bytes).
+    // 32-bit product added in one IMAD.WIDE (a chunk offset stays below 8 K bytes).
     const char* xrow[NT];
 #pragma unroll
     for (int j = 0; j < NT; ++j) {
