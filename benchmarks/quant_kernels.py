@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from fp4cupy import cuda_ops, runtime  # noqa: E402
+from fp4cupy import cuda_ops  # noqa: E402
 from timing import card, time_ms  # noqa: E402
 
 
@@ -25,7 +25,8 @@ def main(n=28672, k=8192, reps=20):
     g = torch.full((), 0.002, device="cuda")
     ngroups = n * k // 16
     lib = cuda_ops._Lib(xs[0])
-    grid_q = -(-ngroups // cuda_ops.THREADS)
+    grid_q = cuda_ops.quantize_grid(ngroups)  # the quantize pass is grid-stride
+    grid_d = -(-ngroups // cuda_ops.THREADS)  # dequantize: one group a thread
     grid_a = cuda_ops._sm_count(0) * 8
     launch = lambda f, name, grid, args: lib.launch(f, name, grid, args)  # noqa: E731
     it = iter(range(10**9))
@@ -43,7 +44,7 @@ def main(n=28672, k=8192, reps=20):
         launch("quantize.cu", "fp4_amax_bf16", grid_a, (x.data_ptr(), n * k, status.data_ptr(), 0))
 
     def deq():
-        launch("dequantize.cu", "nvfp4_dequantize_g16_bf16", grid_q,
+        launch("dequantize.cu", "nvfp4_dequantize_g16_bf16", grid_d,
                (data.data_ptr(), scales.data_ptr(), g.data_ptr(), out.data_ptr(), ngroups))
 
     copy = lambda: out.copy_(xs[next(it) % 3])  # noqa: E731

@@ -239,11 +239,14 @@ class Launcher:
         block = getattr(self._local, "block", None) or self._block()
         struct.pack_into(self._fmt, block[0], 0, *args)
         gx, gy = (grid, 1) if isinstance(grid, int) else grid
+        self._on_device(self._launch, self._ptr, gx, gy, 1, threads, 1, 1, shared, stream_ptr, block[2], 0)
+
+    def _on_device(self, fn, *args):
+        """``fn(*args)`` with this launcher's device current."""
         if self._get_device() != self.device:
             with _cupy().cuda.Device(self.device):
-                self._launch(self._ptr, gx, gy, 1, threads, 1, 1, shared, stream_ptr, block[2], 0)
-        else:
-            self._launch(self._ptr, gx, gy, 1, threads, 1, 1, shared, stream_ptr, block[2], 0)
+                return fn(*args)
+        return fn(*args)
 
     def after(self, grid, threads: int, shared: int, stream_ptr: int, *args):
         """Launch as a programmatic dependent of the kernel before it in the stream (sm_90+): its
@@ -262,11 +265,7 @@ class Launcher:
             config.attrs, config.numAttrs = ctypes.addressof(attr), 1
         config.gridDimX, config.gridDimY = (grid, 1) if isinstance(grid, int) else grid
         config.blockDimX, config.sharedMemBytes, config.hStream = threads, shared, stream_ptr
-        if self._get_device() != self.device:
-            with _cupy().cuda.Device(self.device):
-                rc = self._launch_ex(ctypes.addressof(config), self._ptr, block[2], None)
-        else:
-            rc = self._launch_ex(ctypes.addressof(config), self._ptr, block[2], None)
+        rc = self._on_device(self._launch_ex, ctypes.addressof(config), self._ptr, block[2], None)
         if rc:
             raise RuntimeError(f"cuLaunchKernelEx of {self.name} failed: CUresult {rc}")
 

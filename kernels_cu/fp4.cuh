@@ -108,14 +108,21 @@ __device__ __forceinline__ __nv_bfloat162 __fp4x22bfloat162(cuda_fp4x2_t p) {
 }
 
 // ---------------------------------------------------------------------------- block scales
-// E4M3 bits of a non-negative float: RNE, saturating at 448; NaN -> 0x7F (E4M3 NaN).
+// E4M3 bits of a non-negative float: RNE, saturating at 448; NaN -> 0x7F (E4M3 NaN). From sm_89
+// on the hardware cvt (satfinite: the same saturation, NaN stays NaN); before, integer ops.
 __device__ __forceinline__ unsigned fp4_e4m3_encode(float v) {
+#if __CUDA_ARCH__ >= 890
+    unsigned short r;
+    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(r) : "f"(0.0f), "f"(v));
+    return r;
+#else
     if (isnan(v)) return 0x7Fu;
     v = fminf(v, 448.0f);
     if (v < 0.015625f) return (unsigned)__float2int_rn(v * 512.0f);  // subnormal step 2^-9, exact scaling
     unsigned b = __float_as_uint(v);
     b += 0x7FFFFu + ((b >> 20) & 1u);                                  // RNE to 3 mantissa bits
     return ((((b >> 23) & 0xFFu) - 120u) << 3) | ((b >> 20) & 7u);
+#endif
 }
 
 __device__ __forceinline__ float fp4_e4m3_decode(unsigned bits) {

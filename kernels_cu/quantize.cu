@@ -170,17 +170,6 @@ __device__ __forceinline__ float rcp_rn_normal(float d) {
     return __fmaf_rn(r, __fmaf_rn(-d, r, 1.0f), r);
 }
 
-// E4M3 code of v >= 0 (not NaN): RNE, saturating at 448 (the hardware cvt from sm_89 on).
-__device__ __forceinline__ u32 e4m3_code(float v) {
-#if __CUDA_ARCH__ >= 890
-    unsigned short r;
-    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(r) : "f"(0.0f), "f"(v));
-    return r;
-#else
-    return fp4_e4m3_encode(v);
-#endif
-}
-
 // Exact value of a non-negative finite E4M3 code: its bits at float bit 20 give value * 2^-120
 // (codes below 8, the E4M3 subnormals, land on float subnormals), so one exact multiply decodes.
 __device__ __forceinline__ float e4m3_value(u32 code) {
@@ -193,9 +182,9 @@ __device__ __forceinline__ float e4m3_value(u32 code) {
 // approximation rounds to code 0 like the exact quotient, and an overflowing one (inf, or NaN
 // from inf - inf) saturates at 448 through fminf.
 __device__ __forceinline__ u32 nvfp4_scale_code(float bam, float d6, float rd6, bool fast6) {
-    if (!fast6) return e4m3_code(fminf(__fdiv_rn(bam, d6), 448.0f));
+    if (!fast6) return fp4_e4m3_encode(fminf(__fdiv_rn(bam, d6), 448.0f));
     const float q0 = __fmul_rn(bam, rd6);
-    return e4m3_code(fminf(__fmaf_rn(__fmaf_rn(-q0, d6, bam), rd6, q0), 448.0f));
+    return fp4_e4m3_encode(fminf(__fmaf_rn(__fmaf_rn(-q0, d6, bam), rd6, q0), 448.0f));
 }
 
 // What every block of a launch shares: the decode scale g, and for NVFP4 d6 = 6 g with its
