@@ -59,7 +59,7 @@ __device__ __forceinline__ void mbar_wait(u32 bar, u32 parity) {
 // arrive on the mbarrier at the same offset in the shared memory of cluster CTA ``rank``
 __device__ __forceinline__ void mbar_arrive_remote(u32 bar, u32 rank) {
     asm volatile("{\n\t.reg .b32 ra;\n\tmapa.shared::cluster.u32 ra, %0, %1;\n\t"
-                 "mbarrier.arrive.release.cluster.shared::cluster.b64 _, [ra];\n}" ::"r"(bar), "r"(rank) : "memory");
+                 "mbarrier.arrive.shared::cluster.b64 _, [ra];\n}" ::"r"(bar), "r"(rank) : "memory");
 }
 // bytes from global memory into the same shared-memory offset of every CTA in ``mask``, each
 // completing ``bytes`` of transaction count on its own mbarrier at offset ``bar``
