@@ -5,7 +5,8 @@
 Rows: y = x @ W^T with x fp16 [M, K] and W NVFP4 [N, K] (prepared once) vs torch F.linear with an
 fp16 W, each captured in a CUDA graph of 30 calls (as decoding runs in vLLM) and replayed
 alternately, so the times are device time; the host cost of one call is measured separately.
-Three weight sets rotate so L2 does not hold the weights between calls.
+Three weight sets rotate so L2 does not hold the weights between calls. The rows run M by M, the
+decode sizes first (see linear_rows).
 """
 from __future__ import annotations
 
@@ -27,12 +28,17 @@ MS = (1, 16, 128, 2048)
 
 
 def linear_rows(dtype=torch.float16, shapes=SHAPES, ms=MS):
-    rows = []
+    """One row a (shape, M), measured M by M in increasing order: the decode rows run before the
+    prefill rows. (Right after the M=2048 rows the SM clock is down to 1.2-1.6 GHz from 1.98 at
+    ~670 W on an H200 and takes a while to recover; the memory-bound peer does not notice, the
+    issue-bound W4A16 kernel does.) Every shape's weights are made first."""
+    weights = {}
     for n, k in shapes:
         dense = [torch.randn(n, k, device="cuda", dtype=dtype) * 0.02 for _ in range(3)]
-        prep = [fp4cupy.prepare(fp4cupy.quantize(w)) for w in dense]
-        wbytes = n * k // 2 + n * k // 16
-        for m in ms:
+        weights[n, k] = dense, [fp4cupy.prepare(fp4cupy.quantize(w)) for w in dense]
+    rows = []
+    for m in ms:
+        for (n, k), (dense, prep) in weights.items():
             x = torch.randn(m, k, device="cuda", dtype=dtype)
             r = graph_compare(lambda i: F.linear(x, dense[i % 3]), lambda i: fp4cupy.linear(x, prep[i % 3]))
             path = kernel_used(n, k, m, dtype == torch.bfloat16)
@@ -40,11 +46,13 @@ def linear_rows(dtype=torch.float16, shapes=SHAPES, ms=MS):
             if m == 128:  # the other paths, to place the M thresholds
                 alt = ", ".join(f"{name} {other_path_ratio(x, dense, prep, attr, value):.2f}x" for name, attr, value in
                                 (("mma.sync", "WG_MIN_M", 10**9), ("dequantize+cuBLAS", "MMA_MAX_M", 0)))
+            wbytes = n * k // 2 + n * k // 16
             rows.append(dict(n=n, k=k, m=m, ours=r["ours_ms"], peer=r["peer_ms"], ratio=r["ratio"], lo=r["lo"],
                              hi=r["hi"], gbs=wbytes / r["ours_ms"] / 1e6, path=path, alt=alt))
-        del dense, prep
-        torch.cuda.empty_cache()
-    return rows
+    del weights
+    torch.cuda.empty_cache()
+    order = {shape: i for i, shape in enumerate(shapes)}
+    return sorted(rows, key=lambda r: (order[r["n"], r["k"]], r["m"]))
 
 
 def other_path_ratio(x, dense, prep, attr, value):

@@ -123,10 +123,12 @@ _WG_SIGNATURE = "PPPPPPPiiii"  # codes, scale codes, reordered x, y, ws, bias, g
 
 
 class WgPlan:
-    """The launches of w4a16_wgmma.cu: ``xprep`` reorders x (and zeroes the workspace),
-    w4a16_wg_nt{NT} runs on grid (row blocks in clusters of WG_CLUSTER, K splits); split K adds
-    FP32 partials into the workspace [N][M rounded up to 4] that ``finish`` scales, biases,
-    rounds and transposes into y."""
+    """The launches of w4a16_wgmma.cu: ``xprep`` reorders x (and zeroes the workspace's head),
+    w4a16_wg_nt{NT} runs on grid (blocks in clusters of WG_CLUSTER, K splits). Stream-K (one
+    split): the clusters share the (tile, pair of chunks) units evenly; a tile cut between clusters
+    is finished by its first cluster from the others' partial sums (the workspace: a flag and a
+    slot of NT / 2 floats a thread, a block). Split K adds FP32 partials into the workspace [N][M
+    rounded up to 4] that ``finish`` scales, biases, rounds and transposes into y."""
 
     __slots__ = ("xprep", "launch", "finish", "grid", "threads", "shared", "cps", "nt", "name")
 
@@ -138,17 +140,38 @@ class WgPlan:
     def split(self) -> bool:
         return self.grid[1] > 1
 
+    def workspace(self, n: int, m: int) -> tuple[int, int]:
+        """(FP32 words of the workspace, how many of them xprep zeroes) for a call."""
+        blocks = self.grid[0]
+        if self.split:
+            return n * ((m + 3) & ~3), n * ((m + 3) & ~3)  # [N][M rounded up to 4] (16-byte reds)
+        if blocks == wg_tiles(n) * WG_CLUSTER:
+            return 0, 0  # a tile a cluster: y is stored directly
+        flags = (blocks + 3) & ~3
+        return flags + blocks * self.threads * self.nt // 2, flags
+
     def __repr__(self):
         return f"WgPlan({self.name}, grid={self.grid}, threads={self.threads}, shared={self.shared}, chunks a split={self.cps})"
 
 
-def wg_grid(n: int, k: int, sms: int) -> tuple[int, int, int]:
-    """(row blocks, K splits, chunks of 64 a split) for w4a16_wgmma.cu: whole clusters of blocks of
-    64 * WG_GROUPS rows; K split so that about one block runs per SM, at least 4 chunks and an even
-    number a split (only the last split may end on an odd chunk). On an H100 (132 SMs): 28672 rows
-    -> 112 blocks, 4096 rows x K 4096 -> 16 blocks x 8 splits of 8 chunks."""
-    blocks = -(-n // (64 * WG_GROUPS * WG_CLUSTER)) * WG_CLUSTER
-    nchunks = k // 64
+def wg_tiles(n: int) -> int:
+    """Tiles of w4a16_wgmma.cu: a cluster's rows, 64 * WG_GROUPS a block."""
+    return -(-n // (64 * WG_GROUPS * WG_CLUSTER))
+
+
+def wg_grid(n: int, k: int, sms: int, resident: int = 0) -> tuple[int, int, int]:
+    """(blocks, K splits, chunks of 64 a split) for w4a16_wgmma.cu, in whole clusters.
+    ``resident``: clusters that run at once (0: unknown). With at least half as many tiles as
+    that, stream-K: one split, ``resident`` clusters (or one a pair of chunks, if fewer), each
+    tile cut into at most 3 runs (chunks a split: 0). Else a cluster a tile and K split so that
+    about one block runs per SM, at least 4 chunks and an even number a split (only the last
+    split may end on an odd chunk). On an H100 or H200 (132 SMs, 66 clusters): 28672 rows -> 132
+    blocks, stream-K; 4096 rows x K 4096 -> 16 blocks x 8 splits of 8 chunks. (Stream-K over 28
+    tiles measured slower than 2 splits: 14336 x 4096, M=128 on an H200, 41.1 against 38.9 us.)"""
+    tiles, nchunks = wg_tiles(n), k // 64
+    if resident and 2 * tiles >= resident:
+        return WG_CLUSTER * min(resident, tiles * -(-nchunks // 2)), 1, 0
+    blocks = tiles * WG_CLUSTER
     splits = max(1, min(sms // blocks, nchunks // 4))
     cps = -(-nchunks // splits)
     cps += cps & 1
@@ -160,11 +183,13 @@ def wg_plan(n: int, k: int, m: int, bf16: bool, device: int) -> WgPlan:
     """NT = 64 or 128 token columns, the grid of ``wg_grid``."""
     nt = 64 if m <= 64 else 128
     threads = 128 * WG_GROUPS
-    blocks, splits, cps = wg_grid(n, k, _sm_count(device))
     dt = "bf16" if bf16 else "f16"
     shared = WG_SLOTS * (nt * 128 + threads * 20) + 8 * WG_SLOTS  # + the pair slots' mbarriers
     name = f"w4a16_wg_nt{nt}_{dt}"
     launch = runtime.launcher("w4a16_wgmma.cu", name, device, _WG_SIGNATURE).allow_shared(shared)
+    # stream-K's owners wait for later clusters: only with every cluster of the grid running at once
+    resident = launch.max_active_clusters(WG_CLUSTER, threads, shared)
+    blocks, splits, cps = wg_grid(n, k, _sm_count(device), resident)
     finish = runtime.launcher("w4a16_wgmma.cu", f"w4a16_finish_{dt}", device, "PPPPii")
     xprep = runtime.launcher("w4a16_wgmma.cu", "w4a16_wg_xprep", device, "PPPqiii")
     return WgPlan(xprep=xprep, launch=launch, finish=finish, grid=(blocks, splits), threads=threads, shared=shared,
@@ -195,12 +220,12 @@ def launch_w4a16(m: int, n: int, k: int, bf16: bool, device: int, stream: int, a
     codes, scale_codes, x, y, bias, g = args
     p = wg_plan(n, k, m, bf16, device)
     xp_buf, xp = scratch((k + 64) * p.nt * 2)  # + one zero chunk
-    ws_words = n * ((m + 3) & ~3) if p.split else 0  # FP32 [N][M rounded up to 4] (16-byte reds), zeroed by xprep
+    ws_words, ws_zeroed = p.workspace(n, m)
     ws_buf, ws = scratch(4 * ws_words) if ws_words else (None, 0)
-    p.xprep(-(-p.nt * (k // 8) // 256), 256, 0, stream, x, xp, ws, ws_words, m, k, p.nt)
+    p.xprep(-(-p.nt * (k // 8) // 256), 256, 0, stream, x, xp, ws, ws_zeroed, m, k, p.nt)
     # programmatic dependents (sm_90): the main kernel copies its first weights while xprep ends
     p.launch.after(p.grid, p.threads, p.shared, stream, codes, scale_codes, xp, y, ws, bias, g, m, n, k, p.cps)
-    if ws:
+    if p.split:
         p.finish.after((-(-n // 32), -(-m // 32)), 256, 0, stream, ws, y, bias, g, m, n)
 
 

@@ -217,7 +217,7 @@ class Launcher:
         self._size = max(struct.calcsize(self._fmt), 8)
         self._local = threading.local()
         cc = compute_capability(device)
-        self._launch_ex = _cu_launch_kernel_ex() if cc is not None and cc >= (9, 0) else None
+        self._launch_ex = _cu_function("cuLaunchKernelEx") if cc is not None and cc >= (9, 0) else None
 
     def allow_shared(self, nbytes: int) -> "Launcher":
         """Let launches use ``nbytes`` of dynamic shared memory (above 48 KiB needs this opt-in)."""
@@ -225,6 +225,19 @@ class Launcher:
         with _cupy().cuda.Device(self.device):
             driver.funcSetAttribute(self._ptr, driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, int(nbytes))
         return self
+
+    def max_active_clusters(self, cluster: int, threads: int, shared: int) -> int:
+        """How many clusters of ``cluster`` blocks (the kernel's compile-time cluster size) of
+        ``threads`` threads and ``shared`` bytes of dynamic shared memory run at once on the
+        device (cuOccupancyMaxActiveClusters); 0 where the driver cannot say."""
+        fn = _cu_function("cuOccupancyMaxActiveClusters")
+        if fn is None or self._launch_ex is None:
+            return 0
+        config = _LaunchConfig(gridDimX=cluster, gridDimY=1, gridDimZ=1, blockDimX=threads, blockDimY=1,
+                               blockDimZ=1, sharedMemBytes=shared)
+        count = ctypes.c_int(0)
+        rc = self._on_device(fn, ctypes.byref(count), self._ptr, ctypes.addressof(config))
+        return count.value if rc == 0 else 0
 
     def _block(self):
         b = getattr(self._local, "block", None)
@@ -287,13 +300,14 @@ class _LaunchConfig(ctypes.Structure):
 
 
 @functools.lru_cache(maxsize=None)
-def _cu_launch_kernel_ex():
-    """The driver's cuLaunchKernelEx through ctypes, or None where there is none (driver < 12.0)."""
+def _cu_function(name: str):
+    """A driver function through ctypes (pointer arguments, CUresult back), or None where the driver
+    has none (cuLaunchKernelEx and cuOccupancyMaxActiveClusters: CUDA 12.0+)."""
     try:
-        fn = ctypes.CDLL("libcuda.so.1").cuLaunchKernelEx
+        fn = getattr(ctypes.CDLL("libcuda.so.1"), name)
     except (OSError, AttributeError):
         return None
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+    fn.argtypes = [ctypes.c_void_p] * {"cuLaunchKernelEx": 4, "cuOccupancyMaxActiveClusters": 3}[name]
     fn.restype = ctypes.c_int
     return fn
 

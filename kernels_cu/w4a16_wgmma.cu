@@ -4,9 +4,17 @@
 // Roles: y^T = W x^T. A warpgroup owns 64 rows of W (its 4 warps one 16-row tile each, in the
 // repack of prepare.cu, decoded exactly as in w4a16.cu to e2m1 * s * 2^-14) and all NT tokens:
 // wgmma.m64nNTk16 with A from registers and B = x^T from shared memory, FP32 accumulators.
-// A block is 4 warpgroups (256 rows of W); a cluster of 2 blocks (neighbouring row blocks) gets
-// each chunk of x by one multicast copy, which halves the L2 traffic of re-reading x; grid.y
-// splits K.
+// A block is 4 warpgroups (256 rows of W); a cluster of 2 blocks (neighbouring row blocks, one
+// "tile" of 512 rows) gets each chunk of x by one multicast copy, which halves the L2 traffic of
+// re-reading x.
+//
+// Work: the units (tile, pair of 64-wide K chunks), tile by tile. With grid.y == 1 (stream-K),
+// cluster c of C takes units [U c / C, U (c + 1) / C) of all U, so every SM runs and no cluster
+// has more than its share; a tile cut between clusters is finished by the cluster holding its
+// first pair (its "owner", which reaches it last): the others store their FP32 partial sums in
+// ws (a slot a block, in accumulator order) and raise a flag (zeroed by w4a16_wg_xprep) that the
+// owner waits for before it adds them in cluster order (deterministic). With grid.y > 1 (split
+// K, for few tiles), cluster c takes tile c and split blockIdx.y of its pairs.
 //
 // x: w4a16_wg_xprep writes it once per call in the order the shared memory wants, so a pair of
 // 64-wide K chunks is one contiguous copy: per chunk, the K order of the repack (logical column
@@ -15,9 +23,10 @@
 // p * NT * 16 + tg * 128, word q of a token's row holding x columns 16 q + 2 p, +1; tokens past M
 // are zero. Weights and scale codes: each thread copies its own with cp.async and reads them back.
 //
-// Split K (grid.y > 1) adds FP32 partial sums into ws[N][M rounded up to 4] (zeroed by
-// w4a16_wg_xprep), and w4a16_finish_<dtype> scales, adds the bias, rounds and transposes.
+// Split K adds FP32 partial sums into ws[N][M rounded up to 4] (zeroed by w4a16_wg_xprep), and
+// w4a16_finish_<dtype> scales, adds the bias, rounds and transposes.
 // Off sm_90a the kernels trap.
+#include "hopper.cuh"
 #include "w4a16_decode.cuh"
 
 #define WG_SLOTS 8  // chunk slots in shared memory (4 pairs)
@@ -29,74 +38,6 @@
 #define WG_CLUSTER_DIMS
 #endif
 
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-__device__ __forceinline__ void cp_async4(u32 dst, const void* src, int src_bytes) {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(dst), "l"(src), "r"(src_bytes));
-}
-__device__ __forceinline__ void cp_async16(u32 dst, const void* src) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
-template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N)); }
-__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
-__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
-template <int N> __device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory"); }
-
-__device__ __forceinline__ u32 cluster_rank() { u32 r; asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r)); return r; }
-__device__ __forceinline__ void cluster_sync() {
-    asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
-}
-__device__ __forceinline__ void mbar_init(u32 bar, u32 count) {
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count) : "memory");
-}
-__device__ __forceinline__ void mbar_expect_arrive(u32 bar, u32 bytes) {
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes) : "memory");
-}
-__device__ __forceinline__ void mbar_wait(u32 bar, u32 parity) {
-    asm volatile("{\n\t.reg .pred P;\nWAIT:\n\tmbarrier.try_wait.parity.shared::cta.b64 P, [%0], %1;\n\t@!P bra WAIT;\n}"
-                 ::"r"(bar), "r"(parity) : "memory");
-}
-// arrive on the mbarrier at the same offset in the shared memory of cluster CTA ``rank``
-__device__ __forceinline__ void mbar_arrive_remote(u32 bar, u32 rank) {
-    asm volatile("{\n\t.reg .b32 ra;\n\tmapa.shared::cluster.u32 ra, %0, %1;\n\t"
-                 "mbarrier.arrive.shared::cluster.b64 _, [ra];\n}" ::"r"(bar), "r"(rank) : "memory");
-}
-// bytes from global memory into the same shared-memory offset of every CTA in ``mask``, each
-// completing ``bytes`` of transaction count on its own mbarrier at offset ``bar``
-__device__ __forceinline__ void bulk_multicast(u32 dst, const void* src, u32 bytes, u32 bar, unsigned short mask) {
-    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster [%0], [%1], %2, [%3], %4;"
-                 ::"r"(dst), "l"(src), "r"(bytes), "r"(bar), "h"(mask) : "memory");
-}
-
-// shared-memory matrix descriptor, no swizzle: start, LBO (next core matrix along K), SBO (along N)
-__device__ __forceinline__ u64 smem_desc(u32 addr, u32 lbo, u32 sbo) {
-    return (u64)((addr & 0x3FFFFu) >> 4) | ((u64)(lbo >> 4) << 16) | ((u64)(sbo >> 4) << 32);
-}
-
-#define WG_D32 "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
-               "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
-#define WG_D64 WG_D32 ", %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, " \
-               "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
-#define WG_F8(i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]), "+f"(d[i + 6]), "+f"(d[i + 7])
-#define WG_F32 WG_F8(0), WG_F8(8), WG_F8(16), WG_F8(24)
-#define WG_F64 WG_F32, WG_F8(32), WG_F8(40), WG_F8(48), WG_F8(56)
-#define WG_MMA(N, TY, DL, A0, DESC, ONE)                                                              \
-    "{.reg .pred p; setp.ne.b32 p, " ONE ", 0; wgmma.mma_async.sync.aligned.m64n" #N "k16.f32." TY "." TY \
-    " {" DL "}, {" A0 "}, " DESC ", p, 1, 1, 0;}"
-
-// d (+)= A (64 x 16, registers) * B (16 x NT, shared memory via desc), one specialization a
-// (type, NT): the accumulator operand list is spelled out per NT
-template <bool BF16, int NT> __device__ __forceinline__ void wgmma(float (&d)[NT / 2], const u32 (&a)[4], u64 desc);
-#define WG_MMA_FN(BF16, NT, TY, DL, FL, A0, DESC, ONE)                                                     \
-    template <> __device__ __forceinline__ void wgmma<BF16, NT>(float (&d)[NT / 2], const u32 (&a)[4], u64 desc) { \
-        asm volatile(WG_MMA(NT, TY, DL, A0, DESC, ONE)                                                       \
-                     : FL : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1));                  \
-    }
-WG_MMA_FN(false, 128, "f16", WG_D64, WG_F64, "%64, %65, %66, %67", "%68", "%69")
-WG_MMA_FN(true, 128, "bf16", WG_D64, WG_F64, "%64, %65, %66, %67", "%68", "%69")
-WG_MMA_FN(false, 64, "f16", WG_D32, WG_F32, "%32, %33, %34, %35", "%36", "%37")
-WG_MMA_FN(true, 64, "bf16", WG_D32, WG_F32, "%32, %33, %34, %35", "%36", "%37")
-#endif
 
 // x [m, k] (2-byte elements, as words) -> xp [k / 64 + 1][8][nt / 8][8][4] words, zero past m and
 // in the extra last chunk (the partner of an odd last chunk); and the split-K workspace ws
@@ -132,51 +73,57 @@ __device__ void w4a16_wg_body(const uint4* __restrict__ wq, const unsigned short
     extern __shared__ __align__(128) unsigned char smem[];
     constexpr int x_bytes = NT * 128;  // one chunk of x: 8 core-matrix columns of NT tokens
     const int tid = threadIdx.x, nthreads = blockDim.x, lane = tid & 31, warp = tid >> 5;
-    const int wg = warp >> 2, g = lane >> 2, q = lane & 3;
-    const int row0 = (blockIdx.x * (nthreads >> 7) + wg) * 64;  // this warpgroup's first row
-    // A warpgroup past N computes on the last 64 rows (every warp runs the same wgmmas: no
-    // divergent path around them) and stores nothing. An odd chunk count gets one more chunk of
-    // zero x (its weights are the last real chunk's), so chunks run in pairs.
-    const int tile = min(row0, (n - 1) / 64 * 64) / 16 + (warp & 3);  // this warp's 16-row tile
-    const int nchunks = k >> 6, c0 = blockIdx.y * chunks_per_split;
-    const int nloc = min(nchunks - c0, chunks_per_split), npairs = (nloc + 1) >> 1;
+    const int wg = warp >> 2, g = lane >> 2, q = lane & 3, groups = nthreads >> 7;
+    const u32 rank = cluster_rank();
+    // An odd chunk count gets one more chunk of zero x (its weights are the last real chunk's),
+    // so chunks run in pairs: npt pairs a tile.
+    const int nchunks = k >> 6, npt = (nchunks + 1) >> 1, cl = blockIdx.x / WG_CLUSTER;
+    const int clusters = gridDim.x / WG_CLUSTER, tiles = (n + 64 * groups * WG_CLUSTER - 1) / (64 * groups * WG_CLUSTER);
+    const bool split = gridDim.y > 1;
+    auto first_unit = [&](int c) { return (int)((i64)tiles * npt * c / clusters); };
+    const int u0 = split ? cl * npt + blockIdx.y * (chunks_per_split >> 1) : first_unit(cl);
+    const int npairs = (split ? min(u0 + (chunks_per_split >> 1), (cl + 1) * npt) : first_unit(cl + 1)) - u0;
     const u32 base = (u32)__cvta_generic_to_shared(smem);
     // wgmma descriptor of slot 0, k-tile 0 (LBO: next core matrix along K, NT * 16 bytes; SBO: next
     // 8 tokens, 128 bytes); other slots and k-tiles add their byte offset / 16 to the address field
     const u64 desc0 = smem_desc(base, NT * 16, 128);
     const u32 w_base = base + WG_SLOTS * x_bytes, s_base = w_base + WG_SLOTS * nthreads * 16;
-    const uint4* wsrc = wq + (i64)tile * nchunks * 32 + lane;
-    const unsigned short* ssrc = sq + ((i64)tile * (k >> 4) + q) * 8 + (g & ~1);
+    // This warpgroup's first row in tile t, and the 16-row tile of the repack its warp computes on
+    // (a warpgroup past N takes the last 64 rows, so every warp runs the same wgmmas, with no
+    // divergent path around them, and stores nothing).
+    auto group_row = [&](int t) { return ((t * WG_CLUSTER + (int)rank) * groups + wg) * 64; };
+    auto warp_tile = [&](int t) { return min(group_row(t), (n - 1) / 64 * 64) / 16 + (warp & 3); };
 
-    // Pair pr of local chunks (2 pr, 2 pr + 1) goes to pair slot pr % 4 (chunk slots 2 pr % 8, +1).
-    // x: thread 0 of each CTA expects the pair's bytes on full[slot]; thread 0 of the cluster's
-    // first CTA waits until all 8 warpgroups of the cluster have released the slot's previous pair
-    // (empty[slot], in its shared memory) and copies the pair once into both CTAs (multicast).
-    // Weights and scale codes: every thread copies its own (cp.async), no barrier needed.
-    const u32 rank = cluster_rank();
+    // Local pair j (unit u0 + j: tile t, pair p of the tile) goes to pair slot j % 4 (chunk slots
+    // 2 j % 8, +1). x: thread 0 of each CTA expects the pair's bytes on full[slot]; thread 0 of the
+    // cluster's first CTA waits until all 8 warpgroups of the cluster have released the slot's
+    // previous pair (empty[slot], in its shared memory) and copies the pair once into both CTAs
+    // (multicast). Weights and scale codes: every thread copies its own (cp.async), no barrier needed.
     const u32 full0 = s_base + WG_SLOTS * nthreads * 4, empty0 = full0 + 8 * (WG_SLOTS / 2);
     constexpr u32 pair_bytes = 2 * x_bytes;
-    auto issue_x = [&](int pr) {
-        const u32 sl = pr % (WG_SLOTS / 2);
+    auto issue_x = [&](int j, int p) {
+        const u32 sl = j % (WG_SLOTS / 2);
         mbar_expect_arrive(full0 + 8 * sl, pair_bytes);
         if (rank == 0) {
-            if (pr >= WG_SLOTS / 2) mbar_wait(empty0 + 8 * sl, (pr / (WG_SLOTS / 2) - 1) & 1);
-            bulk_multicast(base + sl * pair_bytes, xp + (i64)(c0 + 2 * pr) * NT * 8, pair_bytes, full0 + 8 * sl, 3);
+            if (j >= WG_SLOTS / 2) mbar_wait(empty0 + 8 * sl, (j / (WG_SLOTS / 2) - 1) & 1);
+            bulk_multicast(base + sl * pair_bytes, xp + (i64)p * 2 * NT * 8, pair_bytes, full0 + 8 * sl, 3);
         }
     };
-    auto issue_w = [&](int pr) {
-        const int st = (2 * pr) % WG_SLOTS;
+    const uint4* w_tile;  // this thread's weights and scale codes in the tile being copied
+    const unsigned short* s_tile;
+    auto issue_w = [&](int j, int p) {
+        const int st = (2 * j) % WG_SLOTS;
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-            const int c = c0 + min(2 * pr + h, nloc - 1);
-            cp_async16(w_base + ((st + h) * nthreads + tid) * 16, wsrc + (i64)c * 32);
-            cp_async4(s_base + ((st + h) * nthreads + tid) * 4, ssrc + (i64)c * 32, 4);
+            const int c = min(2 * p + h, nchunks - 1);
+            cp_async16(w_base + ((st + h) * nthreads + tid) * 16, w_tile + (i64)c * 32);
+            cp_async4(s_base + ((st + h) * nthreads + tid) * 4, s_tile + (i64)c * 32, 4);
         }
     };
     if (tid == 0) {
         for (int sl = 0; sl < WG_SLOTS / 2; ++sl) {
             mbar_init(full0 + 8 * sl, 1);
-            mbar_init(empty0 + 8 * sl, WG_CLUSTER * (nthreads >> 7));
+            mbar_init(empty0 + 8 * sl, WG_CLUSTER * groups);
         }
         asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     }
@@ -218,83 +165,139 @@ __device__ void w4a16_wg_body(const uint4* __restrict__ wq, const unsigned short
         wgmma_commit();
     };
 
-    // Chunk pairs: decode chunk 2 pr, wait for the pair's x, queue chunk 2 pr; once chunk 2 pr - 1
-    // is done (the previous pair complete: release its slot), decode and queue chunk 2 pr + 1. A chunk's A
-    // registers stay untouched until the wait after the next chunk's wgmmas; the tensor cores run
-    // while the next chunk decodes. Copies run WG_AHEAD pairs ahead.
+    // acc[4j + e]: row group_row(t) + 16 (warp % 4) + g + 8 (e / 2), token 8 j + 2 q + e % 2
+    const float gs = *g_ptr * 16384.0f;
+    auto store_y = [&](int t) {
+        const int r0 = group_row(t) + 16 * (warp & 3) + g;
 #pragma unroll
-    for (int pr = 0; pr < WG_AHEAD; ++pr) {  // the weights do not depend on xprep: copy them first
-        if (pr < npairs) issue_w(pr);
+        for (int j = 0; j < NT / 8; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int row = r0 + 8 * (e >> 1), tok = 8 * j + 2 * q + (e & 1);
+                if (row < n && tok < m) {
+                    float v = acc[4 * j + e] * gs;
+                    if (bias) v += to_float(bias[row]);
+                    y[(i64)tok * n + row] = from_float<T>(v);
+                }
+            }
+    };
+    // Stream-K: ws holds a flag a block (gridDim.x words, rounded up to 4), then a partial-sum slot
+    // a block: [NT / 8][nthreads] float4, thread tid's acc[4 i .. 4 i + 3] at [i][tid].
+    u32* flags = reinterpret_cast<u32*>(ws);
+    float4* parts = reinterpret_cast<float4*>(ws + ((gridDim.x + 3) & ~3));
+    auto end_tile = [&](int t, int p0, int p1) {  // the tile's pairs [p0, p1) are in acc
+        if (p0 > 0) {  // not the owner: hand the partial sums over
+            float4* slot = parts + (i64)blockIdx.x * (NT / 8) * nthreads + tid;
+#pragma unroll
+            for (int i = 0; i < NT / 8; ++i)
+                __stcg(slot + i * nthreads, make_float4(acc[4 * i], acc[4 * i + 1], acc[4 * i + 2], acc[4 * i + 3]));
+            __threadfence();
+            __syncthreads();
+            if (tid == 0) asm volatile("st.release.gpu.global.u32 [%0], 1;" ::"l"(flags + blockIdx.x) : "memory");
+        } else {
+            // a tile cut at p1: add the partial sums of the clusters that start inside it
+            for (int c = cl + 1; p1 < npt && c < clusters && first_unit(c) < (t + 1) * npt; ++c) {
+                const int b = c * WG_CLUSTER + (int)rank;
+                if (tid == 0) {
+                    u32 ready = 0;
+                    while (!ready) asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(ready) : "l"(flags + b) : "memory");
+                }
+                __syncthreads();
+                const float4* slot = parts + (i64)b * (NT / 8) * nthreads + tid;
+                float4 v[NT / 8];
+#pragma unroll
+                for (int i = 0; i < NT / 8; ++i) v[i] = __ldcg(slot + i * nthreads);
+#pragma unroll
+                for (int i = 0; i < NT / 8; ++i) {
+                    acc[4 * i] += v[i].x, acc[4 * i + 1] += v[i].y, acc[4 * i + 2] += v[i].z, acc[4 * i + 3] += v[i].w;
+                }
+            }
+            store_y(t);
+        }
+#pragma unroll
+        for (int i = 0; i < NT / 2; ++i) acc[i] = 0.0f;
+    };
+
+    // Chunk pairs: decode chunk 2 j, wait for the pair's x, queue chunk 2 j; once chunk 2 j - 1
+    // is done (the previous pair complete: release its slot), decode and queue chunk 2 j + 1. A chunk's A
+    // registers stay untouched until the wait after the next chunk's wgmmas; the tensor cores run
+    // while the next chunk decodes. Copies run WG_AHEAD pairs ahead; (it, ip) is the unit the next
+    // copy is for, (ct, cp) the unit being computed, which began its tile's run at pair p0.
+    int it = u0 / npt, ip = u0 - it * npt, ct = it, cp = ip, p0 = ip;
+    auto copy_tile = [&]() {
+        w_tile = wq + (i64)warp_tile(it) * nchunks * 32 + lane;
+        s_tile = sq + ((i64)warp_tile(it) * (k >> 4) + q) * 8 + (g & ~1);
+    };
+    copy_tile();
+    auto next_copy = [&]() {
+        if (++ip == npt) ip = 0, ++it, copy_tile();
+    };
+#pragma unroll
+    for (int j = 0; j < WG_AHEAD; ++j) {  // the weights do not depend on xprep: copy them first
+        if (j < npairs) issue_w(j, ip);
         cp_async_commit();
+        next_copy();
     }
-    grid_dependency_wait();  // launched after xprep (Launcher.after): its x and zeroed ws from here on
+    grid_dependency_wait();  // launched after xprep (Launcher.after): its x, zeroed ws and flags from here on
     if (tid == 0)
-        for (int pr = 0; pr < WG_AHEAD && pr < npairs; ++pr) issue_x(pr);
+        for (int j = 0, p = cp; j < WG_AHEAD && j < npairs; ++j, p = p + 1 == npt ? 0 : p + 1) issue_x(j, p);
     cp_async_wait<WG_AHEAD - 1>();
     read_own(0);
     u32 a0[4][4], a1[4][4];
-    for (int pr = 0; pr < npairs; ++pr) {
-        if (pr + WG_AHEAD < npairs) {
-            if (tid == 0) issue_x(pr + WG_AHEAD);
-            issue_w(pr + WG_AHEAD);
+    for (int j = 0; j < npairs; ++j) {
+        if (j + WG_AHEAD < npairs) {
+            if (tid == 0) issue_x(j + WG_AHEAD, ip);
+            issue_w(j + WG_AHEAD, ip);
+            next_copy();
         }
         cp_async_commit();
-        decode(a0);  // chunk 2 pr (weights only: before the wait for x)
-        read_own(2 * pr + 1);
-        mbar_wait(full0 + 8 * (pr % (WG_SLOTS / 2)), (pr / (WG_SLOTS / 2)) & 1);
-        mma(2 * pr, a0);
-        wgmma_wait<1>();  // chunk 2 pr - 1 done: a1 and the previous pair's slot are free
-        if (pr > 0 && (tid & 127) == 0) mbar_arrive_remote(empty0 + 8 * ((pr - 1) % (WG_SLOTS / 2)), 0);
+        decode(a0);  // chunk 2 j (weights only: before the wait for x)
+        read_own(2 * j + 1);
+        mbar_wait(full0 + 8 * (j % (WG_SLOTS / 2)), (j / (WG_SLOTS / 2)) & 1);
+        mma(2 * j, a0);
+        wgmma_wait<1>();  // chunk 2 j - 1 done: a1 and the previous pair's slot are free
+        if (j > 0 && (tid & 127) == 0) mbar_arrive_remote(empty0 + 8 * ((j - 1) % (WG_SLOTS / 2)), 0);
         decode(a1);
-        mma(2 * pr + 1, a1);
-        cp_async_wait<WG_AHEAD - 1>();  // this thread's copies of pair pr + 1
-        if (pr + 1 < npairs) read_own(2 * pr + 2);
-        wgmma_wait<1>();  // chunk 2 pr done: a0 is free
+        mma(2 * j + 1, a1);
+        cp_async_wait<WG_AHEAD - 1>();  // this thread's copies of pair j + 1
+        if (j + 1 < npairs) read_own(2 * j + 2);
+        if (!split && (cp + 1 == npt || j + 1 == npairs)) {  // the end of this cluster's run on tile ct
+            wgmma_wait<0>();
+            end_tile(ct, p0, cp + 1);
+            ++ct, cp = p0 = 0;
+        } else {
+            ++cp;
+            wgmma_wait<1>();  // chunk 2 j done: a0 is free
+        }
     }
     cp_async_wait<0>();
     wgmma_wait<0>();
     launch_dependents();  // the finish kernel may be scheduled as blocks end
     cluster_sync();  // no CTA leaves while its partner may still arrive on its barriers
+    if (!split) return;
 
-    // acc[4j + e]: row row0 + 16 (warp % 4) + g + 8 (e / 2), token 8 j + 2 q + e % 2
-    if (gridDim.y > 1) {
-        // Split K: the block's partial sums go through shared memory (free after the barrier
-        // above), [rows][NT + 8] floats (no bank conflicts), then each warp adds one row of NT
-        // tokens into ws[row][token] with 16-byte reds: half the reds of adding each pair.
-        constexpr int LD = NT + 8;
-        float* part = reinterpret_cast<float*>(smem);
-        const int rl = 64 * wg + 16 * (warp & 3) + g;
-#pragma unroll
-        for (int j = 0; j < NT / 8; ++j)
-#pragma unroll
-            for (int h = 0; h < 2; ++h)
-                *reinterpret_cast<float2*>(part + (rl + 8 * h) * LD + 8 * j + 2 * q) =
-                    make_float2(acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1]);
-        __syncthreads();
-        const int mp = (m + 3) & ~3, rows = nthreads >> 1, first = blockIdx.x * rows;
-        for (int i = tid; i < rows * (NT / 4); i += nthreads) {
-            const int r = i / (NT / 4), tok = i % (NT / 4) * 4, row = first + r;
-            if (row < n && tok < m) {
-                const float4 v = *reinterpret_cast<const float4*>(part + r * LD + tok);
-                asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};" ::"l"(ws + (i64)row * mp + tok),
-                             "f"(v.x), "f"(v.y), "f"(v.z), "f"(v.w) : "memory");
-            }
-        }
-        return;
-    }
-    if (row0 >= n) return;
-    const float gs = *g_ptr * 16384.0f;
+    // Split K: the block's partial sums go through shared memory (free after the barrier above),
+    // [rows][NT + 8] floats (no bank conflicts), then each warp adds one row of NT tokens into
+    // ws[row][token] with 16-byte reds: half the reds of adding each pair.
+    constexpr int LD = NT + 8;
+    float* part = reinterpret_cast<float*>(smem);
+    const int rl = 64 * wg + 16 * (warp & 3) + g;
 #pragma unroll
     for (int j = 0; j < NT / 8; ++j)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-            const int row = row0 + 16 * (warp & 3) + g + 8 * (e >> 1), tok = 8 * j + 2 * q + (e & 1);
-            if (row < n && tok < m) {
-                float v = acc[4 * j + e] * gs;
-                if (bias) v += to_float(bias[row]);
-                y[(i64)tok * n + row] = from_float<T>(v);
-            }
+        for (int h = 0; h < 2; ++h)
+            *reinterpret_cast<float2*>(part + (rl + 8 * h) * LD + 8 * j + 2 * q) =
+                make_float2(acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1]);
+    __syncthreads();
+    const int mp = (m + 3) & ~3, rows = nthreads >> 1, first = blockIdx.x * rows;
+    for (int i = tid; i < rows * (NT / 4); i += nthreads) {
+        const int r = i / (NT / 4), tok = i % (NT / 4) * 4, row = first + r;
+        if (row < n && tok < m) {
+            const float4 v = *reinterpret_cast<const float4*>(part + r * LD + tok);
+            asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};" ::"l"(ws + (i64)row * mp + tok),
+                         "f"(v.x), "f"(v.y), "f"(v.z), "f"(v.w) : "memory");
         }
+    }
 #endif
 }
 

@@ -95,6 +95,51 @@ def test_warpgroup_kernel_with_and_without_split_k(n, k, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("clusters", [1, 2, 3, 5, 14])
+def test_warpgroup_kernel_stream_k(monkeypatch, clusters, dtype):
+    """w4a16_wgmma.cu's stream-K split of 2 tiles x 7 pairs over 1..14 clusters: whole tiles, tiles
+    cut in 2-7 runs (owners adding up to 6 partial sums), a cluster over both tiles; no atomics,
+    so two calls agree bit for bit."""
+    if not cuda_linear._wg_ok(0):
+        pytest.skip("the warpgroup-MMA kernel needs sm_90a")
+    n, k = 1000, 64 * 13
+    g = gen(clusters)
+    pw = fp4cupy.prepare(fp4cupy.quantize(torch.randn(n, k, device="cuda", generator=g) * 3))
+    bias = torch.randn(n, device="cuda", generator=g).to(dtype)
+    real = cuda_linear.wg_plan
+    forced = lambda n, k, m, bf16, device: cuda_linear.WgPlan(**{  # noqa: E731
+        **{f: getattr(real(n, k, m, bf16, device), f) for f in cuda_linear.WgPlan.__slots__},
+        "grid": (cuda_linear.WG_CLUSTER * clusters, 1), "cps": 0})
+    monkeypatch.setattr(cuda_linear, "wg_plan", forced)
+    for m in (33, 128):
+        x = torch.randn(m, k, device="cuda", generator=g).to(dtype)
+        y = fp4cupy.linear(x, pw, bias)
+        assert rel(y, reference(x, pw.weight, bias)) <= TOL[dtype], (m, clusters)
+        assert torch.equal(fp4cupy.linear(x, pw, bias), y)
+    s = torch.cuda.Stream()  # in a CUDA graph: the flags are zeroed again on every replay
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fp4cupy.linear(x, pw, bias)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = fp4cupy.linear(x, pw, bias)
+    for _ in range(2):
+        x.copy_(torch.randn(x.shape, device="cuda", generator=g).to(dtype))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert rel(y, reference(x, pw.weight, bias)) <= TOL[dtype], clusters
+
+
+def test_warpgroup_plan_fills_the_gpu_with_stream_k():
+    if not cuda_linear._wg_ok(0):
+        pytest.skip("the warpgroup-MMA kernel needs sm_90a")
+    p = cuda_linear.wg_plan(28672, 8192, 128, False, 0)
+    resident = p.launch.max_active_clusters(cuda_linear.WG_CLUSTER, p.threads, p.shared)
+    assert resident > 0 and p.grid == (cuda_linear.WG_CLUSTER * resident, 1), (resident, p)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_one_hot_rows_read_back_the_weight_exactly(dtype):
     """x = rows of the identity: y = deq(W) columns, each one product and one rounding — any decode,
     scale or layout slip (e.g. a flushed +-0.5 subnormal) shows as an exact mismatch."""

@@ -7,11 +7,19 @@ from fp4cupy import cuda_linear
 @pytest.mark.parametrize("sms", [132, 114, 78, 1])
 @pytest.mark.parametrize("n,k", [(4096, 4096), (14336, 4096), (4096, 14336), (28672, 8192), (8192, 28672),
                                  (200, 512), (1000, 64 * 13), (300, 64 * 40), (64, 64), (256, 192)])
-def test_wgmma_grid_covers_every_chunk_once_in_whole_clusters(n, k, sms):
-    blocks, splits, cps = cuda_linear.wg_grid(n, k, sms)
+@pytest.mark.parametrize("known", [False, True])
+def test_wgmma_grid_covers_every_chunk_once_in_whole_clusters(n, k, sms, known):
+    resident = sms // cuda_linear.WG_CLUSTER if known else 0
+    blocks, splits, cps = cuda_linear.wg_grid(n, k, sms, resident)
     nchunks = k // 64
     rows_per_block = 64 * cuda_linear.WG_GROUPS
-    assert blocks % cuda_linear.WG_CLUSTER == 0 and blocks * rows_per_block >= n
+    assert blocks % cuda_linear.WG_CLUSTER == 0
+    if cps == 0:  # stream-K: every cluster gets at least one pair of chunks; no more than run at once
+        tiles = cuda_linear.wg_tiles(n)
+        assert splits == 1 and 2 * tiles >= resident > 0
+        assert blocks // cuda_linear.WG_CLUSTER == min(resident, tiles * -(-nchunks // 2))
+        return
+    assert blocks * rows_per_block >= n
     assert (blocks - cuda_linear.WG_CLUSTER) * rows_per_block < n  # no whole cluster past N
     assert cps % 2 == 0 and (splits - 1) * cps < nchunks <= splits * cps  # each split has >= 1 chunk
     if splits > 1:
@@ -19,9 +27,47 @@ def test_wgmma_grid_covers_every_chunk_once_in_whole_clusters(n, k, sms):
 
 
 def test_wgmma_grid_on_an_h100():
-    assert cuda_linear.wg_grid(28672, 8192, 132) == (112, 1, 128)
-    assert cuda_linear.wg_grid(4096, 4096, 132) == (16, 8, 8)
-    assert cuda_linear.wg_grid(8192, 28672, 132) == (32, 4, 112)
+    assert cuda_linear.wg_grid(28672, 8192, 132) == (112, 1, 128)  # residency unknown: no stream-K
+    assert cuda_linear.wg_grid(28672, 8192, 132, 66) == (132, 1, 0)  # stream-K over every SM
+    assert cuda_linear.wg_grid(14336, 4096, 132, 66) == (56, 2, 32)  # 28 tiles: 2 splits
+    assert cuda_linear.wg_grid(4096, 4096, 132, 66) == (16, 8, 8)
+    assert cuda_linear.wg_grid(8192, 28672, 132, 66) == (32, 4, 112)
+
+
+def stream_k_runs(tiles, pairs, clusters):
+    """The runs (cluster, tile, first pair, end pair) of w4a16_wgmma.cu's stream-K split, as the
+    kernel walks them: cluster c takes units [U c / C, U (c + 1) / C) of U = tiles * pairs."""
+    first = [tiles * pairs * c // clusters for c in range(clusters + 1)]
+    runs = []
+    for c in range(clusters):
+        u = first[c]
+        while u < first[c + 1]:
+            t, p = divmod(u, pairs)
+            end = min(first[c + 1], (t + 1) * pairs)
+            runs.append((c, t, p, end - t * pairs))
+            u = end
+    return first, runs
+
+
+@pytest.mark.parametrize("tiles,pairs,clusters", [(56, 64, 66), (28, 32, 66), (2, 7, 5), (2, 7, 14), (1, 3, 2),
+                                                  (3, 1, 2), (128, 64, 66), (22, 224, 66)])
+def test_stream_k_runs_cover_each_tile_once_and_owners_find_every_partial(tiles, pairs, clusters):
+    first, runs = stream_k_runs(tiles, pairs, clusters)
+    for t in range(tiles):
+        parts = sorted((p0, p1, c) for c, tt, p0, p1 in runs if tt == t)
+        assert all(a[1] == b[0] for a, b in zip(parts, parts[1:]))  # the tile's pairs once each, in order
+        assert parts[0][0] == 0 and parts[-1][1] == pairs
+        owner = parts[0][2]
+        # the owner's list, as the kernel walks it: clusters after it that start inside the tile
+        found = [c for c in range(owner + 1, clusters) if first[c] < (t + 1) * pairs]
+        assert found == [c for _, _, c in parts[1:]]
+        for c in found:  # a partial is its cluster's first run: one slot a block is enough
+            assert next(r for r in runs if r[0] == c)[1:3] == (t, first[c] - t * pairs)
+    for c in range(clusters):  # only a cluster's last run may be an owner's cut run, only its first a partial
+        mine = [r for r in runs if r[0] == c]
+        assert all(p0 == 0 for _, _, p0, _ in mine[1:]) and all(p1 == pairs for _, _, _, p1 in mine[:-1])
+    if 2 * tiles >= clusters:  # as wg_grid takes stream-K
+        assert max(sum(1 for r in runs if r[1] == t) for t in range(tiles)) <= 3
 
 
 class Recorder:
@@ -68,6 +114,26 @@ def test_launch_w4a16_picks_the_kernel_and_sizes_the_scratch(monkeypatch, m, wg_
     assert calls[1][1:4] == ((blocks, splits), 512, 99)
     assert calls[1][5] == (11, 12, 1000, 14, 2000, 0, 16, m, n, k, cps)
     assert calls[2][1] == (n // 32, -(-m // 32)) and calls[2][5] == (2000, 14, 0, 16, m, n)
+
+
+@pytest.mark.parametrize("n,blocks,zeroed", [(28672, 132, 132), (28672, 112, 0), (1000, 6, 8)])
+def test_stream_k_launch_sizes_flags_and_partial_slots(monkeypatch, n, blocks, zeroed):
+    calls, buffers = [], []
+    k, m = 8192, 128
+    monkeypatch.setattr(cuda_linear, "_wg_ok", lambda device: True)
+    monkeypatch.setattr(cuda_linear, "wg_plan", lambda n, k, m, bf16, device: cuda_linear.WgPlan(
+        xprep=Recorder("xprep", calls), launch=Recorder("wg", calls), finish=Recorder("finish", calls),
+        grid=(blocks, 1), threads=512, shared=99, cps=0, nt=128, name="wg"))
+
+    def scratch(nbytes):
+        buffers.append(nbytes)
+        return object(), 1000 * len(buffers)
+
+    cuda_linear.launch_w4a16(m, n, k, False, 0, 77, (11, 12, 13, 14, 0, 16), scratch)
+    assert [c[0] for c in calls] == ["xprep", "wg+after"]  # no finish: the owners store y
+    words = zeroed + blocks * 512 * 64 if zeroed else 0  # flags (rounded up to 4), then a slot a block
+    assert buffers == [(k + 64) * 128 * 2] + ([4 * words] if words else [])
+    assert calls[0][5][2:4] == ((2000 if words else 0), zeroed)
 
 
 @pytest.mark.parametrize("n,itemsize", [(1, 2), (2048, 2), (2049, 2), (8192 * 8192, 2), (8192 * 8192, 4), (100, 4)])
