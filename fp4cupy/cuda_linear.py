@@ -124,8 +124,8 @@ _WG_SIGNATURE = "PPPPPPPiiii"  # codes, scale codes, reordered x, y, ws, bias, g
 
 class WgPlan:
     """The launches of w4a16_wgmma.cu: ``xprep`` reorders x (and zeroes the workspace's head),
-    w4a16_wg_nt{NT} runs on grid (blocks in clusters of WG_CLUSTER, K splits). Stream-K (one
-    split): the clusters share the (tile, pair of chunks) units evenly; a tile cut between clusters
+    w4a16_wg{,sk}_nt{NT} runs on grid (blocks in clusters of WG_CLUSTER, K splits). Stream-K (sk,
+    chunks a split 0): the clusters share the (tile, pair of chunks) units evenly; a tile cut between clusters
     is finished by its first cluster from the others' partial sums (the workspace: a flag and a
     slot of NT / 2 floats a thread, a block). Split K adds FP32 partials into the workspace [N][M
     rounded up to 4] that ``finish`` scales, biases, rounds and transposes into y."""
@@ -145,7 +145,7 @@ class WgPlan:
         blocks = self.grid[0]
         if self.split:
             return n * ((m + 3) & ~3), n * ((m + 3) & ~3)  # [N][M rounded up to 4] (16-byte reds)
-        if blocks == wg_tiles(n) * WG_CLUSTER:
+        if self.cps or blocks == wg_tiles(n) * WG_CLUSTER:
             return 0, 0  # a tile a cluster: y is stored directly
         flags = (blocks + 3) & ~3
         return flags + blocks * self.threads * self.nt // 2, flags
@@ -178,22 +178,30 @@ def wg_grid(n: int, k: int, sms: int, resident: int = 0) -> tuple[int, int, int]
     return blocks, -(-nchunks // cps), cps
 
 
+def wg_shared(nt: int) -> int:
+    """Dynamic shared memory of a w4a16_wgmma.cu block: x, weight and scale slots, mbarriers."""
+    return WG_SLOTS * (nt * 128 + 128 * WG_GROUPS * 20) + 8 * WG_SLOTS
+
+
+def wg_kernel(nt: int, bf16: bool, stream_k: bool, device: int):
+    """The launcher of w4a16_wg{sk if stream_k}_nt{nt}_{f16,bf16} (sk: the stream-K loop)."""
+    name = f"w4a16_wg{'sk' if stream_k else ''}_nt{nt}_{'bf16' if bf16 else 'f16'}"
+    return runtime.launcher("w4a16_wgmma.cu", name, device, _WG_SIGNATURE).allow_shared(wg_shared(nt))
+
+
 @functools.lru_cache(maxsize=4096)
 def wg_plan(n: int, k: int, m: int, bf16: bool, device: int) -> WgPlan:
-    """NT = 64 or 128 token columns, the grid of ``wg_grid``."""
+    """NT = 64 or 128 token columns, the grid of ``wg_grid`` and its kernel."""
     nt = 64 if m <= 64 else 128
-    threads = 128 * WG_GROUPS
-    dt = "bf16" if bf16 else "f16"
-    shared = WG_SLOTS * (nt * 128 + threads * 20) + 8 * WG_SLOTS  # + the pair slots' mbarriers
-    name = f"w4a16_wg_nt{nt}_{dt}"
-    launch = runtime.launcher("w4a16_wgmma.cu", name, device, _WG_SIGNATURE).allow_shared(shared)
+    threads, shared, dt = 128 * WG_GROUPS, wg_shared(nt), "bf16" if bf16 else "f16"
     # stream-K's owners wait for later clusters: only with every cluster of the grid running at once
-    resident = launch.max_active_clusters(WG_CLUSTER, threads, shared)
+    resident = wg_kernel(nt, bf16, True, device).max_active_clusters(WG_CLUSTER, threads, shared)
     blocks, splits, cps = wg_grid(n, k, _sm_count(device), resident)
+    launch = wg_kernel(nt, bf16, cps == 0, device)
     finish = runtime.launcher("w4a16_wgmma.cu", f"w4a16_finish_{dt}", device, "PPPPii")
     xprep = runtime.launcher("w4a16_wgmma.cu", "w4a16_wg_xprep", device, "PPPqiii")
     return WgPlan(xprep=xprep, launch=launch, finish=finish, grid=(blocks, splits), threads=threads, shared=shared,
-                  cps=cps, nt=nt, name=name)
+                  cps=cps, nt=nt, name=launch.name)
 
 
 @functools.lru_cache(maxsize=None)

@@ -8,13 +8,14 @@
 // "tile" of 512 rows) gets each chunk of x by one multicast copy, which halves the L2 traffic of
 // re-reading x.
 //
-// Work: the units (tile, pair of 64-wide K chunks), tile by tile. With grid.y == 1 (stream-K),
+// Work: the units (tile, pair of 64-wide K chunks), tile by tile. Stream-K (w4a16_wgsk_*):
 // cluster c of C takes units [U c / C, U (c + 1) / C) of all U, so every SM runs and no cluster
 // has more than its share; a tile cut between clusters is finished by the cluster holding its
 // first pair (its "owner", which reaches it last): the others store their FP32 partial sums in
 // ws (a slot a block, in accumulator order) and raise a flag (zeroed by w4a16_wg_xprep) that the
-// owner waits for before it adds them in cluster order (deterministic). With grid.y > 1 (split
-// K, for few tiles), cluster c takes tile c and split blockIdx.y of its pairs.
+// owner waits for before it adds them in cluster order (deterministic). Otherwise (w4a16_wg_*,
+// a loop without stream-K's bookkeeping) cluster c takes tile c, or with grid.y > 1 (split K, for
+// few tiles) split blockIdx.y of its pairs.
 //
 // x: w4a16_wg_xprep writes it once per call in the order the shared memory wants, so a pair of
 // 64-wide K chunks is one contiguous copy: per chunk, the K order of the repack (logical column
@@ -61,7 +62,7 @@ extern "C" __global__ void w4a16_wg_xprep(const uint4* __restrict__ x, u32* __re
     }
 }
 
-template <bool BF16, int NT>
+template <bool BF16, int NT, bool SK>
 __device__ void w4a16_wg_body(const uint4* __restrict__ wq, const unsigned short* __restrict__ sq,
                               const uint4* __restrict__ xp, typename Act<BF16>::T* __restrict__ y,
                               float* __restrict__ ws, const typename Act<BF16>::T* __restrict__ bias,
@@ -79,10 +80,10 @@ __device__ void w4a16_wg_body(const uint4* __restrict__ wq, const unsigned short
     // so chunks run in pairs: npt pairs a tile.
     const int nchunks = k >> 6, npt = (nchunks + 1) >> 1, cl = blockIdx.x / WG_CLUSTER;
     const int clusters = gridDim.x / WG_CLUSTER, tiles = (n + 64 * groups * WG_CLUSTER - 1) / (64 * groups * WG_CLUSTER);
-    const bool split = gridDim.y > 1;
+    const bool split = !SK && gridDim.y > 1;
     auto first_unit = [&](int c) { return (int)((i64)tiles * npt * c / clusters); };
-    const int u0 = split ? cl * npt + blockIdx.y * (chunks_per_split >> 1) : first_unit(cl);
-    const int npairs = (split ? min(u0 + (chunks_per_split >> 1), (cl + 1) * npt) : first_unit(cl + 1)) - u0;
+    const int u0 = SK ? first_unit(cl) : cl * npt + blockIdx.y * (chunks_per_split >> 1);
+    const int npairs = (SK ? first_unit(cl + 1) : min(u0 + (chunks_per_split >> 1), (cl + 1) * npt)) - u0;
     const u32 base = (u32)__cvta_generic_to_shared(smem);
     // wgmma descriptor of slot 0, k-tile 0 (LBO: next core matrix along K, NT * 16 bytes; SBO: next
     // 8 tokens, 128 bytes); other slots and k-tiles add their byte offset / 16 to the address field
@@ -221,35 +222,9 @@ __device__ void w4a16_wg_body(const uint4* __restrict__ wq, const unsigned short
     // Chunk pairs: decode chunk 2 j, wait for the pair's x, queue chunk 2 j; once chunk 2 j - 1
     // is done (the previous pair complete: release its slot), decode and queue chunk 2 j + 1. A chunk's A
     // registers stay untouched until the wait after the next chunk's wgmmas; the tensor cores run
-    // while the next chunk decodes. Copies run WG_AHEAD pairs ahead; (it, ip) is the unit the next
-    // copy is for, (ct, cp) the unit being computed, which began its tile's run at pair p0.
-    int it = u0 / npt, ip = u0 - it * npt, ct = it, cp = ip, p0 = ip;
-    auto copy_tile = [&]() {
-        w_tile = wq + (i64)warp_tile(it) * nchunks * 32 + lane;
-        s_tile = sq + ((i64)warp_tile(it) * (k >> 4) + q) * 8 + (g & ~1);
-    };
-    copy_tile();
-    auto next_copy = [&]() {
-        if (++ip == npt) ip = 0, ++it, copy_tile();
-    };
-#pragma unroll
-    for (int j = 0; j < WG_AHEAD; ++j) {  // the weights do not depend on xprep: copy them first
-        if (j < npairs) issue_w(j, ip);
-        cp_async_commit();
-        next_copy();
-    }
-    grid_dependency_wait();  // launched after xprep (Launcher.after): its x, zeroed ws and flags from here on
-    if (tid == 0)
-        for (int j = 0, p = cp; j < WG_AHEAD && j < npairs; ++j, p = p + 1 == npt ? 0 : p + 1) issue_x(j, p);
-    cp_async_wait<WG_AHEAD - 1>();
-    read_own(0);
+    // while the next chunk decodes. Copies run WG_AHEAD pairs ahead.
     u32 a0[4][4], a1[4][4];
-    for (int j = 0; j < npairs; ++j) {
-        if (j + WG_AHEAD < npairs) {
-            if (tid == 0) issue_x(j + WG_AHEAD, ip);
-            issue_w(j + WG_AHEAD, ip);
-            next_copy();
-        }
+    auto compute_pair = [&](int j) {  // with pair j + 1's weights read back at the end
         cp_async_commit();
         decode(a0);  // chunk 2 j (weights only: before the wait for x)
         read_own(2 * j + 1);
@@ -261,12 +236,68 @@ __device__ void w4a16_wg_body(const uint4* __restrict__ wq, const unsigned short
         mma(2 * j + 1, a1);
         cp_async_wait<WG_AHEAD - 1>();  // this thread's copies of pair j + 1
         if (j + 1 < npairs) read_own(2 * j + 2);
-        if (!split && (cp + 1 == npt || j + 1 == npairs)) {  // the end of this cluster's run on tile ct
-            wgmma_wait<0>();
-            end_tile(ct, p0, cp + 1);
-            ++ct, cp = p0 = 0;
-        } else {
-            ++cp;
+    };
+    auto copy_tile = [&](int t) {
+        w_tile = wq + (i64)warp_tile(t) * nchunks * 32 + lane;
+        s_tile = sq + ((i64)warp_tile(t) * (k >> 4) + q) * 8 + (g & ~1);
+    };
+    int ct = cl;  // the tile being computed
+    if constexpr (SK) {
+        // (it, ip): the unit the next copy is for; (ct, cp): the unit being computed, whose run on
+        // its tile began at pair p0. (The two loops are apart because this bookkeeping in the
+        // other one made ptxas keep its counter out of the uniform registers: 3-6% slower, H200.)
+        int it = u0 / npt, ip = u0 - it * npt, cp = ip, p0 = ip;
+        ct = it;
+        copy_tile(it);
+        auto next_copy = [&]() {
+            if (++ip == npt) ip = 0, ++it, copy_tile(it);
+        };
+#pragma unroll
+        for (int j = 0; j < WG_AHEAD; ++j) {  // the weights do not depend on xprep: copy them first
+            if (j < npairs) issue_w(j, ip);
+            cp_async_commit();
+            next_copy();
+        }
+        grid_dependency_wait();  // launched after xprep (Launcher.after): its x and zeroed flags from here on
+        if (tid == 0)
+            for (int j = 0, p = cp; j < WG_AHEAD && j < npairs; ++j, p = p + 1 == npt ? 0 : p + 1) issue_x(j, p);
+        cp_async_wait<WG_AHEAD - 1>();
+        read_own(0);
+        for (int j = 0; j < npairs; ++j) {
+            if (j + WG_AHEAD < npairs) {
+                if (tid == 0) issue_x(j + WG_AHEAD, ip);
+                issue_w(j + WG_AHEAD, ip);
+                next_copy();
+            }
+            compute_pair(j);
+            if (cp + 1 == npt || j + 1 == npairs) {  // the end of this cluster's run on tile ct
+                wgmma_wait<0>();
+                end_tile(ct, p0, cp + 1);
+                ++ct, cp = p0 = 0;
+            } else {
+                ++cp;
+                wgmma_wait<1>();  // chunk 2 j done: a0 is free
+            }
+        }
+    } else {
+        const int p0 = blockIdx.y * (chunks_per_split >> 1);  // this split's first pair of tile cl
+        copy_tile(cl);
+#pragma unroll
+        for (int j = 0; j < WG_AHEAD; ++j) {  // the weights do not depend on xprep: copy them first
+            if (j < npairs) issue_w(j, p0 + j);
+            cp_async_commit();
+        }
+        grid_dependency_wait();  // launched after xprep (Launcher.after): its x and zeroed ws from here on
+        if (tid == 0)
+            for (int j = 0; j < WG_AHEAD && j < npairs; ++j) issue_x(j, p0 + j);
+        cp_async_wait<WG_AHEAD - 1>();
+        read_own(0);
+        for (int j = 0; j < npairs; ++j) {
+            if (j + WG_AHEAD < npairs) {
+                if (tid == 0) issue_x(j + WG_AHEAD, p0 + j + WG_AHEAD);
+                issue_w(j + WG_AHEAD, p0 + j + WG_AHEAD);
+            }
+            compute_pair(j);
             wgmma_wait<1>();  // chunk 2 j done: a0 is free
         }
     }
@@ -274,7 +305,11 @@ __device__ void w4a16_wg_body(const uint4* __restrict__ wq, const unsigned short
     wgmma_wait<0>();
     launch_dependents();  // the finish kernel may be scheduled as blocks end
     cluster_sync();  // no CTA leaves while its partner may still arrive on its barriers
-    if (!split) return;
+    if (SK) return;
+    if (!split) {  // a tile a cluster
+        store_y(ct);
+        return;
+    }
 
     // Split K: the block's partial sums go through shared memory (free after the barrier above),
     // [rows][NT + 8] floats (no bank conflicts), then each warp adds one row of NT tokens into
@@ -326,20 +361,23 @@ __device__ void w4a16_finish_body(const float* __restrict__ ws, T* __restrict__ 
     }
 }
 
-#define W4A16_WG(NT)                                                                                               \
-    extern "C" __global__ void __launch_bounds__(512, 1) WG_CLUSTER_DIMS w4a16_wg_nt##NT##_f16(                                   \
+// w4a16_wg{,sk}_nt{64,128}_{f16,bf16}: sk = stream-K
+#define W4A16_WG(NAME, NT, SK)                                                                                     \
+    extern "C" __global__ void __launch_bounds__(512, 1) WG_CLUSTER_DIMS NAME##_nt##NT##_f16(                      \
         const uint4* wq, const unsigned short* sq, const uint4* xp, __half* y, float* ws, const __half* bias,      \
         const float* g, int m, int n, int k, int cps) {                                                            \
-        w4a16_wg_body<false, NT>(wq, sq, xp, y, ws, bias, g, m, n, k, cps);                                        \
+        w4a16_wg_body<false, NT, SK>(wq, sq, xp, y, ws, bias, g, m, n, k, cps);                                    \
     }                                                                                                              \
-    extern "C" __global__ void __launch_bounds__(512, 1) WG_CLUSTER_DIMS w4a16_wg_nt##NT##_bf16(                                  \
+    extern "C" __global__ void __launch_bounds__(512, 1) WG_CLUSTER_DIMS NAME##_nt##NT##_bf16(                     \
         const uint4* wq, const unsigned short* sq, const uint4* xp, __nv_bfloat16* y, float* ws,                  \
         const __nv_bfloat16* bias, const float* g, int m, int n, int k, int cps) {                                 \
-        w4a16_wg_body<true, NT>(wq, sq, xp, y, ws, bias, g, m, n, k, cps);                                         \
+        w4a16_wg_body<true, NT, SK>(wq, sq, xp, y, ws, bias, g, m, n, k, cps);                                     \
     }
 
-W4A16_WG(64)
-W4A16_WG(128)
+W4A16_WG(w4a16_wg, 64, false)
+W4A16_WG(w4a16_wg, 128, false)
+W4A16_WG(w4a16_wgsk, 64, true)
+W4A16_WG(w4a16_wgsk, 128, true)
 
 
 extern "C" __global__ void w4a16_finish_f16(const float* ws, __half* y, const __half* bias, const float* g, int m, int n) {

@@ -107,9 +107,12 @@ def test_warpgroup_kernel_stream_k(monkeypatch, clusters, dtype):
     pw = fp4cupy.prepare(fp4cupy.quantize(torch.randn(n, k, device="cuda", generator=g) * 3))
     bias = torch.randn(n, device="cuda", generator=g).to(dtype)
     real = cuda_linear.wg_plan
-    forced = lambda n, k, m, bf16, device: cuda_linear.WgPlan(**{  # noqa: E731
-        **{f: getattr(real(n, k, m, bf16, device), f) for f in cuda_linear.WgPlan.__slots__},
-        "grid": (cuda_linear.WG_CLUSTER * clusters, 1), "cps": 0})
+
+    def forced(n, k, m, bf16, device):
+        launch = cuda_linear.wg_kernel(64 if m <= 64 else 128, bf16, True, device)
+        return cuda_linear.WgPlan(**{**{f: getattr(real(n, k, m, bf16, device), f) for f in cuda_linear.WgPlan.__slots__},
+                                     "grid": (cuda_linear.WG_CLUSTER * clusters, 1), "cps": 0, "launch": launch,
+                                     "name": launch.name})
     monkeypatch.setattr(cuda_linear, "wg_plan", forced)
     for m in (33, 128):
         x = torch.randn(m, k, device="cuda", generator=g).to(dtype)
@@ -137,6 +140,7 @@ def test_warpgroup_plan_fills_the_gpu_with_stream_k():
     p = cuda_linear.wg_plan(28672, 8192, 128, False, 0)
     resident = p.launch.max_active_clusters(cuda_linear.WG_CLUSTER, p.threads, p.shared)
     assert resident > 0 and p.grid == (cuda_linear.WG_CLUSTER * resident, 1), (resident, p)
+    assert p.name == "w4a16_wgsk_nt128_f16" and cuda_linear.wg_plan(4096, 4096, 128, False, 0).name == "w4a16_wg_nt128_f16"
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
