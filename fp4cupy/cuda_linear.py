@@ -124,11 +124,12 @@ _WG_SIGNATURE = "PPPPPPPiiii"  # codes, scale codes, reordered x, y, ws, bias, g
 
 class WgPlan:
     """The launches of w4a16_wgmma.cu: ``xprep`` reorders x (and zeroes the workspace's head),
-    w4a16_wg{,sk}_nt{NT} runs on grid (blocks in clusters of WG_CLUSTER, K splits). Stream-K (sk,
-    chunks a split 0): the clusters share the (tile, pair of chunks) units evenly; a tile cut between clusters
-    is finished by its first cluster from the others' partial sums (the workspace: a flag and a
-    slot of NT / 2 floats a thread, a block). Split K adds FP32 partials into the workspace [N][M
-    rounded up to 4] that ``finish`` scales, biases, rounds and transposes into y."""
+    w4a16_wg{,sk}_nt{NT} runs on grid (blocks in clusters of WG_CLUSTER, K splits). Stream-K
+    (sk, chunks a split 0): the clusters share the (tile, pair of chunks) units evenly; a tile
+    cut between clusters is finished by its first cluster from the others' partial sums (the
+    workspace: a flag and a slot of NT / 2 floats a thread, a block). Split K adds FP32 partials
+    into the workspace [N][M rounded up to 4] that ``finish`` scales, biases, rounds and
+    transposes into y."""
 
     __slots__ = ("xprep", "launch", "finish", "grid", "threads", "shared", "cps", "nt", "name")
 
