@@ -43,6 +43,7 @@ def test_wheel_ships_kernels(tmp_path):
                    check=True)
     (whl,) = tmp_path.glob("fp4cupy-*.whl")
     names = zipfile.ZipFile(whl).namelist()
-    for f in ("fp4cupy/kernels_cu/fp4.cuh", "fp4cupy/kernels_cu/quantize.cu", "fp4cupy/kernels_cu/dequantize.cu",
-              "fp4cupy/reference.py", "fp4cupy/runtime.py"):
+    kernels = sorted(f"fp4cupy/kernels_cu/{p.name}" for p in (ROOT / "kernels_cu").iterdir() if p.suffix in (".cu", ".cuh"))
+    assert "fp4cupy/kernels_cu/hopper.cuh" in kernels  # every source and header the runtime compiles
+    for f in (*kernels, "fp4cupy/reference.py", "fp4cupy/runtime.py"):
         assert f in names, f"{f} missing from the wheel"
