@@ -5,7 +5,8 @@
 
 NVRTC writes PTX (runtime.compile_source for a compute_* target), ptxas assembles it (-v gives
 registers and spills) and nvdisasm lists the SASS. The "main loop" is the shortest backward branch
-whose body holds the most MMA instructions (HMMA / HGMMA), or without any, the most global loads.
+whose body holds the most MMA instructions (HMMA / HGMMA), or without any, the most global loads;
+a MEMBAR inside it is called out (see NOTES.md, session 7).
 NVRTC 12's cubins are rejected by nvdisasm 13 ("invalid ELF"), hence the PTX route. ptxas and nvdisasm come with the
 CUDA toolkit, or with the triton wheel (triton/backends/nvidia/bin: ptxas-blackwell, nvdisasm).
 """
@@ -95,6 +96,8 @@ def main():
             n, mma, ops = loop
             per = f", {n / mma:.1f} per MMA" if mma else ""
             text += f"; main loop {n} instructions, {mma} MMA{per}: " + " ".join(f"{k} {v}" for k, v in ops.most_common(8))
+            if ops["MEMBAR"]:  # a fence in the loop waits for the thread's memory operations in flight
+                text += f"; MEMBAR {ops['MEMBAR']} in the loop"
         print(text)
 
 
