@@ -141,12 +141,16 @@ class WgPlan:
     def split(self) -> bool:
         return self.grid[1] > 1
 
+    @property
+    def stream_k(self) -> bool:
+        return self.cps == 0  # wg_grid's mark of a stream-K grid
+
     def workspace(self, n: int, m: int) -> tuple[int, int]:
         """(FP32 words of the workspace, how many of them xprep zeroes) for a call."""
         blocks = self.grid[0]
         if self.split:
             return n * ((m + 3) & ~3), n * ((m + 3) & ~3)  # [N][M rounded up to 4] (16-byte reds)
-        if self.cps or blocks == wg_tiles(n) * WG_CLUSTER:
+        if not self.stream_k or blocks == wg_tiles(n) * WG_CLUSTER:
             return 0, 0  # a tile a cluster: y is stored directly
         flags = (blocks + 3) & ~3
         return flags + blocks * self.threads * self.nt // 2, flags
@@ -220,7 +224,7 @@ def launch_w4a16(m: int, n: int, k: int, bf16: bool, device: int, stream: int, a
     """Queue the W4A16 kernels for ``m`` (1..MMA_MAX_M) tokens on ``stream``. ``args``: the raw
     pointers (codes, scale codes, x, y, bias or 0, global scale). Up to WG_MIN_M - 1 tokens, or off
     sm_90a, one mma.sync launch from ``plan``; else w4a16_wgmma.cu, whose scratch (the reordered x,
-    and the FP32 workspace when K is split) comes from ``scratch(nbytes)`` -> (buffer, pointer),
+    and the FP32 workspace of split K or of stream-K's cut tiles, ``WgPlan.workspace``) comes from ``scratch(nbytes)`` -> (buffer, pointer),
     held until the launches are queued (the allocators reuse it in stream order, after them)."""
     if not uses_warpgroup_kernel(m, device):
         p = plan(n, k, m, bf16, device)
