@@ -57,7 +57,7 @@ def main(dtype=torch.float16):
             bf16 = dtype == torch.bfloat16
             for v in (v for v in cuda_linear.VARIANTS if v[1] == nt):
                 for warps in (4, 8, 16):
-                    if warps * v[0] * nt * 512 <= cuda_linear.SHARED_LIMIT:
+                    if warps <= v[3] and warps * v[0] * nt * 512 <= cuda_linear.SHARED_LIMIT:
                         p = cuda_linear.make_plan(n, m, v, warps, bf16, 0)
                         results[(p.name[6:-4].rstrip("_"), warps)] = graph_ms(plan_fn(pws, x, y, p))
             (best_name, warps), best = min(results.items(), key=lambda kv: kv[1])

@@ -75,17 +75,23 @@ class Plan:
         return f"Plan({self.name}, grid={self.grid}, threads={self.threads}, shared={self.shared})"
 
 
-# (RT row tiles per block, NT token tiles, U chunks per pipeline step): the kernels in w4a16.cu
-VARIANTS = ((1, 1, 2), (1, 1, 4), (2, 1, 2), (4, 1, 1), (1, 2, 2), (2, 2, 1), (4, 2, 1), (1, 4, 1), (2, 4, 1), (1, 8, 1))
+# (RT row tiles per block, NT token tiles, U chunks per pipeline step, most warps a block): the
+# kernels in w4a16.cu. Those built for at most 4 warps run under a 72-register cap.
+NARROW = (1, 1, 2, 4)
+NARROW_BLOCKS_PER_SM = 7  # 4 warps at 72 registers
+VARIANTS = ((1, 1, 2, 16), (1, 1, 4, 16), (2, 1, 2, 16), (4, 1, 1, 16), (1, 2, 2, 16), (2, 2, 1, 16), (4, 2, 1, 16),
+            (1, 4, 1, 16), (2, 4, 1, 16), (1, 8, 1, 16), NARROW)
 
 
-def kernel_name(rt: int, nt: int, u: int, bf16: bool) -> str:
-    return f"w4a16_rt{rt}_nt{nt}_u{u}_{'bf16' if bf16 else 'f16'}"
+def kernel_name(rt: int, nt: int, u: int, max_warps: int, bf16: bool) -> str:
+    return f"w4a16_rt{rt}_nt{nt}_u{u}{'_w4' if max_warps == 4 else ''}_{'bf16' if bf16 else 'f16'}"
 
 
 def make_plan(n: int, m: int, variant, warps: int, bf16: bool, device: int) -> Plan:
-    rt, nt, u = variant
-    name = kernel_name(rt, nt, u, bf16)
+    rt, nt, u, max_warps = variant
+    if warps > max_warps:
+        raise ValueError(f"variant {variant} runs at most {max_warps} warps a block, not {warps}")
+    name = kernel_name(rt, nt, u, max_warps, bf16)
     launch = runtime.launcher("w4a16.cu", name, device, _SIGNATURE)
     grid = (-(-m // (8 * nt)), -(-(-(-n // TILE_ROWS)) // rt))
     return Plan(launch, grid, 32 * warps, warps * rt * nt * 512, name)
@@ -101,15 +107,23 @@ def plan(n: int, k: int, m: int, bf16: bool, device: int) -> Plan:
     split K, 16 when there are fewer than two blocks per SM, 4 for one token tile when there are at
     least four blocks per SM (28672x8192: 51 vs 54 us on an H100). At M <= 8 the single row tile
     takes U=2: with its buffers taking turns, U=4 needs 128 registers and was 0-9% slower (H200).
+    Where its one-tile blocks of 4 warps (72 registers, seven a SM) fill 90-100% of one wave, it
+    runs that way (H200: 14336x4096 12.0 against 13.1 us, 13824x5120 14.3 against 15.3; at 11008
+    or 16384 rows the wave is fuller with two-tile blocks, and bf16 lost there).
     """
     nt = 1 if m <= 8 else 2 if m <= 16 else 4 if m <= 32 else 8
     sms = _sm_count(device)
     tiles = -(-n // TILE_ROWS)
     mtiles = -(-m // (8 * nt))
-    two, one = {1: ((2, 1, 2), (1, 1, 2)), 2: ((2, 2, 1), (1, 2, 2)), 4: ((2, 4, 1), (1, 4, 1)),
-                8: ((1, 8, 1), (1, 8, 1))}[nt]
+    two, one = {1: ((2, 1, 2, 16), (1, 1, 2, 16)), 2: ((2, 2, 1, 16), (1, 2, 2, 16)),
+                4: ((2, 4, 1, 16), (1, 4, 1, 16)), 8: ((1, 8, 1, 16), (1, 8, 1, 16))}[nt]
     blocks = -(-tiles // two[0]) * mtiles
-    variant, warps = (one, 8) if blocks < sms else (two, 16 if blocks < 2 * sms else 4 if nt == 1 and blocks >= 4 * sms else 8)
+    if blocks < sms:
+        variant, warps = one, 8
+    elif nt == 1 and 0.9 * NARROW_BLOCKS_PER_SM * sms <= tiles <= NARROW_BLOCKS_PER_SM * sms:
+        variant, warps = NARROW, 4  # one wave, at least 90% full
+    else:
+        variant, warps = two, 16 if blocks < 2 * sms else 4 if nt == 1 and blocks >= 4 * sms else 8
     warps = max(1, min(warps, (k // 64) // 2 or 1, SHARED_LIMIT // (variant[0] * nt * 512)))
     return make_plan(n, m, variant, warps, bf16, device)
 

@@ -124,11 +124,26 @@ def _torch_stream_ptr(torch, device: int) -> int:
 _LAUNCHERS: dict = {}  # (file, kernel, device) -> runtime.Launcher, its signature read off the first call
 
 
+class _RawStream:
+    """A raw cudaStream_t under the CUDA stream protocol (what CuPy 14's Stream.from_external takes)."""
+
+    __slots__ = ("ptr",)
+
+    def __init__(self, ptr: int):
+        self.ptr = ptr
+
+    def __cuda_stream__(self):
+        return 0, self.ptr
+
+
 @functools.lru_cache(maxsize=64)
 def _external_stream(ptr: int):
+    """A CuPy stream object over someone else's stream (torch's): Stream.from_external on CuPy 14+,
+    where ExternalStream is deprecated, ExternalStream before."""
     import cupy
 
-    return cupy.cuda.ExternalStream(ptr)
+    stream = cupy.cuda.Stream
+    return stream.from_external(_RawStream(ptr)) if hasattr(stream, "from_external") else cupy.cuda.ExternalStream(ptr)
 
 
 @functools.lru_cache(maxsize=None)

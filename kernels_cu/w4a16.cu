@@ -11,7 +11,8 @@
 //
 // Grid: x = token tiles of 8*NT, y = row tiles of 16*RT. Block: any number of warps; warp w takes
 // chunks w, w + nwarps, ... (split-K inside the block) and the block reduces through shared memory.
-// <w4a16_rt{RT}_nt{NT}_u{U}_{f16,bf16}> (U chunks per pipeline step). Needs sm_80 (traps on older targets, which take another path).
+// <w4a16_rt{RT}_nt{NT}_u{U}[_w4]_{f16,bf16}> (U chunks per pipeline step; _w4: at most 4 warps a
+// block). Needs sm_80 (traps on older targets, which take another path).
 #include "w4a16_decode.cuh"
 
 __device__ __forceinline__ uint4 load_stream(const uint4* p) {  // read once: keep it out of L1
@@ -25,11 +26,15 @@ template <int B> struct Buf { static constexpr int value = B; };
 // The main loop's buffer scheme and register cap per kernel, from an A/B on an H200 (NOTES.md,
 // session 6): with one row tile the two buffers taking turns is fastest; with more, copying the
 // prefetched buffer is, except bf16 RT=2 NT=2, which takes turns under a 64-register cap (four
-// blocks of 8 warps a SM; uncapped it needs 74, copying 76).
+// blocks of 8 warps a SM; uncapped it needs 74, copying 76). A kernel built for at most 4 warps
+// a block (the ``_w4`` ones) is capped at 72 registers, seven blocks a SM (session 8: 14336x4096
+// M=1 11.7 against 13.4 us at 80 registers).
 template <bool BF16, int RT, int NT, int U> constexpr bool ping_pong() {
     return RT == 1 || (BF16 && RT == 2 && NT == 2 && U == 1);
 }
-constexpr int min_blocks(bool bf16, int rt, int nt, int u) { return bf16 && rt == 2 && nt == 2 && u == 1 ? 2 : 0; }
+constexpr int min_blocks(bool bf16, int rt, int nt, int u, int max_warps) {
+    return max_warps == 4 ? 7 : bf16 && rt == 2 && nt == 2 && u == 1 ? 2 : 0;
+}
 
 template <bool BF16, int RT, int NT, int U>
 __device__ void w4a16_body(const uint4* __restrict__ wq, const unsigned short* __restrict__ sq,
@@ -166,17 +171,19 @@ __device__ void w4a16_body(const uint4* __restrict__ wq, const unsigned short* _
 #endif
 }
 
-#define W4A16(RT, NT, U)                                                                                            \
-    extern "C" __global__ void __launch_bounds__(512, min_blocks(false, RT, NT, U)) w4a16_rt##RT##_nt##NT##_u##U##_f16(                             \
+#define W4A16_KERNELS(RT, NT, U, W, NAME)                                                                     \
+    extern "C" __global__ void __launch_bounds__(32 * W, min_blocks(false, RT, NT, U, W)) NAME##_f16(          \
         const uint4* wq, const unsigned short* sq, const __half* x, __half* y, const __half* bias,             \
         const float* g, int m, int n, int k) { w4a16_body<false, RT, NT, U>(wq, sq, x, y, bias, g, m, n, k); } \
-    extern "C" __global__ void __launch_bounds__(512, min_blocks(true, RT, NT, U)) w4a16_rt##RT##_nt##NT##_u##U##_bf16(                            \
+    extern "C" __global__ void __launch_bounds__(32 * W, min_blocks(true, RT, NT, U, W)) NAME##_bf16(          \
         const uint4* wq, const unsigned short* sq, const __nv_bfloat16* x, __nv_bfloat16* y,                   \
         const __nv_bfloat16* bias, const float* g, int m, int n, int k) {                                      \
         w4a16_body<true, RT, NT, U>(wq, sq, x, y, bias, g, m, n, k);                                           \
     }
+#define W4A16(RT, NT, U) W4A16_KERNELS(RT, NT, U, 16, w4a16_rt##RT##_nt##NT##_u##U)
+#define W4A16_W4(RT, NT, U) W4A16_KERNELS(RT, NT, U, 4, w4a16_rt##RT##_nt##NT##_u##U##_w4)
 
-// (RT, NT, U): keep in step with cuda_linear.VARIANTS
+// (RT, NT, U), at most 16 or 4 warps a block: keep in step with cuda_linear.VARIANTS
 W4A16(1, 1, 2)
 W4A16(1, 1, 4)
 W4A16(2, 1, 2)
@@ -187,3 +194,4 @@ W4A16(4, 2, 1)
 W4A16(1, 4, 1)
 W4A16(2, 4, 1)
 W4A16(1, 8, 1)
+W4A16_W4(1, 1, 2)

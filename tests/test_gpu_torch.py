@@ -66,6 +66,19 @@ def test_side_streams_are_respected():
         torch.testing.assert_close(y, want, rtol=0, atol=0)
 
 
+def test_torch_streams_wrap_without_deprecation_warnings():
+    import warnings
+
+    from fp4cupy import cuda_ops
+
+    s = torch.cuda.Stream()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # CuPy 14 deprecates ExternalStream
+        wrapped = cuda_ops._external_stream(s.cuda_stream)
+        fp4cupy.quantize(torch.randn(64, 128, device="cuda"))  # the call that records its status event
+    assert wrapped.ptr == s.cuda_stream
+
+
 def test_dlpack_is_zero_copy():
     t = fp4cupy.quantize(torch.randn(64, 128, device="cuda"))
     assert torch.from_dlpack(t).data_ptr() == t.data.data_ptr()

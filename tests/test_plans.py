@@ -144,3 +144,37 @@ def test_amax_grid_reads_every_element_with_at_most_8_blocks_a_sm(n, itemsize):
     loads = 16 // itemsize  # elements a thread reads a step
     assert 1 <= grid <= 8 * 132
     assert grid == 8 * 132 or grid * cuda_ops.THREADS * loads >= n > (grid - 1) * cuda_ops.THREADS * loads
+
+
+@pytest.mark.parametrize("n,k,m,want,warps", [(14336, 4096, 1, "w4a16_rt1_nt1_u2_w4_f16", 4),
+                                              (13824, 5120, 8, "w4a16_rt1_nt1_u2_w4_f16", 4),
+                                              (16384, 4096, 1, "w4a16_rt2_nt1_u2_f16", 8),
+                                              (11008, 4096, 1, "w4a16_rt2_nt1_u2_f16", 8),
+                                              (28672, 8192, 1, "w4a16_rt2_nt1_u2_f16", 4),
+                                              (4096, 4096, 1, "w4a16_rt1_nt1_u2_f16", 8),
+                                              (14336, 4096, 16, "w4a16_rt2_nt2_u1_f16", 8)])
+def test_mma_plan_on_132_sms(monkeypatch, n, k, m, want, warps):
+    """The one-tile 4-warp kernel only where its blocks fill one wave 90-100% (seven a SM)."""
+    monkeypatch.setattr(cuda_linear, "_sm_count", lambda device: 132)
+    monkeypatch.setattr(cuda_linear.runtime, "launcher", lambda *a: None)
+    cuda_linear.plan.cache_clear()
+    p = cuda_linear.plan(n, k, m, False, 0)
+    cuda_linear.plan.cache_clear()
+    assert (p.name, p.threads // 32) == (want, warps)
+
+
+@pytest.mark.parametrize("sms", [132, 114, 78, 46])
+def test_every_mma_plan_fits_its_kernel(monkeypatch, sms):
+    monkeypatch.setattr(cuda_linear, "_sm_count", lambda device: sms)
+    monkeypatch.setattr(cuda_linear.runtime, "launcher", lambda *a: None)
+    cuda_linear.plan.cache_clear()
+    names = {cuda_linear.kernel_name(*v, bf16): v for v in cuda_linear.VARIANTS for bf16 in (False, True)}
+    for n in (8, 1000, 4096, 8448, 13824, 14336, 28672):
+        for k in (64, 4096, 28672):
+            for m in (1, 7, 8, 16, 32, 33):
+                for bf16 in (False, True):
+                    p = cuda_linear.plan(n, k, m, bf16, 0)
+                    rt, nt, u, max_warps = names[p.name]
+                    assert 1 <= p.threads // 32 <= max_warps and p.shared <= cuda_linear.SHARED_LIMIT
+                    assert p.grid == (-(-m // (8 * nt)), -(-(-(-n // 16)) // rt))
+    cuda_linear.plan.cache_clear()
