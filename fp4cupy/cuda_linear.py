@@ -100,16 +100,20 @@ def make_plan(n: int, m: int, variant, warps: int, bf16: bool, device: int) -> P
 @functools.lru_cache(maxsize=4096)
 def plan(n: int, k: int, m: int, bf16: bool, device: int) -> Plan:
     """The kernel variant for (M bucket, N), from benchmarks/w4a16_variants.py on an H100 (and an
-    H200 for the one-row-tile choice at M <= 8).
+    H200 for the choices at M <= 8).
 
     NT token tiles of 8 (M <= 8, 16, 32, 64); two row tiles of 16 per block (x read half as often)
     unless that leaves fewer blocks than SMs, then one (a deeper pipeline for NT >= 2); 8 warps
-    split K, 16 when there are fewer than two blocks per SM, 4 for one token tile when there are at
-    least four blocks per SM (28672x8192: 51 vs 54 us on an H100). At M <= 8 the single row tile
-    takes U=2: with its buffers taking turns, U=4 needs 128 registers and was 0-9% slower (H200).
-    Where its one-tile blocks of 4 warps (72 registers, seven a SM) fill 90-100% of one wave, it
-    runs that way (H200: 14336x4096 12.0 against 13.1 us, 13824x5120 14.3 against 15.3; at 11008
-    or 16384 rows the wave is fuller with two-tile blocks, and bf16 lost there).
+    split K. Above 8 tokens, 16 warps when there are fewer than two blocks per SM. At M <= 8:
+    - 4 warps when there are at least four blocks per SM (28672x8192: 51 vs 54 us on an H100), and
+      never 16: the two-tile kernel's 109 registers fit one block of 16 warps a SM, so such grids
+      ran in two waves (H200, 8 against 16 warps: 8192x8192 12.7 against 14.6 us, 6144x4096 7.7
+      against 9.3, 8192x28672 36.3 against 37.1);
+    - the single row tile takes U=2: with its buffers taking turns, U=4 needs 128 registers and was
+      0-9% slower (H200);
+    - where one-tile blocks of 4 warps (72 registers, seven a SM) fill 90-100% of one wave, they run
+      (H200: 14336x4096 12.0 against 13.1 us, 13824x5120 14.3 against 15.3; at 11008 or 16384 rows
+      the wave is fuller with two-tile blocks, and bf16 lost there).
     """
     nt = 1 if m <= 8 else 2 if m <= 16 else 4 if m <= 32 else 8
     sms = _sm_count(device)
@@ -123,7 +127,7 @@ def plan(n: int, k: int, m: int, bf16: bool, device: int) -> Plan:
     elif nt == 1 and 0.9 * NARROW_BLOCKS_PER_SM * sms <= tiles <= NARROW_BLOCKS_PER_SM * sms:
         variant, warps = NARROW, 4  # one wave, at least 90% full
     else:
-        variant, warps = two, 16 if blocks < 2 * sms else 4 if nt == 1 and blocks >= 4 * sms else 8
+        variant, warps = two, (4 if blocks >= 4 * sms else 8) if nt == 1 else 16 if blocks < 2 * sms else 8
     warps = max(1, min(warps, (k // 64) // 2 or 1, SHARED_LIMIT // (variant[0] * nt * 512)))
     return make_plan(n, m, variant, warps, bf16, device)
 
