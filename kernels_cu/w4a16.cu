@@ -28,7 +28,7 @@ template <int B> struct Buf { static constexpr int value = B; };
 // prefetched buffer is, except bf16 RT=2 NT=2, which takes turns under a 64-register cap (four
 // blocks of 8 warps a SM; uncapped it needs 74, copying 76). A kernel built for at most 4 warps
 // a block (the ``_w4`` ones) is capped at 72 registers, seven blocks a SM (session 8: 14336x4096
-// M=1 11.7 against 13.4 us at 80 registers).
+// M=1 11.7-12.0 us, 13.4 at 80 registers, six blocks a SM).
 template <bool BF16, int RT, int NT, int U> constexpr bool ping_pong() {
     return RT == 1 || (BF16 && RT == 2 && NT == 2 && U == 1);
 }

@@ -156,7 +156,8 @@ def test_amax_grid_reads_every_element_with_at_most_8_blocks_a_sm(n, itemsize):
                                               (8192, 28672, 1, "w4a16_rt2_nt1_u2_f16", 8),
                                               (8192, 28672, 16, "w4a16_rt2_nt2_u1_f16", 16)])
 def test_mma_plan_on_132_sms(monkeypatch, n, k, m, want, warps):
-    """The one-tile 4-warp kernel only where its blocks fill one wave 90-100% (seven a SM)."""
+    """At M <= 8: the one-tile 4-warp kernel only where its blocks fill one wave 90-100% (seven a SM),
+    and never 16 warps of the two-tile kernel (one such block a SM); above 8 tokens 16 stay."""
     monkeypatch.setattr(cuda_linear, "_sm_count", lambda device: 132)
     monkeypatch.setattr(cuda_linear.runtime, "launcher", lambda *a: None)
     cuda_linear.plan.cache_clear()
