@@ -1,0 +1,101 @@
+"""A/B of edited copies of kernels_cu/w4a16.cu against the package's kernels, in one run on this card.
+
+    PYTHONPATH=$PWD python3 benchmarks/w4a16_ab.py /abs/path/variant.cu [more.cu] \\
+        [--shapes 28672x8192,8192x28672] [--m 1,16] [--bf16] [--kernel rt,nt,u[,max warps]:warps]
+
+Each copy (any .cu that defines the same extern "C" kernels; it may #include the package's headers)
+runs the kernel ``plan`` picks for each (shape, M), or the one ``--kernel`` names, on the same grid,
+block and shared memory as the package's. Every candidate and cuBLAS fp16 F.linear are captured in
+CUDA graphs of 20 calls over three rotating weights and replayed interleaved, 7 rounds; the table
+gives the median us a call and the ratio against cuBLAS. A candidate whose output misses the float64
+reference by more than 2e-3 (relative Frobenius) is flagged: an ablation may do that on purpose.
+Check the variant's registers first (benchmarks/sass_counts.py): at M=16 the kernel sits at exactly
+64, and a variant above that runs three blocks a SM instead of four (NOTES.md, session 8).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import fp4cupy  # noqa: E402
+from fp4cupy import cuda_linear, runtime  # noqa: E402
+from timing import capture, card, time_ms  # noqa: E402
+
+CALLS, ROUNDS = 20, 7
+
+
+def kernel_plan(source: str, n: int, k: int, m: int, bf16: bool, kernel: str | None) -> cuda_linear.Plan:
+    """The package's plan for (n, k, m), or ``kernel`` ("rt,nt,u[,max warps]:warps"), launched from ``source``."""
+    if kernel:
+        variant, warps = kernel.split(":")
+        v = tuple(int(a) for a in variant.split(","))
+        p = cuda_linear.make_plan(n, m, v + (16,) * (4 - len(v)), int(warps), bf16, 0)
+    else:
+        p = cuda_linear.plan(n, k, m, bf16, 0)
+    launch = p.launch if source is None else runtime.launcher(source, p.name, 0, cuda_linear._SIGNATURE)
+    return cuda_linear.Plan(launch, p.grid, p.threads, p.shared, p.name)
+
+
+def runner(p: cuda_linear.Plan, prepared, x, y):
+    n, k = prepared[0].shape
+
+    def call(i):
+        w = prepared[i % len(prepared)]
+        p.launch(p.grid, p.threads, p.shared, torch.cuda.current_stream().cuda_stream, w.codes.data_ptr(),
+                 w.scale_codes.data_ptr(), x.data_ptr(), y.data_ptr(), 0, w.weight.global_scale_array.data_ptr(),
+                 x.shape[0], n, k)
+    return call
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("sources", nargs="+", help="edited copies of w4a16.cu (absolute paths)")
+    ap.add_argument("--shapes", default="4096x4096,14336x4096,4096x14336,28672x8192,8192x28672")
+    ap.add_argument("--m", default="1,16")
+    ap.add_argument("--bf16", action="store_true")
+    ap.add_argument("--kernel", help="rt,nt,u[,max warps]:warps instead of plan's choice")
+    args = ap.parse_args()
+    dtype = torch.bfloat16 if args.bf16 else torch.float16
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    sources = [os.path.abspath(s) for s in args.sources]
+    labels = ["package"] + [os.path.basename(s) for s in sources]
+    print(f"{card()}: us a call (CUDA graphs of {CALLS}, {ROUNDS} interleaved rounds), x {dtype}; ratio against cuBLAS")
+    print("\n| N x K | M | kernel | cuBLAS | " + " | ".join(labels) + " |")
+    print("|---|---|---|---|" + "---|" * len(labels))
+    for n, k in shapes:
+        dense = [torch.randn(n, k, device="cuda", dtype=dtype) * 0.02 for _ in range(3)]
+        prepared = [fp4cupy.prepare(fp4cupy.quantize(w)) for w in dense]
+        for m in (int(v) for v in args.m.split(",")):
+            x = torch.randn(m, k, device="cuda", dtype=dtype)
+            y = torch.empty(m, n, device="cuda", dtype=dtype)
+            ref = F.linear(x.double(), fp4cupy.dequantize(prepared[0].weight, dtype=torch.float32).double())
+            graphs, notes, keep = [capture(lambda i: F.linear(x, dense[i % 3]), CALLS)], [""], []
+            for source in [None] + sources:
+                p = kernel_plan(source, n, k, m, args.bf16, args.kernel)
+                call = runner(p, prepared, x, y)
+                y.fill_(float("nan"))
+                call(0)
+                torch.cuda.synchronize()
+                err = float((y.double() - ref).norm() / ref.norm())
+                notes.append("" if err <= 2e-3 else f", error {err:.1e}")
+                keep.append(call)  # the graphs replay the closures' buffers
+                graphs.append(capture(call, CALLS))
+            times = [[] for _ in graphs]
+            for _ in range(ROUNDS):
+                for t, g in zip(times, graphs):
+                    t.append(statistics.median(time_ms(g.replay, 3)) / CALLS * 1e3)
+            peer = statistics.median(times[0])
+            cells = [f"{statistics.median(t):.1f} ({peer / statistics.median(t):.2f}x{note})"
+                     for t, note in zip(times[1:], notes[1:])]
+            print(f"| {n}x{k} | {m} | {p.name} {p.threads // 32} warps | {peer:.1f} | " + " | ".join(cells) + " |",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()
