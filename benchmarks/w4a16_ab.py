@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import statistics
 import sys
 
@@ -26,11 +27,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import fp4cupy  # noqa: E402
 from fp4cupy import cuda_linear, runtime  # noqa: E402
 from timing import capture, card, time_ms  # noqa: E402
+from w4a16_variants import plan_fn  # noqa: E402
 
 CALLS, ROUNDS = 20, 7
 
 
-def kernel_plan(source: str, n: int, k: int, m: int, bf16: bool, kernel: str | None) -> cuda_linear.Plan:
+def kernel_plan(source: str | None, n: int, k: int, m: int, bf16: bool, kernel: str | None) -> cuda_linear.Plan:
     """The package's plan for (n, k, m), or ``kernel`` ("rt,nt,u[,max warps]:warps"), launched from ``source``."""
     if kernel:
         variant, warps = kernel.split(":")
@@ -42,17 +44,6 @@ def kernel_plan(source: str, n: int, k: int, m: int, bf16: bool, kernel: str | N
     return cuda_linear.Plan(launch, p.grid, p.threads, p.shared, p.name)
 
 
-def runner(p: cuda_linear.Plan, prepared, x, y):
-    n, k = prepared[0].shape
-
-    def call(i):
-        w = prepared[i % len(prepared)]
-        p.launch(p.grid, p.threads, p.shared, torch.cuda.current_stream().cuda_stream, w.codes.data_ptr(),
-                 w.scale_codes.data_ptr(), x.data_ptr(), y.data_ptr(), 0, w.weight.global_scale_array.data_ptr(),
-                 x.shape[0], n, k)
-    return call
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("sources", nargs="+", help="edited copies of w4a16.cu (absolute paths)")
@@ -61,6 +52,8 @@ def main():
     ap.add_argument("--bf16", action="store_true")
     ap.add_argument("--kernel", help="rt,nt,u[,max warps]:warps instead of plan's choice")
     args = ap.parse_args()
+    if args.kernel and not re.fullmatch(r"\d+,\d+,\d+(,\d+)?:\d+", args.kernel):
+        ap.error(f"--kernel {args.kernel!r}: give rt,nt,u[,max warps]:warps, e.g. 1,1,2,4:4 (see cuda_linear.VARIANTS)")
     dtype = torch.bfloat16 if args.bf16 else torch.float16
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     sources = [os.path.abspath(s) for s in args.sources]
@@ -78,7 +71,7 @@ def main():
             graphs, notes, keep = [capture(lambda i: F.linear(x, dense[i % 3]), CALLS)], [""], []
             for source in [None] + sources:
                 p = kernel_plan(source, n, k, m, args.bf16, args.kernel)
-                call = runner(p, prepared, x, y)
+                call = plan_fn(prepared, x, y, p)
                 y.fill_(float("nan"))
                 call(0)
                 torch.cuda.synchronize()

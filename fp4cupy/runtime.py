@@ -201,7 +201,7 @@ class Launcher:
     per-thread argument block: a few microseconds per launch instead of CuPy's per-call argument
     conversion. ``signature`` uses struct codes: P pointer, q int64, i int32, f float32.
 
-        launch = Launcher("w4a16.cu", "w4a16_rt1_nt1_f16", 0, "PPPPPPiii")
+        launch = Launcher("w4a16.cu", "w4a16_rt1_nt1_u2_f16", 0, "PPPPPPiii")
         launch((grid_x, grid_y), threads, shared_bytes, stream_ptr, *args)
         launch.after((grid_x, grid_y), threads, shared_bytes, stream_ptr, *args)  # see after()
     """
