@@ -1,7 +1,7 @@
 """A/B of edited copies of kernels_cu/w4a16.cu against the package's kernels, in one run on this card.
 
     PYTHONPATH=$PWD python3 benchmarks/w4a16_ab.py /abs/path/variant.cu [more.cu] \\
-        [--shapes 28672x8192,8192x28672] [--m 1,16] [--bf16] [--kernel rt,nt,u[,max warps]:warps]
+        [--shapes 28672x8192,8192x28672] [--m 1,16] [--bf16] [--kernel rt,nt,u[,max warps]:warps] [--chain]
 
 Each copy (any .cu that defines the same extern "C" kernels; it may #include the package's headers)
 runs the kernel ``plan`` picks for each (shape, M), or the one ``--kernel`` names, on the same grid,
@@ -9,6 +9,8 @@ block and shared memory as the package's. Every candidate and cuBLAS fp16 F.line
 CUDA graphs of 20 calls over three rotating weights and replayed interleaved, 7 rounds; the table
 gives the median us a call and the ratio against cuBLAS. A candidate whose output misses the float64
 reference by more than 2e-3 (relative Frobenius) is flagged: an ablation may do that on purpose.
+--chain puts a torch copy of x before every call, cuBLAS's included, as a norm comes before a
+projection in a model (the graphs then time the pair).
 Check the variant's registers first (benchmarks/sass_counts.py): at M=16 the kernel sits at exactly
 64, and a variant above that runs three blocks a SM instead of four (NOTES.md, session 8).
 """
@@ -51,6 +53,7 @@ def main():
     ap.add_argument("--m", default="1,16")
     ap.add_argument("--bf16", action="store_true")
     ap.add_argument("--kernel", help="rt,nt,u[,max warps]:warps instead of plan's choice")
+    ap.add_argument("--chain", action="store_true", help="a torch copy of x before every call")
     args = ap.parse_args()
     if args.kernel and not re.fullmatch(r"\d+,\d+,\d+(,\d+)?:\d+", args.kernel):
         ap.error(f"--kernel {args.kernel!r}: give rt,nt,u[,max warps]:warps, e.g. 1,1,2,4:4 (see cuda_linear.VARIANTS)")
@@ -58,20 +61,24 @@ def main():
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     sources = [os.path.abspath(s) for s in args.sources]
     labels = ["package"] + [os.path.basename(s) for s in sources]
-    print(f"{card()}: us a call (CUDA graphs of {CALLS}, {ROUNDS} interleaved rounds), x {dtype}; ratio against cuBLAS")
+    print(f"{card()}: us a call (CUDA graphs of {CALLS}, {ROUNDS} interleaved rounds), x {dtype}; ratio against cuBLAS"
+          + ("; a copy of x before every call" if args.chain else ""))
     print("\n| N x K | M | kernel | cuBLAS | " + " | ".join(labels) + " |")
     print("|---|---|---|---|" + "---|" * len(labels))
     for n, k in shapes:
         dense = [torch.randn(n, k, device="cuda", dtype=dtype) * 0.02 for _ in range(3)]
         prepared = [fp4cupy.prepare(fp4cupy.quantize(w)) for w in dense]
         for m in (int(v) for v in args.m.split(",")):
-            x = torch.randn(m, k, device="cuda", dtype=dtype)
-            y = torch.empty(m, n, device="cuda", dtype=dtype)
+            x0 = torch.randn(m, k, device="cuda", dtype=dtype)
+            x, y = x0.clone(), torch.empty(m, n, device="cuda", dtype=dtype)
             ref = F.linear(x.double(), fp4cupy.dequantize(prepared[0].weight, dtype=torch.float32).double())
-            graphs, notes, keep = [capture(lambda i: F.linear(x, dense[i % 3]), CALLS)], [""], []
+
+            def chained(fn):
+                return (lambda i: (x.copy_(x0), fn(i))) if args.chain else fn
+            graphs, notes, keep = [capture(chained(lambda i: F.linear(x, dense[i % 3])), CALLS)], [""], []
             for source in [None] + sources:
                 p = kernel_plan(source, n, k, m, args.bf16, args.kernel)
-                call = plan_fn(prepared, x, y, p)
+                call = chained(plan_fn(prepared, x, y, p))
                 y.fill_(float("nan"))
                 call(0)
                 torch.cuda.synchronize()
