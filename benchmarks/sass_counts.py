@@ -4,9 +4,10 @@
         python3 benchmarks/sass_counts.py w4a16.cu w4a16_rt2_nt1_u2_f16 [more kernel names] [--arch sm_90a]
 
 NVRTC writes PTX (runtime.compile_source for a compute_* target), ptxas assembles it (-v gives
-registers and spills) and nvdisasm lists the SASS. The "main loop" is the shortest backward branch
-whose body holds the most MMA instructions (HMMA / HGMMA), or without any, the most global loads;
-a MEMBAR inside it is called out (see NOTES.md, session 7).
+registers and spills, and its performance advisories, such as "wgmma.mma_async instructions are
+serialized", are printed too) and nvdisasm lists the SASS. The "main loop" is the shortest backward
+branch whose body holds the most MMA instructions (HMMA / HGMMA), or without any, the most global
+loads; a MEMBAR inside it is called out (see NOTES.md, sessions 7 and 9).
 NVRTC 12's cubins are rejected by nvdisasm 13 ("invalid ELF"), hence the PTX route. ptxas and nvdisasm come with the
 CUDA toolkit, or with the triton wheel (triton/backends/nvidia/bin: ptxas-blackwell, nvdisasm).
 """
@@ -25,7 +26,7 @@ from fp4cupy import runtime  # noqa: E402
 
 
 def assemble(source: str, arch: str, workdir: str) -> tuple[str, dict]:
-    """(SASS text, {kernel: (registers, spill line or '')}) of one kernels_cu source."""
+    """(SASS text, ``ptxas_info`` of its log) of one kernels_cu source."""
     ptx = runtime.compile_source(source, arch.replace("sm_", "compute_"))
     ptx_path, cubin = os.path.join(workdir, "k.ptx"), os.path.join(workdir, "k.cubin")
     with open(ptx_path, "wb") as f:
@@ -33,20 +34,30 @@ def assemble(source: str, arch: str, workdir: str) -> tuple[str, dict]:
     ptxas = os.environ.get("FP4CUPY_PTXAS", "ptxas")
     log = subprocess.run([ptxas, "-v", f"-arch={arch}", "-o", cubin, ptx_path], capture_output=True, text=True,
                          check=True).stderr
+    sass = subprocess.run([os.environ.get("FP4CUPY_NVDISASM", "nvdisasm"), "-c", cubin], capture_output=True,
+                          text=True, check=True).stdout
+    return sass, ptxas_info(log)
+
+
+def ptxas_info(log: str) -> dict:
+    """{kernel: (registers, spill line or '', [advisories])} from ``ptxas -v``'s log. An advisory
+    ("(C7512) Potential Performance Loss: ... for the function 'name'") may come before or after
+    the kernel's own lines, so it is matched by the name it gives."""
     info, name = {}, None
     for line in log.splitlines():
         m = re.search(r"Compiling entry function '(\w+)'", line)
         if m:
             name = m.group(1)
-            info[name] = [0, ""]
+            info.setdefault(name, [0, "", []])
         m = re.search(r"Used (\d+) registers", line)
         if m and name:
             info[name][0] = int(m.group(1))
         if "spill" in line and name and " 0 bytes spill stores" not in line:
             info[name][1] = line.strip()
-    sass = subprocess.run([os.environ.get("FP4CUPY_NVDISASM", "nvdisasm"), "-c", cubin], capture_output=True,
-                          text=True, check=True).stdout
-    return sass, {k: tuple(v) for k, v in info.items()}
+        m = re.search(r"(\(C\d+\) Potential Performance Loss: .*?)(?: for the function|in the function)? '(\w+)'", line)
+        if m:
+            info.setdefault(m.group(2), [0, "", []])[2].append(m.group(1).rstrip())
+    return {k: tuple(v) for k, v in info.items()}
 
 
 def main_loop(function_sass: str):
@@ -89,9 +100,10 @@ def main():
         if name not in functions:
             print(f"{name}: not in {args.source}")
             continue
-        regs, spill = info.get(name, (0, ""))
+        regs, spill, advisories = info.get(name, (0, "", []))
         loop = main_loop(functions[name])
         text = f"{name}: {regs} registers" + (f" ({spill})" if spill else "")
+        text += "".join(f"; ptxas: {a}" for a in advisories)
         if loop:
             n, mma, ops = loop
             per = f", {n / mma:.1f} per MMA" if mma else ""
