@@ -242,8 +242,9 @@ def launch_w4a16(m: int, n: int, k: int, bf16: bool, device: int, stream: int, a
     """Queue the W4A16 kernels for ``m`` (1..MMA_MAX_M) tokens on ``stream``. ``args``: the raw
     pointers (codes, scale codes, x, y, bias or 0, global scale). Up to WG_MIN_M - 1 tokens, or off
     sm_90a, one mma.sync launch from ``plan``; else w4a16_wgmma.cu, whose scratch (the reordered x,
-    and the FP32 workspace of split K or of stream-K's cut tiles, ``WgPlan.workspace``) comes from ``scratch(nbytes)`` -> (buffer, pointer),
-    held until the launches are queued (the allocators reuse it in stream order, after them)."""
+    and the FP32 workspace of split K or of stream-K's cut tiles, ``WgPlan.workspace``) comes from
+    ``scratch(nbytes)`` -> (buffer, pointer), held until the launches are queued (the allocators
+    reuse it in stream order, after them)."""
     if not uses_warpgroup_kernel(m, device):
         p = plan(n, k, m, bf16, device)
         p.launch(p.grid, p.threads, p.shared, stream, *args, m, n, k)
