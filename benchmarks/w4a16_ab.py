@@ -1,12 +1,14 @@
-"""A/B of edited copies of kernels_cu/w4a16.cu against the package's kernels, in one run on this card.
+"""A/B of edited copies of kernels_cu/w4a16.cu (or w4a16_wgmma.cu) against the package's kernels, in one run.
 
     PYTHONPATH=$PWD python3 benchmarks/w4a16_ab.py /abs/path/variant.cu [more.cu] \\
         [--shapes 28672x8192,8192x28672] [--m 1,16] [--bf16] [--kernel rt,nt,u[,max warps]:warps] [--chain]
 
 Each copy (any .cu that defines the same extern "C" kernels; it may #include the package's headers)
 runs the kernel ``plan`` picks for each (shape, M), or the one ``--kernel`` names, on the same grid,
-block and shared memory as the package's. Every candidate and cuBLAS fp16 F.linear are captured in
-CUDA graphs of 20 calls over three rotating weights and replayed interleaved, 7 rounds; the table
+block and shared memory as the package's. Where M takes the warpgroup kernel (33-128 tokens on
+sm_90a), the copies are of w4a16_wgmma.cu and run ``wg_plan``'s launches (xprep, then the main
+kernel). Every candidate and cuBLAS fp16 F.linear are captured in CUDA graphs of 20 calls over
+three rotating weights and replayed interleaved, 7 rounds; the table
 gives the median us a call and the ratio against cuBLAS. A candidate whose output misses the float64
 reference by more than 2e-3 (relative Frobenius) is flagged: an ablation may do that on purpose.
 --chain puts a torch copy of x before every call, cuBLAS's included, as a norm comes before a
@@ -46,6 +48,36 @@ def kernel_plan(source: str | None, n: int, k: int, m: int, bf16: bool, kernel: 
     return cuda_linear.Plan(launch, p.grid, p.threads, p.shared, p.name)
 
 
+def wg_fn(source: str | None, prepared, x, y):
+    """(call of ``i``, plan): the package's ``wg_plan`` for the shape and M, its kernels launched from
+    ``source`` (a copy of w4a16_wgmma.cu) when given; its scratch allocated once, as graphs replay it."""
+    (n, k), m, bf16 = prepared[0].shape, x.shape[0], x.dtype == torch.bfloat16
+    p = cuda_linear.wg_plan(n, k, m, bf16, 0)
+    if source is not None:
+        def load(launcher, signature):
+            return runtime.launcher(source, launcher.name, 0, signature)
+        p = cuda_linear.WgPlan(xprep=load(p.xprep, "PPPqiii"),
+                               launch=load(p.launch, cuda_linear._WG_SIGNATURE).allow_shared(p.shared),
+                               grid=p.grid, threads=p.threads, shared=p.shared, cps=p.cps, nt=p.nt, name=p.name)
+    buffers = []
+
+    def scratch(nbytes):
+        buffers.append(torch.empty(nbytes, dtype=torch.uint8, device=x.device))
+        return buffers[-1], buffers[-1].data_ptr()
+    held = []
+
+    def fn(i):
+        pw = prepared[i % 3]
+        args = (pw.codes.data_ptr(), pw.scale_codes.data_ptr(), x.data_ptr(), y.data_ptr(), 0,
+                pw.weight.global_scale_array.data_ptr())
+        reuse = iter(held)
+        cuda_linear.launch_wg(p, m, n, k, torch.cuda.current_stream().cuda_stream, args,
+                              (lambda nbytes: next(reuse)) if held else scratch)
+        if not held:
+            held.extend((b, b.data_ptr()) for b in buffers)
+    return fn, p
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("sources", nargs="+", help="edited copies of w4a16.cu (absolute paths)")
@@ -76,9 +108,14 @@ def main():
             def chained(fn):
                 return (lambda i: (x.copy_(x0), fn(i))) if args.chain else fn
             graphs, notes, keep = [capture(chained(lambda i: F.linear(x, dense[i % 3])), CALLS)], [""], []
+            wg = cuda_linear.uses_warpgroup_kernel(m, 0)
             for source in [None] + sources:
-                p = kernel_plan(source, n, k, m, args.bf16, args.kernel)
-                call = chained(plan_fn(prepared, x, y, p))
+                if wg:
+                    call, p = wg_fn(source, prepared, x, y)
+                    call = chained(call)
+                else:
+                    p = kernel_plan(source, n, k, m, args.bf16, args.kernel)
+                    call = chained(plan_fn(prepared, x, y, p))
                 y.fill_(float("nan"))
                 call(0)
                 torch.cuda.synchronize()

@@ -144,12 +144,12 @@ class WgPlan:
     """The launches of w4a16_wgmma.cu: ``xprep`` reorders x (and zeroes the workspace's head),
     w4a16_wg{,sk}_nt{NT} runs on grid (blocks in clusters of WG_CLUSTER, K splits). Stream-K
     (sk, chunks a split 0): the clusters share the (tile, pair of chunks) units evenly; a tile
-    cut between clusters is finished by its first cluster from the others' partial sums (the
-    workspace: a flag and a slot of NT / 2 floats a thread, a block). Split K adds FP32 partials
-    into the workspace [N][M rounded up to 4] that ``finish`` scales, biases, rounds and
-    transposes into y."""
+    cut between clusters is finished by its first cluster from the others' partial sums. Split
+    K: the blocks of a tile store their partial sums, then each adds up and stores a share of
+    the tile (in split order). The workspace: a flag or counter a block column, then a slot of
+    NT / 2 floats a thread, a block."""
 
-    __slots__ = ("xprep", "launch", "finish", "grid", "threads", "shared", "cps", "nt", "name")
+    __slots__ = ("xprep", "launch", "grid", "threads", "shared", "cps", "nt", "name")
 
     def __init__(self, **kw):
         for key, value in kw.items():
@@ -165,13 +165,11 @@ class WgPlan:
 
     def workspace(self, n: int, m: int) -> tuple[int, int]:
         """(FP32 words of the workspace, how many of them xprep zeroes) for a call."""
-        blocks = self.grid[0]
-        if self.split:
-            return n * ((m + 3) & ~3), n * ((m + 3) & ~3)  # [N][M rounded up to 4] (16-byte reds)
-        if not self.stream_k or blocks == wg_tiles(n) * WG_CLUSTER:
+        blocks, splits = self.grid
+        if not self.split and (not self.stream_k or blocks == wg_tiles(n) * WG_CLUSTER):
             return 0, 0  # a tile a cluster: y is stored directly
         flags = (blocks + 3) & ~3
-        return flags + blocks * self.threads * self.nt // 2, flags
+        return flags + blocks * splits * self.threads * self.nt // 2, flags
 
     def __repr__(self):
         return f"WgPlan({self.name}, grid={self.grid}, threads={self.threads}, shared={self.shared}, chunks a split={self.cps})"
@@ -184,18 +182,19 @@ def wg_tiles(n: int) -> int:
 
 def wg_grid(n: int, k: int, sms: int, resident: int = 0) -> tuple[int, int, int]:
     """(blocks, K splits, chunks of 64 a split) for w4a16_wgmma.cu, in whole clusters.
-    ``resident``: clusters that run at once (0: unknown). With at least half as many tiles as
-    that, stream-K: one split, ``resident`` clusters (or one a pair of chunks, if fewer), each
-    tile cut into at most 3 runs (chunks a split: 0). Else a cluster a tile and K split so that
-    about one block runs per SM, at least 4 chunks and an even number a split (only the last
-    split may end on an odd chunk). On an H100 or H200 (132 SMs, 66 clusters): 28672 rows -> 132
-    blocks, stream-K; 4096 rows x K 4096 -> 16 blocks x 8 splits of 8 chunks. (Stream-K over 28
-    tiles measured slower than 2 splits: 14336 x 4096, M=128 on an H200, 41.1 against 38.9 us.)"""
+    ``resident``: clusters that run at once (0: unknown, then SMs / WG_CLUSTER). With at least
+    half as many tiles as that, stream-K: one split, ``resident`` clusters (or one a pair of
+    chunks, if fewer), each tile cut into at most 3 runs (chunks a split: 0). Else a cluster a
+    tile and K split so that all blocks run at once (the splits of a tile wait for each other),
+    at least 4 chunks and an even number a split (only the last split may end on an odd chunk).
+    On an H100 or H200 (132 SMs, 66 clusters): 28672 rows -> 132 blocks, stream-K; 4096 rows x
+    K 4096 -> 16 blocks x 8 splits of 8 chunks. (Stream-K over 28 tiles measured slower than 2
+    splits: 14336 x 4096, M=128 on an H200, 41.1 against 38.9 us.)"""
     tiles, nchunks = wg_tiles(n), k // 64
     if resident and 2 * tiles >= resident:
         return WG_CLUSTER * min(resident, tiles * -(-nchunks // 2)), 1, 0
     blocks = tiles * WG_CLUSTER
-    splits = max(1, min(sms // blocks, nchunks // 4))
+    splits = max(1, min((resident * WG_CLUSTER or sms) // blocks, nchunks // 4))
     cps = -(-nchunks // splits)
     cps += cps & 1
     return blocks, -(-nchunks // cps), cps
@@ -216,15 +215,14 @@ def wg_kernel(nt: int, bf16: bool, stream_k: bool, device: int):
 def wg_plan(n: int, k: int, m: int, bf16: bool, device: int) -> WgPlan:
     """NT = 64 or 128 token columns, the grid of ``wg_grid`` and its kernel."""
     nt = 64 if m <= 64 else 128
-    threads, shared, dt = 128 * WG_GROUPS, wg_shared(nt), "bf16" if bf16 else "f16"
-    # stream-K's owners wait for later clusters: only with every cluster of the grid running at once
+    threads, shared = 128 * WG_GROUPS, wg_shared(nt)
+    # stream-K's owners and split K's blocks wait for others: only with the whole grid running at once
     resident = wg_kernel(nt, bf16, True, device).max_active_clusters(WG_CLUSTER, threads, shared)
     blocks, splits, cps = wg_grid(n, k, _sm_count(device), resident)
     launch = wg_kernel(nt, bf16, cps == 0, device)
-    finish = runtime.launcher("w4a16_wgmma.cu", f"w4a16_finish_{dt}", device, "PPPPii")
     xprep = runtime.launcher("w4a16_wgmma.cu", "w4a16_wg_xprep", device, "PPPqiii")
-    return WgPlan(xprep=xprep, launch=launch, finish=finish, grid=(blocks, splits), threads=threads, shared=shared,
-                  cps=cps, nt=nt, name=launch.name)
+    return WgPlan(xprep=xprep, launch=launch, grid=(blocks, splits), threads=threads, shared=shared, cps=cps, nt=nt,
+                  name=launch.name)
 
 
 @functools.lru_cache(maxsize=None)
@@ -242,23 +240,26 @@ def launch_w4a16(m: int, n: int, k: int, bf16: bool, device: int, stream: int, a
     """Queue the W4A16 kernels for ``m`` (1..MMA_MAX_M) tokens on ``stream``. ``args``: the raw
     pointers (codes, scale codes, x, y, bias or 0, global scale). Up to WG_MIN_M - 1 tokens, or off
     sm_90a, one mma.sync launch from ``plan``; else w4a16_wgmma.cu, whose scratch (the reordered x,
-    and the FP32 workspace of split K or of stream-K's cut tiles, ``WgPlan.workspace``) comes from
+    and the partial sums of split K or of stream-K's cut tiles, ``WgPlan.workspace``) comes from
     ``scratch(nbytes)`` -> (buffer, pointer), held until the launches are queued (the allocators
     reuse it in stream order, after them)."""
     if not uses_warpgroup_kernel(m, device):
         p = plan(n, k, m, bf16, device)
         p.launch(p.grid, p.threads, p.shared, stream, *args, m, n, k)
         return
+    launch_wg(wg_plan(n, k, m, bf16, device), m, n, k, stream, args, scratch)
+
+
+def launch_wg(p: WgPlan, m: int, n: int, k: int, stream: int, args: tuple, scratch) -> None:
+    """Queue ``p``'s launches (xprep, then the main kernel); ``args`` and ``scratch`` as in
+    ``launch_w4a16``."""
     codes, scale_codes, x, y, bias, g = args
-    p = wg_plan(n, k, m, bf16, device)
     xp_buf, xp = scratch((k + 64) * p.nt * 2)  # + one zero chunk
     ws_words, ws_zeroed = p.workspace(n, m)
     ws_buf, ws = scratch(4 * ws_words) if ws_words else (None, 0)
-    p.xprep(-(-p.nt * (k // 8) // 256), 256, 0, stream, x, xp, ws, ws_zeroed, m, k, p.nt)
+    p.xprep(-(-(k // 64 + 1) * 8 * p.nt // 256), 256, 0, stream, x, xp, ws, ws_zeroed, m, k, p.nt)
     # programmatic dependents (sm_90): the main kernel copies its first weights while xprep ends
     p.launch.after(p.grid, p.threads, p.shared, stream, codes, scale_codes, xp, y, ws, bias, g, m, n, k, p.cps)
-    if p.split:
-        p.finish.after((-(-n // 32), -(-m // 32)), 256, 0, stream, ws, y, bias, g, m, n)
 
 
 @functools.lru_cache(maxsize=None)

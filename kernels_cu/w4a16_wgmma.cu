@@ -24,8 +24,8 @@
 // p * NT * 16 + tg * 128, word q of a token's row holding x columns 16 q + 2 p, +1; tokens past M
 // are zero. Weights and scale codes: each thread copies its own with cp.async and reads them back.
 //
-// Split K adds FP32 partial sums into ws[N][M rounded up to 4] (zeroed by w4a16_wg_xprep), and
-// w4a16_finish_<dtype> scales, adds the bias, rounds and transposes.
+// Split K: the blocks on one tile store their FP32 partial sums and, once all have, each adds up
+// and stores its share of the tile's outputs (in split order: deterministic).
 // Off sm_90a the kernels trap.
 #include "hopper.cuh"
 #include "w4a16_decode.cuh"
@@ -40,26 +40,24 @@
 #endif
 
 
-// x [m, k] (2-byte elements, as words) -> xp [k / 64 + 1][8][nt / 8][8][4] words, zero past m and
-// in the extra last chunk (the partner of an odd last chunk); and the split-K workspace ws
-// (ws_words floats, none when 0) zeroed.
-extern "C" __global__ void w4a16_wg_xprep(const uint4* __restrict__ x, u32* __restrict__ xp, float* __restrict__ ws,
+// x [m, k] (2-byte elements, as words) -> xp [k / 64 + 1][8][nt][4] words: (chunk c, p, token t)
+// holds x words 32 c + 8 q + p (q = 0..3) of token t, zero past m and in the extra last chunk (the
+// partner of an odd last chunk); one thread a 16-byte unit, the lanes of a warp 8 p of 4 tokens, so
+// that each load reads whole 32-byte sectors and each p's stores 64 contiguous bytes. Also the first
+// ws_words words of the workspace ws (the stream-K flags or split-K counters; none when 0) zeroed.
+extern "C" __global__ void w4a16_wg_xprep(const u32* __restrict__ x, uint4* __restrict__ xp, float* __restrict__ ws,
                                           i64 ws_words, int m, int k, int nt) {
     launch_dependents();  // the main kernel's blocks may start (and copy weights) as these end
-    const i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x;  // 4 words of x (or of zeros past m)
-    const i64 stride = (i64)gridDim.x * blockDim.x;
-    for (i64 j = i; j < ws_words; j += stride) ws[j] = 0.0f;
-    for (i64 j = i; j < (i64)nt * 32; j += stride) xp[(i64)(k >> 6) * nt * 32 + j] = 0u;
-    const int per_row = k >> 3;
-    if (i >= (i64)nt * per_row) return;
-    const int tok = (int)(i / per_row), w0 = (int)(i % per_row) * 4;
-    const uint4 v = tok < m ? x[i] : make_uint4(0u, 0u, 0u, 0u);
-    const u32 words[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-        const int w = w0 + j, c = w >> 5, q = (w >> 3) & 3, p = w & 7;
-        xp[(i64)c * nt * 32 + p * nt * 4 + (tok >> 3) * 32 + (tok & 7) * 4 + q] = words[j];
+    const i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x;
+    for (i64 j = i; j < ws_words; j += (i64)gridDim.x * blockDim.x) ws[j] = 0.0f;
+    const int p = (int)(i & 7), tok = (int)((i >> 3) % nt), c = (int)((i >> 3) / nt);
+    if (c > (k >> 6)) return;
+    uint4 v = make_uint4(0u, 0u, 0u, 0u);
+    if (c < (k >> 6) && tok < m) {
+        const u32* r = x + (i64)tok * (k >> 1) + 32 * c + p;
+        v = make_uint4(__ldg(r), __ldg(r + 8), __ldg(r + 16), __ldg(r + 24));
     }
+    xp[((i64)c * 8 + p) * nt + tok] = v;
 }
 
 template <bool BF16, int NT, bool SK>
@@ -166,24 +164,31 @@ __device__ void w4a16_wg_body(const uint4* __restrict__ wq, const unsigned short
         wgmma_commit();
     };
 
-    // acc[4j + e]: row group_row(t) + 16 (warp % 4) + g + 8 (e / 2), token 8 j + 2 q + e % 2
+    // Thread th's acc[4 j + e] in tile t: row ((t * WG_CLUSTER + rank) * groups + th / 128) * 64 +
+    // 16 (th / 32 % 4) + th % 32 / 4 + 8 (e / 2), token 8 j + 2 (th % 4) + e % 2.
     const float gs = *g_ptr * 16384.0f;
+    auto store4 = [&](int t, int th, int j, float4 v) {
+        const int r0 = ((t * WG_CLUSTER + (int)rank) * groups + (th >> 7)) * 64 + 16 * ((th >> 5) & 3)
+                       + ((th & 31) >> 2);
+        const float vals[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int row = r0 + 8 * (e >> 1), tok = 8 * j + 2 * (th & 3) + (e & 1);
+            if (row < n && tok < m) {
+                float o = vals[e] * gs;
+                if (bias) o += to_float(bias[row]);
+                y[(i64)tok * n + row] = from_float<T>(o);
+            }
+        }
+    };
     auto store_y = [&](int t) {
-        const int r0 = group_row(t) + 16 * (warp & 3) + g;
 #pragma unroll
         for (int j = 0; j < NT / 8; ++j)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int row = r0 + 8 * (e >> 1), tok = 8 * j + 2 * q + (e & 1);
-                if (row < n && tok < m) {
-                    float v = acc[4 * j + e] * gs;
-                    if (bias) v += to_float(bias[row]);
-                    y[(i64)tok * n + row] = from_float<T>(v);
-                }
-            }
+            store4(t, tid, j, make_float4(acc[4 * j], acc[4 * j + 1], acc[4 * j + 2], acc[4 * j + 3]));
     };
-    // Stream-K: ws holds a flag a block (gridDim.x words, rounded up to 4), then a partial-sum slot
-    // a block: [NT / 8][nthreads] float4, thread tid's acc[4 i .. 4 i + 3] at [i][tid].
+    // Stream-K and split K: ws holds a flag or counter a block column (gridDim.x words, rounded up
+    // to 4, zeroed by xprep), then a partial-sum slot a block (blockIdx.x-major): [NT / 8][nthreads]
+    // float4, thread tid's acc[4 i .. 4 i + 3] at [i][tid].
     u32* flags = reinterpret_cast<u32*>(ws);
     float4* parts = reinterpret_cast<float4*>(ws + ((gridDim.x + 3) & ~3));
     auto end_tile = [&](int t, int p0, int p1) {  // the tile's pairs [p0, p1) are in acc
@@ -311,54 +316,36 @@ __device__ void w4a16_wg_body(const uint4* __restrict__ wq, const unsigned short
         return;
     }
 
-    // Split K: the block's partial sums go through shared memory (free after the barrier above),
-    // [rows][NT + 8] floats (no bank conflicts), then each warp adds one row of NT tokens into
-    // ws[row][token] with 16-byte reds: half the reds of adding each pair.
-    constexpr int LD = NT + 8;
-    float* part = reinterpret_cast<float*>(smem);
-    const int rl = 64 * wg + 16 * (warp & 3) + g;
+    // Split K: each block stores its partial sums in its slot and counts itself in on its column's
+    // counter; once all gridDim.y have (they run at once: wg_grid keeps the grid within one wave),
+    // block y of the column adds the share [y T / S, (y + 1) T / S) of the T float4 of a slot over
+    // the S slots in split order and stores it: bitwise the same run to run, and no finish kernel.
+    // Only the float4 holding tokens below M are stored and read (the first T of (NT / 8) nthreads).
+    const int S = gridDim.y, live = min(NT / 8, (m + 7) >> 3), total = live * nthreads;
+    const float4* column = parts + (i64)blockIdx.x * S * total;
+    float4* slot = parts + ((i64)blockIdx.x * S + blockIdx.y) * total + tid;
 #pragma unroll
-    for (int j = 0; j < NT / 8; ++j)
-#pragma unroll
-        for (int h = 0; h < 2; ++h)
-            *reinterpret_cast<float2*>(part + (rl + 8 * h) * LD + 8 * j + 2 * q) =
-                make_float2(acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1]);
+    for (int i = 0; i < NT / 8; ++i)
+        if (i < live)
+            __stcg(slot + i * nthreads, make_float4(acc[4 * i], acc[4 * i + 1], acc[4 * i + 2], acc[4 * i + 3]));
+    __threadfence();
     __syncthreads();
-    const int mp = (m + 3) & ~3, rows = nthreads >> 1, first = blockIdx.x * rows;
-    for (int i = tid; i < rows * (NT / 4); i += nthreads) {
-        const int r = i / (NT / 4), tok = i % (NT / 4) * 4, row = first + r;
-        if (row < n && tok < m) {
-            const float4 v = *reinterpret_cast<const float4*>(part + r * LD + tok);
-            asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};" ::"l"(ws + (i64)row * mp + tok),
-                         "f"(v.x), "f"(v.y), "f"(v.z), "f"(v.w) : "memory");
+    if (tid == 0) {
+        asm volatile("red.release.gpu.global.add.u32 [%0], 1;" ::"l"(flags + blockIdx.x) : "memory");
+        u32 in = 0;
+        while (in < (u32)S)
+            asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(in) : "l"(flags + blockIdx.x) : "memory");
+    }
+    __syncthreads();
+    for (int i = (int)blockIdx.y * total / S + tid; i < ((int)blockIdx.y + 1) * total / S; i += nthreads) {
+        float4 v = __ldcg(column + i);
+        for (int sp = 1; sp < S; ++sp) {
+            const float4 w = __ldcg(column + (i64)sp * total + i);
+            v.x += w.x, v.y += w.y, v.z += w.z, v.w += w.w;
         }
+        store4(cl, i % nthreads, i / nthreads, v);
     }
 #endif
-}
-
-// y[token][row] = ws[row][token] * g * 2^14 (+ bias), through a 32 x 32 shared tile (256 threads,
-// grid (rows / 32, tokens / 32)) so that both the read and the write are coalesced.
-template <typename T>
-__device__ void w4a16_finish_body(const float* __restrict__ ws, T* __restrict__ y, const T* __restrict__ bias,
-                                  const float* __restrict__ g_ptr, int m, int n) {
-    grid_dependency_wait();  // launched after the main kernel (Launcher.after)
-    __shared__ float tile[32][33];
-    const int tx = threadIdx.x & 31, ty = threadIdx.x >> 5, r0 = blockIdx.x * 32, t0 = blockIdx.y * 32;
-    const int mp = (m + 3) & ~3;
-    for (int i = ty; i < 32; i += 8) {
-        const int row = r0 + i, tok = t0 + tx;
-        tile[i][tx] = row < n && tok < m ? ws[(i64)row * mp + tok] : 0.0f;
-    }
-    __syncthreads();
-    const float gs = *g_ptr * 16384.0f;
-    for (int i = ty; i < 32; i += 8) {
-        const int tok = t0 + i, row = r0 + tx;
-        if (row < n && tok < m) {
-            float v = tile[tx][i] * gs;
-            if (bias) v += to_float(bias[row]);
-            y[(i64)tok * n + row] = from_float<T>(v);
-        }
-    }
 }
 
 // w4a16_wg{,sk}_nt{64,128}_{f16,bf16}: sk = stream-K
@@ -379,11 +366,3 @@ W4A16_WG(w4a16_wg, 128, false)
 W4A16_WG(w4a16_wgsk, 64, true)
 W4A16_WG(w4a16_wgsk, 128, true)
 
-
-extern "C" __global__ void w4a16_finish_f16(const float* ws, __half* y, const __half* bias, const float* g, int m, int n) {
-    w4a16_finish_body<__half>(ws, y, bias, g, m, n);
-}
-extern "C" __global__ void w4a16_finish_bf16(const float* ws, __nv_bfloat16* y, const __nv_bfloat16* bias,
-                                             const float* g, int m, int n) {
-    w4a16_finish_body<__nv_bfloat16>(ws, y, bias, g, m, n);
-}

@@ -79,7 +79,8 @@ def test_every_kernel_variant(variant, dtype):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("n,k", [(1000, 64 * 13), (1000, 192), (300, 64 * 40)])
 def test_warpgroup_kernel_with_and_without_split_k(n, k, dtype):
-    """w4a16_wgmma.cu (sm_90a): 64 and 128 token columns, ragged N, K split over 3 or 10 blocks or not."""
+    """w4a16_wgmma.cu (sm_90a): 64 and 128 token columns, ragged N, K split over 3 or 10 blocks or
+    not; split K adds its partial sums in split order, so two calls agree bit for bit."""
     if not cuda_linear._wg_ok(0):
         pytest.skip("the warpgroup-MMA kernel needs sm_90a")
     g = gen(n + k)
@@ -90,8 +91,29 @@ def test_warpgroup_kernel_with_and_without_split_k(n, k, dtype):
         assert p.name.startswith(f"w4a16_wg_nt{64 if m <= 64 else 128}")
         x = torch.randn(m, k, device="cuda", generator=g).to(dtype)
         assert rel(fp4cupy.linear(x, pw), reference(x, pw.weight)) <= TOL[dtype], (m, p)
-        assert rel(fp4cupy.linear(x, pw, bias), reference(x, pw.weight, bias)) <= TOL[dtype], (m, p)
+        y = fp4cupy.linear(x, pw, bias)
+        assert rel(y, reference(x, pw.weight, bias)) <= TOL[dtype], (m, p)
+        assert torch.equal(fp4cupy.linear(x, pw, bias), y), (m, p)
     assert cuda_linear.wg_plan(n, k, 128, False, 0).split == (k > 192)
+    check_graph_replays(x, pw, bias, g)
+
+
+def check_graph_replays(x, pw, bias, g):
+    """``linear`` captured in a CUDA graph and replayed on fresh x: xprep zeroes the flags or
+    counters of stream-K and split K again on every replay."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fp4cupy.linear(x, pw, bias)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = fp4cupy.linear(x, pw, bias)
+    for _ in range(2):
+        x.copy_(torch.randn(x.shape, device="cuda", generator=g).to(x.dtype))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert rel(y, reference(x, pw.weight, bias)) <= TOL[x.dtype]
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -119,19 +141,7 @@ def test_warpgroup_kernel_stream_k(monkeypatch, clusters, dtype):
         y = fp4cupy.linear(x, pw, bias)
         assert rel(y, reference(x, pw.weight, bias)) <= TOL[dtype], (m, clusters)
         assert torch.equal(fp4cupy.linear(x, pw, bias), y)
-    s = torch.cuda.Stream()  # in a CUDA graph: the flags are zeroed again on every replay
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fp4cupy.linear(x, pw, bias)
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        y = fp4cupy.linear(x, pw, bias)
-    for _ in range(2):
-        x.copy_(torch.randn(x.shape, device="cuda", generator=g).to(dtype))
-        graph.replay()
-        torch.cuda.synchronize()
-        assert rel(y, reference(x, pw.weight, bias)) <= TOL[dtype], clusters
+    check_graph_replays(x, pw, bias, g)
 
 
 def test_warpgroup_plan_fills_the_gpu_with_stream_k():

@@ -22,8 +22,8 @@ def test_wgmma_grid_covers_every_chunk_once_in_whole_clusters(n, k, sms, known):
     assert blocks * rows_per_block >= n
     assert (blocks - cuda_linear.WG_CLUSTER) * rows_per_block < n  # no whole cluster past N
     assert cps % 2 == 0 and (splits - 1) * cps < nchunks <= splits * cps  # each split has >= 1 chunk
-    if splits > 1:
-        assert cps >= 4 and blocks * splits <= max(sms, blocks)  # about one block a SM
+    if splits > 1:  # the splits of a tile wait for each other: the whole grid runs at once
+        assert cps >= 4 and blocks * splits <= (resident * cuda_linear.WG_CLUSTER or sms)
 
 
 def test_wgmma_grid_on_an_h100():
@@ -32,6 +32,7 @@ def test_wgmma_grid_on_an_h100():
     assert cuda_linear.wg_grid(14336, 4096, 132, 66) == (56, 2, 32)  # 28 tiles: 2 splits
     assert cuda_linear.wg_grid(4096, 4096, 132, 66) == (16, 8, 8)
     assert cuda_linear.wg_grid(8192, 28672, 132, 66) == (32, 4, 112)
+    assert cuda_linear.wg_grid(4096, 4096, 132, 50) == (16, 6, 12)  # 100 blocks run at once: 6 splits
 
 
 def stream_k_runs(tiles, pairs, clusters):
@@ -84,8 +85,7 @@ class Recorder:
 
 
 @pytest.mark.parametrize("m,wg_ok,want", [(1, True, ["mma"]), (32, True, ["mma"]), (33, False, ["mma"]),
-                                          (33, True, ["xprep", "wg+after", "finish+after"]),
-                                          (128, True, ["xprep", "wg+after", "finish+after"])])
+                                          (33, True, ["xprep", "wg+after"]), (128, True, ["xprep", "wg+after"])])
 def test_launch_w4a16_picks_the_kernel_and_sizes_the_scratch(monkeypatch, m, wg_ok, want):
     calls, buffers = [], []
     n, k, sms = 4096, 4096, 132  # split K on an H100 (16 blocks x 8 splits)
@@ -95,7 +95,7 @@ def test_launch_w4a16_picks_the_kernel_and_sizes_the_scratch(monkeypatch, m, wg_
     blocks, splits, cps = cuda_linear.wg_grid(n, k, sms)
     nt = 64 if m <= 64 else 128
     monkeypatch.setattr(cuda_linear, "wg_plan", lambda n, k, m, bf16, device: cuda_linear.WgPlan(
-        xprep=Recorder("xprep", calls), launch=Recorder("wg", calls), finish=Recorder("finish", calls),
+        xprep=Recorder("xprep", calls), launch=Recorder("wg", calls),
         grid=(blocks, splits), threads=512, shared=99, cps=cps, nt=nt, name="wg"))
 
     def scratch(nbytes):
@@ -108,12 +108,14 @@ def test_launch_w4a16_picks_the_kernel_and_sizes_the_scratch(monkeypatch, m, wg_
     if want == ["mma"]:
         assert calls[0][5] == args + (m, n, k) and not buffers
         return
-    ws_words = n * (-(-m // 4) * 4)
-    assert buffers == [(k + 64) * nt * 2, 4 * ws_words]  # reordered x with a zero chunk; [N][M rounded up to 4] FP32
-    assert calls[0][5] == (13, 1000, 2000, ws_words, m, k, nt)
+    counters = 16  # a block column each, rounded up to 4
+    assert blocks == 16 and splits == 8
+    # reordered x with a zero chunk; the counters, then a slot of NT / 2 floats a thread for each block
+    assert buffers == [(k + 64) * nt * 2, 4 * (counters + blocks * splits * 512 * nt // 2)]
+    assert calls[0][5] == (13, 1000, 2000, counters, m, k, nt)  # xprep zeroes the counters only
+    assert calls[0][1] * calls[0][2] >= (k // 64 + 1) * 8 * nt  # a thread a 16-byte unit of reordered x
     assert calls[1][1:4] == ((blocks, splits), 512, 99)
     assert calls[1][5] == (11, 12, 1000, 14, 2000, 0, 16, m, n, k, cps)
-    assert calls[2][1] == (n // 32, -(-m // 32)) and calls[2][5] == (2000, 14, 0, 16, m, n)
 
 
 @pytest.mark.parametrize("n,blocks,zeroed", [(28672, 132, 132), (28672, 112, 0), (1000, 6, 8)])
@@ -122,7 +124,7 @@ def test_stream_k_launch_sizes_flags_and_partial_slots(monkeypatch, n, blocks, z
     k, m = 8192, 128
     monkeypatch.setattr(cuda_linear, "_wg_ok", lambda device: True)
     monkeypatch.setattr(cuda_linear, "wg_plan", lambda n, k, m, bf16, device: cuda_linear.WgPlan(
-        xprep=Recorder("xprep", calls), launch=Recorder("wg", calls), finish=Recorder("finish", calls),
+        xprep=Recorder("xprep", calls), launch=Recorder("wg", calls),
         grid=(blocks, 1), threads=512, shared=99, cps=0, nt=128, name="wg"))
 
     def scratch(nbytes):
@@ -130,7 +132,7 @@ def test_stream_k_launch_sizes_flags_and_partial_slots(monkeypatch, n, blocks, z
         return object(), 1000 * len(buffers)
 
     cuda_linear.launch_w4a16(m, n, k, False, 0, 77, (11, 12, 13, 14, 0, 16), scratch)
-    assert [c[0] for c in calls] == ["xprep", "wg+after"]  # no finish: the owners store y
+    assert [c[0] for c in calls] == ["xprep", "wg+after"]
     words = zeroed + blocks * 512 * 64 if zeroed else 0  # flags (rounded up to 4), then a slot a block
     assert buffers == [(k + 64) * 128 * 2] + ([4 * words] if words else [])
     assert calls[0][5][2:4] == ((2000 if words else 0), zeroed)
