@@ -308,7 +308,7 @@ __device__ void w4a16_wg_body(const uint4* __restrict__ wq, const unsigned short
     }
     cp_async_wait<0>();
     wgmma_wait<0>();
-    launch_dependents();  // the finish kernel may be scheduled as blocks end
+    launch_dependents();  // a programmatic dependent may be scheduled as blocks end (all are running by then)
     cluster_sync();  // no CTA leaves while its partner may still arrive on its barriers
     if (SK) return;
     if (!split) {  // a tile a cluster
