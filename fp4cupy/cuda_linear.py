@@ -113,7 +113,12 @@ def plan(n: int, k: int, m: int, bf16: bool, device: int) -> Plan:
       0-9% slower (H200);
     - where one-tile blocks of 4 warps (72 registers, seven a SM) fill 90-100% of one wave, they run
       (H200: 14336x4096 12.0 against 13.1 us, 13824x5120 14.3 against 15.3; at 11008 or 16384 rows
-      the wave is fuller with two-tile blocks, and bf16 lost there).
+      the wave is fuller with two-tile blocks, and bf16 lost there);
+    - else, where the two-tile blocks of 8 warps take more than one wave but the uncapped one-tile
+      kernel as 4 warps fits in one (``_blocks_per_sm``: six a SM in fp16, five in bf16), it runs
+      (H200, M=1: 10240x4096 8.9 against 11.0 us, 12288x4096 10.4 against 11.4, 9216x14336 24.4
+      against 27.6; bf16 10240x4096 9.8 against 11.9; where it would take a second wave, bf16
+      11008x8192, it lost 16%).
     """
     nt = 1 if m <= 8 else 2 if m <= 16 else 4 if m <= 32 else 8
     sms = _sm_count(device)
@@ -126,10 +131,23 @@ def plan(n: int, k: int, m: int, bf16: bool, device: int) -> Plan:
         variant, warps = one, 8
     elif nt == 1 and 0.9 * NARROW_BLOCKS_PER_SM * sms <= tiles <= NARROW_BLOCKS_PER_SM * sms:
         variant, warps = NARROW, 4  # one wave, at least 90% full
+    elif (nt == 1 and blocks > _blocks_per_sm(two, 8, bf16, device) * sms
+          and tiles <= _blocks_per_sm(one, 4, bf16, device) * sms):
+        variant, warps = one, 4  # one wave instead of more than one
     else:
         variant, warps = two, (4 if blocks >= 4 * sms else 8) if nt == 1 else 16 if blocks < 2 * sms else 8
     warps = max(1, min(warps, (k // 64) // 2 or 1, SHARED_LIMIT // (variant[0] * nt * 512)))
     return make_plan(n, m, variant, warps, bf16, device)
+
+
+@functools.lru_cache(maxsize=None)
+def _blocks_per_sm(variant, warps: int, bf16: bool, device: int) -> int:
+    """Blocks of ``variant`` as ``warps`` warps (one token tile) that run at once on one SM, from
+    the driver (registers and warps decide: the two-tile M <= 8 kernel has ~109 registers, two
+    blocks of 8 warps a SM; the one-tile kernel ~80, six blocks of 4 warps in fp16); 0 if unknown."""
+    rt, nt, u, max_warps = variant
+    launch = runtime.launcher("w4a16.cu", kernel_name(rt, nt, u, max_warps, bf16), device, _SIGNATURE)
+    return launch.max_active_blocks(32 * warps, warps * rt * nt * 512)
 
 
 # The warpgroup-MMA kernel (w4a16_wgmma.cu, sm_90a) for WG_MIN_M..MMA_MAX_M tokens.

@@ -239,6 +239,17 @@ class Launcher:
         rc = self._on_device(fn, ctypes.byref(count), self._ptr, ctypes.addressof(config))
         return count.value if rc == 0 else 0
 
+    def max_active_blocks(self, threads: int, shared: int) -> int:
+        """How many blocks of ``threads`` threads and ``shared`` bytes of dynamic shared memory run
+        at once on one SM (cuOccupancyMaxActiveBlocksPerMultiprocessor: registers, shared memory
+        and warp limits); 0 where the driver cannot say."""
+        fn = _cu_function("cuOccupancyMaxActiveBlocksPerMultiprocessor")
+        if fn is None:
+            return 0
+        count = ctypes.c_int(0)
+        rc = self._on_device(fn, ctypes.byref(count), self._ptr, threads, shared)
+        return count.value if rc == 0 else 0
+
     def _block(self):
         b = getattr(self._local, "block", None)
         if b is None:
@@ -301,13 +312,15 @@ class _LaunchConfig(ctypes.Structure):
 
 @functools.lru_cache(maxsize=None)
 def _cu_function(name: str):
-    """A driver function through ctypes (pointer arguments, CUresult back), or None where the driver
-    has none (cuLaunchKernelEx and cuOccupancyMaxActiveClusters: CUDA 12.0+)."""
+    """A driver function through ctypes (CUresult back), or None where the driver has none
+    (cuLaunchKernelEx and cuOccupancyMaxActiveClusters: CUDA 12.0+)."""
     try:
         fn = getattr(ctypes.CDLL("libcuda.so.1"), name)
     except (OSError, AttributeError):
         return None
-    fn.argtypes = [ctypes.c_void_p] * {"cuLaunchKernelEx": 4, "cuOccupancyMaxActiveClusters": 3}[name]
+    fn.argtypes = {"cuLaunchKernelEx": [ctypes.c_void_p] * 4, "cuOccupancyMaxActiveClusters": [ctypes.c_void_p] * 3,
+                   "cuOccupancyMaxActiveBlocksPerMultiprocessor": [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
+                                                                   ctypes.c_size_t]}[name]
     fn.restype = ctypes.c_int
     return fn
 

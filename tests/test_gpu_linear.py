@@ -193,6 +193,19 @@ def test_linear_host_plan_and_fallbacks():
     assert p.name.endswith("_f16") and p.grid[0] == 1 and p.shared == p.threads // 32 * 512 * int(p.name[8])
 
 
+@pytest.mark.parametrize("bf16", [False, True])
+def test_blocks_per_sm_follows_the_kernels_registers(bf16):
+    """The driver's occupancy that plan() reads: the one-tile (4 warps) and two-tile (8 warps)
+    M <= 8 kernels are limited by registers (allocated 8 a thread at a time), not shared memory."""
+    from cupy.cuda import driver
+
+    for variant, warps in (((1, 1, 2, 16), 4), ((2, 1, 2, 16), 8)):
+        fn = cuda_linear.runtime.launcher("w4a16.cu", cuda_linear.kernel_name(*variant, bf16), 0, "PPPPPPiii").fn
+        used = driver.funcGetAttribute(driver.CU_FUNC_ATTRIBUTE_NUM_REGS, fn.ptr)
+        want = min(64 // warps, 32, 65536 // (32 * warps * (-(-used // 8) * 8)))
+        assert cuda_linear._blocks_per_sm(variant, warps, bf16, 0) == want, (variant, used)
+
+
 def test_linear_inside_cuda_graph():
     g = gen(11)
     pw = fp4cupy.prepare(fp4cupy.quantize(torch.randn(256, 512, device="cuda", generator=g)))

@@ -148,31 +148,49 @@ def test_amax_grid_reads_every_element_with_at_most_8_blocks_a_sm(n, itemsize):
     assert grid == 8 * 132 or grid * cuda_ops.THREADS * loads >= n > (grid - 1) * cuda_ops.THREADS * loads
 
 
-@pytest.mark.parametrize("n,k,m,want,warps", [(14336, 4096, 1, "w4a16_rt1_nt1_u2_w4_f16", 4),
-                                              (13824, 5120, 8, "w4a16_rt1_nt1_u2_w4_f16", 4),
-                                              (16384, 4096, 1, "w4a16_rt2_nt1_u2_f16", 8),
-                                              (11008, 4096, 1, "w4a16_rt2_nt1_u2_f16", 8),
-                                              (28672, 8192, 1, "w4a16_rt2_nt1_u2_f16", 4),
-                                              (4096, 4096, 1, "w4a16_rt1_nt1_u2_f16", 8),
-                                              (14336, 4096, 16, "w4a16_rt2_nt2_u1_f16", 8),
-                                              (8192, 28672, 1, "w4a16_rt2_nt1_u2_f16", 8),
-                                              (8192, 28672, 16, "w4a16_rt2_nt2_u1_f16", 16)])
-def test_mma_plan_on_132_sms(monkeypatch, n, k, m, want, warps):
-    """At M <= 8: the one-tile 4-warp kernel only where its blocks fill one wave 90-100% (seven a SM),
-    and never 16 warps of the two-tile kernel (one such block a SM); above 8 tokens 16 stay."""
-    monkeypatch.setattr(cuda_linear, "_sm_count", lambda device: 132)
+def fake_gpu(monkeypatch, sms):
+    """plan() on a GPU of ``sms`` SMs whose occupancy is an H200's: the two-tile M <= 8 kernel two
+    blocks of 8 warps a SM, the uncapped one-tile kernel six blocks of 4 warps in fp16, five in bf16."""
+    monkeypatch.setattr(cuda_linear, "_sm_count", lambda device: sms)
     monkeypatch.setattr(cuda_linear.runtime, "launcher", lambda *a: None)
+    monkeypatch.setattr(cuda_linear, "_blocks_per_sm", lambda variant, warps, bf16, device: {
+        ((2, 1, 2, 16), 8): 2, ((1, 1, 2, 16), 4): 5 if bf16 else 6}.get((variant, warps), 0))
     cuda_linear.plan.cache_clear()
-    p = cuda_linear.plan(n, k, m, False, 0)
+
+
+@pytest.mark.parametrize("n,k,m,bf16,want,warps", [
+    (14336, 4096, 1, False, "w4a16_rt1_nt1_u2_w4_f16", 4),
+    (13824, 5120, 8, False, "w4a16_rt1_nt1_u2_w4_f16", 4),
+    (16384, 4096, 1, False, "w4a16_rt2_nt1_u2_f16", 8),
+    (11008, 4096, 1, False, "w4a16_rt1_nt1_u2_f16", 4),   # 688 one-tile blocks: one wave at six a SM
+    (11008, 4096, 1, True, "w4a16_rt2_nt1_u2_bf16", 8),   # ... but not at five
+    (10240, 8192, 8, True, "w4a16_rt1_nt1_u2_bf16", 4),
+    (8448, 4096, 1, False, "w4a16_rt2_nt1_u2_f16", 8),    # 264 two-tile blocks: already one wave
+    (28672, 8192, 1, False, "w4a16_rt2_nt1_u2_f16", 4),
+    (4096, 4096, 1, False, "w4a16_rt1_nt1_u2_f16", 8),
+    (14336, 4096, 16, False, "w4a16_rt2_nt2_u1_f16", 8),
+    (8192, 28672, 1, False, "w4a16_rt2_nt1_u2_f16", 8),
+    (8192, 28672, 16, False, "w4a16_rt2_nt2_u1_f16", 16)])
+def test_mma_plan_on_132_sms(monkeypatch, n, k, m, bf16, want, warps):
+    """At M <= 8: the capped one-tile 4-warp kernel where its blocks fill one wave 90-100% (seven a
+    SM), the uncapped one where the two-tile grid takes more than one wave and its own fits in one,
+    and never 16 warps of the two-tile kernel (one such block a SM); above 8 tokens 16 stay."""
+    fake_gpu(monkeypatch, 132)
+    p = cuda_linear.plan(n, k, m, bf16, 0)
     cuda_linear.plan.cache_clear()
     assert (p.name, p.threads // 32) == (want, warps)
 
 
+def test_mma_plan_without_occupancy_keeps_the_two_tile_kernel(monkeypatch):
+    fake_gpu(monkeypatch, 132)
+    monkeypatch.setattr(cuda_linear, "_blocks_per_sm", lambda *a: 0)  # the driver could not say
+    assert cuda_linear.plan(11008, 4096, 1, False, 0).name == "w4a16_rt2_nt1_u2_f16"
+    cuda_linear.plan.cache_clear()
+
+
 @pytest.mark.parametrize("sms", [132, 114, 78, 46])
 def test_every_mma_plan_fits_its_kernel(monkeypatch, sms):
-    monkeypatch.setattr(cuda_linear, "_sm_count", lambda device: sms)
-    monkeypatch.setattr(cuda_linear.runtime, "launcher", lambda *a: None)
-    cuda_linear.plan.cache_clear()
+    fake_gpu(monkeypatch, sms)
     names = {cuda_linear.kernel_name(*v, bf16): v for v in cuda_linear.VARIANTS for bf16 in (False, True)}
     for n in (8, 1000, 4096, 8448, 13824, 14336, 28672):
         for k in (64, 4096, 28672):
