@@ -170,7 +170,9 @@ def gemm(*args, trans_b=False, group_size=16, out_dtype=None):
         raise ValueError(f"gemm: A is on {a.device} and B on {b.device}; move one with .to()")
     out = output_dtype(out_dtype)
     if arrays.is_cuda(a.data):
-        return _cuda_linear().gemm(a, b, trans_b, out)
+        from . import cuda_gemm
+
+        return cuda_gemm.gemm(a, b, trans_b, out)
     ad, bd = a.dequantize(), b.dequantize()
     an, bn = arrays.to_numpy(ad), arrays.to_numpy(bd)
     c = an @ (bn.T if trans_b else bn)
