@@ -8,9 +8,9 @@ runs the kernel ``plan`` picks for each (shape, M), or the one ``--kernel`` name
 block and shared memory as the package's. Where M takes the warpgroup kernel (33-128 tokens on
 sm_90a), the copies are of w4a16_wgmma.cu and run ``wg_plan``'s launches (xprep, then the main
 kernel). Every candidate and cuBLAS fp16 F.linear are captured in CUDA graphs of 20 calls over
-three rotating weights and replayed interleaved, 7 rounds; the table
-gives the median us a call and the ratio against cuBLAS. A candidate whose output misses the float64
-reference by more than 2e-3 (relative Frobenius) is flagged: an ablation may do that on purpose.
+three rotating weights and replayed interleaved, 7 rounds; the table gives the median us a call
+and the ratio against cuBLAS. A candidate whose output misses the float64 reference by more than
+2e-3 (relative Frobenius) is flagged: an ablation may do that on purpose.
 --chain puts a torch copy of x before every call, cuBLAS's included, as a norm comes before a
 projection in a model (the graphs then time the pair).
 Check the variant's registers first (benchmarks/sass_counts.py): at M=16 the kernel sits at exactly
@@ -56,31 +56,31 @@ def wg_fn(source: str | None, prepared, x, y):
     if source is not None:
         def load(launcher, signature):
             return runtime.launcher(source, launcher.name, 0, signature)
-        p = cuda_linear.WgPlan(xprep=load(p.xprep, "PPPqiii"),
+        p = cuda_linear.WgPlan(xprep=load(p.xprep, cuda_linear._XPREP_SIGNATURE),
                                launch=load(p.launch, cuda_linear._WG_SIGNATURE).allow_shared(p.shared),
                                grid=p.grid, threads=p.threads, shared=p.shared, cps=p.cps, nt=p.nt, name=p.name)
-    buffers = []
-
-    def scratch(nbytes):
-        buffers.append(torch.empty(nbytes, dtype=torch.uint8, device=x.device))
-        return buffers[-1], buffers[-1].data_ptr()
-    held = []
+    held = []  # (buffer, pointer) in the order launch_wg asks for them
 
     def fn(i):
         pw = prepared[i % 3]
         args = (pw.codes.data_ptr(), pw.scale_codes.data_ptr(), x.data_ptr(), y.data_ptr(), 0,
                 pw.weight.global_scale_array.data_ptr())
-        reuse = iter(held)
-        cuda_linear.launch_wg(p, m, n, k, torch.cuda.current_stream().cuda_stream, args,
-                              (lambda nbytes: next(reuse)) if held else scratch)
-        if not held:
-            held.extend((b, b.data_ptr()) for b in buffers)
+        reuse = iter(list(held))
+
+        def scratch(nbytes):
+            got = next(reuse, None)
+            if got is None:
+                buf = torch.empty(nbytes, dtype=torch.uint8, device=x.device)
+                got = buf, buf.data_ptr()
+                held.append(got)
+            return got
+        cuda_linear.launch_wg(p, m, n, k, torch.cuda.current_stream().cuda_stream, args, scratch)
     return fn, p
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("sources", nargs="+", help="edited copies of w4a16.cu (absolute paths)")
+    ap.add_argument("sources", nargs="+", help="edited copies of w4a16.cu, or of w4a16_wgmma.cu for M >= 33")
     ap.add_argument("--shapes", default="4096x4096,14336x4096,4096x14336,28672x8192,8192x28672")
     ap.add_argument("--m", default="1,16")
     ap.add_argument("--bf16", action="store_true")

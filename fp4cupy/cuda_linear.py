@@ -143,9 +143,8 @@ def _blocks_per_sm(variant, warps: int, bf16: bool, device: int) -> int:
     """Blocks of ``variant`` as ``warps`` warps (one token tile) that run at once on one SM, from
     the driver (registers and warps decide: the two-tile M <= 8 kernel has ~109 registers, two
     blocks of 8 warps a SM; the one-tile kernel ~80, six blocks of 4 warps in fp16); 0 if unknown."""
-    rt, nt, u, max_warps = variant
-    launch = runtime.launcher("w4a16.cu", kernel_name(rt, nt, u, max_warps, bf16), device, _SIGNATURE)
-    return launch.max_active_blocks(32 * warps, warps * rt * nt * 512)
+    p = make_plan(16, 1, variant, warps, bf16, device)
+    return p.launch.max_active_blocks(p.threads, p.shared)
 
 
 # The warpgroup-MMA kernel (w4a16_wgmma.cu, sm_90a) for WG_MIN_M..MMA_MAX_M tokens.
@@ -154,6 +153,7 @@ WG_SLOTS = 8              # chunk slots in shared memory, as in the kernel
 WG_GROUPS = 4             # warpgroups a block: 256 rows of W share each chunk of x
 WG_CLUSTER = 2            # blocks a cluster (multicast copies of x), as in the kernel
 _WG_SIGNATURE = "PPPPPPPiiii"  # codes, scale codes, reordered x, y, ws, bias, g, m, n, k, chunks a split
+_XPREP_SIGNATURE = "PPPqiii"  # x, reordered x, ws, ws words to zero, m, k, NT
 
 
 class WgPlan:
@@ -236,7 +236,7 @@ def wg_plan(n: int, k: int, m: int, bf16: bool, device: int) -> WgPlan:
     resident = wg_kernel(nt, bf16, True, device).max_active_clusters(WG_CLUSTER, threads, shared)
     blocks, splits, cps = wg_grid(n, k, _sm_count(device), resident)
     launch = wg_kernel(nt, bf16, cps == 0, device)
-    xprep = runtime.launcher("w4a16_wgmma.cu", "w4a16_wg_xprep", device, "PPPqiii")
+    xprep = runtime.launcher("w4a16_wgmma.cu", "w4a16_wg_xprep", device, _XPREP_SIGNATURE)
     return WgPlan(xprep=xprep, launch=launch, grid=(blocks, splits), threads=threads, shared=shared, cps=cps, nt=nt,
                   name=launch.name)
 

@@ -181,24 +181,26 @@ __device__ void w4a16_wg_body(const uint4* __restrict__ wq, const unsigned short
             }
         }
     };
+    auto acc4 = [&](int i) { return make_float4(acc[4 * i], acc[4 * i + 1], acc[4 * i + 2], acc[4 * i + 3]); };
     auto store_y = [&](int t) {
 #pragma unroll
-        for (int j = 0; j < NT / 8; ++j)
-            store4(t, tid, j, make_float4(acc[4 * j], acc[4 * j + 1], acc[4 * j + 2], acc[4 * j + 3]));
+        for (int j = 0; j < NT / 8; ++j) store4(t, tid, j, acc4(j));
     };
     // Stream-K and split K: ws holds a flag or counter a block column (gridDim.x words, rounded up
     // to 4, zeroed by xprep), then a partial-sum slot a block (blockIdx.x-major): [NT / 8][nthreads]
     // float4, thread tid's acc[4 i .. 4 i + 3] at [i][tid].
     u32* flags = reinterpret_cast<u32*>(ws);
     float4* parts = reinterpret_cast<float4*>(ws + ((gridDim.x + 3) & ~3));
+    auto store_slot = [&](float4* slot, int live) {  // the first live float4, then fence and barrier
+#pragma unroll
+        for (int i = 0; i < NT / 8; ++i)
+            if (i < live) __stcg(slot + i * nthreads, acc4(i));
+        __threadfence();
+        __syncthreads();
+    };
     auto end_tile = [&](int t, int p0, int p1) {  // the tile's pairs [p0, p1) are in acc
         if (p0 > 0) {  // not the owner: hand the partial sums over
-            float4* slot = parts + (i64)blockIdx.x * (NT / 8) * nthreads + tid;
-#pragma unroll
-            for (int i = 0; i < NT / 8; ++i)
-                __stcg(slot + i * nthreads, make_float4(acc[4 * i], acc[4 * i + 1], acc[4 * i + 2], acc[4 * i + 3]));
-            __threadfence();
-            __syncthreads();
+            store_slot(parts + (i64)blockIdx.x * (NT / 8) * nthreads + tid, NT / 8);
             if (tid == 0) asm volatile("st.release.gpu.global.u32 [%0], 1;" ::"l"(flags + blockIdx.x) : "memory");
         } else {
             // a tile cut at p1: add the partial sums of the clusters that start inside it
@@ -323,13 +325,7 @@ __device__ void w4a16_wg_body(const uint4* __restrict__ wq, const unsigned short
     // Only the float4 holding tokens below M are stored and read (the first T of (NT / 8) nthreads).
     const int S = gridDim.y, live = min(NT / 8, (m + 7) >> 3), total = live * nthreads;
     const float4* column = parts + (i64)blockIdx.x * S * total;
-    float4* slot = parts + ((i64)blockIdx.x * S + blockIdx.y) * total + tid;
-#pragma unroll
-    for (int i = 0; i < NT / 8; ++i)
-        if (i < live)
-            __stcg(slot + i * nthreads, make_float4(acc[4 * i], acc[4 * i + 1], acc[4 * i + 2], acc[4 * i + 3]));
-    __threadfence();
-    __syncthreads();
+    store_slot(parts + ((i64)blockIdx.x * S + blockIdx.y) * total + tid, live);
     if (tid == 0) {
         asm volatile("red.release.gpu.global.add.u32 [%0], 1;" ::"l"(flags + blockIdx.x) : "memory");
         u32 in = 0;

@@ -200,7 +200,7 @@ def test_blocks_per_sm_follows_the_kernels_registers(bf16):
     from cupy.cuda import driver
 
     for variant, warps in (((1, 1, 2, 16), 4), ((2, 1, 2, 16), 8)):
-        fn = cuda_linear.runtime.launcher("w4a16.cu", cuda_linear.kernel_name(*variant, bf16), 0, "PPPPPPiii").fn
+        fn = cuda_linear.make_plan(16, 1, variant, warps, bf16, 0).launch.fn
         used = driver.funcGetAttribute(driver.CU_FUNC_ATTRIBUTE_NUM_REGS, fn.ptr)
         want = min(64 // warps, 32, 65536 // (32 * warps * (-(-used // 8) * 8)))
         assert cuda_linear._blocks_per_sm(variant, warps, bf16, 0) == want, (variant, used)
