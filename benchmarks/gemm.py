@@ -6,7 +6,9 @@ Rows: y = x @ W^T with x fp16 [M, K] and W NVFP4 [N, K] (prepared once) vs torch
 fp16 W, each captured in a CUDA graph of 30 calls (as decoding runs in vLLM) and replayed
 alternately, so the times are device time; the host cost of one call is measured separately.
 Three weight sets rotate so L2 does not hold the weights between calls. The rows run M by M, the
-decode sizes first (see linear_rows).
+decode sizes first (see linear_rows). At M=1 a plain read of the prepared weight's bytes
+(read_bytes.cu: codes and scale codes, no math) gives the byte limit measured in this run: cuBLAS's
+M=1 time over the read's, the speed-up a kernel that only streams its weights would reach.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import fp4cupy  # noqa: E402
-from fp4cupy import cuda_linear  # noqa: E402
+from fp4cupy import cuda_linear, runtime  # noqa: E402
 from timing import Rotating, card, compare, graph_compare, host_us  # noqa: E402
 
 SHAPES = ((4096, 4096), (14336, 4096), (4096, 14336), (28672, 8192), (8192, 28672))
@@ -48,11 +50,28 @@ def linear_rows(dtype=torch.float16, shapes=SHAPES, ms=MS):
                                 (("mma.sync", "WG_MIN_M", 10**9), ("dequantize+cuBLAS", "MMA_MAX_M", 0)))
             wbytes = n * k // 2 + n * k // 16
             rows.append(dict(n=n, k=k, m=m, ours=r["ours_ms"], peer=r["peer_ms"], ratio=r["ratio"], lo=r["lo"],
-                             hi=r["hi"], gbs=wbytes / r["ours_ms"] / 1e6, path=path, alt=alt))
+                             hi=r["hi"], gbs=wbytes / r["ours_ms"] / 1e6, mb=wbytes / 1e6, path=path, alt=alt))
+            if m == 1:
+                read = read_bytes_fn(prep)
+                rows[-1]["read"] = graph_compare(lambda i: F.linear(x, dense[i % 3]), read)
     del weights
     torch.cuda.empty_cache()
     order = {shape: i for i, shape in enumerate(shapes)}
     return sorted(rows, key=lambda r: (order[r["n"], r["k"]], r["m"]))
+
+
+def read_bytes_fn(prep):
+    """Call ``i``: read the codes and scale codes of ``prep[i % 3]`` once (read_bytes.cu)."""
+    src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "read_bytes.cu")
+    launch = runtime.launcher(src, "read_bytes", 0, "PqPqP")
+    sink = torch.zeros(1, dtype=torch.int32, device="cuda")
+    blocks = 4 * torch.cuda.get_device_properties(0).multi_processor_count
+
+    def fn(i):
+        pw = prep[i % 3]
+        launch(blocks, 256, 0, torch.cuda.current_stream().cuda_stream, pw.codes.data_ptr(), pw.codes.numel() // 16,
+               pw.scale_codes.data_ptr(), pw.scale_codes.numel() // 16, sink.data_ptr())
+    return fn
 
 
 def other_path_ratio(x, dense, prep, attr, value):
@@ -104,6 +123,15 @@ def main(quick=False):
     for r in rows:
         print(f"| {r['n']}x{r['k']} | {r['m']} | {r['ours']:.4f} | {r['peer']:.4f} | {r['ratio']:.2f}x ({r['lo']:.2f}-{r['hi']:.2f}) "
               f"| {r['gbs']:.0f} | {r['path']} | {r['alt']} |")
+    print("\nM=1 against the byte limit: a plain read of the prepared weight (codes + scale codes, "
+          "read_bytes.cu), timed against cuBLAS M=1 like the rows above.\n")
+    print("| N x K | weight MB | read ms | read TB/s | byte limit (cuBLAS / read) | fp4cupy M=1 | share of the limit |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        if "read" in r:
+            rd = r["read"]
+            print(f"| {r['n']}x{r['k']} | {r['mb']:.1f} | {rd['ours_ms']:.4f} | {r['mb'] / rd['ours_ms'] / 1e3:.2f} | "
+                  f"{rd['ratio']:.2f}x | {r['ratio']:.2f}x | {r['ratio'] / rd['ratio']:.0%} |")
     for ms in ((1,), (16,), (1, 16), (128,), (2048,)):
         sel = [r["ratio"] for r in rows if r["m"] in ms]
         print(f"\ngeomean speed-up, M in {ms}: {math.exp(sum(map(math.log, sel)) / len(sel)):.2f}x over {len(sel)} rows", end="")
