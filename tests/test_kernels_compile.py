@@ -1,5 +1,6 @@
-"""Every kernel source (and the benchmarks' own) compiles for every target fp4cupy claims, with no GPU (NVRTC and headers from the
-[cuda12] / [cuda13] extras' wheels). CI runs it with NVRTC 12 and NVRTC 13."""
+"""Every kernel source (the package's, a test's and the benchmarks') compiles for every target fp4cupy
+claims, with no GPU (NVRTC and headers from the [cuda12] / [cuda13] extras' wheels). CI runs it with
+NVRTC 12 and NVRTC 13."""
 import os
 import struct
 from pathlib import Path
@@ -11,7 +12,8 @@ from fp4cupy import runtime
 if not os.environ.get("CI"):
     pytest.importorskip("cupy", reason="compiling needs CuPy's NVRTC: pip install 'fp4cupy[cuda12]'")
 
-SOURCES = (sorted(p.name for p in runtime.KERNEL_DIR.glob("*.cu")) + [str(Path(__file__).parent / "kernels" / "fp4_api_check.cu")]
+SOURCES = (sorted(p.name for p in runtime.KERNEL_DIR.glob("*.cu"))
+           + [str(Path(__file__).parent / "kernels" / "fp4_api_check.cu")]
            + sorted(str(p) for p in (Path(__file__).parents[1] / "benchmarks").glob("*.cu")))
 
 
