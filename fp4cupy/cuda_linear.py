@@ -75,10 +75,11 @@ class Plan:
 
 # (RT row tiles per block, NT token tiles, U chunks per pipeline step, most warps a block): the
 # kernels in w4a16.cu. Those built for at most 4 warps run under a 72-register cap.
-NARROW = (1, 1, 2, 4)
+NARROW = {1: (1, 1, 2, 4), 2: (1, 2, 1, 4)}  # NT -> the one-tile 4-warp kernel
+NARROW_TWO_BF16 = (2, 2, 1, 4)  # the two-tile one, for bf16 at 9-16 tokens
 NARROW_BLOCKS_PER_SM = 7  # 4 warps at 72 registers
 VARIANTS = ((1, 1, 2, 16), (1, 1, 4, 16), (2, 1, 2, 16), (4, 1, 1, 16), (1, 2, 2, 16), (2, 2, 1, 16), (4, 2, 1, 16),
-            (1, 4, 1, 16), (2, 4, 1, 16), (1, 8, 1, 16), NARROW)
+            (1, 4, 1, 16), (2, 4, 1, 16), (1, 8, 1, 16), *NARROW.values(), NARROW_TWO_BF16)
 
 
 def kernel_name(rt: int, nt: int, u: int, max_warps: int, bf16: bool) -> str:
@@ -117,6 +118,10 @@ def plan(n: int, k: int, m: int, bf16: bool, device: int) -> Plan:
       (H200, M=1: 10240x4096 8.9 against 11.0 us, 12288x4096 10.4 against 11.4, 9216x14336 24.4
       against 27.6; bf16 10240x4096 9.8 against 11.9; where it would take a second wave, bf16
       11008x8192, it lost 16%).
+    At 9-16 tokens, likewise the one-tile blocks of 4 warps where they fill 90-100% of one wave
+    (H200, N of 13312-14784: fp16 2-5% faster, 14336x4096 14.5 against 15.4 us; bf16 8-10%, 15.6
+    against 16.9; at 12288 or 15360 rows they lost), and in bf16 the two-tile blocks of 4 warps
+    where those do (26624-29568 rows: 3-6%, 28672x8192 49.0 against 51.5; equal in fp16).
     """
     nt = 1 if m <= 8 else 2 if m <= 16 else 4 if m <= 32 else 8
     sms = _sm_count(device)
@@ -127,8 +132,10 @@ def plan(n: int, k: int, m: int, bf16: bool, device: int) -> Plan:
     blocks = -(-tiles // two[0]) * mtiles
     if blocks < sms:
         variant, warps = one, 8
-    elif nt == 1 and 0.9 * NARROW_BLOCKS_PER_SM * sms <= tiles <= NARROW_BLOCKS_PER_SM * sms:
-        variant, warps = NARROW, 4  # one wave, at least 90% full
+    elif nt <= 2 and _fills_one_wave(tiles, sms):
+        variant, warps = NARROW[nt], 4
+    elif nt == 2 and bf16 and _fills_one_wave(-(-tiles // 2), sms):
+        variant, warps = NARROW_TWO_BF16, 4
     elif (nt == 1 and blocks > _blocks_per_sm(two, 8, bf16, device) * sms
           and tiles <= _blocks_per_sm(one, 4, bf16, device) * sms):
         variant, warps = one, 4  # one wave instead of more than one
@@ -136,6 +143,11 @@ def plan(n: int, k: int, m: int, bf16: bool, device: int) -> Plan:
         variant, warps = two, (4 if blocks >= 4 * sms else 8) if nt == 1 else 16 if blocks < 2 * sms else 8
     warps = max(1, min(warps, (k // 64) // 2 or 1, SHARED_LIMIT // (variant[0] * nt * 512)))
     return make_plan(n, m, variant, warps, bf16, device)
+
+
+def _fills_one_wave(blocks: int, sms: int) -> bool:
+    """Whether ``blocks`` blocks of a NARROW kernel (seven a SM) fill one wave 90-100%."""
+    return 0.9 * NARROW_BLOCKS_PER_SM * sms <= blocks <= NARROW_BLOCKS_PER_SM * sms
 
 
 @functools.lru_cache(maxsize=None)
@@ -301,7 +313,7 @@ def linear_repacked(x, codes, scale_codes, global_scale, n: int, bias=None):
     m = x.numel() // k
     if not 0 < m <= MMA_MAX_M or not _mma_ok(dev):
         return None
-    y = x.new_empty(shape[:-1] + (n,))
+    y = x.new_empty(*shape[:-1], n)  # ints, not a torch.Size: ~1 us less
     args = (codes.data_ptr(), scale_codes.data_ptr(), x.data_ptr(), y.data_ptr(),
             0 if bias is None else bias.data_ptr(), global_scale.data_ptr())
     launch_w4a16(m, n, k, x.dtype is half[1], dev, _torch_stream_ptr(t["torch"], dev), args, _torch_scratch(x))

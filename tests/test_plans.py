@@ -168,13 +168,18 @@ def fake_gpu(monkeypatch, sms):
     (8448, 4096, 1, False, "w4a16_rt2_nt1_u2_f16", 8),    # 264 two-tile blocks: already one wave
     (28672, 8192, 1, False, "w4a16_rt2_nt1_u2_f16", 4),
     (4096, 4096, 1, False, "w4a16_rt1_nt1_u2_f16", 8),
-    (14336, 4096, 16, False, "w4a16_rt2_nt2_u1_f16", 8),
+    (14336, 4096, 16, False, "w4a16_rt1_nt2_u1_w4_f16", 4),  # 896 one-tile blocks: one wave at seven a SM
+    (14336, 4096, 12, True, "w4a16_rt1_nt2_u1_w4_bf16", 4),
+    (16384, 4096, 16, True, "w4a16_rt2_nt2_u1_bf16", 8),
+    (28672, 8192, 16, True, "w4a16_rt2_nt2_u1_w4_bf16", 4),  # 896 two-tile blocks, bf16 only
+    (28672, 8192, 16, False, "w4a16_rt2_nt2_u1_f16", 8),
     (8192, 28672, 1, False, "w4a16_rt2_nt1_u2_f16", 8),
     (8192, 28672, 16, False, "w4a16_rt2_nt2_u1_f16", 16)])
 def test_mma_plan_on_132_sms(monkeypatch, n, k, m, bf16, want, warps):
-    """At M <= 8: the capped one-tile 4-warp kernel where its blocks fill one wave 90-100% (seven a
-    SM), the uncapped one where the two-tile grid takes more than one wave and its own fits in one,
-    and never 16 warps of the two-tile kernel (one such block a SM); above 8 tokens 16 stay."""
+    """At M <= 16: the capped one-tile 4-warp kernel where its blocks fill one wave 90-100% (seven a
+    SM), and at 9-16 bf16 tokens the capped two-tile one likewise. At M <= 8: the uncapped one-tile
+    kernel where the two-tile grid takes more than one wave and its own fits in one, and never 16
+    warps of the two-tile kernel (one such block a SM); above 8 tokens 16 stay."""
     fake_gpu(monkeypatch, 132)
     p = cuda_linear.plan(n, k, m, bf16, 0)
     cuda_linear.plan.cache_clear()

@@ -8,7 +8,8 @@ from fp4cupy import reference  # noqa: E402
 
 
 def rel(a, b):
-    return float(torch.linalg.norm(a.double() - b.double()) / torch.linalg.norm(b.double()))
+    a, b = a.detach().double(), b.detach().double()
+    return float(torch.linalg.norm(a - b) / torch.linalg.norm(b))
 
 
 def exact_linear(x, layer):
