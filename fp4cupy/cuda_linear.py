@@ -76,10 +76,10 @@ class Plan:
 # (RT row tiles per block, NT token tiles, U chunks per pipeline step, most warps a block): the
 # kernels in w4a16.cu. Those built for at most 4 warps run under a 72-register cap.
 NARROW = {1: (1, 1, 2, 4), 2: (1, 2, 1, 4)}  # NT -> the one-tile 4-warp kernel
-NARROW_TWO_BF16 = (2, 2, 1, 4)  # the two-tile one, for bf16 at 9-16 tokens
+NARROW_TWO = {(1, False): (2, 1, 1, 4), (2, True): (2, 2, 1, 4)}  # (NT, bf16) -> the two-tile one
 NARROW_BLOCKS_PER_SM = 7  # 4 warps at 72 registers
 VARIANTS = ((1, 1, 2, 16), (1, 1, 4, 16), (2, 1, 2, 16), (4, 1, 1, 16), (1, 2, 2, 16), (2, 2, 1, 16), (4, 2, 1, 16),
-            (1, 4, 1, 16), (2, 4, 1, 16), (1, 8, 1, 16), *NARROW.values(), NARROW_TWO_BF16)
+            (1, 4, 1, 16), (2, 4, 1, 16), (1, 8, 1, 16), *NARROW.values(), *NARROW_TWO.values())
 
 
 def kernel_name(rt: int, nt: int, u: int, max_warps: int, bf16: bool) -> str:
@@ -120,8 +120,12 @@ def plan(n: int, k: int, m: int, bf16: bool, device: int) -> Plan:
       11008x8192, it lost 16%).
     At 9-16 tokens, likewise the one-tile blocks of 4 warps where they fill 90-100% of one wave
     (H200, N of 13312-14784: fp16 2-5% faster, 14336x4096 14.5 against 15.4 us; bf16 8-10%, 15.6
-    against 16.9; at 12288 or 15360 rows they lost), and in bf16 the two-tile blocks of 4 warps
-    where those do (26624-29568 rows: 3-6%, 28672x8192 49.0 against 51.5; equal in fp16).
+    against 16.9; at 12288 or 15360 rows they lost).
+    Two-tile blocks of 4 warps at 72 registers (seven a SM, one chunk a step, ``NARROW_TWO``) run
+    where their waves come out fuller than the plan's two-tile grid's: fp16 at M <= 8 (H200, M=1,
+    12 shapes of 24576-57344 rows, all as predicted: 2-7% faster, 28672x8192 36.6 against 37.3 us,
+    32768x8192 16% slower), bf16 at 9-16 tokens (9 shapes, as predicted: 3-6%, 28672x8192 49.0
+    against 51.5). The other dtype measured equal with each.
     """
     nt = 1 if m <= 8 else 2 if m <= 16 else 4 if m <= 32 else 8
     sms = _sm_count(device)
@@ -132,22 +136,23 @@ def plan(n: int, k: int, m: int, bf16: bool, device: int) -> Plan:
     blocks = -(-tiles // two[0]) * mtiles
     if blocks < sms:
         variant, warps = one, 8
-    elif nt <= 2 and _fills_one_wave(tiles, sms):
-        variant, warps = NARROW[nt], 4
-    elif nt == 2 and bf16 and _fills_one_wave(-(-tiles // 2), sms):
-        variant, warps = NARROW_TWO_BF16, 4
+    elif nt <= 2 and 0.9 <= tiles / (NARROW_BLOCKS_PER_SM * sms) <= 1:
+        variant, warps = NARROW[nt], 4  # one wave, at least 90% full
     elif (nt == 1 and blocks > _blocks_per_sm(two, 8, bf16, device) * sms
           and tiles <= _blocks_per_sm(one, 4, bf16, device) * sms):
         variant, warps = one, 4  # one wave instead of more than one
     else:
         variant, warps = two, (4 if blocks >= 4 * sms else 8) if nt == 1 else 16 if blocks < 2 * sms else 8
+        narrow, resident = NARROW_TWO.get((nt, bf16)), _blocks_per_sm(two, warps, bf16, device) * sms
+        if narrow and resident and _last_wave_fill(blocks, NARROW_BLOCKS_PER_SM * sms) > _last_wave_fill(blocks, resident):
+            variant, warps = narrow, 4  # its waves are fuller
     warps = max(1, min(warps, (k // 64) // 2 or 1, SHARED_LIMIT // (variant[0] * nt * 512)))
     return make_plan(n, m, variant, warps, bf16, device)
 
 
-def _fills_one_wave(blocks: int, sms: int) -> bool:
-    """Whether ``blocks`` blocks of a NARROW kernel (seven a SM) fill one wave 90-100%."""
-    return 0.9 * NARROW_BLOCKS_PER_SM * sms <= blocks <= NARROW_BLOCKS_PER_SM * sms
+def _last_wave_fill(blocks: int, per_wave: int) -> float:
+    """How full the waves of ``blocks`` blocks run, ``per_wave`` at once: 1.0 when they come out even."""
+    return blocks / (-(-blocks // per_wave) * per_wave)
 
 
 @functools.lru_cache(maxsize=None)

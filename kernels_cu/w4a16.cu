@@ -23,15 +23,16 @@ __device__ __forceinline__ uint4 load_stream(const uint4* p) {  // read once: ke
 
 template <int B> struct Buf { static constexpr int value = B; };
 
-// The main loop's buffer scheme and register cap per kernel, from an A/B on an H200 (NOTES.md,
-// session 6): with one row tile the two buffers taking turns is fastest (but fp16 NT=2 U=1, the
-// 4-warp kernel: 14.5 against 15.0 us at 14336x4096 M=16, session 12); with more, copying the
-// prefetched buffer is, except bf16 RT=2 NT=2, which takes turns under a 64-register cap (four
-// blocks of 8 warps a SM; uncapped it needs 74, copying 76). A kernel built for at most 4 warps
-// a block (the ``_w4`` ones) is capped at 72 registers, seven blocks a SM (session 8: 14336x4096
-// M=1 11.7-12.0 us, 13.4 at 80 registers, six blocks a SM).
+// The main loop's buffer scheme and register cap per kernel, from A/Bs on an H200 (NOTES.md,
+// sessions 6 and 12): with one row tile the two buffers taking turns is fastest, but for fp16
+// NT=2 U=1 (14.5 against 15.0 us at 14336x4096 M=16); with two, copying the prefetched buffer
+// is, but for RT=2 U=1 at NT=1 (M=1 28672x8192 36.6 against 38.8 us) and bf16 NT=2, which takes
+// turns under a 64-register cap (four blocks of 8 warps a SM; uncapped it needs 74, copying 76).
+// A kernel built for at most 4 warps a block (the ``_w4`` ones) is capped at 72 registers, seven
+// blocks a SM (session 8: 14336x4096 M=1 11.7-12.0 us, 13.4 at 80 registers, six blocks a SM).
 template <bool BF16, int RT, int NT, int U> constexpr bool ping_pong() {
-    return (RT == 1 && (BF16 || NT != 2 || U != 1)) || (BF16 && RT == 2 && NT == 2 && U == 1);
+    if (RT == 1) return BF16 || NT != 2 || U != 1;
+    return RT == 2 && U == 1 && (NT == 1 || (BF16 && NT == 2));
 }
 constexpr int min_blocks(bool bf16, int rt, int nt, int u, int max_warps) {
     return max_warps == 4 ? 7 : bf16 && rt == 2 && nt == 2 && u == 1 ? 2 : 0;
@@ -197,4 +198,5 @@ W4A16(2, 4, 1)
 W4A16(1, 8, 1)
 W4A16_W4(1, 1, 2)
 W4A16_W4(1, 2, 1)
+W4A16_W4(2, 1, 1)
 W4A16_W4(2, 2, 1)

@@ -150,11 +150,13 @@ def test_amax_grid_reads_every_element_with_at_most_8_blocks_a_sm(n, itemsize):
 
 def fake_gpu(monkeypatch, sms):
     """plan() on a GPU of ``sms`` SMs whose occupancy is an H200's: the two-tile M <= 8 kernel two
-    blocks of 8 warps a SM, the uncapped one-tile kernel six blocks of 4 warps in fp16, five in bf16."""
+    blocks of 8 warps a SM (four of 4), the uncapped one-tile kernel six blocks of 4 warps in fp16,
+    five in bf16, the two-tile 9-16 token kernel four blocks of 8 warps (two of 16)."""
     monkeypatch.setattr(cuda_linear, "_sm_count", lambda device: sms)
     monkeypatch.setattr(cuda_linear.runtime, "launcher", lambda *a: None)
     monkeypatch.setattr(cuda_linear, "_blocks_per_sm", lambda variant, warps, bf16, device: {
-        ((2, 1, 2, 16), 8): 2, ((1, 1, 2, 16), 4): 5 if bf16 else 6}.get((variant, warps), 0))
+        ((2, 1, 2, 16), 8): 2, ((2, 1, 2, 16), 4): 4, ((1, 1, 2, 16), 4): 5 if bf16 else 6,
+        ((2, 2, 1, 16), 8): 4, ((2, 2, 1, 16), 16): 2}.get((variant, warps), 0))
     cuda_linear.plan.cache_clear()
 
 
@@ -166,20 +168,26 @@ def fake_gpu(monkeypatch, sms):
     (11008, 4096, 1, True, "w4a16_rt2_nt1_u2_bf16", 8),   # ... but not at five
     (10240, 8192, 8, True, "w4a16_rt1_nt1_u2_bf16", 4),
     (8448, 4096, 1, False, "w4a16_rt2_nt1_u2_f16", 8),    # 264 two-tile blocks: already one wave
-    (28672, 8192, 1, False, "w4a16_rt2_nt1_u2_f16", 4),
+    (28672, 8192, 1, False, "w4a16_rt2_nt1_u1_w4_f16", 4),  # 896 blocks: 97% of one wave at seven a SM
+    (57344, 8192, 4, False, "w4a16_rt2_nt1_u1_w4_f16", 4),  # 1792: 97% of two (85% of 3.4 at four)
+    (32768, 8192, 1, False, "w4a16_rt2_nt1_u2_f16", 4),     # 1024: 97% of two waves at four a SM
+    (28672, 8192, 1, True, "w4a16_rt2_nt1_u2_bf16", 4),     # bf16 measured equal
     (4096, 4096, 1, False, "w4a16_rt1_nt1_u2_f16", 8),
     (14336, 4096, 16, False, "w4a16_rt1_nt2_u1_w4_f16", 4),  # 896 one-tile blocks: one wave at seven a SM
     (14336, 4096, 12, True, "w4a16_rt1_nt2_u1_w4_bf16", 4),
     (16384, 4096, 16, True, "w4a16_rt2_nt2_u1_bf16", 8),
     (28672, 8192, 16, True, "w4a16_rt2_nt2_u1_w4_bf16", 4),  # 896 two-tile blocks, bf16 only
+    (24576, 4096, 16, True, "w4a16_rt2_nt2_u1_w4_bf16", 4),  # 768: 83% of one wave, 73% of 1.5 at four
+    (32768, 4096, 16, True, "w4a16_rt2_nt2_u1_bf16", 8),
     (28672, 8192, 16, False, "w4a16_rt2_nt2_u1_f16", 8),
     (8192, 28672, 1, False, "w4a16_rt2_nt1_u2_f16", 8),
     (8192, 28672, 16, False, "w4a16_rt2_nt2_u1_f16", 16)])
 def test_mma_plan_on_132_sms(monkeypatch, n, k, m, bf16, want, warps):
     """At M <= 16: the capped one-tile 4-warp kernel where its blocks fill one wave 90-100% (seven a
-    SM), and at 9-16 bf16 tokens the capped two-tile one likewise. At M <= 8: the uncapped one-tile
-    kernel where the two-tile grid takes more than one wave and its own fits in one, and never 16
-    warps of the two-tile kernel (one such block a SM); above 8 tokens 16 stay."""
+    SM); the capped two-tile one (fp16 at M <= 8, bf16 above) where its last wave is fuller than
+    the two-tile grid's. At M <= 8: the uncapped one-tile kernel where the two-tile grid takes more
+    than one wave and its own fits in one, and never 16 warps of the two-tile kernel (one such
+    block a SM); above 8 tokens 16 stay."""
     fake_gpu(monkeypatch, 132)
     p = cuda_linear.plan(n, k, m, bf16, 0)
     cuda_linear.plan.cache_clear()
