@@ -1,16 +1,23 @@
-"""Where the host time of one public call goes: cProfile over many calls on a tiny tensor.
+"""Where the host time of one public call goes: cProfile over many calls on a tiny tensor, or
+(``linear_parts``) each step of a W4A16 ``linear`` call timed alone against torch's F.linear.
 
-    PYTHONPATH=$PWD python3 benchmarks/host_profile.py [quantize|quantize_g|dequantize|linear]
+    PYTHONPATH=$PWD python3 benchmarks/host_profile.py [quantize|quantize_g|dequantize|linear|linear_parts]
 """
 from __future__ import annotations
 
 import cProfile
+import os
 import pstats
+import struct
 import sys
 
 import torch
+import torch.nn.functional as F
 
-import fp4cupy
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import fp4cupy  # noqa: E402
+from fp4cupy import cuda_linear, cuda_ops  # noqa: E402
+from timing import card, host_us  # noqa: E402
 
 
 def main(which: str = "quantize", calls: int = 3000):
@@ -38,6 +45,36 @@ def main(which: str = "quantize", calls: int = 3000):
     pstats.Stats(prof).sort_stats("tottime").print_stats(22)
 
 
+def linear_parts(calls: int = 20000):
+    """us a call of each step of ``fp4cupy.linear(x, prepare(W))`` (256x256, M=1, fp16), alone."""
+    pw = fp4cupy.prepare(fp4cupy.quantize(torch.randn(256, 256, device="cuda")))
+    x = torch.randn(1, 256, device="cuda", dtype=torch.float16)
+    w16 = torch.randn(256, 256, device="cuda", dtype=torch.float16)
+    y = x.new_empty(1, 256)
+    p = cuda_linear.plan(256, 256, 1, False, 0)
+    stream = cuda_ops._torch_stream_ptr(torch, 0)
+    args = (pw.codes.data_ptr(), pw.scale_codes.data_ptr(), x.data_ptr(), y.data_ptr(), 0,
+            pw.weight.global_scale_array.data_ptr())
+    block = p.launch._block()
+    parts = {
+        "fp4cupy.linear": lambda: fp4cupy.linear(x, pw),
+        "torch F.linear (same shape, fp16 weight)": lambda: F.linear(x, w16),
+        "cuda_linear.launch_w4a16 (arguments ready)": lambda: cuda_linear.launch_w4a16(1, 256, 256, False, 0, stream,
+                                                                                       args, None),
+        "runtime.Launcher call": lambda: p.launch(p.grid, p.threads, p.shared, stream, *args, 1, 256, 256),
+        "  of it, struct.pack_into": lambda: struct.pack_into(p.launch._fmt, block[0], 0, *args, 1, 256, 256),
+        "x.new_empty(*x.shape[:-1], n)": lambda: x.new_empty(*x.shape[:-1], 256),
+        "x.new_empty(x.shape[:-1] + (n,)) (a torch.Size)": lambda: x.new_empty(x.shape[:-1] + (256,)),
+        "six data_ptr()": lambda: (x.data_ptr(), y.data_ptr(), x.data_ptr(), y.data_ptr(), x.data_ptr(), y.data_ptr()),
+        "torch's raw stream": lambda: cuda_ops._torch_stream_ptr(torch, 0),
+        "cuda_linear.plan (cached)": lambda: cuda_linear.plan(256, 256, 1, False, 0),
+    }
+    print(f"== host time a call, each part alone ({card()}); the host's speed moves ~1.5x between runs\n")
+    print("| part | us |\n|---|---|")
+    for name, fn in parts.items():
+        print(f"| {name} | {host_us(fn, calls):.2f} |")
+
+
 if __name__ == "__main__":
     for w in sys.argv[1:] or ["quantize"]:
-        main(w)
+        linear_parts() if w == "linear_parts" else main(w)
