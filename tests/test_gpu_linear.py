@@ -58,6 +58,22 @@ def test_odd_m_ragged_n_batch_dims_and_bias(m, dtype):
     assert rel(fp4cupy.linear(x, w, bias), reference(x, w, bias)) <= TOL[dtype]  # unprepared: repacked per call
 
 
+@pytest.mark.parametrize("m,dtype,rows_a_block,want", [
+    (1, torch.float16, 32, "w4a16_rt2_nt1_u1_w4_f16"), (7, torch.float16, 32, "w4a16_rt2_nt1_u1_w4_f16"),
+    (11, torch.bfloat16, 32, "w4a16_rt2_nt2_u1_w4_bf16"), (16, torch.float16, 16, "w4a16_rt1_nt2_u1_w4_f16"),
+    (13, torch.bfloat16, 16, "w4a16_rt1_nt2_u1_w4_bf16")])
+def test_linear_where_the_plan_takes_the_capped_4_warp_kernels(m, dtype, rows_a_block, want):
+    """N sized so that the blocks fill ~99% of one wave at seven a SM (the 4-warp kernels under the
+    72-register cap), with a ragged last tile; through fp4cupy.linear, against float64."""
+    sms = cuda_linear._sm_count(0)
+    n, k = (7 * sms - 1) * rows_a_block - 8, 256
+    assert cuda_linear.plan(n, k, m, dtype == torch.bfloat16, 0).name == want
+    g = gen(n + m)
+    pw = fp4cupy.prepare(fp4cupy.quantize(torch.randn(n, k, device="cuda", generator=g)))
+    x = torch.randn(m, k, device="cuda", generator=g).to(dtype)
+    assert rel(fp4cupy.linear(x, pw), reference(x, pw.weight)) <= TOL[dtype]
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("variant", cuda_linear.VARIANTS)
 def test_every_kernel_variant(variant, dtype):

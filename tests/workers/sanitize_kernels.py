@@ -1,0 +1,51 @@
+"""Worker for tests/test_gpu_sanitizer.py, run under ``compute-sanitizer --tool <memcheck|racecheck|...>``:
+every mma.sync W4A16 variant once (ragged N, odd M, 1 warp and several), the capped 4-warp kernels
+through ``linear`` where the plan takes them, the warpgroup kernel's split-K and stream-K paths
+(sm_90a), and quantize / dequantize / prepare / the FP4 x FP4 gemm on ragged shapes in each format.
+The sanitizer's exit code says whether any access was out of bounds, raced or read uninitialized memory."""
+import torch
+
+import fp4cupy
+from fp4cupy import cuda_linear
+
+
+def weight(n: int, k: int):
+    return fp4cupy.prepare(fp4cupy.quantize(torch.randn(n, k, device="cuda")))
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    stream = torch.cuda.current_stream().cuda_stream
+    for variant in cuda_linear.VARIANTS:
+        rt, nt, u, max_warps = variant
+        n, k = 16 * 4 * rt + 8, 64 * 13
+        pw = weight(n, k)
+        for dtype in (torch.float16, torch.bfloat16):
+            for m, warps in ((8 * nt - 1, 1), (8 * nt + 5, min(8, max_warps))):
+                x = torch.randn(m, k, device="cuda").to(dtype)
+                y = torch.empty(m, n, device="cuda", dtype=dtype)
+                p = cuda_linear.make_plan(n, m, variant, warps, dtype == torch.bfloat16, 0)
+                p.launch(p.grid, p.threads, p.shared, stream, pw.codes.data_ptr(), pw.scale_codes.data_ptr(),
+                         x.data_ptr(), y.data_ptr(), 0, pw.weight.global_scale_array.data_ptr(), m, n, k)
+    sms = cuda_linear._sm_count(0)
+    for m, dtype, rows_a_block in ((1, torch.float16, 32), (11, torch.bfloat16, 32), (13, torch.float16, 16)):
+        pw = weight((7 * sms - 1) * rows_a_block - 8, 256)  # the capped kernels fill ~99% of a wave
+        fp4cupy.linear(torch.randn(m, 256, device="cuda").to(dtype), pw)
+    for fmt, group in (("nvfp4", 8), ("nvfp4", 16), ("nvfp4", 64), ("mxfp4", 32)):
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            x = torch.randn(37, 3 * 64, device="cuda").to(dtype)
+            x[1, 5] = float("nan")
+            t = fp4cupy.quantize(x, fmt, group, nonfinite="mark")
+            fp4cupy.dequantize(t, dtype=dtype)
+            fp4cupy.quantize(x[2:], fmt, group, global_scale=0.01 if fmt == "nvfp4" else None, nonfinite="mark")
+    a, b = fp4cupy.quantize(torch.randn(70, 192, device="cuda")), fp4cupy.quantize(torch.randn(192, 96, device="cuda"))
+    fp4cupy.gemm(a, b)
+    fp4cupy.gemm(a, fp4cupy.quantize(torch.randn(90, 192, device="cuda")), trans_b=True)
+    if cuda_linear.uses_warpgroup_kernel(64, 0):
+        for n, k, m in ((1000, 512, 33), (4096, 1024, 128), (28672, 256, 64)):  # split K, split K, stream-K
+            fp4cupy.linear(torch.randn(m, k, device="cuda", dtype=torch.bfloat16), weight(n, k))
+    torch.cuda.synchronize()
+
+
+if __name__ == "__main__":
+    main()
