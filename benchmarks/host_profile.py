@@ -54,7 +54,7 @@ def linear_parts(calls: int = 20000):
     p = cuda_linear.plan(256, 256, 1, False, 0)
     stream = cuda_ops._torch_stream_ptr(torch, 0)
     args = (pw.codes.data_ptr(), pw.scale_codes.data_ptr(), x.data_ptr(), y.data_ptr(), 0,
-            pw.weight.global_scale_array.data_ptr())
+            pw.global_scale.data_ptr())
     block = p.launch._block()
     parts = {
         "fp4cupy.linear": lambda: fp4cupy.linear(x, pw),

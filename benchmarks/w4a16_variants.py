@@ -35,7 +35,7 @@ def plan_fn(pws, x, y, p):
     def fn(i):
         pw = pws[i % 3]
         p.launch(p.grid, p.threads, p.shared, torch.cuda.current_stream().cuda_stream, pw.codes.data_ptr(),
-                 pw.scale_codes.data_ptr(), x.data_ptr(), y.data_ptr(), 0, pw.weight.global_scale_array.data_ptr(),
+                 pw.scale_codes.data_ptr(), x.data_ptr(), y.data_ptr(), 0, pw.global_scale.data_ptr(),
                  m, n, k)
     return fn
 

@@ -335,8 +335,7 @@ def _torch_scratch(like):
 
 def linear_torch(x, pw: PreparedWeight, bias=None):
     """``linear_repacked`` for a PreparedWeight of torch tensors."""
-    w = pw.weight
-    return linear_repacked(x, pw.codes, pw.scale_codes, w.global_scale_array, w.shape[0], bias)
+    return linear_repacked(x, pw.codes, pw.scale_codes, pw.global_scale, pw.weight.shape[0], bias)
 
 
 def linear(x, pw: PreparedWeight, bias=None):
@@ -357,7 +356,7 @@ def linear(x, pw: PreparedWeight, bias=None):
         bias = lib.cast(bias, dtype) if arrays.dtype_name(bias) != dtype else bias
         bias = bias.contiguous() if lib.torch else lib.mod.ascontiguousarray(bias)
     args = (lib.ptr(pw.codes), lib.ptr(pw.scale_codes), lib.ptr(x2), lib.ptr(y), 0 if bias is None else lib.ptr(bias),
-            lib.ptr(w.global_scale_array))
+            lib.ptr(pw.global_scale))
     launch_w4a16(m, n, k, dtype == "bfloat16", lib.device, lib.stream.ptr, args, lib.scratch)
     return y.reshape(lead + (n,))
 

@@ -8,6 +8,9 @@ The canonical tensor stays in ``.weight`` for export; nothing is cached behind t
 Numerics of the fast path: every weight is decoded to e2m1 * s * 2^-14 in fp16 (or bf16), which is
 exact (e2m1 * s has at most 6 significant bits in [2^-10, 2688]); products with x are summed in FP32
 by the tensor cores; the sum is multiplied by g * 2^14, plus the bias, and rounded to x's dtype.
+An MXFP4 weight runs as the NVFP4 tensor of the same values (``mxfp4_as_nvfp4``): its E8M0 block
+scales 2^e become E4M3 powers of two 2^(e - r) and g = 2^r, exact where the exponents of its
+nonzero blocks span at most 18 binades (E4M3 holds 2^-9 .. 2^8).
 """
 from __future__ import annotations
 
@@ -21,10 +24,13 @@ FAST_GROUP_SIZES = (16, 32, 64)
 CHUNK = 64  # K per warp step; K must be a multiple of it
 
 
+MX_BINADES = 18  # exponents of MXFP4 block scales one weight may span on the fast path: E4M3 2^-9 .. 2^8
+
+
 def fast_path_reason(w: FP4Tensor) -> str | None:
-    """Why ``w`` cannot use the mma kernel (None when it can)."""
+    """Why ``w`` cannot use the mma kernel (None when it can; MXFP4 after ``mxfp4_as_nvfp4``)."""
     if w.fmt != "nvfp4":
-        return f"fmt={w.fmt} (the fast kernel takes NVFP4)"
+        return f"fmt={w.fmt} (the fast kernel takes NVFP4; prepare() converts MXFP4)"
     if w.group_size not in FAST_GROUP_SIZES:
         return f"group_size={w.group_size} (the fast kernel takes {FAST_GROUP_SIZES})"
     if w.shape[1] % CHUNK or w.shape[1] != w.padded_shape[1]:
@@ -39,12 +45,14 @@ class PreparedWeight:
     codes:   uint8 view of u32 [ceil(N/16), K/64, 32, 4] repacked E2M1 codes (fast path only).
     scale_codes: uint8 [ceil(N/16), K/16, 8, 2] block scales as fp16 codes (fast path only).
     path:    'mma' (the W4A16 tensor-core kernel) or 'dequantize' (decode W each call, then a matmul).
+    global_scale: the kernel's g where the codes live (the weight's own, or an MXFP4 weight's 2^r).
     """
 
-    __slots__ = ("weight", "codes", "scale_codes", "path", "reason")
+    __slots__ = ("weight", "codes", "scale_codes", "path", "reason", "global_scale")
 
-    def __init__(self, weight: FP4Tensor, codes, scale_codes, path: str, reason: str | None):
+    def __init__(self, weight: FP4Tensor, codes, scale_codes, path: str, reason: str | None, global_scale=None):
         self.weight, self.codes, self.scale_codes, self.path, self.reason = weight, codes, scale_codes, path, reason
+        self.global_scale = weight.global_scale_array if global_scale is None else global_scale
 
     @property
     def shape(self) -> tuple:
@@ -67,30 +75,56 @@ class PreparedWeight:
 def prepare(w: FP4Tensor) -> PreparedWeight:
     """Repack an FP4Tensor weight [N, K] once for ``fp4cupy.linear`` (keep the result; it holds both forms).
 
-    Weights the fast kernel does not take (MXFP4, group size 8, K not a multiple of 64) get
-    path='dequantize': still correct, decoded on each call.
+    Weights the fast kernel does not take (group size 8, K not a multiple of 64, MXFP4 whose block
+    scales span more than 18 binades) get path='dequantize': still correct, decoded on each call.
     """
     if isinstance(w, PreparedWeight):
         return w
     if not isinstance(w, FP4Tensor) or len(w.shape) != 2:
         raise TypeError(f"prepare takes a 2-D FP4Tensor weight [N, K]; got {type(w).__name__} "
                         f"of shape {getattr(w, 'shape', '?')}")
-    reason = fast_path_reason(w)
+    kw = mxfp4_as_nvfp4(w) if w.fmt == "mxfp4" else w  # the weight the kernel runs
+    reason = kw if isinstance(kw, str) else fast_path_reason(kw)
     if reason is not None:
         return PreparedWeight(w, None, None, "dequantize", reason)
-    if bool((w.scales >= 128).any()):  # the sign bit of E4M3 (numpy, torch and CuPy alike)
+    if bool((kw.scales >= 128).any()):  # the sign bit of E4M3 (numpy, torch and CuPy alike)
         raise ValueError("prepare: the weight has negative E4M3 block scales; fp4cupy never writes them "
                          "and the fast kernel does not take them")
-    if arrays.is_cuda(w.data):
+    if arrays.is_cuda(kw.data):
         from . import cuda_linear
 
-        codes, scale_codes = cuda_linear.repack(w)
+        codes, scale_codes = cuda_linear.repack(kw)
     else:
-        n, k = w.shape
-        data, scales = arrays.to_numpy(w.data), arrays.to_numpy(w.scales)
-        codes = arrays.numpy_to(repack_codes(data, scales, n, k, w.group_size).view(np.uint8), w.library)
-        scale_codes = arrays.numpy_to(repack_scales(scales, n, k, w.group_size), w.library)
-    return PreparedWeight(w, codes, scale_codes, "mma", None)
+        n, k = kw.shape
+        data, scales = arrays.to_numpy(kw.data), arrays.to_numpy(kw.scales)
+        codes = arrays.numpy_to(repack_codes(data, scales, n, k, kw.group_size).view(np.uint8), kw.library)
+        scale_codes = arrays.numpy_to(repack_scales(scales, n, k, kw.group_size), kw.library)
+    return PreparedWeight(w, codes, scale_codes, "mma", None, kw.global_scale_array)
+
+
+def mxfp4_as_nvfp4(w: FP4Tensor) -> FP4Tensor | str:
+    """The NVFP4 tensor (group 32) of exactly ``w``'s values, or why there is none.
+
+    An E8M0 block scale 2^e (byte e + 127) becomes the E4M3 power of two 2^(e - r), r = (the largest
+    e) - 8, and the global scale 2^r; the codes stay. Exact when the nonzero blocks' e span at most
+    ``MX_BINADES``; a zero block (scale byte 0 and no nonzero code) gets scale 0, a NaN one (0xFF) 0x7F.
+    """
+    s = arrays.to_numpy(w.scales)
+    nan, live = s == 0xFF, (s != 0) & (s != 0xFF)
+    if (s == 0).any():  # 2^-127: a zero block, unless it holds codes (values below 2^-124)
+        data = arrays.to_numpy(w.data).reshape(s.shape + (16,))
+        live |= (s == 0) & (data & 0x77).any(axis=-1)
+    e = s.astype(np.int32) - 127
+    top = int(e[live].max()) if live.any() else 8  # none: g = 1
+    span = top - int(e[live].min()) + 1 if live.any() else 1
+    if span > MX_BINADES:
+        return f"its MXFP4 block scales span {span} binades (the fast kernel takes up to {MX_BINADES})"
+    p = e - (top - 8)  # 2^p in [2^-9, 2^8]: E4M3 (p + 7) << 3, or the subnormal 2^(p + 9)
+    code = np.where(p >= -6, (np.maximum(p, -6) + 7) << 3, 1 << np.clip(p + 9, 0, 2))
+    code = np.where(live, code, np.where(nan, 0x7F, 0)).astype(np.uint8)
+    g = np.ldexp(np.float32(1.0), top - 8).astype(np.float32)
+    scales = arrays.numpy_to(code, w.library, arrays.device_of(w.scales))
+    return FP4Tensor(w.data, scales, g, w.shape, "nvfp4", 32)
 
 
 def _nbytes(a) -> int:

@@ -75,6 +75,18 @@ def test_linear_where_the_plan_takes_the_capped_4_warp_kernels(m, dtype, rows_a_
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 16, 64])
+def test_mxfp4_weights_take_the_kernel(m, dtype):
+    """An MXFP4 weight whose block exponents span ~14 binades, prepared as the NVFP4 tensor of the same values."""
+    g = gen(100 + m)
+    w = torch.randn(1000, 512, device="cuda", generator=g) * torch.exp2(torch.linspace(-6, 6, 1000, device="cuda"))[:, None]
+    pw = fp4cupy.prepare(fp4cupy.quantize(w, "mxfp4"))
+    assert pw.path == "mma" and pw.weight.fmt == "mxfp4"
+    x = torch.randn(m, 512, device="cuda", generator=g).to(dtype)
+    assert rel(fp4cupy.linear(x, pw), reference(x, pw.weight)) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("variant", cuda_linear.VARIANTS)
 def test_every_kernel_variant(variant, dtype):
     rt, nt, u, max_warps = variant
@@ -87,7 +99,7 @@ def test_every_kernel_variant(variant, dtype):
         p = cuda_linear.make_plan(n, m, variant, warps, dtype == torch.bfloat16, 0)
         p.launch(p.grid, p.threads, p.shared, torch.cuda.current_stream().cuda_stream,
                  pw.codes.data_ptr(), pw.scale_codes.data_ptr(), x.data_ptr(), y.data_ptr(), 0,
-                 pw.weight.global_scale_array.data_ptr(), m, n, k)
+                 pw.global_scale.data_ptr(), m, n, k)
         torch.cuda.synchronize()
         assert rel(y, reference(x, pw.weight)) <= TOL[dtype], (m, warps)
 
@@ -199,7 +211,7 @@ def test_gpu_repack_equals_numpy_twin():
 
 def test_linear_host_plan_and_fallbacks():
     g = gen(5)
-    w = fp4cupy.quantize(torch.randn(64, 128, device="cuda", generator=g), "mxfp4")
+    w = fp4cupy.quantize(torch.randn(64, 128, device="cuda", generator=g), group_size=8)
     x = torch.randn(4, 128, device="cuda", generator=g, dtype=torch.float16)
     assert fp4cupy.prepare(w).path == "dequantize"
     assert rel(fp4cupy.linear(x, w), reference(x, w)) <= 1e-3

@@ -78,12 +78,14 @@ def test_zero_scale_blocks_get_zero_codes(rng):
 
 def test_prepare_falls_back_and_says_why(rng):
     x = rng.standard_normal((3, 96)).astype(np.float32)
-    for t, why in ((fp4cupy.quantize(x, "mxfp4"), "fmt=mxfp4"), (fp4cupy.quantize(x, group_size=8), "group_size=8"),
-                   (fp4cupy.quantize(x), "K=96")):
+    wide = np.pad(x, ((0, 0), (0, 32)))
+    wide[0, :32] *= 2.0 ** -20  # MXFP4 block exponents 21 binades apart
+    for t, why in ((fp4cupy.quantize(x, "mxfp4"), "K=96"), (fp4cupy.quantize(x, group_size=8), "group_size=8"),
+                   (fp4cupy.quantize(x), "K=96"), (fp4cupy.quantize(wide, "mxfp4"), "span 21 binades")):
         pw = fp4cupy.prepare(t)
         assert pw.path == "dequantize" and why in repr(pw)
-        y = fp4cupy.linear(np.ones((2, 96), np.float32), pw)
-        want = np.ones((2, 96)) @ t.dequantize().T.astype(np.float64)
+        y = fp4cupy.linear(np.ones((2, t.shape[1]), np.float32), pw)
+        want = np.ones((2, t.shape[1])) @ t.dequantize().T.astype(np.float64)
         # float32 sums of 96 terms: the error scales with the terms, not with a cancelled result
         np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5 * np.abs(t.dequantize()).sum(axis=1).max())
     with pytest.raises(TypeError, match="2-D FP4Tensor"):
@@ -114,3 +116,41 @@ def test_prepare_rejects_negative_scales_and_non_weights(rng):
         fp4cupy.prepare(fp4cupy.FP4Tensor(w.data, scales, w.global_scale, (16, 64)))
     with pytest.raises(TypeError, match="2-D FP4Tensor"):
         fp4cupy.prepare(fp4cupy.quantize(rng.standard_normal((2, 4, 64)).astype(np.float32)))
+
+
+def _mx_weight(rng, n, k, binades):
+    """An MXFP4 weight whose rows' magnitudes spread over about ``binades``, with a zero block and a NaN one."""
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    w *= np.exp2(np.linspace(0, binades - 3, n, dtype=np.float32))[:, None]
+    w[1, 32:64] = 0
+    w[2, 5] = np.nan
+    return fp4cupy.quantize(w, "mxfp4", nonfinite="mark")
+
+
+def test_mxfp4_runs_as_the_nvfp4_tensor_of_the_same_values(rng):
+    t = _mx_weight(rng, 40, 256, 17)
+    kw = prepared.mxfp4_as_nvfp4(t)
+    assert (kw.fmt, kw.group_size) == ("nvfp4", 32) and kw.data is t.data
+    np.testing.assert_array_equal(kw.dequantize(), t.dequantize())  # bit for bit, NaN block included
+    e = t.scales[(t.scales != 0) & (t.scales != 0xFF)].astype(int) - 127
+    assert kw.global_scale == 2.0 ** (e.max() - 8) and e.max() - e.min() + 1 <= prepared.MX_BINADES
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_emulated_kernel_on_an_mxfp4_weight(rng, bf16):
+    t = _mx_weight(rng, 40, 256, 18)
+    t = fp4cupy.FP4Tensor(t.data, np.where(t.scales == 0xFF, np.uint8(0x80), t.scales), shape=t.shape, fmt="mxfp4")
+    pw = fp4cupy.prepare(t)  # (the NaN block's scale replaced by 2^1: NaN would poison the whole product)
+    assert pw.path == "mma"
+    x = rng.standard_normal((5, 256))
+    want = x @ t.dequantize().astype(np.float64).T
+    got = prepared.emulate_linear(x, pw.codes, pw.scale_codes, float(pw.global_scale), 40, bf16)
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12 * np.abs(want).max())
+
+
+def test_mxfp4_zero_scale_block_with_codes_counts_for_the_span(rng):
+    t = _mx_weight(rng, 16, 64, 4)
+    scales = t.scales.copy()
+    scales[0, 0] = 0  # 2^-127 over nonzero codes: values of ~1e-38, 120+ binades below the rest
+    pw = fp4cupy.prepare(fp4cupy.FP4Tensor(t.data, scales, shape=t.shape, fmt="mxfp4"))
+    assert pw.path == "dequantize" and "binades" in pw.reason

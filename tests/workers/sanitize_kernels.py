@@ -26,7 +26,7 @@ def main() -> None:
                 y = torch.empty(m, n, device="cuda", dtype=dtype)
                 p = cuda_linear.make_plan(n, m, variant, warps, dtype == torch.bfloat16, 0)
                 p.launch(p.grid, p.threads, p.shared, stream, pw.codes.data_ptr(), pw.scale_codes.data_ptr(),
-                         x.data_ptr(), y.data_ptr(), 0, pw.weight.global_scale_array.data_ptr(), m, n, k)
+                         x.data_ptr(), y.data_ptr(), 0, pw.global_scale.data_ptr(), m, n, k)
     sms = cuda_linear._sm_count(0)
     for m, dtype, rows_a_block in ((1, torch.float16, 32), (11, torch.bfloat16, 32), (13, torch.float16, 16)):
         pw = weight((7 * sms - 1) * rows_a_block - 8, 256)  # the capped kernels fill ~99% of a wave
