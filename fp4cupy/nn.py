@@ -25,7 +25,7 @@ from torch import nn
 from . import torch_ops  # noqa: F401  (registers the custom ops)
 from .formats import get_format
 from .ops import quantize
-from .prepared import fast_path_reason, prepare
+from .prepared import mxfp4_scales_from_nvfp4, prepare
 from .tensor import FP4Tensor
 
 
@@ -63,6 +63,8 @@ class NVFP4Linear(nn.Module):
         # and load_state_dict, so forward only reads buffers (traceable by torch.compile)
         self.register_buffer("codes", None, persistent=False)
         self.register_buffer("scale_codes", None, persistent=False)
+        # an MXFP4 weight runs as the NVFP4 tensor of the same values: the repack's global scale 2^r
+        self.register_buffer("kernel_global_scale", None, persistent=False)
         self.register_load_state_dict_post_hook(lambda module, _: module.refresh_repack())
 
     @_class_or_instance_method
@@ -120,6 +122,8 @@ class NVFP4Linear(nn.Module):
 
             data, scales = cuda_linear.unrepack(self.codes, self.scale_codes, self.out_features, self.in_features,
                                                 self.group_size)
+            if self.kernel_global_scale is not None:
+                scales = mxfp4_scales_from_nvfp4(scales, self.kernel_global_scale)
         g = self.weight_global_scale if data.is_cuda else float(self.weight_global_scale)
         return FP4Tensor(data, scales, g, (self.out_features, self.in_features), self.fmt, self.group_size)
 
@@ -130,12 +134,14 @@ class NVFP4Linear(nn.Module):
         canonical buffers by hand."""
         if self.weight is None:
             return
-        codes = scale_codes = None
-        if self.weight.is_cuda and fast_path_reason(self.fp4_weight()) is None:
-            pw = prepare(self.fp4_weight())
-            codes, scale_codes = pw.codes, pw.scale_codes
-            self.weight, self.weight_scale = None, None
-        self.codes, self.scale_codes = codes, scale_codes
+        codes = scale_codes = kernel_g = None
+        if self.weight.is_cuda:
+            pw = prepare(self.fp4_weight())  # MXFP4: the NVFP4 twin, or the dequantize path (and why)
+            if pw.path == "mma":
+                codes, scale_codes = pw.codes, pw.scale_codes
+                kernel_g = pw.global_scale if self.fmt == "mxfp4" else None
+                self.weight, self.weight_scale = None, None
+        self.codes, self.scale_codes, self.kernel_global_scale = codes, scale_codes, kernel_g
 
     def _materialize(self) -> None:
         """Canonical buffers back from the repack (before loading into them, or on leaving the GPU)."""
@@ -148,13 +154,18 @@ class NVFP4Linear(nn.Module):
 
                 n, k = self.out_features, self.in_features
                 self.weight = torch.from_numpy(unpack_codes(self.codes.numpy(), n, k))
-                self.weight_scale = torch.from_numpy(unpack_scales(self.scale_codes.numpy(), n, k, self.group_size))
-            self.codes = self.scale_codes = None
+                scales = torch.from_numpy(unpack_scales(self.scale_codes.numpy(), n, k, self.group_size))
+                g = self.kernel_global_scale
+                self.weight_scale = scales if g is None else mxfp4_scales_from_nvfp4(scales, g)
+            self.codes = self.scale_codes = self.kernel_global_scale = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return torch.ops.fp4cupy.linear(x, self.weight, self.weight_scale, self.weight_global_scale, self.codes,
-                                        self.scale_codes, bias, self.fmt, self.group_size, self.out_features)
+        g, fmt = self.weight_global_scale, self.fmt
+        if self.kernel_global_scale is not None:  # the repack of an MXFP4 weight's NVFP4 twin
+            g, fmt = self.kernel_global_scale, "nvfp4"
+        return torch.ops.fp4cupy.linear(x, self.weight, self.weight_scale, g, self.codes, self.scale_codes, bias,
+                                        fmt, self.group_size, self.out_features)
 
     def _apply(self, fn, recurse=True):
         out = super()._apply(fn, recurse)

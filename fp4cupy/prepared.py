@@ -127,6 +127,17 @@ def mxfp4_as_nvfp4(w: FP4Tensor) -> FP4Tensor | str:
     return FP4Tensor(w.data, scales, g, w.shape, "nvfp4", 32)
 
 
+def mxfp4_scales_from_nvfp4(scales, g):
+    """The E8M0 block scales that ``mxfp4_as_nvfp4`` turned into the E4M3 ``scales`` with global scale
+    ``g`` (its inverse: 2^p * 2^r -> byte p + r + 127; 0 -> 0, NaN -> 0xFF), in ``scales``' library."""
+    c = arrays.to_numpy(scales)
+    r = int(np.log2(float(arrays.to_numpy(g).reshape(()))))  # g is a power of two
+    v = reference.e4m3_decode(c & 0x7F)
+    p = np.log2(np.where(v > 0, v, 1)).astype(np.int32)
+    b = np.where(c == 0x7F, 0xFF, np.where(c == 0, 0, p + r + 127)).astype(np.uint8)
+    return arrays.numpy_to(b, arrays.library_of(scales), arrays.device_of(scales))
+
+
 def _nbytes(a) -> int:
     return int(a.numel() * a.element_size()) if arrays.is_torch(a) else int(a.nbytes)
 

@@ -126,3 +126,28 @@ def test_cuda_layer_holds_only_the_repack_and_exports_the_canonical_bytes():
     torch.testing.assert_close(back(x), fp4cupy.NVFP4Linear.from_float(lin)(x), rtol=0, atol=0)
     big = torch.randn(300, 256, device="cuda", dtype=torch.bfloat16)  # M > MMA_MAX_M: decoded from the repack
     assert rel(back(big), reference(back, big)) <= 8e-3
+
+
+def test_mxfp4_layer_runs_the_kernel_and_exports_its_e8m0_scales():
+    torch.manual_seed(11)
+    lin = torch.nn.Linear(256, 200, device="cuda", dtype=torch.bfloat16)
+    layer = fp4cupy.NVFP4Linear.from_float(lin, group_size=32, fmt="mxfp4")
+    t = fp4cupy.quantize(lin.weight.detach(), "mxfp4")
+    assert layer.weight is None and layer.codes is not None and layer.kernel_global_scale is not None
+    state = layer.state_dict()
+    assert "kernel_global_scale" not in state and float(state["weight_global_scale"]) == 1.0
+    assert torch.equal(state["weight"], t.data) and torch.equal(state["weight_scale"], t.scales)
+    want = lambda x: x.double() @ t.dequantize().double().T + lin.bias.double()  # noqa: E731
+    x = torch.randn(3, 256, device="cuda", dtype=torch.bfloat16)
+    assert rel(layer(x), want(x)) <= 8e-3
+    big, xf = torch.randn(300, 256, device="cuda", dtype=torch.bfloat16), x.float()  # decoded from the repack
+    assert rel(layer(big), want(big)) <= 8e-3 and rel(layer(xf), want(xf)) <= 1e-5
+    torch.testing.assert_close(torch.compile(layer, fullgraph=True)(x), layer(x), rtol=0, atol=0)
+    cpu = layer.cpu()
+    assert torch.equal(cpu.weight_scale, t.scales.cpu()) and cpu.codes is None and cpu.kernel_global_scale is None
+    back = cpu.cuda()
+    assert back.codes is not None
+    torch.testing.assert_close(back(x), fp4cupy.NVFP4Linear.from_float(lin, 32, "mxfp4")(x), rtol=0, atol=0)
+    fresh = fp4cupy.NVFP4Linear(256, 200, 32, fmt="mxfp4", device="cuda", dtype=torch.bfloat16)
+    fresh.load_state_dict(state)
+    assert fresh.weight is None and torch.equal(fresh.state_dict()["weight_scale"], t.scales)

@@ -132,6 +132,7 @@ def test_mxfp4_runs_as_the_nvfp4_tensor_of_the_same_values(rng):
     kw = prepared.mxfp4_as_nvfp4(t)
     assert (kw.fmt, kw.group_size) == ("nvfp4", 32) and kw.data is t.data
     np.testing.assert_array_equal(kw.dequantize(), t.dequantize())  # bit for bit, NaN block included
+    np.testing.assert_array_equal(prepared.mxfp4_scales_from_nvfp4(kw.scales, kw.global_scale_array), t.scales)
     e = t.scales[(t.scales != 0) & (t.scales != 0xFF)].astype(int) - 127
     assert kw.global_scale == 2.0 ** (e.max() - 8) and e.max() - e.min() + 1 <= prepared.MX_BINADES
 
