@@ -122,10 +122,10 @@ def plan(n: int, k: int, m: int, bf16: bool, device: int) -> Plan:
     (H200, N of 13312-14784: fp16 2-5% faster, 14336x4096 14.5 against 15.4 us; bf16 8-10%, 15.6
     against 16.9; at 12288 or 15360 rows they lost).
     Two-tile blocks of 4 warps at 72 registers (seven a SM, one chunk a step, ``NARROW_TWO``) run
-    where their waves come out fuller than the plan's two-tile grid's: fp16 at M <= 8 (H200, M=1,
-    12 shapes of 24576-57344 rows, all as predicted: 2-7% faster, 28672x8192 36.6 against 37.3 us,
-    32768x8192 16% slower), bf16 at 9-16 tokens (9 shapes, as predicted: 3-6%, 28672x8192 49.0
-    against 51.5). The other dtype measured equal with each.
+    where their waves come out fuller than the plan's two-tile grid's: fp16 at M <= 8 (H200, 34
+    rows of 17408-57344 rows at M=1 and 8, all as predicted: up to 11% faster where taken,
+    28672x8192 36.5 against 37.2 us; 13-16% slower where not, 32768 rows), bf16 at 9-16 tokens
+    (38 rows, as predicted: 3-10%, 28672x8192 48.5 against 50.2). The other dtype measured equal.
     """
     nt = 1 if m <= 8 else 2 if m <= 16 else 4 if m <= 32 else 8
     sms = _sm_count(device)
@@ -143,9 +143,10 @@ def plan(n: int, k: int, m: int, bf16: bool, device: int) -> Plan:
         variant, warps = one, 4  # one wave instead of more than one
     else:
         variant, warps = two, (4 if blocks >= 4 * sms else 8) if nt == 1 else 16 if blocks < 2 * sms else 8
-        narrow, resident = NARROW_TWO.get((nt, bf16)), _blocks_per_sm(two, warps, bf16, device) * sms
-        if narrow and resident and _last_wave_fill(blocks, NARROW_BLOCKS_PER_SM * sms) > _last_wave_fill(blocks, resident):
-            variant, warps = narrow, 4  # its waves are fuller
+        narrow = NARROW_TWO.get((nt, bf16))
+        resident = _blocks_per_sm(two, warps, bf16, device) * sms if narrow else 0
+        if resident and _last_wave_fill(blocks, NARROW_BLOCKS_PER_SM * sms) > _last_wave_fill(blocks, resident):
+            variant, warps = narrow, 4  # its waves are fuller than the two-tile grid's
     warps = max(1, min(warps, (k // 64) // 2 or 1, SHARED_LIMIT // (variant[0] * nt * 512)))
     return make_plan(n, m, variant, warps, bf16, device)
 
