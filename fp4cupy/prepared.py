@@ -119,9 +119,8 @@ def mxfp4_as_nvfp4(w: FP4Tensor) -> FP4Tensor | str:
     span = top - int(e[live].min()) + 1 if live.any() else 1
     if span > MX_BINADES:
         return f"its MXFP4 block scales span {span} binades (the fast kernel takes up to {MX_BINADES})"
-    p = e - (top - 8)  # 2^p in [2^-9, 2^8]: E4M3 (p + 7) << 3, or the subnormal 2^(p + 9)
-    code = np.where(p >= -6, (np.maximum(p, -6) + 7) << 3, 1 << np.clip(p + 9, 0, 2))
-    code = np.where(live, code, np.where(nan, 0x7F, 0)).astype(np.uint8)
+    p = np.where(live, e - (top - 8), 0)  # 2^p in [2^-9, 2^8]: exact in E4M3
+    code = np.where(live, reference.e4m3_encode(np.ldexp(np.float32(1.0), p)), np.where(nan, 0x7F, 0)).astype(np.uint8)
     g = np.ldexp(np.float32(1.0), top - 8).astype(np.float32)
     scales = arrays.numpy_to(code, w.library, arrays.device_of(w.scales))
     return FP4Tensor(w.data, scales, g, w.shape, "nvfp4", 32)
