@@ -79,7 +79,8 @@ def test_linear_where_the_plan_takes_the_capped_4_warp_kernels(m, dtype, rows_a_
 def test_mxfp4_weights_take_the_kernel(m, dtype):
     """An MXFP4 weight whose block exponents span ~14 binades, prepared as the NVFP4 tensor of the same values."""
     g = gen(100 + m)
-    w = torch.randn(1000, 512, device="cuda", generator=g) * torch.exp2(torch.linspace(-6, 6, 1000, device="cuda"))[:, None]
+    rows = torch.exp2(torch.linspace(-6, 6, 1000, device="cuda"))[:, None]
+    w = torch.randn(1000, 512, device="cuda", generator=g) * rows
     pw = fp4cupy.prepare(fp4cupy.quantize(w, "mxfp4"))
     assert pw.path == "mma" and pw.weight.fmt == "mxfp4"
     x = torch.randn(m, 512, device="cuda", generator=g).to(dtype)
