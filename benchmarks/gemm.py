@@ -86,7 +86,7 @@ def other_path_ratio(x, dense, prep, attr, value):
 def kernel_used(n, k, m, bf16):
     if m > cuda_linear.MMA_MAX_M:
         return "dequantize+cuBLAS"
-    if cuda_linear.uses_warpgroup_kernel(m, 0):
+    if cuda_linear.uses_warpgroup_kernel(m, n, k, 0):
         p = cuda_linear.wg_plan(n, k, m, bf16, 0)
         return f"{p.name} grid {p.grid[0]}x{p.grid[1]}"
     return cuda_linear.plan(n, k, m, bf16, 0).name

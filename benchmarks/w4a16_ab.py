@@ -5,9 +5,9 @@
 
 Each copy (any .cu that defines the same extern "C" kernels; it may #include the package's headers)
 runs the kernel ``plan`` picks for each (shape, M), or the one ``--kernel`` names, on the same grid,
-block and shared memory as the package's. Where M takes the warpgroup kernel (33-128 tokens on
-sm_90a), the copies are of w4a16_wgmma.cu and run ``wg_plan``'s launches (xprep, then the main
-kernel). Every candidate and cuBLAS fp16 F.linear are captured in CUDA graphs of 20 calls over
+block and shared memory as the package's. Where the call takes the warpgroup kernel (sm_90a; see
+``cuda_linear.uses_warpgroup_kernel``), the copies are of w4a16_wgmma.cu and run ``wg_plan``'s
+launches (xprep, then the main kernel). Every candidate and cuBLAS fp16 F.linear are captured in CUDA graphs of 20 calls over
 three rotating weights and replayed interleaved, 7 rounds; the table gives the median us a call
 and the ratio against cuBLAS. A candidate whose output misses the float64 reference by more than
 2e-3 (relative Frobenius) is flagged: an ablation may do that on purpose.
@@ -80,7 +80,7 @@ def wg_fn(source: str | None, prepared, x, y):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("sources", nargs="+", help="edited copies of w4a16.cu, or of w4a16_wgmma.cu for M >= 33")
+    ap.add_argument("sources", nargs="+", help="edited copies of w4a16.cu, or of w4a16_wgmma.cu where it runs")
     ap.add_argument("--shapes", default="4096x4096,14336x4096,4096x14336,28672x8192,8192x28672")
     ap.add_argument("--m", default="1,16")
     ap.add_argument("--bf16", action="store_true")
@@ -108,7 +108,7 @@ def main():
             def chained(fn):
                 return (lambda i: (x.copy_(x0), fn(i))) if args.chain else fn
             graphs, notes, keep = [capture(chained(lambda i: F.linear(x, dense[i % 3])), CALLS)], [""], []
-            wg = cuda_linear.uses_warpgroup_kernel(m, 0)
+            wg = cuda_linear.uses_warpgroup_kernel(m, n, k, 0)
             for source in [None] + sources:
                 if wg:
                     call, p = wg_fn(source, prepared, x, y)

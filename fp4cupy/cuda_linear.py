@@ -1,9 +1,9 @@
 """The W4A16 ``linear`` on the GPU (kernels_cu/w4a16.cu, w4a16_wgmma.cu); the FP4 x FP4 ``gemm``
 is in cuda_gemm.py.
 
-Up to 32 tokens, one launch of an mma.sync kernel chosen from ``plan()`` by (M bucket, N); 33-128
-tokens on sm_90a, the warpgroup-MMA kernel (w4a16_wgmma.cu, ``wg_plan``), elsewhere the mma.sync
-kernel. The weight must be ``prepare``d (repacked once, prepare.cu). Past ``MMA_MAX_M`` tokens, on
+Up to 16 tokens, one launch of an mma.sync kernel chosen from ``plan()`` by (M bucket, N); on
+sm_90a, the warpgroup-MMA kernel (w4a16_wgmma.cu, ``wg_plan``) from 33 tokens, and from 17 on
+large weights (``uses_warpgroup_kernel``); elsewhere the mma.sync kernel up to ``MMA_MAX_M``. The weight must be ``prepare``d (repacked once, prepare.cu). Past ``MMA_MAX_M`` tokens, on
 GPUs older than sm_80, or for weights the kernel does not take, W is dequantized and cuBLAS
 multiplies.
 """
@@ -165,8 +165,20 @@ def _blocks_per_sm(variant, warps: int, bf16: bool, device: int) -> int:
     return p.launch.max_active_blocks(p.threads, p.shared)
 
 
-# The warpgroup-MMA kernel (w4a16_wgmma.cu, sm_90a) for WG_MIN_M..MMA_MAX_M tokens.
-WG_MIN_M = 33            # up to 32 tokens the mma.sync kernel is as fast or faster (benchmarks/RESULTS.md)
+# The warpgroup-MMA kernel (w4a16_wgmma.cu, sm_90a) for WG_MIN_M..MMA_MAX_M tokens: from
+# WG_ANY_WEIGHT_M for every weight; from WG_MIN_M for weights of more than WG_MIN_WEIGHTS values,
+# but twice that where plan()'s one-tile grid runs 1.5-2 blocks a SM (N of 24-32 rows a SM). H200,
+# 17-32 tokens, warpgroup time over mma.sync time (benchmarks/RESULTS.md, session 13): 0.38-0.97
+# on 19 of the 24 shapes the rule gives it (1024x32768 0.38, 5120x13824 0.65, 5120x4096 0.82,
+# 28672x8192 0.83), 0.97-1.06 on five (14336x4096, 13824x5120, 8192x3072, 12288x2048, 16384x2048);
+# 1.02-1.21 on the five where it keeps mma.sync (4096 rows, K 4096-8192).
+WG_MIN_M = 17
+WG_ANY_WEIGHT_M = 33
+WG_MIN_WEIGHTS = 1 << 24
+# Token columns of its kernels (NT): the least NT >= M runs, since the kernel's time grows with
+# NT whatever M is (H200: NT = M + 0..15 against NT = 64 / 128 was 2-17% faster at every M and
+# shape measured, 28672x8192 M=65 103.8 -> 87.0 us). Keep in step with w4a16_wgmma.cu.
+WG_TOKEN_TILES = (24, 32, 48, 64, 80, 96, 112, 128)
 WG_SLOTS = 8              # chunk slots in shared memory, as in the kernel
 WG_GROUPS = 4             # warpgroups a block: 256 rows of W share each chunk of x
 WG_CLUSTER = 2            # blocks a cluster (multicast copies of x), as in the kernel
@@ -239,16 +251,26 @@ def wg_shared(nt: int) -> int:
     return WG_SLOTS * (nt * 128 + 128 * WG_GROUPS * 20) + 8 * WG_SLOTS
 
 
+def wg_kernel_name(nt: int, bf16: bool, stream_k: bool) -> str:
+    """w4a16_wg{sk if stream_k}_nt{nt}_{f16,bf16} (sk: the stream-K loop)."""
+    return f"w4a16_wg{'sk' if stream_k else ''}_nt{nt}_{'bf16' if bf16 else 'f16'}"
+
+
 def wg_kernel(nt: int, bf16: bool, stream_k: bool, device: int):
-    """The launcher of w4a16_wg{sk if stream_k}_nt{nt}_{f16,bf16} (sk: the stream-K loop)."""
-    name = f"w4a16_wg{'sk' if stream_k else ''}_nt{nt}_{'bf16' if bf16 else 'f16'}"
-    return runtime.launcher("w4a16_wgmma.cu", name, device, _WG_SIGNATURE).allow_shared(wg_shared(nt))
+    """The launcher of ``wg_kernel_name(nt, bf16, stream_k)``."""
+    return runtime.launcher("w4a16_wgmma.cu", wg_kernel_name(nt, bf16, stream_k), device,
+                            _WG_SIGNATURE).allow_shared(wg_shared(nt))
+
+
+def wg_token_tile(m: int) -> int:
+    """The kernel's token columns NT for ``m`` tokens: the least of WG_TOKEN_TILES that holds them."""
+    return next(nt for nt in WG_TOKEN_TILES if nt >= m)
 
 
 @functools.lru_cache(maxsize=4096)
 def wg_plan(n: int, k: int, m: int, bf16: bool, device: int) -> WgPlan:
-    """NT = 64 or 128 token columns, the grid of ``wg_grid`` and its kernel."""
-    nt = 64 if m <= 64 else 128
+    """``wg_token_tile(m)`` token columns, the grid of ``wg_grid`` and its kernel."""
+    nt = wg_token_tile(m)
     threads, shared = 128 * WG_GROUPS, wg_shared(nt)
     # stream-K's owners and split K's blocks wait for others: only with the whole grid running at once
     resident = wg_kernel(nt, bf16, True, device).max_active_clusters(WG_CLUSTER, threads, shared)
@@ -265,19 +287,26 @@ def _wg_ok(device: int) -> bool:
     return cc is not None and runtime.target_for(cc) == "sm_90a"
 
 
-def uses_warpgroup_kernel(m: int, device: int) -> bool:
-    """Whether ``launch_w4a16`` takes w4a16_wgmma.cu for ``m`` tokens on ``device``."""
-    return m >= WG_MIN_M and _wg_ok(device)
+def uses_warpgroup_kernel(m: int, n: int, k: int, device: int) -> bool:
+    """Whether ``launch_w4a16`` takes w4a16_wgmma.cu for ``m`` tokens and an [n, k] weight on ``device``."""
+    if m < WG_MIN_M or not _wg_ok(device):
+        return False
+    if m >= WG_ANY_WEIGHT_M:
+        return True
+    if n * k <= WG_MIN_WEIGHTS:
+        return False
+    sms = _sm_count(device)  # plan()'s one-tile grid at 1.5-2 blocks a SM holds its own up to 2x the weights
+    return n * k > 2 * WG_MIN_WEIGHTS or not 24 * sms <= n < 2 * TILE_ROWS * sms
 
 
 def launch_w4a16(m: int, n: int, k: int, bf16: bool, device: int, stream: int, args: tuple, scratch) -> None:
     """Queue the W4A16 kernels for ``m`` (1..MMA_MAX_M) tokens on ``stream``. ``args``: the raw
-    pointers (codes, scale codes, x, y, bias or 0, global scale). Up to WG_MIN_M - 1 tokens, or off
-    sm_90a, one mma.sync launch from ``plan``; else w4a16_wgmma.cu, whose scratch (the reordered x,
+    pointers (codes, scale codes, x, y, bias or 0, global scale). Where ``uses_warpgroup_kernel``
+    says no, one mma.sync launch from ``plan``; else w4a16_wgmma.cu, whose scratch (the reordered x,
     and the partial sums of split K or of stream-K's cut tiles, ``WgPlan.workspace``) comes from
     ``scratch(nbytes)`` -> (buffer, pointer), held until the launches are queued (the allocators
     reuse it in stream order, after them)."""
-    if not uses_warpgroup_kernel(m, device):
+    if not uses_warpgroup_kernel(m, n, k, device):
         p = plan(n, k, m, bf16, device)
         p.launch(p.grid, p.threads, p.shared, stream, *args, m, n, k)
         return

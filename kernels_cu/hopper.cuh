@@ -51,27 +51,44 @@ __device__ __forceinline__ u64 smem_desc(u32 addr, u32 lbo, u32 sbo) {
     return (u64)((addr & 0x3FFFFu) >> 4) | ((u64)(lbo >> 4) << 16) | ((u64)(sbo >> 4) << 32);
 }
 
-#define WG_D32 "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
-               "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
-#define WG_D64 WG_D32 ", %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, " \
-               "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
-#define WG_F8(i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]), "+f"(d[i + 6]), "+f"(d[i + 7])
-#define WG_F32 WG_F8(0), WG_F8(8), WG_F8(16), WG_F8(24)
-#define WG_F64 WG_F32, WG_F8(32), WG_F8(40), WG_F8(48), WG_F8(56)
+#define WG_D12 "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11"
+#define WG_D16 WG_D12 ", %12, %13, %14, %15"
+#define WG_D24 WG_D16 ", %16, %17, %18, %19, %20, %21, %22, %23"
+#define WG_D32 WG_D24 ", %24, %25, %26, %27, %28, %29, %30, %31"
+#define WG_D40 WG_D32 ", %32, %33, %34, %35, %36, %37, %38, %39"
+#define WG_D48 WG_D40 ", %40, %41, %42, %43, %44, %45, %46, %47"
+#define WG_D56 WG_D48 ", %48, %49, %50, %51, %52, %53, %54, %55"
+#define WG_D64 WG_D56 ", %56, %57, %58, %59, %60, %61, %62, %63"
+#define WG_F4(i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3])
+#define WG_F8(i) WG_F4(i), WG_F4(i + 4)
+#define WG_F12 WG_F8(0), WG_F4(8)
+#define WG_F16 WG_F8(0), WG_F8(8)
+#define WG_F24 WG_F16, WG_F8(16)
+#define WG_F32 WG_F24, WG_F8(24)
+#define WG_F40 WG_F32, WG_F8(32)
+#define WG_F48 WG_F40, WG_F8(40)
+#define WG_F56 WG_F48, WG_F8(48)
+#define WG_F64 WG_F56, WG_F8(56)
 #define WG_MMA(N, TY, DL, A0, DESC, ONE)                                                              \
     "{.reg .pred p; setp.ne.b32 p, " ONE ", 0; wgmma.mma_async.sync.aligned.m64n" #N "k16.f32." TY "." TY \
     " {" DL "}, {" A0 "}, " DESC ", p, 1, 1, 0;}"
 
 // d (+)= A (64 x 16, registers) * B (16 x NT, shared memory via desc), one specialization a
-// (type, NT): the accumulator operand list is spelled out per NT
+// (type, NT): the accumulator operand list (NT / 2 floats a thread) is spelled out per NT
 template <bool BF16, int NT> __device__ __forceinline__ void wgmma(float (&d)[NT / 2], const u32 (&a)[4], u64 desc);
-#define WG_MMA_FN(BF16, NT, TY, DL, FL, A0, DESC, ONE)                                                     \
+#define WG_MMA_FN(BF16, NT, TY, DL, A0, DESC, ONE, ...)                                                    \
     template <> __device__ __forceinline__ void wgmma<BF16, NT>(float (&d)[NT / 2], const u32 (&a)[4], u64 desc) { \
         asm volatile(WG_MMA(NT, TY, DL, A0, DESC, ONE)                                                       \
-                     : FL : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1));                  \
+                     : __VA_ARGS__ : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1));         \
     }
-WG_MMA_FN(false, 128, "f16", WG_D64, WG_F64, "%64, %65, %66, %67", "%68", "%69")
-WG_MMA_FN(true, 128, "bf16", WG_D64, WG_F64, "%64, %65, %66, %67", "%68", "%69")
-WG_MMA_FN(false, 64, "f16", WG_D32, WG_F32, "%32, %33, %34, %35", "%36", "%37")
-WG_MMA_FN(true, 64, "bf16", WG_D32, WG_F32, "%32, %33, %34, %35", "%36", "%37")
+#define WG_MMA_FNS(NT, DL, A0, DESC, ONE, ...) \
+    WG_MMA_FN(false, NT, "f16", DL, A0, DESC, ONE, __VA_ARGS__) WG_MMA_FN(true, NT, "bf16", DL, A0, DESC, ONE, __VA_ARGS__)
+WG_MMA_FNS(24, WG_D12, "%12, %13, %14, %15", "%16", "%17", WG_F12)
+WG_MMA_FNS(32, WG_D16, "%16, %17, %18, %19", "%20", "%21", WG_F16)
+WG_MMA_FNS(48, WG_D24, "%24, %25, %26, %27", "%28", "%29", WG_F24)
+WG_MMA_FNS(64, WG_D32, "%32, %33, %34, %35", "%36", "%37", WG_F32)
+WG_MMA_FNS(80, WG_D40, "%40, %41, %42, %43", "%44", "%45", WG_F40)
+WG_MMA_FNS(96, WG_D48, "%48, %49, %50, %51", "%52", "%53", WG_F48)
+WG_MMA_FNS(112, WG_D56, "%56, %57, %58, %59", "%60", "%61", WG_F56)
+WG_MMA_FNS(128, WG_D64, "%64, %65, %66, %67", "%68", "%69", WG_F64)
 #endif

@@ -1,5 +1,7 @@
-// w4a16_wgmma.cu - y[M, N] = x[M, K] @ W^T * g (+ bias) for 33..128 tokens on sm_90a:
-// warpgroup MMA (wgmma.m64nNTk16) with the weight decoded in registers as the A operand.
+// w4a16_wgmma.cu - y[M, N] = x[M, K] @ W^T * g (+ bias) for 17..128 tokens on sm_90a:
+// warpgroup MMA (wgmma.m64nNTk16) with the weight decoded in registers as the A operand. NT, the
+// token columns, is 24, 32, then a multiple of 16 up to 128: the plan takes the least NT >= M,
+// since the loop's time grows with NT whatever M is (cuda_linear.WG_TOKEN_TILES).
 //
 // Roles: y^T = W x^T. A warpgroup owns 64 rows of W (its 4 warps one 16-row tile each, in the
 // repack of prepare.cu, decoded exactly as in w4a16.cu to e2m1 * s * 2^-14) and all NT tokens:
@@ -344,7 +346,7 @@ __device__ void w4a16_wg_body(const uint4* __restrict__ wq, const unsigned short
 #endif
 }
 
-// w4a16_wg{,sk}_nt{64,128}_{f16,bf16}: sk = stream-K
+// w4a16_wg{,sk}_nt{NT}_{f16,bf16}: sk = stream-K
 #define W4A16_WG(NAME, NT, SK)                                                                                     \
     extern "C" __global__ void __launch_bounds__(512, 1) WG_CLUSTER_DIMS NAME##_nt##NT##_f16(                      \
         const uint4* wq, const unsigned short* sq, const uint4* xp, __half* y, float* ws, const __half* bias,      \
@@ -357,8 +359,13 @@ __device__ void w4a16_wg_body(const uint4* __restrict__ wq, const unsigned short
         w4a16_wg_body<true, NT, SK>(wq, sq, xp, y, ws, bias, g, m, n, k, cps);                                     \
     }
 
-W4A16_WG(w4a16_wg, 64, false)
-W4A16_WG(w4a16_wg, 128, false)
-W4A16_WG(w4a16_wgsk, 64, true)
-W4A16_WG(w4a16_wgsk, 128, true)
-
+// NT: keep in step with cuda_linear.WG_TOKEN_TILES (and hopper.cuh's wgmma specializations)
+#define W4A16_WG_NT(NT) W4A16_WG(w4a16_wg, NT, false) W4A16_WG(w4a16_wgsk, NT, true)
+W4A16_WG_NT(24)
+W4A16_WG_NT(32)
+W4A16_WG_NT(48)
+W4A16_WG_NT(64)
+W4A16_WG_NT(80)
+W4A16_WG_NT(96)
+W4A16_WG_NT(112)
+W4A16_WG_NT(128)

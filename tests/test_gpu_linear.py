@@ -107,17 +107,21 @@ def test_every_kernel_variant(variant, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("n,k", [(1000, 64 * 13), (1000, 192), (300, 64 * 40)])
-def test_warpgroup_kernel_with_and_without_split_k(n, k, dtype):
-    """w4a16_wgmma.cu (sm_90a): 64 and 128 token columns, ragged N, K split over 3 or 10 blocks or
-    not; split K adds its partial sums in split order, so two calls agree bit for bit."""
+def test_warpgroup_kernel_with_and_without_split_k(monkeypatch, n, k, dtype):
+    """w4a16_wgmma.cu (sm_90a): every token-column count NT (17-32 tokens through it here on small
+    weights too), ragged N, K split over 3 or 10 blocks or not; split K adds its partial sums in
+    split order, so two calls agree bit for bit."""
     if not cuda_linear._wg_ok(0):
         pytest.skip("the warpgroup-MMA kernel needs sm_90a")
+    monkeypatch.setattr(cuda_linear, "WG_MIN_WEIGHTS", 0)
     g = gen(n + k)
     pw = fp4cupy.prepare(fp4cupy.quantize(torch.randn(n, k, device="cuda", generator=g) * 3))
     bias = torch.randn(n, device="cuda", generator=g).to(dtype)
-    for m in (33, 64, 65, 128):
+    ms = (17, 25, 33, 64, 65, 90, 97, 128)
+    assert sorted({cuda_linear.wg_token_tile(m) for m in ms}) == list(cuda_linear.WG_TOKEN_TILES)
+    for m in ms:
         p = cuda_linear.wg_plan(n, k, m, dtype == torch.bfloat16, 0)
-        assert p.name.startswith(f"w4a16_wg_nt{64 if m <= 64 else 128}")
+        assert p.name.startswith(f"w4a16_wg_nt{cuda_linear.wg_token_tile(m)}_") and cuda_linear.uses_warpgroup_kernel(m, n, k, 0)
         x = torch.randn(m, k, device="cuda", generator=g).to(dtype)
         assert rel(fp4cupy.linear(x, pw), reference(x, pw.weight)) <= TOL[dtype], (m, p)
         y = fp4cupy.linear(x, pw, bias)
@@ -160,12 +164,13 @@ def test_warpgroup_kernel_stream_k(monkeypatch, clusters, dtype):
     real = cuda_linear.wg_plan
 
     def forced(n, k, m, bf16, device):
-        launch = cuda_linear.wg_kernel(64 if m <= 64 else 128, bf16, True, device)
+        launch = cuda_linear.wg_kernel(cuda_linear.wg_token_tile(m), bf16, True, device)
         return cuda_linear.WgPlan(**{**{f: getattr(real(n, k, m, bf16, device), f) for f in cuda_linear.WgPlan.__slots__},
                                      "grid": (cuda_linear.WG_CLUSTER * clusters, 1), "cps": 0, "launch": launch,
                                      "name": launch.name})
     monkeypatch.setattr(cuda_linear, "wg_plan", forced)
-    for m in (33, 128):
+    monkeypatch.setattr(cuda_linear, "WG_MIN_WEIGHTS", 0)
+    for m in (20, 33, 72, 128):
         x = torch.randn(m, k, device="cuda", generator=g).to(dtype)
         y = fp4cupy.linear(x, pw, bias)
         assert rel(y, reference(x, pw.weight, bias)) <= TOL[dtype], (m, clusters)

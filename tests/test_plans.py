@@ -84,8 +84,9 @@ class Recorder:
         self.calls.append((self.name + "+after", grid, threads, shared, stream, args))
 
 
-@pytest.mark.parametrize("m,wg_ok,want", [(1, True, ["mma"]), (32, True, ["mma"]), (33, False, ["mma"]),
-                                          (33, True, ["xprep", "wg+after"]), (128, True, ["xprep", "wg+after"])])
+@pytest.mark.parametrize("m,wg_ok,want", [(1, True, ["mma"]), (17, True, ["mma"]), (32, True, ["mma"]),
+                                          (33, False, ["mma"]), (33, True, ["xprep", "wg+after"]),
+                                          (65, True, ["xprep", "wg+after"]), (128, True, ["xprep", "wg+after"])])
 def test_launch_w4a16_picks_the_kernel_and_sizes_the_scratch(monkeypatch, m, wg_ok, want):
     calls, buffers = [], []
     n, k, sms = 4096, 4096, 132  # split K on an H100 (16 blocks x 8 splits)
@@ -93,7 +94,7 @@ def test_launch_w4a16_picks_the_kernel_and_sizes_the_scratch(monkeypatch, m, wg_
     monkeypatch.setattr(cuda_linear, "plan", lambda n, k, m, bf16, device: cuda_linear.Plan(
         Recorder("mma", calls), grid=(7, 1), threads=256, shared=1024, name="mma"))
     blocks, splits, cps = cuda_linear.wg_grid(n, k, sms)
-    nt = 64 if m <= 64 else 128
+    nt = cuda_linear.wg_token_tile(m)
     monkeypatch.setattr(cuda_linear, "wg_plan", lambda n, k, m, bf16, device: cuda_linear.WgPlan(
         xprep=Recorder("xprep", calls), launch=Recorder("wg", calls),
         grid=(blocks, splits), threads=512, shared=99, cps=cps, nt=nt, name="wg"))
@@ -116,6 +117,32 @@ def test_launch_w4a16_picks_the_kernel_and_sizes_the_scratch(monkeypatch, m, wg_
     assert calls[0][1] * calls[0][2] >= (k // 64 + 1) * 8 * nt  # a thread a 16-byte unit of reordered x
     assert calls[1][1:4] == ((blocks, splits), 512, 99)
     assert calls[1][5] == (11, 12, 1000, 14, 2000, 0, 16, m, n, k, cps)
+
+
+def test_warpgroup_kernel_from_17_tokens_on_large_weights_and_from_33_on_all(monkeypatch):
+    uses = cuda_linear.uses_warpgroup_kernel
+    fake_gpu(monkeypatch, 132)  # the mma.sync plan takes one-tile blocks at 17-32 tokens below 4224 rows
+    monkeypatch.setattr(cuda_linear, "_wg_ok", lambda device: True)
+    assert not uses(16, 28672, 8192, 0) and uses(17, 28672, 8192, 0) and uses(32, 4096, 14336, 0)
+    assert uses(17, 5120, 4096, 0) and uses(24, 4224, 4096, 0) and uses(17, 3072, 8192, 0)
+    assert uses(17, 2048, 16384, 0) and uses(32, 1024, 32768, 0)  # one-tile grids under 1.5 blocks a SM
+    assert not uses(17, 8192, 2048, 0) and not uses(17, 4096, 4096, 0)  # 16 Mi values: not above
+    assert not uses(32, 4160, 4096, 0) and not uses(24, 4096, 8192, 0) and not uses(17, 4160, 8064, 0)
+    assert uses(17, 3168, 8192, 0) == (3168 * 8192 > 2 ** 25) and not uses(17, 3168, 8000, 0)
+    assert uses(33, 4096, 4096, 0) and uses(33, 64, 64, 0) and uses(128, 64, 64, 0)
+    assert [cuda_linear.plan(n, 4096, 24, False, 0).name[:9] for n in (4160, 4224)] == ["w4a16_rt1", "w4a16_rt2"]
+    monkeypatch.setattr(cuda_linear, "_wg_ok", lambda device: False)  # off sm_90a: never
+    assert not any(uses(m, 28672, 8192, 0) for m in (17, 33, 128))
+    cuda_linear.plan.cache_clear()
+
+
+def test_warpgroup_token_tile_is_the_least_that_holds_the_tokens():
+    tiles = cuda_linear.WG_TOKEN_TILES
+    assert tiles == tuple(sorted(tiles)) and tiles[-1] == cuda_linear.MMA_MAX_M and all(t % 8 == 0 for t in tiles)
+    for m in range(1, cuda_linear.MMA_MAX_M + 1):
+        nt = cuda_linear.wg_token_tile(m)
+        assert nt >= m and all(t < m for t in tiles if t < nt), m
+    assert [cuda_linear.wg_token_tile(m) for m in (17, 24, 25, 33, 64, 65, 113, 128)] == [24, 24, 32, 48, 64, 80, 128, 128]
 
 
 @pytest.mark.parametrize("n,blocks,zeroed", [(28672, 132, 132), (28672, 112, 0), (1000, 6, 8)])
