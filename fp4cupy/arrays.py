@@ -95,10 +95,11 @@ def numpy_to(a: np.ndarray, library: str, device: str = "cpu"):
     """Hand a numpy array to ``library`` on ``device`` (zero-copy for torch CPU)."""
     if library == "torch":
         torch = _torch() or __import__("torch")
+        a = np.ascontiguousarray(a).reshape(a.shape)  # ascontiguousarray makes a 0-d array 1-d
         if a.dtype == ml_dtypes.bfloat16:
-            t = torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(torch.bfloat16)
+            t = torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
         else:
-            t = torch.from_numpy(np.ascontiguousarray(a))
+            t = torch.from_numpy(a)
         return t if device == "cpu" else t.to(device)
     if library == "cupy":
         cp = _cupy() or __import__("cupy")

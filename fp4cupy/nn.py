@@ -65,6 +65,7 @@ class NVFP4Linear(nn.Module):
         self.register_buffer("scale_codes", None, persistent=False)
         # an MXFP4 weight runs as the NVFP4 tensor of the same values: the repack's global scale 2^r
         self.register_buffer("kernel_global_scale", None, persistent=False)
+        self.no_repack_on = None  # the device where prepare() last declined the weight (see refresh_repack)
         self.register_load_state_dict_post_hook(lambda module, _: module.refresh_repack())
 
     @_class_or_instance_method
@@ -135,12 +136,15 @@ class NVFP4Linear(nn.Module):
         if self.weight is None:
             return
         codes = scale_codes = kernel_g = None
+        self.no_repack_on = None
         if self.weight.is_cuda:
             pw = prepare(self.fp4_weight())  # MXFP4: the NVFP4 twin, or the dequantize path (and why)
             if pw.path == "mma":
                 codes, scale_codes = pw.codes, pw.scale_codes
                 kernel_g = pw.global_scale if self.fmt == "mxfp4" else None
                 self.weight, self.weight_scale = None, None
+            else:  # moves to the same device need not ask again
+                self.no_repack_on = self.weight.device
         self.codes, self.scale_codes, self.kernel_global_scale = codes, scale_codes, kernel_g
 
     def _materialize(self) -> None:
@@ -171,7 +175,8 @@ class NVFP4Linear(nn.Module):
         out = super()._apply(fn, recurse)
         if self.weight is None and not self.codes.is_cuda:
             self._materialize()  # the repack left the GPU: the CPU keeps the canonical form
-        elif self.weight is not None and self.weight.is_cuda and (self.codes is None or self.codes.device != self.weight.device):
+        elif (self.weight is not None and self.weight.is_cuda and self.no_repack_on != self.weight.device
+              and (self.codes is None or self.codes.device != self.weight.device)):
             self.refresh_repack()
         return out
 

@@ -227,3 +227,13 @@ def test_seed_quick_start_and_api_on_cpu():
     assert rel < 0.2
     print(f"   Version: {cuda_fp4_ext.version()}, global {global_scale:.6f}")
     assert cuda_fp4_ext.has_hardware_acceleration() is False
+
+
+def test_numpy_to_torch_keeps_a_0d_array_0d():
+    torch = pytest.importorskip("torch")
+    from fp4cupy import arrays
+
+    for a in (np.float32(2.5), np.asarray(2.5, np.float32)):
+        t = arrays.numpy_to(np.asarray(a), "torch")
+        assert t.shape == () and float(t) == 2.5
+    assert arrays.numpy_to(np.ones((2, 3), np.float32), "torch").shape == (2, 3)

@@ -90,6 +90,28 @@ def test_dlpack_is_zero_copy():
     assert c.to_torch()["data"].data_ptr() == c.data.data.ptr
 
 
+def test_a_layer_the_kernel_declines_is_not_prepared_again_on_each_move(monkeypatch):
+    layer, _ = layer_and_input(torch.float32)
+    lin = torch.nn.Linear(96, 32, device="cuda")  # K = 96: not a multiple of 64, the dequantize path
+    small = fp4cupy.NVFP4Linear.from_float(lin)
+    assert small.codes is None and small.no_repack_on == torch.device("cuda", torch.cuda.current_device())
+    calls, real = [], fp4cupy.nn.prepare
+    monkeypatch.setattr(fp4cupy.nn, "prepare", lambda w: calls.append(w) or real(w))
+    small.half().cuda().float()
+    assert not calls
+    x = torch.randn(3, 96, device="cuda")
+    assert rel(small(x), reference(small, x)) <= 1e-5
+    layer.cpu().cuda()  # a layer the kernel takes is repacked again on its way back
+    assert len(calls) == 1 and layer.codes is not None and layer.no_repack_on is None
+
+
+def test_a_float_global_scale_stays_0d_on_the_gpu():
+    t = fp4cupy.quantize(torch.randn(64, 128, device="cuda"))
+    u = fp4cupy.FP4Tensor(t.data, t.scales, 0.75, t.shape)
+    assert u.global_scale_array.shape == () and u.global_scale_array.is_cuda and u.global_scale == 0.75
+    torch.testing.assert_close(fp4cupy.dequantize(u), fp4cupy.dequantize(t) / t.global_scale * 0.75)
+
+
 def test_tiny_llama_on_cuda_generates_and_round_trips(tmp_path):
     transformers = pytest.importorskip("transformers")
     cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
