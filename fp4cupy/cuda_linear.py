@@ -82,18 +82,29 @@ VARIANTS = ((1, 1, 2, 16), (1, 1, 4, 16), (2, 1, 2, 16), (4, 1, 1, 16), (1, 2, 2
             (1, 4, 1, 16), (2, 4, 1, 16), (1, 8, 1, 16), *NARROW.values(), *NARROW_TWO.values())
 
 
-def kernel_name(rt: int, nt: int, u: int, max_warps: int, bf16: bool) -> str:
-    return f"w4a16_rt{rt}_nt{nt}_u{u}{'_w4' if max_warps == 4 else ''}_{'bf16' if bf16 else 'f16'}"
+# K split over clusters of S blocks (sm_90+): NT -> the one-tile kernel built for it, and the S built.
+SPLIT_VARIANTS = {1: (1, 1, 2, 16), 2: (1, 2, 2, 16)}
+SPLITS = (2, 4, 8)
 
 
-def make_plan(n: int, m: int, variant, warps: int, bf16: bool, device: int) -> Plan:
+def kernel_name(rt: int, nt: int, u: int, max_warps: int, bf16: bool, splits: int = 1) -> str:
+    return (f"w4a16_rt{rt}_nt{nt}_u{u}{'_w4' if max_warps == 4 else ''}{f'_s{splits}' if splits > 1 else ''}"
+            f"_{'bf16' if bf16 else 'f16'}")
+
+
+def make_plan(n: int, m: int, variant, warps: int, bf16: bool, device: int, splits: int = 1) -> Plan:
+    """The launch of ``variant`` as ``warps`` warps a block, K split over clusters of ``splits``
+    blocks (one of SPLITS, with SPLIT_VARIANTS' kernels) or not."""
     rt, nt, u, max_warps = variant
     if warps > max_warps:
         raise ValueError(f"variant {variant} runs at most {max_warps} warps a block, not {warps}")
-    name = kernel_name(rt, nt, u, max_warps, bf16)
+    if splits > 1 and (splits not in SPLITS or SPLIT_VARIANTS.get(nt) != variant):
+        raise ValueError(f"no kernel splits K over {splits} blocks for variant {variant}")
+    name = kernel_name(rt, nt, u, max_warps, bf16, splits)
     launch = runtime.launcher("w4a16.cu", name, device, _SIGNATURE)
-    grid = (-(-m // (8 * nt)), -(-(-(-n // TILE_ROWS)) // rt))
-    return Plan(launch, grid, 32 * warps, warps * rt * nt * 512, name)
+    grid = (-(-m // (8 * nt)) * splits, -(-(-(-n // TILE_ROWS)) // rt))
+    per_warp = rt * nt * 512  # bytes of partial sums a warp; split K adds the block's own sums
+    return Plan(launch, grid, 32 * warps, (warps + (splits > 1)) * per_warp, name)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -126,6 +137,9 @@ def plan(n: int, k: int, m: int, bf16: bool, device: int) -> Plan:
     rows of 17408-57344 rows at M=1 and 8, all as predicted: up to 11% faster where taken,
     28672x8192 36.5 against 37.2 us; 13-16% slower where not, 32768 rows), bf16 at 9-16 tokens
     (38 rows, as predicted: 3-10%, 28672x8192 48.5 against 50.2). The other dtype measured equal.
+    Where one-tile blocks are fewer than two a SM (N below 32 rows a SM) on sm_90+, K is split over
+    clusters of ``_cluster_splits`` blocks (H200, M=1 and 16, 1024-2048 rows: 1.1-1.9x faster,
+    1024x28672 M=1 17.1 -> 10.5 us; see ``_cluster_splits``).
     """
     nt = 1 if m <= 8 else 2 if m <= 16 else 4 if m <= 32 else 8
     sms = _sm_count(device)
@@ -136,6 +150,9 @@ def plan(n: int, k: int, m: int, bf16: bool, device: int) -> Plan:
     blocks = -(-tiles // two[0]) * mtiles
     if blocks < sms:
         variant, warps = one, 8
+        splits = _cluster_splits(tiles * mtiles, k, sms, device) if SPLIT_VARIANTS.get(nt) == one else 1
+        if splits > 1:
+            return make_plan(n, m, one, 8 if splits <= 2 else 4, bf16, device, splits)
     elif nt <= 2 and 0.9 <= tiles / (NARROW_BLOCKS_PER_SM * sms) <= 1:
         variant, warps = NARROW[nt], 4  # one wave, at least 90% full
     elif (nt == 1 and blocks > _blocks_per_sm(two, 8, bf16, device) * sms
@@ -149,6 +166,20 @@ def plan(n: int, k: int, m: int, bf16: bool, device: int) -> Plan:
             variant, warps = narrow, 4  # its waves are fuller than the two-tile grid's
     warps = max(1, min(warps, (k // 64) // 2 or 1, SHARED_LIMIT // (variant[0] * nt * 512)))
     return make_plan(n, m, variant, warps, bf16, device)
+
+
+def _cluster_splits(blocks: int, k: int, sms: int, device: int) -> int:
+    """How many blocks of a cluster split K for a one-tile grid of ``blocks`` blocks: the power of
+    two nearest 2 * SMs / blocks, at most 4 and at most one per 16 chunks of 64 (two a warp);
+    1 (no split) before sm_90. The plan runs 8 warps a block at 2 splits, 4 at 4. H200, fp16,
+    M=1 and 16, against the best of S in 1-8 x 4 or 8 warps: within 0-8% at 1024-2048 rows (M=1
+    1024x28672: 10.5 us, best 9.1, unsplit 17.1), 10% off at most at 3072 rows (unsplit, 2 were
+    better on large K), the unsplit kernel at 4096 (splits lost there)."""
+    cc = runtime.compute_capability(device)
+    if cc is None or cc < (9, 0):
+        return 1
+    most = min(2 ** max(0, round(math.log2(2 * sms / blocks))), 4, k // 64 // 16)
+    return max((s for s in SPLITS if s <= most), default=1)
 
 
 def _last_wave_fill(blocks: int, per_wave: int) -> float:

@@ -13,11 +13,31 @@
 // chunks w, w + nwarps, ... (split-K inside the block) and the block reduces through shared memory.
 // <w4a16_rt{RT}_nt{NT}_u{U}[_w4]_{f16,bf16}> (U chunks per pipeline step; _w4: at most 4 warps a
 // block). Needs sm_80 (traps on older targets, which take another path).
+// <..._s{S}_...> (sm_90+): K split over the S blocks of a cluster along x (x = token tile * S +
+// split), each block taking a contiguous run of chunks; then every block of the cluster adds up a
+// share of the outputs over the S blocks' sums in split order, read through distributed shared
+// memory (deterministic; no workspace, no second launch). For grids of fewer blocks than SMs.
 #include "w4a16_decode.cuh"
 
 __device__ __forceinline__ uint4 load_stream(const uint4* p) {  // read once: keep it out of L1
     uint4 v;
     asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+    return v;
+}
+
+// Thread block clusters (sm_90+): the barrier, and a float in cluster block ``rank``'s shared memory
+// at the offset of ``p`` in this block's.
+__device__ __forceinline__ void cluster_barrier() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ float cluster_load(const float* p, int rank) {
+    float v = 0.0f;
+#if __CUDA_ARCH__ >= 900
+    asm volatile("{\n\t.reg .b32 ra;\n\tmapa.shared::cluster.u32 ra, %1, %2;\n\tld.shared::cluster.f32 %0, [ra];\n}"
+                 : "=f"(v) : "r"((u32)__cvta_generic_to_shared(p)), "r"(rank) : "memory");
+#endif
     return v;
 }
 
@@ -38,7 +58,7 @@ constexpr int min_blocks(bool bf16, int rt, int nt, int u, int max_warps) {
     return max_warps == 4 ? 7 : bf16 && rt == 2 && nt == 2 && u == 1 ? 2 : 0;
 }
 
-template <bool BF16, int RT, int NT, int U>
+template <bool BF16, int RT, int NT, int U, int S = 1>
 __device__ void w4a16_body(const uint4* __restrict__ wq, const unsigned short* __restrict__ sq,
                            const typename Act<BF16>::T* __restrict__ x, typename Act<BF16>::T* __restrict__ y,
                            const typename Act<BF16>::T* __restrict__ bias, const float* __restrict__ g_ptr,
@@ -47,10 +67,14 @@ __device__ void w4a16_body(const uint4* __restrict__ wq, const unsigned short* _
 #if __CUDA_ARCH__ < 800
     __trap();  // mma.m16n8k16 needs sm_80; fp4cupy.linear takes the dequantize path on older GPUs
 #else
+    if (S > 1 && __CUDA_ARCH__ < 900) __trap();  // clusters need sm_90
     extern __shared__ float red[];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
     const int g = lane >> 2, q = lane & 3;
-    const int nchunks = k >> 6, tile0 = blockIdx.y * RT, tok0 = blockIdx.x * (8 * NT);
+    const int nchunks = k >> 6, tile0 = blockIdx.y * RT, tok0 = blockIdx.x / S * (8 * NT);
+    // this block's chunks [c_lo, c_hi): all of them, or split blockIdx.x % S's run
+    const int run = S > 1 ? (nchunks + S - 1) / S : nchunks, c_lo = S > 1 ? (int)(blockIdx.x % S) * run : 0;
+    const int c_hi = S > 1 ? min(nchunks, c_lo + run) : nchunks;
     float acc[RT][NT][4];
 #pragma unroll
     for (int r = 0; r < RT; ++r)
@@ -84,7 +108,7 @@ __device__ void w4a16_body(const uint4* __restrict__ wq, const unsigned short* _
         constexpr int b = decltype(buf)::value;
 #pragma unroll
         for (int u = 0; u < U; ++u) {
-            const unsigned c = min(c0 + u * nwarps, nchunks - 1);
+            const unsigned c = min(c0 + u * nwarps, c_hi - 1);
 #pragma unroll
             for (int r = 0; r < RT; ++r) {
                 w[b][u][r] = load_stream(reinterpret_cast<const uint4*>(wrow[r] + (u64)(c * 512u)));
@@ -102,7 +126,7 @@ __device__ void w4a16_body(const uint4* __restrict__ wq, const unsigned short* _
         constexpr int b = decltype(buf)::value;
 #pragma unroll
         for (int u = 0; u < U; ++u) {
-            if (c0 + u * nwarps >= nchunks) break;
+            if (c0 + u * nwarps >= c_hi) break;
 #pragma unroll
             for (int r = 0; r < RT; ++r) {
                 const u32 s_lo = scale_pair<BF16>(s[b][u][r] & 0xFFu), s_hi = scale_pair<BF16>(s[b][u][r] >> 8);
@@ -125,17 +149,17 @@ __device__ void w4a16_body(const uint4* __restrict__ wq, const unsigned short* _
         }
     };
     if (ping_pong<BF16, RT, NT, U>()) {  // the buffers take turns: no copies, a loop twice as long
-        load(Buf<0>(), warp);
-        for (int c0 = warp; c0 < nchunks; c0 += 2 * step) {
+        load(Buf<0>(), c_lo + warp);
+        for (int c0 = c_lo + warp; c0 < c_hi; c0 += 2 * step) {
             load(Buf<1>(), c0 + step);
             compute(Buf<0>(), c0);
-            if (c0 + step >= nchunks) break;
+            if (c0 + step >= c_hi) break;
             load(Buf<0>(), c0 + 2 * step);
             compute(Buf<1>(), c0 + step);
         }
     } else {  // buffer 0 is always the one in flight: copy it to buffer 1, reload it, decode 1
-        load(Buf<0>(), warp);
-        for (int c0 = warp; c0 < nchunks; c0 += step) {
+        load(Buf<0>(), c_lo + warp);
+        for (int c0 = c_lo + warp; c0 < c_hi; c0 += step) {
 #pragma unroll
             for (int u = 0; u < U; ++u) {
 #pragma unroll
@@ -157,10 +181,24 @@ __device__ void w4a16_body(const uint4* __restrict__ wq, const unsigned short* _
 #pragma unroll
             for (int e = 0; e < 4; ++e) red[warp * PER_WARP + ((r * NT + j) * 4 + e) * 32 + lane] = acc[r][j][e];
     __syncthreads();
+    float* sums = red + nwarps * PER_WARP;  // split K over a cluster: this block's sums, read by all of it
+    if (S > 1) {
+        for (int idx = threadIdx.x; idx < PER_WARP; idx += blockDim.x) {
+            float v = 0.0f;
+            for (int wi = 0; wi < nwarps; ++wi) v += red[wi * PER_WARP + idx];
+            sums[idx] = v;
+        }
+        cluster_barrier();
+    }
     const float gs = *g_ptr * 16384.0f;
-    for (int idx = threadIdx.x; idx < PER_WARP; idx += blockDim.x) {
+    const int share = PER_WARP / S, i0 = S > 1 ? (int)(blockIdx.x % S) * share : 0;
+    for (int idx = i0 + threadIdx.x; idx < i0 + share; idx += blockDim.x) {
         float v = 0.0f;
-        for (int wi = 0; wi < nwarps; ++wi) v += red[wi * PER_WARP + idx];
+        if (S > 1) {
+            for (int q = 0; q < S; ++q) v += cluster_load(sums + idx, q);  // in split order
+        } else {
+            for (int wi = 0; wi < nwarps; ++wi) v += red[wi * PER_WARP + idx];
+        }
         const int l = idx & 31, e = (idx >> 5) & 3, rj = idx >> 7, j = rj % NT, r = rj / NT;
         const int row = (tile0 + r) * 16 + (l >> 2) + 8 * (e >> 1);
         const int tok = tok0 + 8 * j + 2 * (l & 3) + (e & 1);
@@ -170,6 +208,7 @@ __device__ void w4a16_body(const uint4* __restrict__ wq, const unsigned short* _
             y[(i64)tok * n + row] = from_float<T>(v);
         }
     }
+    if (S > 1) cluster_barrier();  // no block leaves while the others may read its sums
 #endif
 }
 
@@ -182,7 +221,22 @@ __device__ void w4a16_body(const uint4* __restrict__ wq, const unsigned short* _
         const __nv_bfloat16* bias, const float* g, int m, int n, int k) {                                      \
         w4a16_body<true, RT, NT, U>(wq, sq, x, y, bias, g, m, n, k);                                           \
     }
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define W4A16_CLUSTER(S) __cluster_dims__(S, 1, 1)
+#else
+#define W4A16_CLUSTER(S)
+#endif
+#define W4A16_SPLIT_KERNELS(RT, NT, U, S, NAME)                                                                        \
+    extern "C" __global__ void __launch_bounds__(512) W4A16_CLUSTER(S) NAME##_f16(                                   \
+        const uint4* wq, const unsigned short* sq, const __half* x, __half* y, const __half* bias,             \
+        const float* g, int m, int n, int k) { w4a16_body<false, RT, NT, U, S>(wq, sq, x, y, bias, g, m, n, k); } \
+    extern "C" __global__ void __launch_bounds__(512) W4A16_CLUSTER(S) NAME##_bf16(                                  \
+        const uint4* wq, const unsigned short* sq, const __nv_bfloat16* x, __nv_bfloat16* y,                   \
+        const __nv_bfloat16* bias, const float* g, int m, int n, int k) {                                      \
+        w4a16_body<true, RT, NT, U, S>(wq, sq, x, y, bias, g, m, n, k);                                        \
+    }
 #define W4A16(RT, NT, U) W4A16_KERNELS(RT, NT, U, 16, w4a16_rt##RT##_nt##NT##_u##U)
+#define W4A16_SPLIT(RT, NT, U, S) W4A16_SPLIT_KERNELS(RT, NT, U, S, w4a16_rt##RT##_nt##NT##_u##U##_s##S)
 #define W4A16_W4(RT, NT, U) W4A16_KERNELS(RT, NT, U, 4, w4a16_rt##RT##_nt##NT##_u##U##_w4)
 
 // (RT, NT, U), at most 16 or 4 warps a block: keep in step with cuda_linear.VARIANTS
@@ -200,3 +254,10 @@ W4A16_W4(1, 1, 2)
 W4A16_W4(1, 2, 1)
 W4A16_W4(2, 1, 1)
 W4A16_W4(2, 2, 1)
+// split K over clusters of S blocks: keep in step with cuda_linear.SPLIT_VARIANTS and SPLITS
+W4A16_SPLIT(1, 1, 2, 2)
+W4A16_SPLIT(1, 1, 2, 4)
+W4A16_SPLIT(1, 1, 2, 8)
+W4A16_SPLIT(1, 2, 2, 2)
+W4A16_SPLIT(1, 2, 2, 4)
+W4A16_SPLIT(1, 2, 2, 8)

@@ -75,6 +75,48 @@ def test_linear_where_the_plan_takes_the_capped_4_warp_kernels(m, dtype, rows_a_
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("nt", sorted(cuda_linear.SPLIT_VARIANTS))
+def test_k_split_over_a_cluster(nt, dtype):
+    """The one-tile kernels with K split over clusters of 2, 4 and 8 blocks (sm_90+): ragged N, odd M,
+    a chunk count no split size divides (37: the last of 8 splits gets 2 chunks), bias; the cluster
+    adds its blocks' sums in split order, so two calls agree bit for bit."""
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("thread block clusters need sm_90")
+    variant = cuda_linear.SPLIT_VARIANTS[nt]
+    g = gen(nt)
+    n, k = 1000, 64 * 37
+    pw = fp4cupy.prepare(fp4cupy.quantize(torch.randn(n, k, device="cuda", generator=g) * 3))
+    bias = torch.randn(n, device="cuda", generator=g).to(dtype)
+    stream = torch.cuda.current_stream().cuda_stream
+    for splits in cuda_linear.SPLITS:
+        for m, warps in ((8 * nt - 1, 4), (8 * nt, 8), (3, 1)):
+            x = torch.randn(m, k, device="cuda", generator=g).to(dtype)
+            p = cuda_linear.make_plan(n, m, variant, warps, dtype == torch.bfloat16, 0, splits)
+            outs = []
+            for _ in range(2):
+                y = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
+                p.launch(p.grid, p.threads, p.shared, stream, pw.codes.data_ptr(), pw.scale_codes.data_ptr(),
+                         x.data_ptr(), y.data_ptr(), bias.data_ptr(), pw.global_scale.data_ptr(), m, n, k)
+                outs.append(y)
+            torch.cuda.synchronize()
+            assert rel(outs[0], reference(x, pw.weight, bias)) <= TOL[dtype], (splits, m, warps)
+            assert torch.equal(outs[0], outs[1]), (splits, m, warps)
+
+
+@pytest.mark.parametrize("m,n,k,want", [(1, 1024, 8192, "w4a16_rt1_nt1_u2_s4_f16"), (16, 2048, 8192, "w4a16_rt1_nt2_u2_s2_f16"),
+                                        (1, 4096, 8192, "w4a16_rt1_nt1_u2_f16")])
+def test_linear_splits_k_over_clusters_for_few_rows(m, n, k, want):
+    """Through fp4cupy.linear where the plan splits K (on an H100 or H200: 132 SMs), against float64."""
+    if torch.cuda.get_device_capability() < (9, 0) or cuda_linear._sm_count(0) != 132:
+        pytest.skip("the plan's split counts here are those of a 132-SM sm_90 GPU")
+    assert cuda_linear.plan(n, k, m, False, 0).name == want
+    g = gen(n + m)
+    pw = fp4cupy.prepare(fp4cupy.quantize(torch.randn(n, k, device="cuda", generator=g)))
+    x = torch.randn(m, k, device="cuda", generator=g).half()
+    assert rel(fp4cupy.linear(x, pw), reference(x, pw.weight)) <= TOL[torch.float16]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("m", [1, 16, 64])
 def test_mxfp4_weights_take_the_kernel(m, dtype):
     """An MXFP4 weight whose block exponents span ~14 binades, prepared as the NVFP4 tensor of the same values."""

@@ -109,3 +109,16 @@ def test_every_warpgroup_kernel_the_host_names_is_in_the_module(tmp_path, monkey
     assert len(names) == 4 * len(cuda_linear.WG_TOKEN_TILES) and len(set(names)) == len(names)
     missing = [n for n in names + ["w4a16_wg_xprep"] if n.encode() + b"\0" not in cubin]
     assert not missing, missing
+
+
+def test_every_mma_sync_kernel_the_host_names_is_in_the_module(tmp_path, monkeypatch):
+    from fp4cupy import cuda_linear
+
+    monkeypatch.setenv("FP4CUPY_CACHE_DIR", str(tmp_path))
+    cubin = runtime.compile_source("w4a16.cu", "sm_90a")
+    names = [cuda_linear.kernel_name(*v, bf16) for v in cuda_linear.VARIANTS for bf16 in (False, True)]
+    names += [cuda_linear.kernel_name(*v, bf16, s) for v in cuda_linear.SPLIT_VARIANTS.values()
+              for s in cuda_linear.SPLITS for bf16 in (False, True)]
+    assert len(set(names)) == len(names) == 2 * len(cuda_linear.VARIANTS) + 4 * len(cuda_linear.SPLITS)
+    missing = [n for n in names if n.encode() + b"\0" not in cubin]
+    assert not missing, missing

@@ -241,3 +241,24 @@ def test_every_mma_plan_fits_its_kernel(monkeypatch, sms):
                     assert 1 <= p.threads // 32 <= max_warps and p.shared <= cuda_linear.SHARED_LIMIT
                     assert p.grid == (-(-m // (8 * nt)), -(-(-(-n // 16)) // rt))
     cuda_linear.plan.cache_clear()
+
+
+def test_few_rows_split_k_over_clusters_on_sm90(monkeypatch):
+    fake_gpu(monkeypatch, 132)
+    monkeypatch.setattr(cuda_linear.runtime, "compute_capability", lambda device: (9, 0))
+    for n, k, m, splits, warps in ((1024, 8192, 1, 4, 4), (1280, 28672, 16, 4, 4), (2048, 8192, 1, 2, 8),
+                                   (2048, 16384, 16, 2, 8), (1024, 2048, 1, 2, 8), (1024, 1024, 1, 1, 8),
+                                   (64, 512, 1, 1, 4), (1000, 64, 16, 1, 1), (3072, 8192, 1, 1, 8), (4096, 8192, 16, 1, 8)):
+        p = cuda_linear.plan(n, k, m, False, 0)
+        nt = 1 if m <= 8 else 2
+        assert p.name == cuda_linear.kernel_name(*cuda_linear.SPLIT_VARIANTS[nt], False, splits), (n, k, m)
+        assert p.threads == 32 * warps and p.grid == (splits, -(-n // 16))
+        assert p.shared == (warps + (splits > 1)) * nt * 512
+    monkeypatch.setattr(cuda_linear.runtime, "compute_capability", lambda device: (8, 9))  # no clusters
+    cuda_linear.plan.cache_clear()
+    assert cuda_linear.plan(1024, 8192, 1, False, 0).name == "w4a16_rt1_nt1_u2_f16"
+    with pytest.raises(ValueError, match="splits K over 3"):
+        cuda_linear.make_plan(1024, 1, cuda_linear.SPLIT_VARIANTS[1], 4, False, 0, 3)
+    with pytest.raises(ValueError, match="no kernel splits"):
+        cuda_linear.make_plan(1024, 1, (2, 1, 2, 16), 4, False, 0, 2)
+    cuda_linear.plan.cache_clear()

@@ -1,5 +1,6 @@
 """Worker for tests/test_gpu_sanitizer.py, run under ``compute-sanitizer --tool <memcheck|racecheck|...>``:
-every mma.sync W4A16 variant once (ragged N, odd M, 1 warp and several), the capped 4-warp kernels
+every mma.sync W4A16 variant once (ragged N, odd M, 1 warp and several), K split over clusters
+(sm_90+), the capped 4-warp kernels
 through ``linear`` where the plan takes them, the warpgroup kernel's split-K and stream-K paths at
 several token-column counts (sm_90a), and quantize / dequantize / prepare / the FP4 x FP4 gemm on
 ragged shapes in each format.
@@ -26,6 +27,17 @@ def main() -> None:
                 x = torch.randn(m, k, device="cuda").to(dtype)
                 y = torch.empty(m, n, device="cuda", dtype=dtype)
                 p = cuda_linear.make_plan(n, m, variant, warps, dtype == torch.bfloat16, 0)
+                p.launch(p.grid, p.threads, p.shared, stream, pw.codes.data_ptr(), pw.scale_codes.data_ptr(),
+                         x.data_ptr(), y.data_ptr(), 0, pw.global_scale.data_ptr(), m, n, k)
+    if torch.cuda.get_device_capability() >= (9, 0):  # K split over clusters: distributed shared memory
+        n, k = 1000, 64 * 37
+        pw = weight(n, k)
+        for nt, variant in cuda_linear.SPLIT_VARIANTS.items():
+            for splits in cuda_linear.SPLITS:
+                m = 8 * nt - 1
+                x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+                y = torch.empty(m, n, device="cuda", dtype=torch.float16)
+                p = cuda_linear.make_plan(n, m, variant, 4, False, 0, splits)
                 p.launch(p.grid, p.threads, p.shared, stream, pw.codes.data_ptr(), pw.scale_codes.data_ptr(),
                          x.data_ptr(), y.data_ptr(), 0, pw.global_scale.data_ptr(), m, n, k)
     sms = cuda_linear._sm_count(0)
