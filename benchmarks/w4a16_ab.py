@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import fp4cupy  # noqa: E402
-from fp4cupy import cuda_linear, runtime  # noqa: E402
+from fp4cupy import cuda_linear, cuda_wgmma, runtime  # noqa: E402
 from timing import capture, card, time_ms  # noqa: E402
 from w4a16_variants import plan_fn  # noqa: E402
 
@@ -52,12 +52,12 @@ def wg_fn(source: str | None, prepared, x, y):
     """(call of ``i``, plan): the package's ``wg_plan`` for the shape and M, its kernels launched from
     ``source`` (a copy of w4a16_wgmma.cu) when given; its scratch allocated once, as graphs replay it."""
     (n, k), m, bf16 = prepared[0].shape, x.shape[0], x.dtype == torch.bfloat16
-    p = cuda_linear.wg_plan(n, k, m, bf16, 0)
+    p = cuda_wgmma.wg_plan(n, k, m, bf16, 0)
     if source is not None:
         def load(launcher, signature):
             return runtime.launcher(source, launcher.name, 0, signature)
-        p = cuda_linear.WgPlan(xprep=load(p.xprep, cuda_linear._XPREP_SIGNATURE),
-                               launch=load(p.launch, cuda_linear._WG_SIGNATURE).allow_shared(p.shared),
+        p = cuda_wgmma.WgPlan(xprep=load(p.xprep, cuda_wgmma._XPREP_SIGNATURE),
+                               launch=load(p.launch, cuda_wgmma._WG_SIGNATURE).allow_shared(p.shared),
                                grid=p.grid, threads=p.threads, shared=p.shared, cps=p.cps, nt=p.nt, name=p.name)
     held = []  # (buffer, pointer) in the order launch_wg asks for them
 
@@ -74,7 +74,7 @@ def wg_fn(source: str | None, prepared, x, y):
                 got = buf, buf.data_ptr()
                 held.append(got)
             return got
-        cuda_linear.launch_wg(p, m, n, k, torch.cuda.current_stream().cuda_stream, args, scratch)
+        cuda_wgmma.launch_wg(p, m, n, k, torch.cuda.current_stream().cuda_stream, args, scratch)
     return fn, p
 
 

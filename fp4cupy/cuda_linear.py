@@ -1,11 +1,12 @@
 """The W4A16 ``linear`` on the GPU (kernels_cu/w4a16.cu, w4a16_wgmma.cu); the FP4 x FP4 ``gemm``
 is in cuda_gemm.py.
 
-Up to 16 tokens, one launch of an mma.sync kernel chosen from ``plan()`` by (M bucket, N); on
-sm_90a, the warpgroup-MMA kernel (w4a16_wgmma.cu, ``wg_plan``) from 33 tokens, and from 17 on
-large weights (``uses_warpgroup_kernel``); elsewhere the mma.sync kernel up to ``MMA_MAX_M``. The weight must be ``prepare``d (repacked once, prepare.cu). Past ``MMA_MAX_M`` tokens, on
-GPUs older than sm_80, or for weights the kernel does not take, W is dequantized and cuBLAS
-multiplies.
+Up to 16 tokens, one launch of an mma.sync kernel chosen from ``plan()`` by (M bucket, N), K
+split over thread block clusters for few-row weights on sm_90+; on sm_90a, the warpgroup-MMA
+kernel (w4a16_wgmma.cu, ``cuda_wgmma``) from 33 tokens, and from 17 on large weights
+(``uses_warpgroup_kernel``); elsewhere the mma.sync kernel up to ``MMA_MAX_M``. The weight must be
+``prepare``d (repacked once, prepare.cu). Past ``MMA_MAX_M`` tokens, on GPUs older than sm_80, or
+for weights the kernel does not take, W is dequantized and cuBLAS multiplies.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import math
 
 import numpy as np
 
-from . import arrays, runtime
+from . import arrays, cuda_wgmma, runtime
 from .cuda_ops import THREADS, _Lib, _sm_count, _torch_names, _torch_stream_ptr, dequantize
 from .prepared import PreparedWeight
 from .tensor import FP4Tensor
@@ -138,8 +139,8 @@ def plan(n: int, k: int, m: int, bf16: bool, device: int) -> Plan:
     28672x8192 36.5 against 37.2 us; 13-16% slower where not, 32768 rows), bf16 at 9-16 tokens
     (38 rows, as predicted: 3-10%, 28672x8192 48.5 against 50.2). The other dtype measured equal.
     Where one-tile blocks are fewer than two a SM (N below 32 rows a SM) on sm_90+, K is split over
-    clusters of ``_cluster_splits`` blocks (H200, M=1 and 16, 1024-2048 rows: 1.1-1.9x faster,
-    1024x28672 M=1 17.1 -> 10.5 us; see ``_cluster_splits``).
+    clusters of ``_cluster_splits`` blocks (H200, M=1 and 16, 1024-2048 rows: 1.1-1.7x faster,
+    1024x28672 M=1 17.1 -> 10.1-10.6 us).
     """
     nt = 1 if m <= 8 else 2 if m <= 16 else 4 if m <= 32 else 8
     sms = _sm_count(device)
@@ -171,10 +172,10 @@ def plan(n: int, k: int, m: int, bf16: bool, device: int) -> Plan:
 def _cluster_splits(blocks: int, k: int, sms: int, device: int) -> int:
     """How many blocks of a cluster split K for a one-tile grid of ``blocks`` blocks: the power of
     two nearest 2 * SMs / blocks, at most 4 and at most one per 16 chunks of 64 (two a warp);
-    1 (no split) before sm_90. The plan runs 8 warps a block at 2 splits, 4 at 4. H200, fp16,
-    M=1 and 16, against the best of S in 1-8 x 4 or 8 warps: within 0-8% at 1024-2048 rows (M=1
-    1024x28672: 10.5 us, best 9.1, unsplit 17.1), 10% off at most at 3072 rows (unsplit, 2 were
-    better on large K), the unsplit kernel at 4096 (splits lost there)."""
+    1 (no split) before sm_90. The plan runs 8 warps a block at 2 splits, 4 at 4. H200, M=1 and
+    16, 1024-3072 rows, against the best of S in 1-8 x 4 or 8 warps: median 1% off, at most 16%
+    (1024x28672 M=1 in one run: 10.1 us, best 8.7 at S=8, unsplit 16.3; 3072 rows, large K: S=2
+    was 10-16% better than unsplit); at 4096 rows every split lost."""
     cc = runtime.compute_capability(device)
     if cc is None or cc < (9, 0):
         return 1
@@ -206,110 +207,6 @@ def _blocks_per_sm(variant, warps: int, bf16: bool, device: int) -> int:
 WG_MIN_M = 17
 WG_ANY_WEIGHT_M = 33
 WG_MIN_WEIGHTS = 1 << 24
-# Token columns of its kernels (NT): the least NT >= M runs, since the kernel's time grows with
-# NT whatever M is (H200: NT = M + 0..15 against NT = 64 / 128 was 2-17% faster at every M and
-# shape measured, 28672x8192 M=65 103.8 -> 87.0 us). Keep in step with w4a16_wgmma.cu.
-WG_TOKEN_TILES = (24, 32, 48, 64, 80, 96, 112, 128)
-WG_SLOTS = 8              # chunk slots in shared memory, as in the kernel
-WG_GROUPS = 4             # warpgroups a block: 256 rows of W share each chunk of x
-WG_CLUSTER = 2            # blocks a cluster (multicast copies of x), as in the kernel
-_WG_SIGNATURE = "PPPPPPPiiii"  # codes, scale codes, reordered x, y, ws, bias, g, m, n, k, chunks a split
-_XPREP_SIGNATURE = "PPPqiii"  # x, reordered x, ws, ws words to zero, m, k, NT
-
-
-class WgPlan:
-    """The launches of w4a16_wgmma.cu: ``xprep`` reorders x (and zeroes the workspace's head),
-    w4a16_wg{,sk}_nt{NT} runs on grid (blocks in clusters of WG_CLUSTER, K splits). Stream-K
-    (sk, chunks a split 0): the clusters share the (tile, pair of chunks) units evenly; a tile
-    cut between clusters is finished by its first cluster from the others' partial sums. Split
-    K: the blocks of a tile store their partial sums, then each adds up and stores a share of
-    the tile (in split order). The workspace: a flag or counter a block column, then a slot of
-    NT / 2 floats a thread, a block."""
-
-    __slots__ = ("xprep", "launch", "grid", "threads", "shared", "cps", "nt", "name")
-
-    def __init__(self, **kw):
-        for key, value in kw.items():
-            setattr(self, key, value)
-
-    @property
-    def split(self) -> bool:
-        return self.grid[1] > 1
-
-    @property
-    def stream_k(self) -> bool:
-        return self.cps == 0  # wg_grid's mark of a stream-K grid
-
-    def workspace(self, n: int, m: int) -> tuple[int, int]:
-        """(FP32 words of the workspace, how many of them xprep zeroes) for a call."""
-        blocks, splits = self.grid
-        if not self.split and (not self.stream_k or blocks == wg_tiles(n) * WG_CLUSTER):
-            return 0, 0  # a tile a cluster: y is stored directly
-        flags = (blocks + 3) & ~3
-        return flags + blocks * splits * self.threads * self.nt // 2, flags
-
-    def __repr__(self):
-        return f"WgPlan({self.name}, grid={self.grid}, threads={self.threads}, shared={self.shared}, chunks a split={self.cps})"
-
-
-def wg_tiles(n: int) -> int:
-    """Tiles of w4a16_wgmma.cu: a cluster's rows, 64 * WG_GROUPS a block."""
-    return -(-n // (64 * WG_GROUPS * WG_CLUSTER))
-
-
-def wg_grid(n: int, k: int, sms: int, resident: int = 0) -> tuple[int, int, int]:
-    """(blocks, K splits, chunks of 64 a split) for w4a16_wgmma.cu, in whole clusters.
-    ``resident``: clusters that run at once (0: unknown, then SMs / WG_CLUSTER). With at least
-    half as many tiles as that, stream-K: one split, ``resident`` clusters (or one a pair of
-    chunks, if fewer), each tile cut into at most 3 runs (chunks a split: 0). Else a cluster a
-    tile and K split so that all blocks run at once (the splits of a tile wait for each other),
-    at least 4 chunks and an even number a split (only the last split may end on an odd chunk).
-    On an H100 or H200 (132 SMs, 66 clusters): 28672 rows -> 132 blocks, stream-K; 4096 rows x
-    K 4096 -> 16 blocks x 8 splits of 8 chunks. (Stream-K over 28 tiles measured slower than 2
-    splits: 14336 x 4096, M=128 on an H200, 41.1 against 38.9 us.)"""
-    tiles, nchunks = wg_tiles(n), k // 64
-    if resident and 2 * tiles >= resident:
-        return WG_CLUSTER * min(resident, tiles * -(-nchunks // 2)), 1, 0
-    blocks = tiles * WG_CLUSTER
-    splits = max(1, min((resident * WG_CLUSTER or sms) // blocks, nchunks // 4))
-    cps = -(-nchunks // splits)
-    cps += cps & 1
-    return blocks, -(-nchunks // cps), cps
-
-
-def wg_shared(nt: int) -> int:
-    """Dynamic shared memory of a w4a16_wgmma.cu block: x, weight and scale slots, mbarriers."""
-    return WG_SLOTS * (nt * 128 + 128 * WG_GROUPS * 20) + 8 * WG_SLOTS
-
-
-def wg_kernel_name(nt: int, bf16: bool, stream_k: bool) -> str:
-    """w4a16_wg{sk if stream_k}_nt{nt}_{f16,bf16} (sk: the stream-K loop)."""
-    return f"w4a16_wg{'sk' if stream_k else ''}_nt{nt}_{'bf16' if bf16 else 'f16'}"
-
-
-def wg_kernel(nt: int, bf16: bool, stream_k: bool, device: int):
-    """The launcher of ``wg_kernel_name(nt, bf16, stream_k)``."""
-    return runtime.launcher("w4a16_wgmma.cu", wg_kernel_name(nt, bf16, stream_k), device,
-                            _WG_SIGNATURE).allow_shared(wg_shared(nt))
-
-
-def wg_token_tile(m: int) -> int:
-    """The kernel's token columns NT for ``m`` tokens: the least of WG_TOKEN_TILES that holds them."""
-    return next(nt for nt in WG_TOKEN_TILES if nt >= m)
-
-
-@functools.lru_cache(maxsize=4096)
-def wg_plan(n: int, k: int, m: int, bf16: bool, device: int) -> WgPlan:
-    """``wg_token_tile(m)`` token columns, the grid of ``wg_grid`` and its kernel."""
-    nt = wg_token_tile(m)
-    threads, shared = 128 * WG_GROUPS, wg_shared(nt)
-    # stream-K's owners and split K's blocks wait for others: only with the whole grid running at once
-    resident = wg_kernel(nt, bf16, True, device).max_active_clusters(WG_CLUSTER, threads, shared)
-    blocks, splits, cps = wg_grid(n, k, _sm_count(device), resident)
-    launch = wg_kernel(nt, bf16, cps == 0, device)
-    xprep = runtime.launcher("w4a16_wgmma.cu", "w4a16_wg_xprep", device, _XPREP_SIGNATURE)
-    return WgPlan(xprep=xprep, launch=launch, grid=(blocks, splits), threads=threads, shared=shared, cps=cps, nt=nt,
-                  name=launch.name)
 
 
 @functools.lru_cache(maxsize=None)
@@ -333,27 +230,15 @@ def uses_warpgroup_kernel(m: int, n: int, k: int, device: int) -> bool:
 def launch_w4a16(m: int, n: int, k: int, bf16: bool, device: int, stream: int, args: tuple, scratch) -> None:
     """Queue the W4A16 kernels for ``m`` (1..MMA_MAX_M) tokens on ``stream``. ``args``: the raw
     pointers (codes, scale codes, x, y, bias or 0, global scale). Where ``uses_warpgroup_kernel``
-    says no, one mma.sync launch from ``plan``; else w4a16_wgmma.cu, whose scratch (the reordered x,
-    and the partial sums of split K or of stream-K's cut tiles, ``WgPlan.workspace``) comes from
-    ``scratch(nbytes)`` -> (buffer, pointer), held until the launches are queued (the allocators
-    reuse it in stream order, after them)."""
+    says no, one mma.sync launch from ``plan``; else w4a16_wgmma.cu (``cuda_wgmma``), whose scratch
+    (the reordered x, and the partial sums of split K or of stream-K's cut tiles,
+    ``WgPlan.workspace``) comes from ``scratch(nbytes)`` -> (buffer, pointer), held until the
+    launches are queued (the allocators reuse it in stream order, after them)."""
     if not uses_warpgroup_kernel(m, n, k, device):
         p = plan(n, k, m, bf16, device)
         p.launch(p.grid, p.threads, p.shared, stream, *args, m, n, k)
         return
-    launch_wg(wg_plan(n, k, m, bf16, device), m, n, k, stream, args, scratch)
-
-
-def launch_wg(p: WgPlan, m: int, n: int, k: int, stream: int, args: tuple, scratch) -> None:
-    """Queue ``p``'s launches (xprep, then the main kernel); ``args`` and ``scratch`` as in
-    ``launch_w4a16``."""
-    codes, scale_codes, x, y, bias, g = args
-    xp_buf, xp = scratch((k + 64) * p.nt * 2)  # + one zero chunk
-    ws_words, ws_zeroed = p.workspace(n, m)
-    ws_buf, ws = scratch(4 * ws_words) if ws_words else (None, 0)
-    p.xprep(-(-(k // 64 + 1) * 8 * p.nt // 256), 256, 0, stream, x, xp, ws, ws_zeroed, m, k, p.nt)
-    # programmatic dependents (sm_90): the main kernel copies its first weights while xprep ends
-    p.launch.after(p.grid, p.threads, p.shared, stream, codes, scale_codes, xp, y, ws, bias, g, m, n, k, p.cps)
+    cuda_wgmma.launch_wg(cuda_wgmma.wg_plan(n, k, m, bf16, device), m, n, k, stream, args, scratch)
 
 
 @functools.lru_cache(maxsize=None)

@@ -230,7 +230,7 @@ def test_seed_quick_start_and_api_on_cpu():
 
 
 def test_numpy_to_torch_keeps_a_0d_array_0d():
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     from fp4cupy import arrays
 
     for a in (np.float32(2.5), np.asarray(2.5, np.float32)):

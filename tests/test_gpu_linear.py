@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import fp4cupy
-from fp4cupy import cuda_linear, prepared
+from fp4cupy import cuda_linear, cuda_wgmma, prepared
 
 pytestmark = pytest.mark.gpu
 torch = pytest.importorskip("torch")
@@ -160,16 +160,16 @@ def test_warpgroup_kernel_with_and_without_split_k(monkeypatch, n, k, dtype):
     pw = fp4cupy.prepare(fp4cupy.quantize(torch.randn(n, k, device="cuda", generator=g) * 3))
     bias = torch.randn(n, device="cuda", generator=g).to(dtype)
     ms = (17, 25, 33, 64, 65, 90, 97, 128)
-    assert sorted({cuda_linear.wg_token_tile(m) for m in ms}) == list(cuda_linear.WG_TOKEN_TILES)
+    assert sorted({cuda_wgmma.wg_token_tile(m) for m in ms}) == list(cuda_wgmma.WG_TOKEN_TILES)
     for m in ms:
-        p = cuda_linear.wg_plan(n, k, m, dtype == torch.bfloat16, 0)
-        assert p.name.startswith(f"w4a16_wg_nt{cuda_linear.wg_token_tile(m)}_") and cuda_linear.uses_warpgroup_kernel(m, n, k, 0)
+        p = cuda_wgmma.wg_plan(n, k, m, dtype == torch.bfloat16, 0)
+        assert p.name.startswith(f"w4a16_wg_nt{cuda_wgmma.wg_token_tile(m)}_") and cuda_linear.uses_warpgroup_kernel(m, n, k, 0)
         x = torch.randn(m, k, device="cuda", generator=g).to(dtype)
         assert rel(fp4cupy.linear(x, pw), reference(x, pw.weight)) <= TOL[dtype], (m, p)
         y = fp4cupy.linear(x, pw, bias)
         assert rel(y, reference(x, pw.weight, bias)) <= TOL[dtype], (m, p)
         assert torch.equal(fp4cupy.linear(x, pw, bias), y), (m, p)
-    assert cuda_linear.wg_plan(n, k, 128, False, 0).split == (k > 192)
+    assert cuda_wgmma.wg_plan(n, k, 128, False, 0).split == (k > 192)
     check_graph_replays(x, pw, bias, g)
 
 
@@ -203,14 +203,14 @@ def test_warpgroup_kernel_stream_k(monkeypatch, clusters, dtype):
     g = gen(clusters)
     pw = fp4cupy.prepare(fp4cupy.quantize(torch.randn(n, k, device="cuda", generator=g) * 3))
     bias = torch.randn(n, device="cuda", generator=g).to(dtype)
-    real = cuda_linear.wg_plan
+    real = cuda_wgmma.wg_plan
 
     def forced(n, k, m, bf16, device):
-        launch = cuda_linear.wg_kernel(cuda_linear.wg_token_tile(m), bf16, True, device)
-        return cuda_linear.WgPlan(**{**{f: getattr(real(n, k, m, bf16, device), f) for f in cuda_linear.WgPlan.__slots__},
-                                     "grid": (cuda_linear.WG_CLUSTER * clusters, 1), "cps": 0, "launch": launch,
+        launch = cuda_wgmma.wg_kernel(cuda_wgmma.wg_token_tile(m), bf16, True, device)
+        return cuda_wgmma.WgPlan(**{**{f: getattr(real(n, k, m, bf16, device), f) for f in cuda_wgmma.WgPlan.__slots__},
+                                     "grid": (cuda_wgmma.WG_CLUSTER * clusters, 1), "cps": 0, "launch": launch,
                                      "name": launch.name})
-    monkeypatch.setattr(cuda_linear, "wg_plan", forced)
+    monkeypatch.setattr(cuda_wgmma, "wg_plan", forced)
     monkeypatch.setattr(cuda_linear, "WG_MIN_WEIGHTS", 0)
     for m in (20, 33, 72, 128):
         x = torch.randn(m, k, device="cuda", generator=g).to(dtype)
@@ -223,10 +223,10 @@ def test_warpgroup_kernel_stream_k(monkeypatch, clusters, dtype):
 def test_warpgroup_plan_fills_the_gpu_with_stream_k():
     if not cuda_linear._wg_ok(0):
         pytest.skip("the warpgroup-MMA kernel needs sm_90a")
-    p = cuda_linear.wg_plan(28672, 8192, 128, False, 0)
-    resident = p.launch.max_active_clusters(cuda_linear.WG_CLUSTER, p.threads, p.shared)
-    assert resident > 0 and p.grid == (cuda_linear.WG_CLUSTER * resident, 1), (resident, p)
-    assert p.name == "w4a16_wgsk_nt128_f16" and cuda_linear.wg_plan(4096, 4096, 128, False, 0).name == "w4a16_wg_nt128_f16"
+    p = cuda_wgmma.wg_plan(28672, 8192, 128, False, 0)
+    resident = p.launch.max_active_clusters(cuda_wgmma.WG_CLUSTER, p.threads, p.shared)
+    assert resident > 0 and p.grid == (cuda_wgmma.WG_CLUSTER * resident, 1), (resident, p)
+    assert p.name == "w4a16_wgsk_nt128_f16" and cuda_wgmma.wg_plan(4096, 4096, 128, False, 0).name == "w4a16_wg_nt128_f16"
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -1,7 +1,7 @@
 """The launch arithmetic and kernel choice of the W4A16 and quantize launches (no GPU needed)."""
 import pytest
 
-from fp4cupy import cuda_linear
+from fp4cupy import cuda_linear, cuda_wgmma
 
 
 @pytest.mark.parametrize("sms", [132, 114, 78, 1])
@@ -9,30 +9,30 @@ from fp4cupy import cuda_linear
                                  (200, 512), (1000, 64 * 13), (300, 64 * 40), (64, 64), (256, 192)])
 @pytest.mark.parametrize("known", [False, True])
 def test_wgmma_grid_covers_every_chunk_once_in_whole_clusters(n, k, sms, known):
-    resident = sms // cuda_linear.WG_CLUSTER if known else 0
-    blocks, splits, cps = cuda_linear.wg_grid(n, k, sms, resident)
+    resident = sms // cuda_wgmma.WG_CLUSTER if known else 0
+    blocks, splits, cps = cuda_wgmma.wg_grid(n, k, sms, resident)
     nchunks = k // 64
-    rows_per_block = 64 * cuda_linear.WG_GROUPS
-    assert blocks % cuda_linear.WG_CLUSTER == 0
+    rows_per_block = 64 * cuda_wgmma.WG_GROUPS
+    assert blocks % cuda_wgmma.WG_CLUSTER == 0
     if cps == 0:  # stream-K: every cluster gets at least one pair of chunks; no more than run at once
-        tiles = cuda_linear.wg_tiles(n)
+        tiles = cuda_wgmma.wg_tiles(n)
         assert splits == 1 and 2 * tiles >= resident > 0
-        assert blocks // cuda_linear.WG_CLUSTER == min(resident, tiles * -(-nchunks // 2))
+        assert blocks // cuda_wgmma.WG_CLUSTER == min(resident, tiles * -(-nchunks // 2))
         return
     assert blocks * rows_per_block >= n
-    assert (blocks - cuda_linear.WG_CLUSTER) * rows_per_block < n  # no whole cluster past N
+    assert (blocks - cuda_wgmma.WG_CLUSTER) * rows_per_block < n  # no whole cluster past N
     assert cps % 2 == 0 and (splits - 1) * cps < nchunks <= splits * cps  # each split has >= 1 chunk
     if splits > 1:  # the splits of a tile wait for each other: the whole grid runs at once
-        assert cps >= 4 and blocks * splits <= (resident * cuda_linear.WG_CLUSTER or sms)
+        assert cps >= 4 and blocks * splits <= (resident * cuda_wgmma.WG_CLUSTER or sms)
 
 
 def test_wgmma_grid_on_an_h100():
-    assert cuda_linear.wg_grid(28672, 8192, 132) == (112, 1, 128)  # residency unknown: no stream-K
-    assert cuda_linear.wg_grid(28672, 8192, 132, 66) == (132, 1, 0)  # stream-K over every SM
-    assert cuda_linear.wg_grid(14336, 4096, 132, 66) == (56, 2, 32)  # 28 tiles: 2 splits
-    assert cuda_linear.wg_grid(4096, 4096, 132, 66) == (16, 8, 8)
-    assert cuda_linear.wg_grid(8192, 28672, 132, 66) == (32, 4, 112)
-    assert cuda_linear.wg_grid(4096, 4096, 132, 50) == (16, 6, 12)  # 100 blocks run at once: 6 splits
+    assert cuda_wgmma.wg_grid(28672, 8192, 132) == (112, 1, 128)  # residency unknown: no stream-K
+    assert cuda_wgmma.wg_grid(28672, 8192, 132, 66) == (132, 1, 0)  # stream-K over every SM
+    assert cuda_wgmma.wg_grid(14336, 4096, 132, 66) == (56, 2, 32)  # 28 tiles: 2 splits
+    assert cuda_wgmma.wg_grid(4096, 4096, 132, 66) == (16, 8, 8)
+    assert cuda_wgmma.wg_grid(8192, 28672, 132, 66) == (32, 4, 112)
+    assert cuda_wgmma.wg_grid(4096, 4096, 132, 50) == (16, 6, 12)  # 100 blocks run at once: 6 splits
 
 
 def stream_k_runs(tiles, pairs, clusters):
@@ -93,9 +93,9 @@ def test_launch_w4a16_picks_the_kernel_and_sizes_the_scratch(monkeypatch, m, wg_
     monkeypatch.setattr(cuda_linear, "_wg_ok", lambda device: wg_ok)
     monkeypatch.setattr(cuda_linear, "plan", lambda n, k, m, bf16, device: cuda_linear.Plan(
         Recorder("mma", calls), grid=(7, 1), threads=256, shared=1024, name="mma"))
-    blocks, splits, cps = cuda_linear.wg_grid(n, k, sms)
-    nt = cuda_linear.wg_token_tile(m)
-    monkeypatch.setattr(cuda_linear, "wg_plan", lambda n, k, m, bf16, device: cuda_linear.WgPlan(
+    blocks, splits, cps = cuda_wgmma.wg_grid(n, k, sms)
+    nt = cuda_wgmma.wg_token_tile(m)
+    monkeypatch.setattr(cuda_wgmma, "wg_plan", lambda n, k, m, bf16, device: cuda_wgmma.WgPlan(
         xprep=Recorder("xprep", calls), launch=Recorder("wg", calls),
         grid=(blocks, splits), threads=512, shared=99, cps=cps, nt=nt, name="wg"))
 
@@ -137,12 +137,12 @@ def test_warpgroup_kernel_from_17_tokens_on_large_weights_and_from_33_on_all(mon
 
 
 def test_warpgroup_token_tile_is_the_least_that_holds_the_tokens():
-    tiles = cuda_linear.WG_TOKEN_TILES
+    tiles = cuda_wgmma.WG_TOKEN_TILES
     assert tiles == tuple(sorted(tiles)) and tiles[-1] == cuda_linear.MMA_MAX_M and all(t % 8 == 0 for t in tiles)
     for m in range(1, cuda_linear.MMA_MAX_M + 1):
-        nt = cuda_linear.wg_token_tile(m)
+        nt = cuda_wgmma.wg_token_tile(m)
         assert nt >= m and all(t < m for t in tiles if t < nt), m
-    assert [cuda_linear.wg_token_tile(m) for m in (17, 24, 25, 33, 64, 65, 113, 128)] == [24, 24, 32, 48, 64, 80, 128, 128]
+    assert [cuda_wgmma.wg_token_tile(m) for m in (17, 24, 25, 33, 64, 65, 113, 128)] == [24, 24, 32, 48, 64, 80, 128, 128]
 
 
 @pytest.mark.parametrize("n,blocks,zeroed", [(28672, 132, 132), (28672, 112, 0), (1000, 6, 8)])
@@ -150,7 +150,7 @@ def test_stream_k_launch_sizes_flags_and_partial_slots(monkeypatch, n, blocks, z
     calls, buffers = [], []
     k, m = 8192, 128
     monkeypatch.setattr(cuda_linear, "_wg_ok", lambda device: True)
-    monkeypatch.setattr(cuda_linear, "wg_plan", lambda n, k, m, bf16, device: cuda_linear.WgPlan(
+    monkeypatch.setattr(cuda_wgmma, "wg_plan", lambda n, k, m, bf16, device: cuda_wgmma.WgPlan(
         xprep=Recorder("xprep", calls), launch=Recorder("wg", calls),
         grid=(blocks, 1), threads=512, shared=99, cps=0, nt=128, name="wg"))
 
