@@ -195,7 +195,7 @@ __device__ void w4a16_body(const uint4* __restrict__ wq, const unsigned short* _
     for (int idx = i0 + threadIdx.x; idx < i0 + share; idx += blockDim.x) {
         float v = 0.0f;
         if (S > 1) {
-            for (int q = 0; q < S; ++q) v += cluster_load(sums + idx, q);  // in split order
+            for (int rank = 0; rank < S; ++rank) v += cluster_load(sums + idx, rank);  // in split order
         } else {
             for (int wi = 0; wi < nwarps; ++wi) v += red[wi * PER_WARP + idx];
         }
