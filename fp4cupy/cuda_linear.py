@@ -84,7 +84,7 @@ VARIANTS = ((1, 1, 2, 16), (1, 1, 4, 16), (2, 1, 2, 16), (4, 1, 1, 16), (1, 2, 2
 
 
 # K split over clusters of S blocks (sm_90+): NT -> the one-tile kernel built for it, and the S built.
-SPLIT_VARIANTS = {1: (1, 1, 2, 16), 2: (1, 2, 2, 16)}
+SPLIT_VARIANTS = {1: (1, 1, 2, 16), 2: (1, 2, 2, 16), 4: (1, 4, 1, 16)}
 SPLITS = (2, 4, 8)
 
 
@@ -139,8 +139,8 @@ def plan(n: int, k: int, m: int, bf16: bool, device: int) -> Plan:
     28672x8192 36.5 against 37.2 us; 13-16% slower where not, 32768 rows), bf16 at 9-16 tokens
     (38 rows, as predicted: 3-10%, 28672x8192 48.5 against 50.2). The other dtype measured equal.
     Where one-tile blocks are fewer than two a SM (N below 32 rows a SM) on sm_90+, K is split over
-    clusters of ``_cluster_splits`` blocks (H200, M=1 and 16, 1024-2048 rows: 1.1-1.7x faster,
-    1024x28672 M=1 17.1 -> 10.1-10.6 us).
+    clusters of ``_cluster_splits`` blocks (H200, 1024-2048 rows: 1.1-1.7x faster at M=1 and 16,
+    1024x28672 M=1 17.1 -> 10.1-10.6 us; 1.1-1.8x at 17 and 32 tokens, 1024x16384 22.0 -> 12.4).
     """
     nt = 1 if m <= 8 else 2 if m <= 16 else 4 if m <= 32 else 8
     sms = _sm_count(device)
