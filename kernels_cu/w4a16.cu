@@ -212,32 +212,31 @@ __device__ void w4a16_body(const uint4* __restrict__ wq, const unsigned short* _
 #endif
 }
 
-#define W4A16_KERNELS(RT, NT, U, W, NAME)                                                                     \
-    extern "C" __global__ void __launch_bounds__(32 * W, min_blocks(false, RT, NT, U, W)) NAME##_f16(          \
-        const uint4* wq, const unsigned short* sq, const __half* x, __half* y, const __half* bias,             \
-        const float* g, int m, int n, int k) { w4a16_body<false, RT, NT, U>(wq, sq, x, y, bias, g, m, n, k); } \
-    extern "C" __global__ void __launch_bounds__(32 * W, min_blocks(true, RT, NT, U, W)) NAME##_bf16(          \
-        const uint4* wq, const unsigned short* sq, const __nv_bfloat16* x, __nv_bfloat16* y,                   \
-        const __nv_bfloat16* bias, const float* g, int m, int n, int k) {                                      \
-        w4a16_body<true, RT, NT, U>(wq, sq, x, y, bias, g, m, n, k);                                           \
-    }
+// Clusters of S blocks along x for the split-K kernels (none for S = 1, or before sm_90)
+#define W4A16_CLUSTER_1
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-#define W4A16_CLUSTER(S) __cluster_dims__(S, 1, 1)
+#define W4A16_CLUSTER_2 __cluster_dims__(2, 1, 1)
+#define W4A16_CLUSTER_4 __cluster_dims__(4, 1, 1)
+#define W4A16_CLUSTER_8 __cluster_dims__(8, 1, 1)
 #else
-#define W4A16_CLUSTER(S)
+#define W4A16_CLUSTER_2
+#define W4A16_CLUSTER_4
+#define W4A16_CLUSTER_8
 #endif
-#define W4A16_SPLIT_KERNELS(RT, NT, U, S, NAME)                                                                        \
-    extern "C" __global__ void __launch_bounds__(512) W4A16_CLUSTER(S) NAME##_f16(                                   \
-        const uint4* wq, const unsigned short* sq, const __half* x, __half* y, const __half* bias,             \
-        const float* g, int m, int n, int k) { w4a16_body<false, RT, NT, U, S>(wq, sq, x, y, bias, g, m, n, k); } \
-    extern "C" __global__ void __launch_bounds__(512) W4A16_CLUSTER(S) NAME##_bf16(                                  \
-        const uint4* wq, const unsigned short* sq, const __nv_bfloat16* x, __nv_bfloat16* y,                   \
-        const __nv_bfloat16* bias, const float* g, int m, int n, int k) {                                      \
+#define W4A16_KERNELS(RT, NT, U, W, S, NAME)                                                                  \
+    extern "C" __global__ void __launch_bounds__(32 * W, min_blocks(false, RT, NT, U, W)) W4A16_CLUSTER_##S    \
+    NAME##_f16(const uint4* wq, const unsigned short* sq, const __half* x, __half* y, const __half* bias,     \
+               const float* g, int m, int n, int k) {                                                          \
+        w4a16_body<false, RT, NT, U, S>(wq, sq, x, y, bias, g, m, n, k);                                       \
+    }                                                                                                          \
+    extern "C" __global__ void __launch_bounds__(32 * W, min_blocks(true, RT, NT, U, W)) W4A16_CLUSTER_##S     \
+    NAME##_bf16(const uint4* wq, const unsigned short* sq, const __nv_bfloat16* x, __nv_bfloat16* y,          \
+                const __nv_bfloat16* bias, const float* g, int m, int n, int k) {                              \
         w4a16_body<true, RT, NT, U, S>(wq, sq, x, y, bias, g, m, n, k);                                        \
     }
-#define W4A16(RT, NT, U) W4A16_KERNELS(RT, NT, U, 16, w4a16_rt##RT##_nt##NT##_u##U)
-#define W4A16_SPLIT(RT, NT, U, S) W4A16_SPLIT_KERNELS(RT, NT, U, S, w4a16_rt##RT##_nt##NT##_u##U##_s##S)
-#define W4A16_W4(RT, NT, U) W4A16_KERNELS(RT, NT, U, 4, w4a16_rt##RT##_nt##NT##_u##U##_w4)
+#define W4A16(RT, NT, U) W4A16_KERNELS(RT, NT, U, 16, 1, w4a16_rt##RT##_nt##NT##_u##U)
+#define W4A16_W4(RT, NT, U) W4A16_KERNELS(RT, NT, U, 4, 1, w4a16_rt##RT##_nt##NT##_u##U##_w4)
+#define W4A16_SPLIT(RT, NT, U, S) W4A16_KERNELS(RT, NT, U, 16, S, w4a16_rt##RT##_nt##NT##_u##U##_s##S)
 
 // (RT, NT, U), at most 16 or 4 warps a block: keep in step with cuda_linear.VARIANTS
 W4A16(1, 1, 2)
