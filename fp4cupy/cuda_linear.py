@@ -100,7 +100,8 @@ def make_plan(n: int, m: int, variant, warps: int, bf16: bool, device: int, spli
     if warps > max_warps:
         raise ValueError(f"variant {variant} runs at most {max_warps} warps a block, not {warps}")
     if splits > 1 and (splits not in SPLITS or SPLIT_VARIANTS.get(nt) != variant):
-        raise ValueError(f"no kernel splits K over {splits} blocks for variant {variant}")
+        raise ValueError(f"no kernel splits K over {splits} blocks for variant {variant}; split kernels: "
+                         f"S in {SPLITS} for the variants {sorted(SPLIT_VARIANTS.values())}")
     name = kernel_name(rt, nt, u, max_warps, bf16, splits)
     launch = runtime.launcher("w4a16.cu", name, device, _SIGNATURE)
     grid = (-(-m // (8 * nt)) * splits, -(-(-(-n // TILE_ROWS)) // rt))
