@@ -39,6 +39,14 @@ __device__ __forceinline__ void mbar_arrive_remote(u32 bar, u32 rank) {
     asm volatile("{\n\t.reg .b32 ra;\n\tmapa.shared::cluster.u32 ra, %0, %1;\n\t"
                  "mbarrier.arrive.shared::cluster.b64 _, [ra];\n}" ::"r"(bar), "r"(rank) : "memory");
 }
+// 16 bytes at the same shared-memory offset of cluster CTA ``rank`` (distributed shared memory)
+__device__ __forceinline__ float4 ld_cluster_f4(u32 addr, u32 rank) {
+    float4 v;
+    asm volatile("{\n\t.reg .b32 ra;\n\tmapa.shared::cluster.u32 ra, %4, %5;\n\t"
+                 "ld.shared::cluster.v4.f32 {%0, %1, %2, %3}, [ra];\n}"
+                 : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w) : "r"(addr), "r"(rank) : "memory");
+    return v;
+}
 // bytes from global memory into the same shared-memory offset of every CTA in ``mask``, each
 // completing ``bytes`` of transaction count on its own mbarrier at offset ``bar``
 __device__ __forceinline__ void bulk_multicast(u32 dst, const void* src, u32 bytes, u32 bar, unsigned short mask) {

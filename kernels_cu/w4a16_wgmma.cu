@@ -17,7 +17,9 @@
 // ws (a slot a block, in accumulator order) and raise a flag (zeroed by w4a16_wg_xprep) that the
 // owner waits for before it adds them in cluster order (deterministic). Otherwise (w4a16_wg_*,
 // a loop without stream-K's bookkeeping) cluster c takes tile c, or with grid.y > 1 (split K, for
-// few tiles) split blockIdx.y of its pairs.
+// few tiles) split blockIdx.y of its pairs. w4a16_wgk2_*: K split in two over a cluster of 2
+// blocks on the same 256 rows (no multicast of x), which add their partial sums through
+// distributed shared memory: no workspace, and none of the L2 traffic of split K.
 //
 // x: w4a16_wg_xprep writes it once per call in the order the shared memory wants, so a pair of
 // 64-wide K chunks is one contiguous copy: per chunk, the K order of the repack (logical column
@@ -28,6 +30,7 @@
 //
 // Split K: the gridDim.y blocks on the same rows store their FP32 partial sums and, once all
 // have, each adds up and stores its share of those rows' outputs (in split order: deterministic).
+// Split in two over a cluster (K2): the same, with the partial sums in each block's shared memory.
 // Off sm_90a the kernels trap.
 #include "hopper.cuh"
 #include "w4a16_decode.cuh"
@@ -36,9 +39,11 @@
 #define WG_AHEAD 2  // pairs copied ahead
 #define WG_CLUSTER 2  // CTAs a cluster: neighbouring row blocks share each copy of x (multicast)
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-#define WG_CLUSTER_DIMS __cluster_dims__(WG_CLUSTER, 1, 1)
+#define WG_CLUSTER_DIMS_0 __cluster_dims__(WG_CLUSTER, 1, 1)
+#define WG_CLUSTER_DIMS_1 __cluster_dims__(1, 2, 1)  // K2: the two K splits of 256 rows
 #else
-#define WG_CLUSTER_DIMS
+#define WG_CLUSTER_DIMS_0
+#define WG_CLUSTER_DIMS_1
 #endif
 
 
@@ -62,7 +67,7 @@ extern "C" __global__ void w4a16_wg_xprep(const u32* __restrict__ x, uint4* __re
     xp[((i64)c * 8 + p) * nt + tok] = v;
 }
 
-template <bool BF16, int NT, bool SK>
+template <bool BF16, int NT, bool SK, bool K2>
 __device__ void w4a16_wg_body(const uint4* __restrict__ wq, const unsigned short* __restrict__ sq,
                               const uint4* __restrict__ xp, typename Act<BF16>::T* __restrict__ y,
                               float* __restrict__ ws, const typename Act<BF16>::T* __restrict__ bias,
@@ -75,11 +80,13 @@ __device__ void w4a16_wg_body(const uint4* __restrict__ wq, const unsigned short
     constexpr int x_bytes = NT * 128;  // one chunk of x: 8 core-matrix columns of NT tokens
     const int tid = threadIdx.x, nthreads = blockDim.x, lane = tid & 31, warp = tid >> 5;
     const int wg = warp >> 2, g = lane >> 2, q = lane & 3, groups = nthreads >> 7;
-    const u32 rank = cluster_rank();
+    // RC blocks of a cluster on neighbouring rows share each copy of x; rank: a block's place among them
+    constexpr int RC = K2 ? 1 : WG_CLUSTER;
+    const u32 crank = cluster_rank(), rank = K2 ? 0 : crank;
     // An odd chunk count gets one more chunk of zero x (its weights are the last real chunk's),
     // so chunks run in pairs: npt pairs a tile.
-    const int nchunks = k >> 6, npt = (nchunks + 1) >> 1, cl = blockIdx.x / WG_CLUSTER;
-    const int clusters = gridDim.x / WG_CLUSTER, tiles = (n + 64 * groups * WG_CLUSTER - 1) / (64 * groups * WG_CLUSTER);
+    const int nchunks = k >> 6, npt = (nchunks + 1) >> 1, cl = blockIdx.x / RC;
+    const int clusters = gridDim.x / RC, tiles = (n + 64 * groups * RC - 1) / (64 * groups * RC);
     const bool split = !SK && gridDim.y > 1;
     auto first_unit = [&](int c) { return (int)((i64)tiles * npt * c / clusters); };
     const int u0 = SK ? first_unit(cl) : cl * npt + blockIdx.y * (chunks_per_split >> 1);
@@ -92,14 +99,15 @@ __device__ void w4a16_wg_body(const uint4* __restrict__ wq, const unsigned short
     // This warpgroup's first row in tile t, and the 16-row tile of the repack its warp computes on
     // (a warpgroup past N takes the last 64 rows, so every warp runs the same wgmmas, with no
     // divergent path around them, and stores nothing).
-    auto group_row = [&](int t) { return ((t * WG_CLUSTER + (int)rank) * groups + wg) * 64; };
+    auto group_row = [&](int t) { return ((t * RC + (int)rank) * groups + wg) * 64; };
     auto warp_tile = [&](int t) { return min(group_row(t), (n - 1) / 64 * 64) / 16 + (warp & 3); };
 
     // Local pair j (unit u0 + j: tile t, pair p of the tile) goes to pair slot j % 4 (chunk slots
     // 2 j % 8, +1). x: thread 0 of each CTA expects the pair's bytes on full[slot]; thread 0 of the
     // cluster's first CTA waits until all 8 warpgroups of the cluster have released the slot's
     // previous pair (empty[slot], in its shared memory) and copies the pair once into both CTAs
-    // (multicast). Weights and scale codes: every thread copies its own (cp.async), no barrier needed.
+    // (multicast; K2: each CTA copies its own). Weights and scale codes: every thread copies its
+    // own (cp.async), no barrier needed.
     const u32 full0 = s_base + WG_SLOTS * nthreads * 4, empty0 = full0 + 8 * (WG_SLOTS / 2);
     constexpr u32 pair_bytes = 2 * x_bytes;
     auto issue_x = [&](int j, int p) {
@@ -107,7 +115,8 @@ __device__ void w4a16_wg_body(const uint4* __restrict__ wq, const unsigned short
         mbar_expect_arrive(full0 + 8 * sl, pair_bytes);
         if (rank == 0) {
             if (j >= WG_SLOTS / 2) mbar_wait(empty0 + 8 * sl, (j / (WG_SLOTS / 2) - 1) & 1);
-            bulk_multicast(base + sl * pair_bytes, xp + (i64)p * 2 * NT * 8, pair_bytes, full0 + 8 * sl, 3);
+            bulk_multicast(base + sl * pair_bytes, xp + (i64)p * 2 * NT * 8, pair_bytes, full0 + 8 * sl,
+                           K2 ? 1u << crank : 3u);
         }
     };
     const uint4* w_tile;  // this thread's weights and scale codes in the tile being copied
@@ -124,7 +133,7 @@ __device__ void w4a16_wg_body(const uint4* __restrict__ wq, const unsigned short
     if (tid == 0) {
         for (int sl = 0; sl < WG_SLOTS / 2; ++sl) {
             mbar_init(full0 + 8 * sl, 1);
-            mbar_init(empty0 + 8 * sl, WG_CLUSTER * groups);
+            mbar_init(empty0 + 8 * sl, RC * groups);
         }
         asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     }
@@ -166,11 +175,11 @@ __device__ void w4a16_wg_body(const uint4* __restrict__ wq, const unsigned short
         wgmma_commit();
     };
 
-    // Thread th's acc[4 j + e] in tile t: row ((t * WG_CLUSTER + rank) * groups + th / 128) * 64 +
+    // Thread th's acc[4 j + e] in tile t: row ((t * RC + rank) * groups + th / 128) * 64 +
     // 16 (th / 32 % 4) + th % 32 / 4 + 8 (e / 2), token 8 j + 2 (th % 4) + e % 2.
     const float gs = *g_ptr * 16384.0f;
     auto store4 = [&](int t, int th, int j, float4 v) {
-        const int r0 = ((t * WG_CLUSTER + (int)rank) * groups + (th >> 7)) * 64 + 16 * ((th >> 5) & 3)
+        const int r0 = ((t * RC + (int)rank) * groups + (th >> 7)) * 64 + 16 * ((th >> 5) & 3)
                        + ((th & 31) >> 2);
         const float vals[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
@@ -240,7 +249,7 @@ __device__ void w4a16_wg_body(const uint4* __restrict__ wq, const unsigned short
         mbar_wait(full0 + 8 * (j % (WG_SLOTS / 2)), (j / (WG_SLOTS / 2)) & 1);
         mma(2 * j, a0);
         wgmma_wait<1>();  // chunk 2 j - 1 done: a1 and the previous pair's slot are free
-        if (j > 0 && (tid & 127) == 0) mbar_arrive_remote(empty0 + 8 * ((j - 1) % (WG_SLOTS / 2)), 0);
+        if (j > 0 && (tid & 127) == 0) mbar_arrive_remote(empty0 + 8 * ((j - 1) % (WG_SLOTS / 2)), K2 ? crank : 0);
         decode(a1);
         mma(2 * j + 1, a1);
         cp_async_wait<WG_AHEAD - 1>();  // this thread's copies of pair j + 1
@@ -319,13 +328,29 @@ __device__ void w4a16_wg_body(const uint4* __restrict__ wq, const unsigned short
         store_y(ct);
         return;
     }
+    const int live = min(NT / 8, (m + 7) >> 3), total = live * nthreads;  // float4 of a slot below M
+    if (K2) {
+        // Each block puts its partial sums in its shared memory (the slots are free: every copy has
+        // landed and been read), then adds both blocks' for its half of the outputs, split 0 first.
+        float4* own = reinterpret_cast<float4*>(smem);
+#pragma unroll
+        for (int i = 0; i < NT / 8; ++i)
+            if (i < live) own[i * nthreads + tid] = acc4(i);
+        cluster_sync();
+        for (int i = (int)crank * total / 2 + tid; i < ((int)crank + 1) * total / 2; i += nthreads) {
+            const float4 a = ld_cluster_f4(base + 16 * i, 0), b = ld_cluster_f4(base + 16 * i, 1);
+            store4(cl, i % nthreads, i / nthreads, make_float4(a.x + b.x, a.y + b.y, a.z + b.z, a.w + b.w));
+        }
+        cluster_sync();  // neither block leaves while the other reads its shared memory
+        return;
+    }
 
     // Split K: each block stores its partial sums in its slot and counts itself in on its column's
     // counter; once all gridDim.y have (they run at once: wg_grid keeps the grid within one wave),
     // block y of the column adds the share [y T / S, (y + 1) T / S) of the T float4 of a slot over
     // the S slots in split order and stores it: bitwise the same run to run, and no finish kernel.
     // Only the float4 holding tokens below M are stored and read (the first T of (NT / 8) nthreads).
-    const int S = gridDim.y, live = min(NT / 8, (m + 7) >> 3), total = live * nthreads;
+    const int S = gridDim.y;
     const float4* column = parts + (i64)blockIdx.x * S * total;
     store_slot(parts + ((i64)blockIdx.x * S + blockIdx.y) * total + tid, live);
     if (tid == 0) {
@@ -346,21 +371,21 @@ __device__ void w4a16_wg_body(const uint4* __restrict__ wq, const unsigned short
 #endif
 }
 
-// w4a16_wg{,sk}_nt{NT}_{f16,bf16}: sk = stream-K
-#define W4A16_WG(NAME, NT, SK)                                                                                     \
-    extern "C" __global__ void __launch_bounds__(512, 1) WG_CLUSTER_DIMS NAME##_nt##NT##_f16(                      \
+// w4a16_wg{,sk,k2}_nt{NT}_{f16,bf16}: sk = stream-K, k2 = K split in two over a cluster
+#define W4A16_WG(NAME, NT, SK, K2)                                                                                 \
+    extern "C" __global__ void __launch_bounds__(512, 1) WG_CLUSTER_DIMS_##K2 NAME##_nt##NT##_f16(                 \
         const uint4* wq, const unsigned short* sq, const uint4* xp, __half* y, float* ws, const __half* bias,      \
         const float* g, int m, int n, int k, int cps) {                                                            \
-        w4a16_wg_body<false, NT, SK>(wq, sq, xp, y, ws, bias, g, m, n, k, cps);                                    \
+        w4a16_wg_body<false, NT, SK, K2>(wq, sq, xp, y, ws, bias, g, m, n, k, cps);                                \
     }                                                                                                              \
-    extern "C" __global__ void __launch_bounds__(512, 1) WG_CLUSTER_DIMS NAME##_nt##NT##_bf16(                     \
+    extern "C" __global__ void __launch_bounds__(512, 1) WG_CLUSTER_DIMS_##K2 NAME##_nt##NT##_bf16(                \
         const uint4* wq, const unsigned short* sq, const uint4* xp, __nv_bfloat16* y, float* ws,                  \
         const __nv_bfloat16* bias, const float* g, int m, int n, int k, int cps) {                                 \
-        w4a16_wg_body<true, NT, SK>(wq, sq, xp, y, ws, bias, g, m, n, k, cps);                                     \
+        w4a16_wg_body<true, NT, SK, K2>(wq, sq, xp, y, ws, bias, g, m, n, k, cps);                                 \
     }
 
 // NT: keep in step with cuda_linear.WG_TOKEN_TILES (and hopper.cuh's wgmma specializations)
-#define W4A16_WG_NT(NT) W4A16_WG(w4a16_wg, NT, false) W4A16_WG(w4a16_wgsk, NT, true)
+#define W4A16_WG_NT(NT) W4A16_WG(w4a16_wg, NT, false, 0) W4A16_WG(w4a16_wgsk, NT, true, 0) W4A16_WG(w4a16_wgk2, NT, false, 1)
 W4A16_WG_NT(24)
 W4A16_WG_NT(32)
 W4A16_WG_NT(48)

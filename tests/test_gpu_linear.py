@@ -148,11 +148,12 @@ def test_every_kernel_variant(variant, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("n,k", [(1000, 64 * 13), (1000, 192), (300, 64 * 40)])
-def test_warpgroup_kernel_with_and_without_split_k(monkeypatch, n, k, dtype):
+@pytest.mark.parametrize("n,k,splits", [(1000, 64 * 13, 3), (1000, 192, 1), (300, 64 * 40, 10), (1000, 64 * 9, 2)])
+def test_warpgroup_kernel_with_and_without_split_k(monkeypatch, n, k, splits, dtype):
     """w4a16_wgmma.cu (sm_90a): every token-column count NT (17-32 tokens through it here on small
-    weights too), ragged N, K split over 3 or 10 blocks or not; split K adds its partial sums in
-    split order, so two calls agree bit for bit."""
+    weights too), ragged N, K split over 3 or 10 blocks (through the workspace), 2 (a cluster,
+    through shared memory; the odd ninth chunk's pair zero-padded) or not; split K adds its
+    partial sums in split order, so two calls agree bit for bit."""
     if not cuda_linear._wg_ok(0):
         pytest.skip("the warpgroup-MMA kernel needs sm_90a")
     monkeypatch.setattr(cuda_linear, "WG_MIN_WEIGHTS", 0)
@@ -163,7 +164,9 @@ def test_warpgroup_kernel_with_and_without_split_k(monkeypatch, n, k, dtype):
     assert sorted({cuda_wgmma.wg_token_tile(m) for m in ms}) == list(cuda_wgmma.WG_TOKEN_TILES)
     for m in ms:
         p = cuda_wgmma.wg_plan(n, k, m, dtype == torch.bfloat16, 0)
-        assert p.name.startswith(f"w4a16_wg_nt{cuda_wgmma.wg_token_tile(m)}_") and cuda_linear.uses_warpgroup_kernel(m, n, k, 0)
+        loop = "k2" if splits == 2 else ""
+        assert p.name.startswith(f"w4a16_wg{loop}_nt{cuda_wgmma.wg_token_tile(m)}_") and p.grid[1] == splits, p
+        assert cuda_linear.uses_warpgroup_kernel(m, n, k, 0)
         x = torch.randn(m, k, device="cuda", generator=g).to(dtype)
         assert rel(fp4cupy.linear(x, pw), reference(x, pw.weight)) <= TOL[dtype], (m, p)
         y = fp4cupy.linear(x, pw, bias)
@@ -206,7 +209,7 @@ def test_warpgroup_kernel_stream_k(monkeypatch, clusters, dtype):
     real = cuda_wgmma.wg_plan
 
     def forced(n, k, m, bf16, device):
-        launch = cuda_wgmma.wg_kernel(cuda_wgmma.wg_token_tile(m), bf16, True, device)
+        launch = cuda_wgmma.wg_kernel(cuda_wgmma.wg_token_tile(m), bf16, "sk", device)
         return cuda_wgmma.WgPlan(**{**{f: getattr(real(n, k, m, bf16, device), f) for f in cuda_wgmma.WgPlan.__slots__},
                                      "grid": (cuda_wgmma.WG_CLUSTER * clusters, 1), "cps": 0, "launch": launch,
                                      "name": launch.name})
@@ -227,6 +230,7 @@ def test_warpgroup_plan_fills_the_gpu_with_stream_k():
     resident = p.launch.max_active_clusters(cuda_wgmma.WG_CLUSTER, p.threads, p.shared)
     assert resident > 0 and p.grid == (cuda_wgmma.WG_CLUSTER * resident, 1), (resident, p)
     assert p.name == "w4a16_wgsk_nt128_f16" and cuda_wgmma.wg_plan(4096, 4096, 128, False, 0).name == "w4a16_wg_nt128_f16"
+    assert cuda_wgmma.wg_plan(14336, 4096, 128, False, 0).name == "w4a16_wgk2_nt128_f16"
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

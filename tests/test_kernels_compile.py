@@ -104,9 +104,9 @@ def test_every_warpgroup_kernel_the_host_names_is_in_the_module(tmp_path, monkey
 
     monkeypatch.setenv("FP4CUPY_CACHE_DIR", str(tmp_path))
     cubin = runtime.compile_source("w4a16_wgmma.cu", "sm_90a")
-    names = [cuda_wgmma.wg_kernel_name(nt, bf16, sk) for nt in cuda_wgmma.WG_TOKEN_TILES
-             for bf16 in (False, True) for sk in (False, True)]
-    assert len(names) == 4 * len(cuda_wgmma.WG_TOKEN_TILES) and len(set(names)) == len(names)
+    names = [cuda_wgmma.wg_kernel_name(nt, bf16, loop) for nt in cuda_wgmma.WG_TOKEN_TILES
+             for bf16 in (False, True) for loop in cuda_wgmma.WG_LOOPS]
+    assert len(names) == 6 * len(cuda_wgmma.WG_TOKEN_TILES) and len(set(names)) == len(names)
     missing = [n for n in names + ["w4a16_wg_xprep"] if n.encode() + b"\0" not in cubin]
     assert not missing, missing
 

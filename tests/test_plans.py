@@ -6,13 +6,17 @@ from fp4cupy import cuda_linear, cuda_wgmma
 
 @pytest.mark.parametrize("sms", [132, 114, 78, 1])
 @pytest.mark.parametrize("n,k", [(4096, 4096), (14336, 4096), (4096, 14336), (28672, 8192), (8192, 28672),
-                                 (200, 512), (1000, 64 * 13), (300, 64 * 40), (64, 64), (256, 192)])
+                                 (200, 512), (1000, 64 * 13), (1000, 64 * 9), (300, 64 * 40), (64, 64), (256, 192),
+                                 (12544, 4096)])
 @pytest.mark.parametrize("known", [False, True])
 def test_wgmma_grid_covers_every_chunk_once_in_whole_clusters(n, k, sms, known):
     resident = sms // cuda_wgmma.WG_CLUSTER if known else 0
     blocks, splits, cps = cuda_wgmma.wg_grid(n, k, sms, resident)
     nchunks = k // 64
     rows_per_block = 64 * cuda_wgmma.WG_GROUPS
+    if splits == 2:  # the two splits of a block are its cluster: a block a 256 rows, none past N
+        assert cps % 2 == 0 and cps < nchunks <= 2 * cps and blocks == -(-n // rows_per_block)
+        return
     assert blocks % cuda_wgmma.WG_CLUSTER == 0
     if cps == 0:  # stream-K: every cluster gets at least one pair of chunks; no more than run at once
         tiles = cuda_wgmma.wg_tiles(n)
@@ -30,6 +34,7 @@ def test_wgmma_grid_on_an_h100():
     assert cuda_wgmma.wg_grid(28672, 8192, 132) == (112, 1, 128)  # residency unknown: no stream-K
     assert cuda_wgmma.wg_grid(28672, 8192, 132, 66) == (132, 1, 0)  # stream-K over every SM
     assert cuda_wgmma.wg_grid(14336, 4096, 132, 66) == (56, 2, 32)  # 28 tiles: 2 splits
+    assert cuda_wgmma.wg_grid(12544, 4096, 132, 66) == (49, 2, 32)  # 2 splits: 49 blocks of 256 rows
     assert cuda_wgmma.wg_grid(4096, 4096, 132, 66) == (16, 8, 8)
     assert cuda_wgmma.wg_grid(8192, 28672, 132, 66) == (32, 4, 112)
     assert cuda_wgmma.wg_grid(4096, 4096, 132, 50) == (16, 6, 12)  # 100 blocks run at once: 6 splits
@@ -163,6 +168,18 @@ def test_stream_k_launch_sizes_flags_and_partial_slots(monkeypatch, n, blocks, z
     words = zeroed + blocks * 512 * 64 if zeroed else 0  # flags (rounded up to 4), then a slot a block
     assert buffers == [(k + 64) * 128 * 2] + ([4 * words] if words else [])
     assert calls[0][5][2:4] == ((2000 if words else 0), zeroed)
+
+
+def test_split_k_workspace_and_kernel_names():
+    def plan(grid, cps):
+        return cuda_wgmma.WgPlan(xprep=None, launch=None, grid=grid, threads=512, shared=99, cps=cps, nt=128, name="wg")
+    assert plan((56, 2), 32).workspace(14336, 128) == (0, 0)  # two splits add up in shared memory
+    assert plan((16, 8), 8).workspace(4096, 128) == (16 + 16 * 8 * 512 * 64, 16)  # counters, then a slot a block
+    assert plan((16, 1), 64).workspace(4096, 128) == (0, 0)  # a tile a cluster
+    assert [cuda_wgmma.wg_kernel_name(24, True, loop) for loop in cuda_wgmma.WG_LOOPS] == [
+        "w4a16_wg_nt24_bf16", "w4a16_wgsk_nt24_bf16", "w4a16_wgk2_nt24_bf16"]
+    with pytest.raises(ValueError, match="no warpgroup kernel loop 'k3'"):
+        cuda_wgmma.wg_kernel_name(24, True, "k3")
 
 
 @pytest.mark.parametrize("n,itemsize", [(1, 2), (2048, 2), (2049, 2), (8192 * 8192, 2), (8192 * 8192, 4), (100, 4)])

@@ -1,8 +1,8 @@
 """Worker for tests/test_gpu_sanitizer.py, run under ``compute-sanitizer --tool <memcheck|racecheck|...>``:
 every mma.sync W4A16 variant once (ragged N, odd M, 1 warp and several), K split over clusters
 (sm_90+), the capped 4-warp kernels
-through ``linear`` where the plan takes them, the warpgroup kernel's split-K and stream-K paths at
-several token-column counts (sm_90a), and quantize / dequantize / prepare / the FP4 x FP4 gemm on
+through ``linear`` where the plan takes them, the warpgroup kernel's split-K (two splits a cluster, or more through the
+workspace) and stream-K paths at several token-column counts (sm_90a), and quantize / dequantize / prepare / the FP4 x FP4 gemm on
 ragged shapes in each format.
 The sanitizer's exit code says whether any access was out of bounds, raced or read uninitialized memory."""
 import torch
@@ -56,8 +56,10 @@ def main() -> None:
     fp4cupy.gemm(a, fp4cupy.quantize(torch.randn(90, 192, device="cuda")), trans_b=True)
     if cuda_linear.uses_warpgroup_kernel(64, 64, 64, 0):
         cuda_linear.WG_MIN_WEIGHTS = 0  # 17-32 tokens through it on small weights too
-        for n, k, m in ((1000, 512, 33), (4096, 1024, 128), (28672, 256, 64), (1000, 640, 20), (28672, 256, 90)):
-            # split K at NT 48 and 128, stream-K at 64, split K at 24, stream-K at 96
+        for n, k, m in ((1000, 512, 33), (4096, 1024, 128), (28672, 256, 64), (1000, 640, 20), (28672, 256, 90),
+                        (1000, 64 * 13, 40)):
+            # two splits over a cluster at NT 48 and 24; split K through the workspace at NT 128 and 48;
+            # stream-K at 64 and 96
             fp4cupy.linear(torch.randn(m, k, device="cuda", dtype=torch.bfloat16), weight(n, k))
     torch.cuda.synchronize()
 
