@@ -345,14 +345,26 @@ __device__ void w4a16_wg_body(const uint4* __restrict__ wq, const unsigned short
         return;
     }
 
-    // Split K: each block stores its partial sums in its slot and counts itself in on its column's
+    // Split K: block y of the column adds up the share [y T / S, (y + 1) T / S) of the T float4 of a
+    // slot (only those holding tokens below M) over the S splits, in split order: bitwise the same
+    // run to run, and no finish kernel. Each block stores its partial sums in its slot, but its own
+    // share in its shared memory (the x slots are free), and counts itself in on its column's
     // counter; once all gridDim.y have (they run at once: wg_grid keeps the grid within one wave),
-    // block y of the column adds the share [y T / S, (y + 1) T / S) of the T float4 of a slot over
-    // the S slots in split order and stores it: bitwise the same run to run, and no finish kernel.
-    // Only the float4 holding tokens below M are stored and read (the first T of (NT / 8) nthreads).
-    const int S = gridDim.y;
+    // each adds up its share: 1 / S less L2 traffic than every slot whole.
+    const int S = gridDim.y, y0 = (int)blockIdx.y, lo = y0 * total / S, hi = (y0 + 1) * total / S;
     const float4* column = parts + (i64)blockIdx.x * S * total;
-    store_slot(parts + ((i64)blockIdx.x * S + blockIdx.y) * total + tid, live);
+    float4* slot = parts + ((i64)blockIdx.x * S + y0) * total;
+    float4* own = reinterpret_cast<float4*>(smem) - lo;
+#pragma unroll
+    for (int j = 0; j < NT / 8; ++j) {
+        const int i = j * nthreads + tid;
+        if (j < live) {
+            if (i >= lo && i < hi) own[i] = acc4(j);
+            else __stcg(slot + i, acc4(j));
+        }
+    }
+    __threadfence();
+    __syncthreads();
     if (tid == 0) {
         asm volatile("red.release.gpu.global.add.u32 [%0], 1;" ::"l"(flags + blockIdx.x) : "memory");
         u32 in = 0;
@@ -360,10 +372,10 @@ __device__ void w4a16_wg_body(const uint4* __restrict__ wq, const unsigned short
             asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(in) : "l"(flags + blockIdx.x) : "memory");
     }
     __syncthreads();
-    for (int i = (int)blockIdx.y * total / S + tid; i < ((int)blockIdx.y + 1) * total / S; i += nthreads) {
-        float4 v = __ldcg(column + i);
+    for (int i = lo + tid; i < hi; i += nthreads) {
+        float4 v = y0 == 0 ? own[i] : __ldcg(column + i);
         for (int sp = 1; sp < S; ++sp) {
-            const float4 w = __ldcg(column + (i64)sp * total + i);
+            const float4 w = sp == y0 ? own[i] : __ldcg(column + (i64)sp * total + i);
             v.x += w.x, v.y += w.y, v.z += w.z, v.w += w.w;
         }
         store4(cl, i % nthreads, i / nthreads, v);
