@@ -28,8 +28,9 @@
 // p * NT * 16 + tg * 128, word q of a token's row holding x columns 16 q + 2 p, +1; tokens past M
 // are zero. Weights and scale codes: each thread copies its own with cp.async and reads them back.
 //
-// Split K: the gridDim.y blocks on the same rows store their FP32 partial sums and, once all
-// have, each adds up and stores its share of those rows' outputs (in split order: deterministic).
+// Split K: the gridDim.y blocks on the same rows store their FP32 partial sums (all but the share
+// each adds up itself) and, once all have, each adds up and stores its share of those rows'
+// outputs (in split order: deterministic).
 // Split in two over a cluster (K2): the same, with the partial sums in each block's shared memory.
 // Off sm_90a the kernels trap.
 #include "hopper.cuh"
