@@ -64,6 +64,32 @@ __device__ __forceinline__ void launch_dependents() {
 #endif
 }
 
+// Thread block clusters (sm_90+): the barrier of all blocks of the cluster, and loads from cluster
+// block ``rank``'s shared memory at the offset of ``p`` (a shared-memory address ``addr``) in this
+// block's (distributed shared memory).
+__device__ __forceinline__ void cluster_sync() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ float cluster_load(const float* p, int rank) {
+    float v = 0.0f;
+#if __CUDA_ARCH__ >= 900
+    asm volatile("{\n\t.reg .b32 ra;\n\tmapa.shared::cluster.u32 ra, %1, %2;\n\tld.shared::cluster.f32 %0, [ra];\n}"
+                 : "=f"(v) : "r"((u32)__cvta_generic_to_shared(p)), "r"(rank) : "memory");
+#endif
+    return v;
+}
+__device__ __forceinline__ float4 cluster_load4(u32 addr, u32 rank) {
+    float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+#if __CUDA_ARCH__ >= 900
+    asm volatile("{\n\t.reg .b32 ra;\n\tmapa.shared::cluster.u32 ra, %4, %5;\n\t"
+                 "ld.shared::cluster.v4.f32 {%0, %1, %2, %3}, [ra];\n}"
+                 : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w) : "r"(addr), "r"(rank) : "memory");
+#endif
+    return v;
+}
+
 // Status words shared with the host (zeroed before a launch):
 //   [0] count of NaN/Inf inputs, [1] ~(flat index of the first one), [2] float bits of max|x| over
 //   finite x, [3] blocks that have published (see publish_status).

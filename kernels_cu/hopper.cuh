@@ -1,7 +1,8 @@
 // hopper.cuh - the sm_90a primitives of w4a16_wgmma.cu as inline PTX: cp.async, bulk copies
-// (one CTA, or multicast to a cluster) completing on mbarriers, cluster barriers, and warpgroup MMA
+// (one CTA, or multicast to a cluster) completing on mbarriers, the cluster rank, and warpgroup MMA
 // (wgmma.m64nNk16, A from registers, B from shared memory through a no-swizzle descriptor).
 // Defined only where __CUDA_ARCH_FEAT_SM90_ALL is (sm_90a).
+// (The cluster barrier and distributed-shared-memory loads are in common.cuh, for w4a16.cu too.)
 #pragma once
 #include "common.cuh"
 
@@ -19,9 +20,6 @@ __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_grou
 template <int N> __device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory"); }
 
 __device__ __forceinline__ u32 cluster_rank() { u32 r; asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r)); return r; }
-__device__ __forceinline__ void cluster_sync() {
-    asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
-}
 __device__ __forceinline__ void mbar_init(u32 bar, u32 count) {
     asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count) : "memory");
 }
@@ -38,14 +36,6 @@ __device__ __forceinline__ void mbar_wait(u32 bar, u32 parity) {
 __device__ __forceinline__ void mbar_arrive_remote(u32 bar, u32 rank) {
     asm volatile("{\n\t.reg .b32 ra;\n\tmapa.shared::cluster.u32 ra, %0, %1;\n\t"
                  "mbarrier.arrive.shared::cluster.b64 _, [ra];\n}" ::"r"(bar), "r"(rank) : "memory");
-}
-// 16 bytes at the same shared-memory offset of cluster CTA ``rank`` (distributed shared memory)
-__device__ __forceinline__ float4 ld_cluster_f4(u32 addr, u32 rank) {
-    float4 v;
-    asm volatile("{\n\t.reg .b32 ra;\n\tmapa.shared::cluster.u32 ra, %4, %5;\n\t"
-                 "ld.shared::cluster.v4.f32 {%0, %1, %2, %3}, [ra];\n}"
-                 : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w) : "r"(addr), "r"(rank) : "memory");
-    return v;
 }
 // bytes from global memory into the same shared-memory offset of every CTA in ``mask``, each
 // completing ``bytes`` of transaction count on its own mbarrier at offset ``bar``

@@ -25,22 +25,6 @@ __device__ __forceinline__ uint4 load_stream(const uint4* p) {  // read once: ke
     return v;
 }
 
-// Thread block clusters (sm_90+): the barrier, and a float in cluster block ``rank``'s shared memory
-// at the offset of ``p`` in this block's.
-__device__ __forceinline__ void cluster_barrier() {
-#if __CUDA_ARCH__ >= 900
-    asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
-#endif
-}
-__device__ __forceinline__ float cluster_load(const float* p, int rank) {
-    float v = 0.0f;
-#if __CUDA_ARCH__ >= 900
-    asm volatile("{\n\t.reg .b32 ra;\n\tmapa.shared::cluster.u32 ra, %1, %2;\n\tld.shared::cluster.f32 %0, [ra];\n}"
-                 : "=f"(v) : "r"((u32)__cvta_generic_to_shared(p)), "r"(rank) : "memory");
-#endif
-    return v;
-}
-
 template <int B> struct Buf { static constexpr int value = B; };
 
 // The main loop's buffer scheme and register cap per kernel, from A/Bs on an H200 (NOTES.md,
@@ -188,7 +172,7 @@ __device__ void w4a16_body(const uint4* __restrict__ wq, const unsigned short* _
             for (int wi = 0; wi < nwarps; ++wi) v += red[wi * PER_WARP + idx];
             sums[idx] = v;
         }
-        cluster_barrier();
+        cluster_sync();
     }
     const float gs = *g_ptr * 16384.0f;
     const int share = PER_WARP / S, i0 = S > 1 ? (int)(blockIdx.x % S) * share : 0;
@@ -208,7 +192,7 @@ __device__ void w4a16_body(const uint4* __restrict__ wq, const unsigned short* _
             y[(i64)tok * n + row] = from_float<T>(v);
         }
     }
-    if (S > 1) cluster_barrier();  // no block leaves while the others may read its sums
+    if (S > 1) cluster_sync();  // no block leaves while the others may read its sums
 #endif
 }
 

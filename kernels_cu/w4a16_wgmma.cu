@@ -203,16 +203,15 @@ __device__ void w4a16_wg_body(const uint4* __restrict__ wq, const unsigned short
     // float4, thread tid's acc[4 i .. 4 i + 3] at [i][tid].
     u32* flags = reinterpret_cast<u32*>(ws);
     float4* parts = reinterpret_cast<float4*>(ws + ((gridDim.x + 3) & ~3));
-    auto store_slot = [&](float4* slot, int live) {  // the first live float4, then fence and barrier
+    auto store_slot = [&](float4* slot) {  // then fence and barrier
 #pragma unroll
-        for (int i = 0; i < NT / 8; ++i)
-            if (i < live) __stcg(slot + i * nthreads, acc4(i));
+        for (int i = 0; i < NT / 8; ++i) __stcg(slot + i * nthreads, acc4(i));
         __threadfence();
         __syncthreads();
     };
     auto end_tile = [&](int t, int p0, int p1) {  // the tile's pairs [p0, p1) are in acc
         if (p0 > 0) {  // not the owner: hand the partial sums over
-            store_slot(parts + (i64)blockIdx.x * (NT / 8) * nthreads + tid, NT / 8);
+            store_slot(parts + (i64)blockIdx.x * (NT / 8) * nthreads + tid);
             if (tid == 0) asm volatile("st.release.gpu.global.u32 [%0], 1;" ::"l"(flags + blockIdx.x) : "memory");
         } else {
             // a tile cut at p1: add the partial sums of the clusters that start inside it
@@ -339,7 +338,7 @@ __device__ void w4a16_wg_body(const uint4* __restrict__ wq, const unsigned short
             if (i < live) own[i * nthreads + tid] = acc4(i);
         cluster_sync();
         for (int i = (int)crank * total / 2 + tid; i < ((int)crank + 1) * total / 2; i += nthreads) {
-            const float4 a = ld_cluster_f4(base + 16 * i, 0), b = ld_cluster_f4(base + 16 * i, 1);
+            const float4 a = cluster_load4(base + 16 * i, 0), b = cluster_load4(base + 16 * i, 1);
             store4(cl, i % nthreads, i / nthreads, make_float4(a.x + b.x, a.y + b.y, a.z + b.z, a.w + b.w));
         }
         cluster_sync();  // neither block leaves while the other reads its shared memory
