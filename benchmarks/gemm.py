@@ -9,6 +9,8 @@ Three weight sets rotate so L2 does not hold the weights between calls. The rows
 decode sizes first (see linear_rows). At M=1 a plain read of the prepared weight's bytes
 (read_bytes.cu: codes and scale codes, no math) gives the byte limit measured in this run: cuBLAS's
 M=1 time over the read's, the speed-up a kernel that only streams its weights would reach.
+Alternating, both run at the clock their mix of power allows; on a card whose power cap fp4cupy's
+kernels reach alone (H200: the large shapes at M >= 16), clock_power.py times each alone.
 """
 from __future__ import annotations
 
@@ -117,7 +119,7 @@ def main(quick=False):
     host = host_overhead_us()
     print(f"\n## benchmarks/gemm.py on {card()} (torch {torch.__version__}, fp4cupy {fp4cupy.version()})\n")
     print("W4A16 linear, x fp16, W NVFP4 (group 16) vs cuBLAS fp16 F.linear, CUDA-graph replays; "
-          "speed-up = median of alternating pairs.\n")
+          "speed-up = median of alternating pairs (each alone, settled at the power cap: clock_power.py).\n")
     print("| N x K | M | fp4cupy ms | cuBLAS ms | speed-up (min-max) | weight GB/s | kernel | other paths at M=128 |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:

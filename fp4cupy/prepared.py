@@ -112,8 +112,7 @@ def mxfp4_as_nvfp4(w: FP4Tensor) -> FP4Tensor | str:
     s = arrays.to_numpy(w.scales)
     nan, live = s == 0xFF, (s != 0) & (s != 0xFF)
     if (s == 0).any():  # 2^-127: a zero block, unless it holds codes (values below 2^-124)
-        data = arrays.to_numpy(w.data).reshape(s.shape + (16,))
-        live |= (s == 0) & (data & 0x77).any(axis=-1)
+        live |= (s == 0) & _blocks_with_codes(w.data, s.shape)
     e = s.astype(np.int32) - 127
     top = int(e[live].max()) if live.any() else 8  # none: g = 1
     span = top - int(e[live].min()) + 1 if live.any() else 1
@@ -124,6 +123,13 @@ def mxfp4_as_nvfp4(w: FP4Tensor) -> FP4Tensor | str:
     g = np.ldexp(np.float32(1.0), top - 8).astype(np.float32)
     scales = arrays.numpy_to(code, w.library, arrays.device_of(w.scales))
     return FP4Tensor(w.data, scales, g, w.shape, "nvfp4", 32)
+
+
+def _blocks_with_codes(data, blocks: tuple) -> np.ndarray:
+    """Whether each 32-value block (16 bytes of ``data``) holds a nonzero magnitude, worked out where
+    ``data`` lives: only a flag a block comes to the host."""
+    nonzero = (data.reshape(blocks + (16,)) & 0x77) != 0
+    return arrays.to_numpy(nonzero.any(dim=-1) if arrays.is_torch(nonzero) else nonzero.any(axis=-1))
 
 
 def mxfp4_scales_from_nvfp4(scales, g):

@@ -354,12 +354,12 @@ __device__ void w4a16_wg_body(const uint4* __restrict__ wq, const unsigned short
     const int S = gridDim.y, y0 = (int)blockIdx.y, lo = y0 * total / S, hi = (y0 + 1) * total / S;
     const float4* column = parts + (i64)blockIdx.x * S * total;
     float4* slot = parts + ((i64)blockIdx.x * S + y0) * total;
-    float4* own = reinterpret_cast<float4*>(smem) - lo;
+    float4* own = reinterpret_cast<float4*>(smem);  // share float4 i at own[i - lo]
 #pragma unroll
     for (int j = 0; j < NT / 8; ++j) {
         const int i = j * nthreads + tid;
         if (j < live) {
-            if (i >= lo && i < hi) own[i] = acc4(j);
+            if (i >= lo && i < hi) own[i - lo] = acc4(j);
             else __stcg(slot + i, acc4(j));
         }
     }
@@ -373,9 +373,9 @@ __device__ void w4a16_wg_body(const uint4* __restrict__ wq, const unsigned short
     }
     __syncthreads();
     for (int i = lo + tid; i < hi; i += nthreads) {
-        float4 v = y0 == 0 ? own[i] : __ldcg(column + i);
+        float4 v = y0 == 0 ? own[i - lo] : __ldcg(column + i);
         for (int sp = 1; sp < S; ++sp) {
-            const float4 w = sp == y0 ? own[i] : __ldcg(column + (i64)sp * total + i);
+            const float4 w = sp == y0 ? own[i - lo] : __ldcg(column + (i64)sp * total + i);
             v.x += w.x, v.y += w.y, v.z += w.z, v.w += w.w;
         }
         store4(cl, i % nthreads, i / nthreads, v);

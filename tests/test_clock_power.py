@@ -19,3 +19,9 @@ def test_summarizes_the_settled_samples():
 def test_no_samples_is_an_error():
     with pytest.raises(RuntimeError, match="no samples"):
         clock_power.summarize(["", " "])
+
+
+def test_energy_of_a_call():
+    # 37.3 us at 694 W is 25.9 mJ
+    assert clock_power.energy_mj(37.3, 694.0) == pytest.approx(25.886, abs=1e-3)
+    assert clock_power.settled(list(range(9))) == [3, 4, 5, 6, 7, 8]

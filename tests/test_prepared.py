@@ -155,3 +155,15 @@ def test_mxfp4_zero_scale_block_with_codes_counts_for_the_span(rng):
     scales[0, 0] = 0  # 2^-127 over nonzero codes: values of ~1e-38, 120+ binades below the rest
     pw = fp4cupy.prepare(fp4cupy.FP4Tensor(t.data, scales, shape=t.shape, fmt="mxfp4"))
     assert pw.path == "dequantize" and "binades" in pw.reason
+
+
+def test_mxfp4_zero_scale_blocks_are_read_where_the_codes_live(rng):
+    torch = pytest.importorskip("torch")
+    t = _mx_weight(rng, 16, 64, 4)
+    data, scales = torch.from_numpy(t.data.copy()), torch.from_numpy(t.scales.copy())
+    zero_block = int(np.flatnonzero(~(t.data.reshape(16, 2, 16) & 0x77).any(axis=-1).ravel())[0])
+    scales.view(-1)[zero_block] = 0  # a zero block: still exact
+    kw = prepared.mxfp4_as_nvfp4(fp4cupy.FP4Tensor(data, scales, shape=t.shape, fmt="mxfp4"))
+    assert not isinstance(kw, str) and kw.scales.view(-1)[zero_block] == 0
+    scales.view(-1)[0] = 0  # over nonzero codes: ~1e-38, out of the span
+    assert "binades" in prepared.mxfp4_as_nvfp4(fp4cupy.FP4Tensor(data, scales, shape=t.shape, fmt="mxfp4"))
