@@ -119,7 +119,7 @@ def main(quick=False):
     host = host_overhead_us()
     print(f"\n## benchmarks/gemm.py on {card()} (torch {torch.__version__}, fp4cupy {fp4cupy.version()})\n")
     print("W4A16 linear, x fp16, W NVFP4 (group 16) vs cuBLAS fp16 F.linear, CUDA-graph replays; "
-          "speed-up = median of alternating pairs (each alone, settled at the power cap: clock_power.py).\n")
+          "speed-up = median of alternating pairs (clock_power.py times each alone at its settled clock).\n")
     print("| N x K | M | fp4cupy ms | cuBLAS ms | speed-up (min-max) | weight GB/s | kernel | other paths at M=128 |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
