@@ -75,12 +75,15 @@ class Plan:
 
 
 # (RT row tiles per block, NT token tiles, U chunks per pipeline step, most warps a block): the
-# kernels in w4a16.cu. Those built for at most 4 warps run under a 72-register cap.
+# kernels in w4a16.cu. Those built for at most 4 warps run under a 72-register cap; the bf16
+# two-tile 9-16 token kernel under a 64-register cap (36 bytes spilled), but for the one built for
+# at most 8 warps (no cap: 75 registers, three blocks a SM).
 NARROW = {1: (1, 1, 2, 4), 2: (1, 2, 1, 4)}  # NT -> the one-tile 4-warp kernel
 NARROW_TWO = {(1, False): (2, 1, 1, 4), (2, True): (2, 2, 1, 4)}  # (NT, bf16) -> the two-tile one
 NARROW_BLOCKS_PER_SM = 7  # 4 warps at 72 registers
+UNCAPPED_TWO = (2, 2, 1, 8)  # bf16, 9-16 tokens: the two-tile kernel without spills
 VARIANTS = ((1, 1, 2, 16), (1, 1, 4, 16), (2, 1, 2, 16), (4, 1, 1, 16), (1, 2, 2, 16), (2, 2, 1, 16), (4, 2, 1, 16),
-            (1, 4, 1, 16), (2, 4, 1, 16), (1, 8, 1, 16), *NARROW.values(), *NARROW_TWO.values())
+            (1, 4, 1, 16), (2, 4, 1, 16), (1, 8, 1, 16), *NARROW.values(), *NARROW_TWO.values(), UNCAPPED_TWO)
 
 
 # K split over clusters of S blocks (sm_90+): NT -> the one-tile kernel built for it, and the S built.
@@ -89,7 +92,7 @@ SPLITS = (2, 4, 8)
 
 
 def kernel_name(rt: int, nt: int, u: int, max_warps: int, bf16: bool, splits: int = 1) -> str:
-    return (f"w4a16_rt{rt}_nt{nt}_u{u}{'_w4' if max_warps == 4 else ''}{f'_s{splits}' if splits > 1 else ''}"
+    return (f"w4a16_rt{rt}_nt{nt}_u{u}{f'_w{max_warps}' if max_warps < 16 else ''}{f'_s{splits}' if splits > 1 else ''}"
             f"_{'bf16' if bf16 else 'f16'}")
 
 
@@ -139,6 +142,10 @@ def plan(n: int, k: int, m: int, bf16: bool, device: int) -> Plan:
     rows of 17408-57344 rows at M=1 and 8, all as predicted: up to 11% faster where taken,
     28672x8192 36.5 against 37.2 us; 13-16% slower where not, 32768 rows), bf16 at 9-16 tokens
     (38 rows, as predicted: 3-10%, 28672x8192 48.5 against 50.2). The other dtype measured equal.
+    Else bf16 at 9-16 tokens takes the uncapped two-tile kernel of 8 warps (``UNCAPPED_TWO``) where
+    its grid fits one wave at its three blocks a SM (H200: 10240x8192 M=16 23.8 -> 22.8 us,
+    12288x4096 14.2 -> 13.5; at 16384x4096, two waves, 17.5 -> 19.8; the capped kernel as 16 warps,
+    at 256 blocks or fewer, beat it: 8192x28672 50.4 against 55.1).
     Where one-tile blocks are fewer than two a SM (N below 32 rows a SM) on sm_90+, K is split over
     clusters of ``_cluster_splits`` blocks (H200, 1024-2048 rows: 1.1-1.7x faster at M=1 and 16,
     1024x28672 M=1 17.1 -> 10.1-10.6 us; 1.1-1.8x at 17 and 32 tokens, 1024x16384 22.0 -> 12.4).
@@ -166,6 +173,8 @@ def plan(n: int, k: int, m: int, bf16: bool, device: int) -> Plan:
         resident = _blocks_per_sm(two, warps, bf16, device) * sms if narrow else 0
         if resident and _last_wave_fill(blocks, NARROW_BLOCKS_PER_SM * sms) > _last_wave_fill(blocks, resident):
             variant, warps = narrow, 4  # its waves are fuller than the two-tile grid's
+        elif bf16 and nt == 2 and warps == 8 and blocks <= _blocks_per_sm(UNCAPPED_TWO, 8, bf16, device) * sms:
+            variant = UNCAPPED_TWO  # no spills, and still one wave
     warps = max(1, min(warps, (k // 64) // 2 or 1, SHARED_LIMIT // (variant[0] * nt * 512)))
     return make_plan(n, m, variant, warps, bf16, device)
 

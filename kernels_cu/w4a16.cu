@@ -11,8 +11,9 @@
 //
 // Grid: x = token tiles of 8*NT, y = row tiles of 16*RT. Block: any number of warps; warp w takes
 // chunks w, w + nwarps, ... (split-K inside the block) and the block reduces through shared memory.
-// <w4a16_rt{RT}_nt{NT}_u{U}[_w4]_{f16,bf16}> (U chunks per pipeline step; _w4: at most 4 warps a
-// block). Needs sm_80 (traps on older targets, which take another path).
+// <w4a16_rt{RT}_nt{NT}_u{U}[_w4|_w8]_{f16,bf16}> (U chunks per pipeline step; _w4: at most 4 warps
+// a block; _w8: at most 8, no register cap). Needs sm_80 (traps on older targets, which take
+// another path).
 // <..._s{S}_...> (sm_90+): K split over the S blocks of a cluster along x (x = token tile * S +
 // split), each block taking a contiguous run of chunks; then every block of the cluster adds up a
 // share of the outputs over the S blocks' sums in split order, read through distributed shared
@@ -34,12 +35,15 @@ template <int B> struct Buf { static constexpr int value = B; };
 // turns under a 64-register cap (four blocks of 8 warps a SM; uncapped it needs 74, copying 76).
 // A kernel built for at most 4 warps a block (the ``_w4`` ones) is capped at 72 registers, seven
 // blocks a SM (session 8: 14336x4096 M=1 11.7-12.0 us, 13.4 at 80 registers, six blocks a SM).
+// One built for at most 8 (``_w8``) has no cap: the bf16 NT=2 two-tile kernel then needs 74
+// registers, with none spilled, three blocks of 8 warps a SM (session 15: 4-5% faster than the
+// capped one where its grid fits one wave, 10240x8192 M=16 23.8 -> 22.8 us).
 template <bool BF16, int RT, int NT, int U> constexpr bool ping_pong() {
     if (RT == 1) return BF16 || NT != 2 || U != 1;
     return RT == 2 && U == 1 && (NT == 1 || (BF16 && NT == 2));
 }
 constexpr int min_blocks(bool bf16, int rt, int nt, int u, int max_warps) {
-    return max_warps == 4 ? 7 : bf16 && rt == 2 && nt == 2 && u == 1 ? 2 : 0;
+    return max_warps == 4 ? 7 : max_warps != 8 && bf16 && rt == 2 && nt == 2 && u == 1 ? 2 : 0;
 }
 
 template <bool BF16, int RT, int NT, int U, int S = 1>
@@ -220,9 +224,10 @@ __device__ void w4a16_body(const uint4* __restrict__ wq, const unsigned short* _
     }
 #define W4A16(RT, NT, U) W4A16_KERNELS(RT, NT, U, 16, 1, w4a16_rt##RT##_nt##NT##_u##U)
 #define W4A16_W4(RT, NT, U) W4A16_KERNELS(RT, NT, U, 4, 1, w4a16_rt##RT##_nt##NT##_u##U##_w4)
+#define W4A16_W8(RT, NT, U) W4A16_KERNELS(RT, NT, U, 8, 1, w4a16_rt##RT##_nt##NT##_u##U##_w8)
 #define W4A16_SPLIT(RT, NT, U, S) W4A16_KERNELS(RT, NT, U, 16, S, w4a16_rt##RT##_nt##NT##_u##U##_s##S)
 
-// (RT, NT, U), at most 16 or 4 warps a block: keep in step with cuda_linear.VARIANTS
+// (RT, NT, U), at most 16, 4 or 8 warps a block: keep in step with cuda_linear.VARIANTS
 W4A16(1, 1, 2)
 W4A16(1, 1, 4)
 W4A16(2, 1, 2)
@@ -237,6 +242,7 @@ W4A16_W4(1, 1, 2)
 W4A16_W4(1, 2, 1)
 W4A16_W4(2, 1, 1)
 W4A16_W4(2, 2, 1)
+W4A16_W8(2, 2, 1)
 // split K over clusters of S blocks: keep in step with cuda_linear.SPLIT_VARIANTS and SPLITS
 W4A16_SPLIT(1, 1, 2, 2)
 W4A16_SPLIT(1, 1, 2, 4)
