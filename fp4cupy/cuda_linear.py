@@ -143,9 +143,10 @@ def plan(n: int, k: int, m: int, bf16: bool, device: int) -> Plan:
     28672x8192 36.5 against 37.2 us; 13-16% slower where not, 32768 rows), bf16 at 9-16 tokens
     (38 rows, as predicted: 3-10%, 28672x8192 48.5 against 50.2). The other dtype measured equal.
     Else bf16 at 9-16 tokens takes the uncapped two-tile kernel of 8 warps (``UNCAPPED_TWO``) where
-    its grid fits one wave at its three blocks a SM (H200: 10240x8192 M=16 23.8 -> 22.8 us,
-    12288x4096 14.2 -> 13.5; at 16384x4096, two waves, 17.5 -> 19.8; the capped kernel as 16 warps,
-    at 256 blocks or fewer, beat it: 8192x28672 50.4 against 55.1).
+    its grid fits one wave at its three blocks a SM (H200, 8448-12672 rows at M = 9-16: 5-10%
+    faster, 10240x8192 M=16 23.5 -> 22.1 us, 12288x4096 14.0 -> 12.9; at 16384x4096, two waves,
+    17.5 -> 19.8; the capped kernel as 16 warps, at 256 blocks or fewer, beat it: 8192x28672 50.4
+    against 55.1).
     Where one-tile blocks are fewer than two a SM (N below 32 rows a SM) on sm_90+, K is split over
     clusters of ``_cluster_splits`` blocks (H200, 1024-2048 rows: 1.1-1.7x faster at M=1 and 16,
     1024x28672 M=1 17.1 -> 10.1-10.6 us; 1.1-1.8x at 17 and 32 tokens, 1024x16384 22.0 -> 12.4).

@@ -35,9 +35,9 @@ template <int B> struct Buf { static constexpr int value = B; };
 // turns under a 64-register cap (four blocks of 8 warps a SM; uncapped it needs 74, copying 76).
 // A kernel built for at most 4 warps a block (the ``_w4`` ones) is capped at 72 registers, seven
 // blocks a SM (session 8: 14336x4096 M=1 11.7-12.0 us, 13.4 at 80 registers, six blocks a SM).
-// One built for at most 8 (``_w8``) has no cap: the bf16 NT=2 two-tile kernel then needs 74
-// registers, with none spilled, three blocks of 8 warps a SM (session 15: 4-5% faster than the
-// capped one where its grid fits one wave, 10240x8192 M=16 23.8 -> 22.8 us).
+// One built for at most 8 (``_w8``) has no cap: the bf16 NT=2 two-tile kernel then needs 75
+// registers, with none spilled, three blocks of 8 warps a SM (session 15: 5-10% faster than the
+// capped one where its grid fits one wave, 10240x8192 M=16 23.5 -> 22.1 us).
 template <bool BF16, int RT, int NT, int U> constexpr bool ping_pong() {
     if (RT == 1) return BF16 || NT != 2 || U != 1;
     return RT == 2 && U == 1 && (NT == 1 || (BF16 && NT == 2));
