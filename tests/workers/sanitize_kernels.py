@@ -1,8 +1,8 @@
 """Worker for tests/test_gpu_sanitizer.py, run under ``compute-sanitizer --tool <memcheck|racecheck|...>``:
 every mma.sync W4A16 variant once (ragged N, odd M, 1 warp and several), K split over clusters
-(sm_90+), the capped 4-warp kernels
-through ``linear`` where the plan takes them, the warpgroup kernel's split-K (two splits a cluster, or more through the
-workspace) and stream-K paths at several token-column counts (sm_90a), and quantize / dequantize / prepare / the FP4 x FP4 gemm on
+(sm_90+), the capped 4-warp kernels through ``linear`` where the plan takes them, the warpgroup
+kernel's split-K (two splits a cluster, or more through the workspace) and stream-K paths at
+several token-column counts (sm_90a), and quantize / dequantize / prepare / the FP4 x FP4 gemm on
 ragged shapes in each format.
 The sanitizer's exit code says whether any access was out of bounds, raced or read uninitialized memory."""
 import torch
