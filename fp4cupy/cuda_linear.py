@@ -30,13 +30,14 @@ _SIGNATURE = "PPPPPPiii"  # codes, scale codes, x, y, bias, g, m, n, k
 
 # ----------------------------------------------------------------------------- prepare
 def repack(w: FP4Tensor):
-    """Device copies of ``w`` in the w4a16 layout: (codes uint8 [T, K/64, 32, 16], scale codes
-    uint8 [T, K/16, 8, 2]) with T = ceil(N/16) rounded up to a multiple of 4 (zero rows)."""
+    """Device copies of ``w`` in the w4a16 layout: (codes uint8 [T/2, K/64, 2, 32, 16], scale codes
+    uint8 [T/2, K/64, 2, 4, 8, 2]) with T = ceil(N/16) row tiles rounded up to a multiple of 4 (zero
+    rows), in pairs (kernels_cu/prepare.cu)."""
     lib = _Lib(w.data)
     n, k = w.shape
     tiles = -(-n // (TILE_ROWS * TILE_PAD)) * TILE_PAD
-    codes = lib.empty((tiles, k // 64, 32, 16), "uint8")
-    scale_codes = lib.empty((tiles, k // 16, 8, 2), "uint8")
+    codes = lib.empty((tiles // 2, k // 64, 2, 32, 16), "uint8")
+    scale_codes = lib.empty((tiles // 2, k // 64, 2, 4, 8, 2), "uint8")
     total = tiles * (k // 64) * 32
     lib.launch("prepare.cu", "w4_repack_codes", -(-total // THREADS),
                (lib.ptr(w.data), lib.ptr(w.scales), lib.ptr(codes), np.int32(n), np.int32(k),
@@ -52,7 +53,7 @@ def unrepack(codes, scale_codes, n: int, k: int, gs: int):
     lib = _Lib(codes)
     data = lib.empty((n, k // 2), "uint8")
     scales = lib.empty((n, k // gs), "uint8")
-    total = codes.shape[0] * (k // 64) * 32
+    total = codes.shape[0] * 2 * (k // 64) * 32  # uint4 of the pairs' tiles
     lib.launch("prepare.cu", "w4_unrepack_codes", -(-total // THREADS),
                (lib.ptr(codes), lib.ptr(data), np.int32(n), np.int32(k), total))
     total = n * (k // gs)
@@ -75,15 +76,13 @@ class Plan:
 
 
 # (RT row tiles per block, NT token tiles, U chunks per pipeline step, most warps a block): the
-# kernels in w4a16.cu. Those built for at most 4 warps run under a 72-register cap; the bf16
-# two-tile 9-16 token kernel under a 64-register cap (36 bytes spilled), but for the one built for
-# at most 8 warps (no cap: 75 registers, three blocks a SM).
+# kernels in w4a16.cu. Those built for at most 4 warps run under a 72-register cap; the two-tile
+# 9-16 token kernel under a 64-register cap (no spills: four blocks of 8 warps a SM).
 NARROW = {1: (1, 1, 2, 4), 2: (1, 2, 1, 4)}  # NT -> the one-tile 4-warp kernel
 NARROW_TWO = {(1, False): (2, 1, 1, 4), (2, True): (2, 2, 1, 4)}  # (NT, bf16) -> the two-tile one
 NARROW_BLOCKS_PER_SM = 7  # 4 warps at 72 registers
-UNCAPPED_TWO = (2, 2, 1, 8)  # bf16, 9-16 tokens: the two-tile kernel without spills
 VARIANTS = ((1, 1, 2, 16), (1, 1, 4, 16), (2, 1, 2, 16), (4, 1, 1, 16), (1, 2, 2, 16), (2, 2, 1, 16), (4, 2, 1, 16),
-            (1, 4, 1, 16), (2, 4, 1, 16), (1, 8, 1, 16), *NARROW.values(), *NARROW_TWO.values(), UNCAPPED_TWO)
+            (1, 4, 1, 16), (2, 4, 1, 16), (1, 8, 1, 16), *NARROW.values(), *NARROW_TWO.values())
 
 
 # K split over clusters of S blocks (sm_90+): NT -> the one-tile kernel built for it, and the S built.
@@ -142,11 +141,6 @@ def plan(n: int, k: int, m: int, bf16: bool, device: int) -> Plan:
     rows of 17408-57344 rows at M=1 and 8, all as predicted: up to 11% faster where taken,
     28672x8192 36.5 against 37.2 us; 13-16% slower where not, 32768 rows), bf16 at 9-16 tokens
     (38 rows, as predicted: 3-10%, 28672x8192 48.5 against 50.2). The other dtype measured equal.
-    Else bf16 at 9-16 tokens takes the uncapped two-tile kernel of 8 warps (``UNCAPPED_TWO``) where
-    its grid fits one wave at its three blocks a SM (H200, 8448-12672 rows at M = 9-16: 5-10%
-    faster, 10240x8192 M=16 23.5 -> 22.1 us, 12288x4096 14.0 -> 12.9; at 16384x4096, two waves,
-    17.5 -> 19.8; the capped kernel as 16 warps, at 256 blocks or fewer, beat it: 8192x28672 50.4
-    against 55.1).
     Where one-tile blocks are fewer than two a SM (N below 32 rows a SM) on sm_90+, K is split over
     clusters of ``_cluster_splits`` blocks (H200, 1024-2048 rows: 1.1-1.7x faster at M=1 and 16,
     1024x28672 M=1 17.1 -> 10.1-10.6 us; 1.1-1.8x at 17 and 32 tokens, 1024x16384 22.0 -> 12.4).
@@ -174,8 +168,6 @@ def plan(n: int, k: int, m: int, bf16: bool, device: int) -> Plan:
         resident = _blocks_per_sm(two, warps, bf16, device) * sms if narrow else 0
         if resident and _last_wave_fill(blocks, NARROW_BLOCKS_PER_SM * sms) > _last_wave_fill(blocks, resident):
             variant, warps = narrow, 4  # its waves are fuller than the two-tile grid's
-        elif bf16 and nt == 2 and warps == 8 and blocks <= _blocks_per_sm(UNCAPPED_TWO, 8, bf16, device) * sms:
-            variant = UNCAPPED_TWO  # no spills, and still one wave
     warps = max(1, min(warps, (k // 64) // 2 or 1, SHARED_LIMIT // (variant[0] * nt * 512)))
     return make_plan(n, m, variant, warps, bf16, device)
 
@@ -260,7 +252,7 @@ def _mma_ok(device: int) -> bool:
 
 def linear_repacked(x, codes, scale_codes, global_scale, n: int, bias=None):
     """The host-lean W4A16 path for torch tensors, from the repacked weight alone (codes uint8
-    [T, K/64, 32, 16], scale codes, global scale float32 [] on the GPU): y, or None when a
+    [T/2, K/64, 2, 32, 16], scale codes, global scale float32 [] on the GPU): y, or None when a
     precondition fails (fp16/bf16 contiguous x on the weight's device, at most MMA_MAX_M tokens,
     bias of x's dtype and length N) and the caller must take another path."""
     t = _torch_names()

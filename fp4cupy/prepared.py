@@ -42,8 +42,9 @@ class PreparedWeight:
     """An FP4 weight [N, K] ready for ``fp4cupy.linear``.
 
     weight:  the canonical FP4Tensor (export it; ``linear`` reads ``codes``/``scale_codes`` instead).
-    codes:   uint8 view of u32 [ceil(N/16), K/64, 32, 4] repacked E2M1 codes (fast path only).
-    scale_codes: uint8 [ceil(N/16), K/16, 8, 2] block scales as fp16 codes (fast path only).
+    codes:   uint8 view of u32 [T/2, K/64, 2, 32, 4] repacked E2M1 codes, T = ceil(N/16) row tiles
+             rounded up to a multiple of 4, in pairs (fast path only).
+    scale_codes: uint8 [T/2, K/64, 2, 4, 8, 2] block scales as fp16 codes (fast path only).
     path:    'mma' (the W4A16 tensor-core kernel) or 'dequantize' (decode W each call, then a matmul).
     global_scale: the kernel's g where the codes live (the weight's own, or an MXFP4 weight's 2^r).
     """
@@ -157,8 +158,21 @@ def _padded_rows(a: np.ndarray, rows: int) -> np.ndarray:
     return a if a.shape[0] == rows else np.concatenate([a, np.zeros((rows - a.shape[0],) + a.shape[1:], a.dtype)])
 
 
+def _in_pairs(a: np.ndarray) -> np.ndarray:
+    """[tiles, chunks, ...] -> [tiles/2, chunks, 2, ...]: chunk c of tiles 2p and 2p + 1 side by side
+    (the repack's order, ``w4_slot`` in kernels_cu/w4a16_decode.cuh)."""
+    t, c = a.shape[:2]
+    return np.ascontiguousarray(a.reshape((t // 2, 2, c) + a.shape[2:]).swapaxes(1, 2))
+
+
+def _tile_major(a: np.ndarray) -> np.ndarray:
+    """The inverse of ``_in_pairs``."""
+    p, c = a.shape[:2]
+    return a.swapaxes(1, 2).reshape((2 * p, c) + a.shape[3:])
+
+
 def repack_codes(data: np.ndarray, scales: np.ndarray, n: int, k: int, gs: int) -> np.ndarray:
-    """u32 [tiles, K/64, 32, 4]: see kernels_cu/prepare.cu."""
+    """u32 [tiles/2, K/64, 2, 32, 4]: see kernels_cu/prepare.cu."""
     codes = reference.unpack_nibbles(data).astype(np.uint32)  # [N, K]
     zero = np.repeat(scales & 0x7F, gs, axis=1)[:, :k] == 0
     codes[zero] = 0
@@ -167,7 +181,7 @@ def repack_codes(data: np.ndarray, scales: np.ndarray, n: int, k: int, gs: int) 
     a, b = codes[:, 0], codes[:, 1]  # rows r = 16*tile + g and r + 8: [tile, g, chunk, q, t, i]
     word = (a[..., 0] | a[..., 1] << 16 | b[..., 0] << 8 | b[..., 1] << 24
             | a[..., 2] << 4 | a[..., 3] << 20 | b[..., 2] << 12 | b[..., 3] << 28)  # [tile, g, chunk, q, t]
-    return np.ascontiguousarray(word.transpose(0, 2, 1, 3, 4)).reshape(tiles, k // 64, 32, 4).astype(np.uint32)
+    return _in_pairs(word.transpose(0, 2, 1, 3, 4).reshape(tiles, k // 64, 32, 4).astype(np.uint32))
 
 
 def f16_code(scales: np.ndarray) -> np.ndarray:
@@ -178,16 +192,17 @@ def f16_code(scales: np.ndarray) -> np.ndarray:
 
 
 def repack_scales(scales: np.ndarray, n: int, k: int, gs: int) -> np.ndarray:
-    """u8 [tiles, K/16, 8, 2]: the fp16 code of the scale of rows (16*tile + g, + 8) per 16 columns."""
+    """u8 [tiles/2, K/64, 2, 4, 8, 2]: the fp16 code of the scale of rows (16*tile + g, + 8) per 16
+    columns (chunk, q), in the codes' tile pairs."""
     tiles = _tiles(n)
     per16 = np.repeat(f16_code(scales), gs // 16, axis=1)[:, : k // 16]
-    per16 = _padded_rows(per16, tiles * 16).reshape(tiles, 2, 8, k // 16)
-    return np.ascontiguousarray(per16.transpose(0, 3, 2, 1))
+    per16 = _padded_rows(per16, tiles * 16).reshape(tiles, 2, 8, k // 64, 4)  # tile, half, g, chunk, q
+    return _in_pairs(per16.transpose(0, 3, 4, 2, 1))
 
 
 def unpack_codes(codes: np.ndarray, n: int, k: int) -> np.ndarray:
     """The inverse of ``repack_codes``: packed uint8 [N, K/2] (zero-scale blocks come back as 0)."""
-    words = codes.view(np.uint32).reshape(-1, k // 64, 8, 4, 4)  # tile, chunk, g, q, t
+    words = _tile_major(codes.view(np.uint32).reshape(-1, k // 64, 2, 32, 4)).reshape(-1, k // 64, 8, 4, 4)
     regs = [(words >> s) & 15 for s in (0, 16, 8, 24, 4, 20, 12, 28)]  # a0 a1 b0 b1 a2 a3 b2 b3
     a = np.stack([regs[0], regs[1], regs[4], regs[5]], -1)  # row r:   cols 4t + 0..3
     b = np.stack([regs[2], regs[3], regs[6], regs[7]], -1)  # row r+8
@@ -198,7 +213,8 @@ def unpack_codes(codes: np.ndarray, n: int, k: int) -> np.ndarray:
 
 def unpack_scales(scale_codes: np.ndarray, n: int, k: int, gs: int) -> np.ndarray:
     """The inverse of ``repack_scales``: E4M3 bits [N, K/gs]."""
-    per16 = scale_codes.transpose(0, 3, 2, 1).reshape(-1, k // 16)[:n]  # rows (tile, half, g)
+    sc = _tile_major(scale_codes.reshape(-1, k // 64, 2, 4, 8, 2))  # tile, chunk, q, g, half
+    per16 = sc.transpose(0, 4, 3, 1, 2).reshape(-1, k // 16)[:n]  # rows (tile, half, g)
     code = per16[:, :: gs // 16].astype(np.uint16)
     s = (code << 7).view(np.float16).astype(np.float32)
     return np.where(code == 0xFF, np.uint8(0x7F), reference.e4m3_encode(s)).astype(np.uint8)
@@ -233,12 +249,13 @@ def emulate_linear(x: np.ndarray, codes: np.ndarray, scale_codes: np.ndarray, g:
                    bf16: bool) -> np.ndarray:
     """y = x @ W^T computed from the prepared layout exactly as w4a16.cu decodes it (float64 sums)."""
     m, k = x.shape
-    tiles = codes.shape[0]
-    words = codes.view(np.uint32).reshape(tiles, k // 64, 8, 4, 4)  # tile, chunk, g, q, t
+    words = _tile_major(codes.view(np.uint32).reshape(-1, k // 64, 2, 32, 4))
+    tiles = words.shape[0]
+    words = words.reshape(tiles, k // 64, 8, 4, 4)  # tile, chunk, g, q, t
     regs = (decode_bf16_words if bf16 else decode_f16_words)(words)  # ..., 4 registers
     dt = ml_dtypes.bfloat16 if bf16 else np.float16
     vals = _halves(regs, dt)  # tile, chunk, g, q, t, reg, half
-    sc = scale_codes.reshape(tiles, k // 64, 4, 8, 2).astype(np.uint32)  # tile, chunk, q, g, (r, r+8)
+    sc = _tile_major(scale_codes.reshape(-1, k // 64, 2, 4, 8, 2)).astype(np.uint32)  # tile, chunk, q, g, (r, r+8)
     pair = sc * 0x00100010 + 0x70007000 if bf16 else sc * 0x00800080
     s = _halves(pair.astype(np.uint32), dt)[..., 0]  # tile, chunk, q, g, row-half
     # registers: H0 = row r cols +0,+1; H1 = row r+8; H2 = row r cols +2,+3; H3 = row r+8

@@ -1,7 +1,8 @@
 // prepare.cu - repack an NVFP4 weight [N, K] (canonical FP4Tensor layout) into the layout that
 // w4a16.cu streams. fp4cupy/prepared.py holds the numpy twin of both kernels and documents the layout.
 //
-// Codes: u32 [N/16 row tiles][K/64 chunks][32 lanes][4 k-tiles]. Lane l = 4g + q of a warp gets,
+// Codes: u32 [N/32 tile pairs][K/64 chunks][2 row tiles][32 lanes][4 k-tiles] (w4_slot in
+// w4a16_decode.cuh: chunk c of both tiles of a pair side by side). Lane l = 4g + q of a warp gets,
 // for k-tile t, the 8 codes of its mma.m16n8k16 A fragment over rows r = 16*tile + g and r + 8 and
 // columns c = 64*chunk + 16q + 4t + {0,1,2,3} (the kernel permutes K the same way for x):
 //   H0 = (W[r][c], W[r][c+1]),   H1 = (W[r+8][c], W[r+8][c+1]),
@@ -9,10 +10,11 @@
 // with nibbles placed so that both decodes are short:
 //   H0.lo bits 0-3, H0.hi 16-19, H1.lo 8-11, H1.hi 24-27, H2.lo 4-7, H2.hi 20-23, H3.lo 12-15, H3.hi 28-31.
 // A block whose scale is 0 gets codes 0 (value 0 whatever its codes said).
-// Scales: u8 [N/16][K/16][8 (g)][2 (r, r+8)], one per 16 columns, as the "fp16 code" of the E4M3
-// value s: the bits 7..14 of s as an fp16 (every E4M3 value is a normal fp16, 3 mantissa bits), so
-// that fp16 bits = code << 7 and bf16 bits of s * 2^112 = (code << 4) + 0x7000. NaN stays NaN.
-#include "common.cuh"
+// Scales: u8 [N/32][K/64][2][4 (q)][8 (g)][2 (r, r+8)] in the codes' slots, one per 16 columns
+// (64 chunk + 16 q ..), as the "fp16 code" of the E4M3 value s: the bits 7..14 of s as an fp16
+// (every E4M3 value is a normal fp16, 3 mantissa bits), so that fp16 bits = code << 7 and bf16
+// bits of s * 2^112 = (code << 4) + 0x7000. NaN stays NaN.
+#include "w4a16_decode.cuh"
 
 __device__ __forceinline__ u32 nibble(const u8* row, int i) { return (row[i >> 1] >> (4 * (i & 1))) & 15u; }
 
@@ -20,15 +22,26 @@ __device__ __forceinline__ u32 scale_byte(const u8* scales, int n, int kg, int r
     return r < n ? scales[(i64)r * kg + col / gs] : 0u;
 }
 
+// The tile and chunk of repack slot ``slot`` (the inverse of w4_slot(tile, nchunks) + W4_PAIR chunk).
+struct Slot {
+    i64 tile;
+    int chunk;
+    __device__ Slot(i64 slot, int nchunks) {
+        const i64 rest = slot / W4_PAIR;
+        tile = rest / nchunks * W4_PAIR + slot % W4_PAIR;
+        chunk = (int)(rest % nchunks);
+    }
+};
+
 // Which rows and columns the lane slot ``idx`` of the code layout holds: rows r0 and r0 + 8,
-// columns col .. col + 15 (idx = ((tile * K/64 + chunk) * 32 + lane), lane = 4g + q).
+// columns col .. col + 15 (idx = 32 slot + lane, lane = 4g + q).
 struct LaneSlot {
     int r0, col;
     __device__ LaneSlot(i64 idx, int k) {
-        const int lane = (int)(idx & 31), nchunks = k / 64;
-        const i64 rest = idx >> 5;
-        r0 = (int)((rest / nchunks) * 16) + (lane >> 2);
-        col = (int)(rest % nchunks) * 64 + 16 * (lane & 3);
+        const int lane = (int)(idx & 31);
+        const Slot at(idx >> 5, k / 64);
+        r0 = (int)(at.tile * 16) + (lane >> 2);
+        col = at.chunk * 64 + 16 * (lane & 3);
     }
 };
 
@@ -66,12 +79,10 @@ extern "C" __global__ void w4_repack_scales(const u8* __restrict__ scales, u8* _
                                             int n, int k, int gs, i64 total) {
     const i64 idx = blockIdx.x * (i64)blockDim.x + threadIdx.x;
     if (idx >= total) return;
-    const int j = (int)(idx & 15), k16 = k / 16;
-    const i64 rest = idx >> 4;
-    const int grp16 = (int)(rest % k16);
-    const i64 tile = rest / k16;
-    const int r = (int)(tile * 16) + (j >> 1) + 8 * (j & 1);
-    out[idx] = (u8)e4m3_to_f16_code(scale_byte(scales, n, k / gs, r, grp16 * 16, gs));
+    const int j = (int)(idx & 15), q = (int)((idx >> 4) & 3);  // idx = (4 slot + q) * 16 + j
+    const Slot at(idx >> 6, k / 64);
+    const int r = (int)(at.tile * 16) + (j >> 1) + 8 * (j & 1);
+    out[idx] = (u8)e4m3_to_f16_code(scale_byte(scales, n, k / gs, r, at.chunk * 64 + q * 16, gs));
 }
 
 // The inverses, for exporting a weight held only in the repacked form (codes of zero-scale blocks
@@ -103,7 +114,8 @@ extern "C" __global__ void w4_unrepack_scales(const u8* __restrict__ scale_codes
     if (idx >= total) return;
     const int kg = k / gs;
     const int r = (int)(idx / kg), grp = (int)(idx % kg);
-    const int tile = r / 16, within = r % 16, g = within % 8, half = within / 8;
-    const u32 c = scale_codes[(((i64)tile * (k / 16) + grp * (gs / 16)) * 8 + g) * 2 + half];
+    const int tile = r / 16, within = r % 16, g = within % 8, half = within / 8, grp16 = grp * (gs / 16);
+    const i64 slot = w4_slot(tile, k / 64) + W4_PAIR * (grp16 / 4);
+    const u32 c = scale_codes[((slot * 4 + grp16 % 4) * 8 + g) * 2 + half];
     scales[idx] = c == 0xFFu ? 0x7Fu : (u8)fp4_e4m3_encode(__half2float(__ushort_as_half((unsigned short)(c << 7))));
 }

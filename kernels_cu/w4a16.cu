@@ -11,9 +11,8 @@
 //
 // Grid: x = token tiles of 8*NT, y = row tiles of 16*RT. Block: any number of warps; warp w takes
 // chunks w, w + nwarps, ... (split-K inside the block) and the block reduces through shared memory.
-// <w4a16_rt{RT}_nt{NT}_u{U}[_w4|_w8]_{f16,bf16}> (U chunks per pipeline step; _w4: at most 4 warps
-// a block; _w8: at most 8, no register cap). Needs sm_80 (traps on older targets, which take
-// another path).
+// <w4a16_rt{RT}_nt{NT}_u{U}[_w4]_{f16,bf16}> (U chunks per pipeline step; _w4: at most 4 warps a
+// block). Needs sm_80 (traps on older targets, which take another path).
 // <..._s{S}_...> (sm_90+): K split over the S blocks of a cluster along x (x = token tile * S +
 // split), each block taking a contiguous run of chunks; then every block of the cluster adds up a
 // share of the outputs over the S blocks' sums in split order, read through distributed shared
@@ -29,21 +28,19 @@ __device__ __forceinline__ uint4 load_stream(const uint4* p) {  // read once: ke
 template <int B> struct Buf { static constexpr int value = B; };
 
 // The main loop's buffer scheme and register cap per kernel, from A/Bs on an H200 (NOTES.md,
-// sessions 6 and 12): with one row tile the two buffers taking turns is fastest, but for fp16
+// sessions 6, 12 and 16): with one row tile the two buffers taking turns is fastest, but for fp16
 // NT=2 U=1 (14.5 against 15.0 us at 14336x4096 M=16); with two, copying the prefetched buffer
-// is, but for RT=2 U=1 at NT=1 (M=1 28672x8192 36.6 against 38.8 us) and bf16 NT=2, which takes
-// turns under a 64-register cap (four blocks of 8 warps a SM; uncapped it needs 74, copying 76).
+// is, but for RT=2 U=1 at NT=1 (M=1 28672x8192 36.6 against 38.8 us) and bf16 NT=2. The RT=2
+// NT=2 kernels run under a 64-register cap, four blocks of 8 warps a SM (with the tile pairs'
+// addressing neither dtype spills there; uncapped, fp16 took 75 and three blocks a SM).
 // A kernel built for at most 4 warps a block (the ``_w4`` ones) is capped at 72 registers, seven
 // blocks a SM (session 8: 14336x4096 M=1 11.7-12.0 us, 13.4 at 80 registers, six blocks a SM).
-// One built for at most 8 (``_w8``) has no cap: the bf16 NT=2 two-tile kernel then needs 75
-// registers, with none spilled, three blocks of 8 warps a SM (session 15: 5-10% faster than the
-// capped one where its grid fits one wave, 10240x8192 M=16 23.5 -> 22.1 us).
 template <bool BF16, int RT, int NT, int U> constexpr bool ping_pong() {
     if (RT == 1) return BF16 || NT != 2 || U != 1;
     return RT == 2 && U == 1 && (NT == 1 || (BF16 && NT == 2));
 }
-constexpr int min_blocks(bool bf16, int rt, int nt, int u, int max_warps) {
-    return max_warps == 4 ? 7 : max_warps != 8 && bf16 && rt == 2 && nt == 2 && u == 1 ? 2 : 0;
+constexpr int min_blocks(int rt, int nt, int u, int max_warps) {
+    return max_warps == 4 ? 7 : rt == 2 && nt == 2 && u == 1 ? 2 : 0;
 }
 
 template <bool BF16, int RT, int NT, int U, int S = 1>
@@ -77,12 +74,18 @@ __device__ void w4a16_body(const uint4* __restrict__ wq, const unsigned short* _
         const int tok = tok0 + 8 * j + g;
         xrow[j] = reinterpret_cast<const char*>(x + (i64)(tok < m ? tok : 0) * k + 16 * q);
     }
+    // Row tile tile0 + r's chunk 0 (w4_slot, in int arithmetic: with w4_slot's i64 division here
+    // the one-tile kernels ran 5-10% slower, H200, session 16, though their loops were the same).
+    // tile0 starts a pair when RT is even: the pair's second tile is one slot on, a constant the
+    // loads take as an offset, which keeps the two-tile kernels' addressing to few registers.
+    static_assert(RT == 1 || RT % W4_PAIR == 0, "row tiles a block: 1 or whole pairs");
     const char* wrow[RT];
     const char* srow[RT];
 #pragma unroll
     for (int r = 0; r < RT; ++r) {
-        wrow[r] = reinterpret_cast<const char*>(wq + ((i64)(tile0 + r) * nchunks * 32 + lane));
-        srow[r] = reinterpret_cast<const char*>(sq + ((i64)(tile0 + r) * (k >> 4) * 8 + q * 8 + g));
+        const i64 slot = (i64)(tile0 / W4_PAIR + r / W4_PAIR) * nchunks * W4_PAIR + (tile0 % W4_PAIR + r % W4_PAIR);
+        wrow[r] = reinterpret_cast<const char*>(wq + (slot * 32 + lane));
+        srow[r] = reinterpret_cast<const char*>(sq + (slot * 32 + q * 8 + g));
     }
 
     // Weights, scales and x of U chunks are loaded one step ahead (two register buffers), so the
@@ -99,8 +102,8 @@ __device__ void w4a16_body(const uint4* __restrict__ wq, const unsigned short* _
             const unsigned c = min(c0 + u * nwarps, c_hi - 1);
 #pragma unroll
             for (int r = 0; r < RT; ++r) {
-                w[b][u][r] = load_stream(reinterpret_cast<const uint4*>(wrow[r] + (u64)(c * 512u)));
-                s[b][u][r] = *reinterpret_cast<const unsigned short*>(srow[r] + (u64)(c * 64u));
+                w[b][u][r] = load_stream(reinterpret_cast<const uint4*>(wrow[r] + (u64)(c * (W4_PAIR * 512u))));
+                s[b][u][r] = *reinterpret_cast<const unsigned short*>(srow[r] + (u64)(c * (W4_PAIR * 64u)));
             }
 #pragma unroll
             for (int j = 0; j < NT; ++j) {
@@ -212,22 +215,21 @@ __device__ void w4a16_body(const uint4* __restrict__ wq, const unsigned short* _
 #define W4A16_CLUSTER_8
 #endif
 #define W4A16_KERNELS(RT, NT, U, W, S, NAME)                                                                  \
-    extern "C" __global__ void __launch_bounds__(32 * W, min_blocks(false, RT, NT, U, W)) W4A16_CLUSTER_##S    \
+    extern "C" __global__ void __launch_bounds__(32 * W, min_blocks(RT, NT, U, W)) W4A16_CLUSTER_##S    \
     NAME##_f16(const uint4* wq, const unsigned short* sq, const __half* x, __half* y, const __half* bias,     \
                const float* g, int m, int n, int k) {                                                          \
         w4a16_body<false, RT, NT, U, S>(wq, sq, x, y, bias, g, m, n, k);                                       \
     }                                                                                                          \
-    extern "C" __global__ void __launch_bounds__(32 * W, min_blocks(true, RT, NT, U, W)) W4A16_CLUSTER_##S     \
+    extern "C" __global__ void __launch_bounds__(32 * W, min_blocks(RT, NT, U, W)) W4A16_CLUSTER_##S     \
     NAME##_bf16(const uint4* wq, const unsigned short* sq, const __nv_bfloat16* x, __nv_bfloat16* y,          \
                 const __nv_bfloat16* bias, const float* g, int m, int n, int k) {                              \
         w4a16_body<true, RT, NT, U, S>(wq, sq, x, y, bias, g, m, n, k);                                        \
     }
 #define W4A16(RT, NT, U) W4A16_KERNELS(RT, NT, U, 16, 1, w4a16_rt##RT##_nt##NT##_u##U)
 #define W4A16_W4(RT, NT, U) W4A16_KERNELS(RT, NT, U, 4, 1, w4a16_rt##RT##_nt##NT##_u##U##_w4)
-#define W4A16_W8(RT, NT, U) W4A16_KERNELS(RT, NT, U, 8, 1, w4a16_rt##RT##_nt##NT##_u##U##_w8)
 #define W4A16_SPLIT(RT, NT, U, S) W4A16_KERNELS(RT, NT, U, 16, S, w4a16_rt##RT##_nt##NT##_u##U##_s##S)
 
-// (RT, NT, U), at most 16, 4 or 8 warps a block: keep in step with cuda_linear.VARIANTS
+// (RT, NT, U), at most 16 or 4 warps a block: keep in step with cuda_linear.VARIANTS
 W4A16(1, 1, 2)
 W4A16(1, 1, 4)
 W4A16(2, 1, 2)
@@ -242,7 +244,6 @@ W4A16_W4(1, 1, 2)
 W4A16_W4(1, 2, 1)
 W4A16_W4(2, 1, 1)
 W4A16_W4(2, 2, 1)
-W4A16_W8(2, 2, 1)
 // split K over clusters of S blocks: keep in step with cuda_linear.SPLIT_VARIANTS and SPLITS
 W4A16_SPLIT(1, 1, 2, 2)
 W4A16_SPLIT(1, 1, 2, 4)

@@ -1,8 +1,20 @@
 // w4a16_decode.cuh - the in-register decode shared by the W4A16 kernels (w4a16.cu, w4a16_wgmma.cu):
 // 8 repacked E2M1 codes -> the 4 A registers of one m16n8k16 fragment (see prepare.cu for the
-// nibble order), and the block-scale multiply that makes them e2m1 * s * 2^-14 exactly.
+// nibble order), the block-scale multiply that makes them e2m1 * s * 2^-14 exactly, and where a
+// tile's chunk lies in the repack.
 #pragma once
 #include "common.cuh"
+
+// The repack's order of 16-row tiles (prepare.cu): in pairs, chunk c of tiles 2p and 2p + 1 side
+// by side, so that a block's two row tiles come from one stretch of memory (H200: M=1 and 16 2-3%
+// faster than each tile's chunks in a run of their own; bf16 two-tile kernels 8-10% at M=16, whose
+// addressing then fits 64 registers without spills). A slot is one chunk of one tile: 32 uint4 of
+// codes (lane l's at 32 slot + l), 32 unsigned shorts of scale codes; chunk c of a tile is its
+// chunk 0's slot + W4_PAIR c.
+#define W4_PAIR 2
+__device__ __forceinline__ i64 w4_slot(i64 tile, int nchunks) {
+    return tile / W4_PAIR * nchunks * W4_PAIR + tile % W4_PAIR;
+}
 
 template <bool BF16> struct Act;
 template <> struct Act<false> { typedef __half T; };

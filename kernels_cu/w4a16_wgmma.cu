@@ -127,8 +127,8 @@ __device__ void w4a16_wg_body(const uint4* __restrict__ wq, const unsigned short
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
             const int c = min(2 * p + h, nchunks - 1);
-            cp_async16(w_base + ((st + h) * nthreads + tid) * 16, w_tile + (i64)c * 32);
-            cp_async4(s_base + ((st + h) * nthreads + tid) * 4, s_tile + (i64)c * 32, 4);
+            cp_async16(w_base + ((st + h) * nthreads + tid) * 16, w_tile + (i64)c * (W4_PAIR * 32));
+            cp_async4(s_base + ((st + h) * nthreads + tid) * 4, s_tile + (i64)c * (W4_PAIR * 32), 4);
         }
     };
     if (tid == 0) {
@@ -256,8 +256,8 @@ __device__ void w4a16_wg_body(const uint4* __restrict__ wq, const unsigned short
         if (j + 1 < npairs) read_own(2 * j + 2);
     };
     auto copy_tile = [&](int t) {
-        w_tile = wq + (i64)warp_tile(t) * nchunks * 32 + lane;
-        s_tile = sq + ((i64)warp_tile(t) * (k >> 4) + q) * 8 + (g & ~1);
+        w_tile = wq + w4_slot(warp_tile(t), nchunks) * 32 + lane;
+        s_tile = sq + w4_slot(warp_tile(t), nchunks) * 32 + q * 8 + (g & ~1);
     };
     int ct = cl;  // the tile being computed
     if constexpr (SK) {

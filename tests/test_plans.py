@@ -195,12 +195,12 @@ def test_amax_grid_reads_every_element_with_at_most_8_blocks_a_sm(n, itemsize):
 def fake_gpu(monkeypatch, sms):
     """plan() on a GPU of ``sms`` SMs whose occupancy is an H200's: the two-tile M <= 8 kernel two
     blocks of 8 warps a SM (four of 4), the uncapped one-tile kernel six blocks of 4 warps in fp16,
-    five in bf16, the two-tile 9-16 token kernel four blocks of 8 warps (two of 16), three uncapped."""
+    five in bf16, the two-tile 9-16 token kernel four blocks of 8 warps (two of 16)."""
     monkeypatch.setattr(cuda_linear, "_sm_count", lambda device: sms)
     monkeypatch.setattr(cuda_linear.runtime, "launcher", lambda *a: None)
     monkeypatch.setattr(cuda_linear, "_blocks_per_sm", lambda variant, warps, bf16, device: {
         ((2, 1, 2, 16), 8): 2, ((2, 1, 2, 16), 4): 4, ((1, 1, 2, 16), 4): 5 if bf16 else 6,
-        ((2, 2, 1, 16), 8): 4, ((2, 2, 1, 16), 16): 2, ((2, 2, 1, 8), 8): 3}.get((variant, warps), 0))
+        ((2, 2, 1, 16), 8): 4, ((2, 2, 1, 16), 16): 2}.get((variant, warps), 0))
     cuda_linear.plan.cache_clear()
 
 
@@ -219,10 +219,9 @@ def fake_gpu(monkeypatch, sms):
     (4096, 4096, 1, False, "w4a16_rt1_nt1_u2_f16", 8),
     (14336, 4096, 16, False, "w4a16_rt1_nt2_u1_w4_f16", 4),  # 896 one-tile blocks: one wave at seven a SM
     (14336, 4096, 12, True, "w4a16_rt1_nt2_u1_w4_bf16", 4),
-    (16384, 4096, 16, True, "w4a16_rt2_nt2_u1_bf16", 8),     # 512 blocks: two waves uncapped
-    (10240, 8192, 16, True, "w4a16_rt2_nt2_u1_w8_bf16", 8),  # 320: one wave at three a SM
-    (12288, 4096, 12, True, "w4a16_rt2_nt2_u1_w8_bf16", 8),  # 384
-    (12288, 4096, 12, False, "w4a16_rt2_nt2_u1_f16", 8),     # fp16 spills nothing under the cap
+    (16384, 4096, 16, True, "w4a16_rt2_nt2_u1_bf16", 8),
+    (10240, 8192, 16, True, "w4a16_rt2_nt2_u1_bf16", 8),
+    (12288, 4096, 12, False, "w4a16_rt2_nt2_u1_f16", 8),
     (8192, 28672, 16, True, "w4a16_rt2_nt2_u1_bf16", 16),    # 256: the capped 16 warps stay
     (28672, 8192, 16, True, "w4a16_rt2_nt2_u1_w4_bf16", 4),  # 896 two-tile blocks, bf16 only
     (24576, 4096, 16, True, "w4a16_rt2_nt2_u1_w4_bf16", 4),  # 768: 83% of one wave, 73% of 1.5 at four
@@ -235,8 +234,7 @@ def test_mma_plan_on_132_sms(monkeypatch, n, k, m, bf16, want, warps):
     SM); the capped two-tile one (fp16 at M <= 8, bf16 above) where its last wave is fuller than
     the two-tile grid's. At M <= 8: the uncapped one-tile kernel where the two-tile grid takes more
     than one wave and its own fits in one, and never 16 warps of the two-tile kernel (one such
-    block a SM); above 8 tokens 16 stay, and bf16 grids of 8 warps take the uncapped two-tile
-    kernel where they fit one wave at three blocks a SM."""
+    block a SM); above 8 tokens 16 stay."""
     fake_gpu(monkeypatch, 132)
     p = cuda_linear.plan(n, k, m, bf16, 0)
     cuda_linear.plan.cache_clear()
