@@ -6,8 +6,8 @@
 #include "common.cuh"
 
 // The repack's order of 16-row tiles (prepare.cu): in pairs, chunk c of tiles 2p and 2p + 1 side
-// by side, so that a block's two row tiles come from one stretch of memory (H200: M=1 and 16 2-3%
-// faster than each tile's chunks in a run of their own; bf16 two-tile kernels 8-10% at M=16, whose
+// by side, so that a block's two row tiles come from one stretch of memory (H200, session 16: the
+// two-tile kernels 2-4% faster than with each tile's chunks in one run, bf16 at M=16 7-9%, whose
 // addressing then fits 64 registers without spills). A slot is one chunk of one tile: 32 uint4 of
 // codes (lane l's at 32 slot + l), 32 unsigned shorts of scale codes; chunk c of a tile is its
 // chunk 0's slot + W4_PAIR c.

@@ -108,6 +108,27 @@ def test_unpack_inverts_the_repack(rng, n, k, gs):
     np.testing.assert_array_equal(prepared.unpack_scales(pw.scale_codes, n, k, gs), w.scales)
 
 
+def test_the_repack_keeps_a_pair_of_row_tiles_side_by_side_a_chunk(rng):
+    """Chunk c of row tiles 2p and 2p + 1 are neighbours (kernels_cu/w4a16_decode.cuh, w4_slot): the
+    codes of slot [p, c, j] all come from rows 16 (2p + j) .. + 15, and so do its scale codes."""
+    n, k, tiles = 100, 192, 8  # 7 row tiles (the last ragged), allocated as 8
+    w = _weight(rng, n, k)
+    codes = prepared.repack_codes(w.data, w.scales, n, k, 16)  # u32 [tiles/2, K/64, 2, 32, 4]
+    scale_codes = prepared.repack_scales(w.scales, n, k, 16)  # u8 [tiles/2, K/64, 2, 4, 8, 2]
+    assert codes.shape == (tiles // 2, k // 64, 2, 32, 4) and scale_codes.shape == (tiles // 2, k // 64, 2, 4, 8, 2)
+    for tile in range(tiles):
+        rows = np.zeros_like(w.data)
+        rows[16 * tile:16 * tile + 16] = w.data[16 * tile:16 * tile + 16]
+        only = prepared.repack_codes(rows, w.scales, n, k, 16)
+        np.testing.assert_array_equal(only[tile // 2, :, tile % 2], codes[tile // 2, :, tile % 2])
+        assert not only[:, :, 1 - tile % 2].any() and not np.delete(only, tile // 2, axis=0).any()
+    per16 = np.zeros((tiles * 16, k // 16), np.uint8)
+    per16[:n] = prepared.f16_code(w.scales)
+    for tile in range(tiles):  # [chunk, q, g, (r, r + 8)] of one tile
+        want = per16[16 * tile:16 * tile + 16].reshape(2, 8, k // 64, 4).transpose(2, 3, 1, 0)
+        np.testing.assert_array_equal(scale_codes[tile // 2, :, tile % 2], want)
+
+
 def test_prepare_rejects_negative_scales_and_non_weights(rng):
     w = _weight(rng, 16, 64)
     scales = w.scales.copy()
