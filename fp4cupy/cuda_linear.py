@@ -17,7 +17,7 @@ import numpy as np
 
 from . import arrays, cuda_wgmma, runtime
 from .cuda_ops import THREADS, _Lib, _sm_count, _torch_names, _torch_stream_ptr, dequantize
-from .prepared import PreparedWeight
+from .prepared import PAIR, PreparedWeight
 from .tensor import FP4Tensor
 
 MMA_MAX_M = 128           # larger batches: dequantize + cuBLAS (see benchmarks/RESULTS.md)
@@ -36,8 +36,8 @@ def repack(w: FP4Tensor):
     lib = _Lib(w.data)
     n, k = w.shape
     tiles = -(-n // (TILE_ROWS * TILE_PAD)) * TILE_PAD
-    codes = lib.empty((tiles // 2, k // 64, 2, 32, 16), "uint8")
-    scale_codes = lib.empty((tiles // 2, k // 64, 2, 4, 8, 2), "uint8")
+    codes = lib.empty((tiles // PAIR, k // 64, PAIR, 32, 16), "uint8")
+    scale_codes = lib.empty((tiles // PAIR, k // 64, PAIR, 4, 8, 2), "uint8")
     total = tiles * (k // 64) * 32
     lib.launch("prepare.cu", "w4_repack_codes", -(-total // THREADS),
                (lib.ptr(w.data), lib.ptr(w.scales), lib.ptr(codes), np.int32(n), np.int32(k),
@@ -53,7 +53,7 @@ def unrepack(codes, scale_codes, n: int, k: int, gs: int):
     lib = _Lib(codes)
     data = lib.empty((n, k // 2), "uint8")
     scales = lib.empty((n, k // gs), "uint8")
-    total = codes.shape[0] * 2 * (k // 64) * 32  # uint4 of the pairs' tiles
+    total = codes.shape[0] * codes.shape[2] * (k // 64) * 32  # uint4 of the pairs' tiles
     lib.launch("prepare.cu", "w4_unrepack_codes", -(-total // THREADS),
                (lib.ptr(codes), lib.ptr(data), np.int32(n), np.int32(k), total))
     total = n * (k // gs)

@@ -158,17 +158,20 @@ def _padded_rows(a: np.ndarray, rows: int) -> np.ndarray:
     return a if a.shape[0] == rows else np.concatenate([a, np.zeros((rows - a.shape[0],) + a.shape[1:], a.dtype)])
 
 
+PAIR = 2  # row tiles a pair in the repack (W4_PAIR in kernels_cu/w4a16_decode.cuh)
+
+
 def _in_pairs(a: np.ndarray) -> np.ndarray:
     """[tiles, chunks, ...] -> [tiles/2, chunks, 2, ...]: chunk c of tiles 2p and 2p + 1 side by side
     (the repack's order, ``w4_slot`` in kernels_cu/w4a16_decode.cuh)."""
     t, c = a.shape[:2]
-    return np.ascontiguousarray(a.reshape((t // 2, 2, c) + a.shape[2:]).swapaxes(1, 2))
+    return np.ascontiguousarray(a.reshape((t // PAIR, PAIR, c) + a.shape[2:]).swapaxes(1, 2))
 
 
 def _tile_major(a: np.ndarray) -> np.ndarray:
     """The inverse of ``_in_pairs``."""
     p, c = a.shape[:2]
-    return a.swapaxes(1, 2).reshape((2 * p, c) + a.shape[3:])
+    return a.swapaxes(1, 2).reshape((PAIR * p, c) + a.shape[3:])
 
 
 def repack_codes(data: np.ndarray, scales: np.ndarray, n: int, k: int, gs: int) -> np.ndarray:
@@ -202,7 +205,7 @@ def repack_scales(scales: np.ndarray, n: int, k: int, gs: int) -> np.ndarray:
 
 def unpack_codes(codes: np.ndarray, n: int, k: int) -> np.ndarray:
     """The inverse of ``repack_codes``: packed uint8 [N, K/2] (zero-scale blocks come back as 0)."""
-    words = _tile_major(codes.view(np.uint32).reshape(-1, k // 64, 2, 32, 4)).reshape(-1, k // 64, 8, 4, 4)
+    words = _tile_major(codes.view(np.uint32).reshape(-1, k // 64, PAIR, 32, 4)).reshape(-1, k // 64, 8, 4, 4)
     regs = [(words >> s) & 15 for s in (0, 16, 8, 24, 4, 20, 12, 28)]  # a0 a1 b0 b1 a2 a3 b2 b3
     a = np.stack([regs[0], regs[1], regs[4], regs[5]], -1)  # row r:   cols 4t + 0..3
     b = np.stack([regs[2], regs[3], regs[6], regs[7]], -1)  # row r+8
@@ -213,7 +216,7 @@ def unpack_codes(codes: np.ndarray, n: int, k: int) -> np.ndarray:
 
 def unpack_scales(scale_codes: np.ndarray, n: int, k: int, gs: int) -> np.ndarray:
     """The inverse of ``repack_scales``: E4M3 bits [N, K/gs]."""
-    sc = _tile_major(scale_codes.reshape(-1, k // 64, 2, 4, 8, 2))  # tile, chunk, q, g, half
+    sc = _tile_major(scale_codes.reshape(-1, k // 64, PAIR, 4, 8, 2))  # tile, chunk, q, g, half
     per16 = sc.transpose(0, 4, 3, 1, 2).reshape(-1, k // 16)[:n]  # rows (tile, half, g)
     code = per16[:, :: gs // 16].astype(np.uint16)
     s = (code << 7).view(np.float16).astype(np.float32)
@@ -249,13 +252,13 @@ def emulate_linear(x: np.ndarray, codes: np.ndarray, scale_codes: np.ndarray, g:
                    bf16: bool) -> np.ndarray:
     """y = x @ W^T computed from the prepared layout exactly as w4a16.cu decodes it (float64 sums)."""
     m, k = x.shape
-    words = _tile_major(codes.view(np.uint32).reshape(-1, k // 64, 2, 32, 4))
+    words = _tile_major(codes.view(np.uint32).reshape(-1, k // 64, PAIR, 32, 4))
     tiles = words.shape[0]
     words = words.reshape(tiles, k // 64, 8, 4, 4)  # tile, chunk, g, q, t
     regs = (decode_bf16_words if bf16 else decode_f16_words)(words)  # ..., 4 registers
     dt = ml_dtypes.bfloat16 if bf16 else np.float16
     vals = _halves(regs, dt)  # tile, chunk, g, q, t, reg, half
-    sc = _tile_major(scale_codes.reshape(-1, k // 64, 2, 4, 8, 2)).astype(np.uint32)  # tile, chunk, q, g, (r, r+8)
+    sc = _tile_major(scale_codes.reshape(-1, k // 64, PAIR, 4, 8, 2)).astype(np.uint32)  # tile, chunk, q, g, (r, r+8)
     pair = sc * 0x00100010 + 0x70007000 if bf16 else sc * 0x00800080
     s = _halves(pair.astype(np.uint32), dt)[..., 0]  # tile, chunk, q, g, row-half
     # registers: H0 = row r cols +0,+1; H1 = row r+8; H2 = row r cols +2,+3; H3 = row r+8

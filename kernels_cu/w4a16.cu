@@ -67,7 +67,7 @@ __device__ void w4a16_body(const uint4* __restrict__ wq, const unsigned short* _
         for (int j = 0; j < NT; ++j) acc[r][j][0] = acc[r][j][1] = acc[r][j][2] = acc[r][j][3] = 0.0f;
 
     // Byte addresses: each stream's base for this thread, and a chunk's offset as an unsigned
-    // 32-bit product added in one IMAD.WIDE (a chunk offset stays below 8 K bytes).
+    // 32-bit product added in one IMAD.WIDE (a chunk offset stays below 16 K bytes, K the row length).
     const char* xrow[NT];
 #pragma unroll
     for (int j = 0; j < NT; ++j) {
