@@ -33,7 +33,7 @@ def plan_fn(pws, x, y, p):
     m = x.shape[0]
 
     def fn(i):
-        pw = pws[i % 3]
+        pw = pws[i % len(pws)]
         p.launch(p.grid, p.threads, p.shared, torch.cuda.current_stream().cuda_stream, pw.codes.data_ptr(),
                  pw.scale_codes.data_ptr(), x.data_ptr(), y.data_ptr(), 0, pw.global_scale.data_ptr(),
                  m, n, k)

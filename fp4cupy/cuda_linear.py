@@ -141,9 +141,9 @@ def plan(n: int, k: int, m: int, bf16: bool, device: int) -> Plan:
     rows of 17408-57344 rows at M=1 and 8, all as predicted: up to 11% faster where taken,
     28672x8192 36.5 against 37.2 us; 13-16% slower where not, 32768 rows), bf16 at 9-16 tokens
     (38 rows, as predicted: 3-10%, 28672x8192 48.5 against 50.2). The other dtype measured equal.
-    Where one-tile blocks are fewer than two a SM (N below 32 rows a SM) on sm_90+, K is split over
-    clusters of ``_cluster_splits`` blocks (H200, 1024-2048 rows: 1.1-1.7x faster at M=1 and 16,
-    1024x28672 M=1 17.1 -> 10.1-10.6 us; 1.1-1.8x at 17 and 32 tokens, 1024x16384 22.0 -> 12.4).
+    Where two-tile blocks are fewer than SMs (N below 32 rows a SM), ``_few_row_launch`` picks the
+    one-tile kernel's warps and, on sm_90+, how many blocks of a cluster split K (H200, against the
+    former split rule: up to 1.5x faster, M=1 512x28672 10.8 -> 7.5 us, M=16 2560x4096 9.5 -> 6.4).
     """
     nt = 1 if m <= 8 else 2 if m <= 16 else 4 if m <= 32 else 8
     sms = _sm_count(device)
@@ -154,9 +154,11 @@ def plan(n: int, k: int, m: int, bf16: bool, device: int) -> Plan:
     blocks = -(-tiles // two[0]) * mtiles
     if blocks < sms:
         variant, warps = one, 8
-        splits = _cluster_splits(tiles * mtiles, k, sms, device) if SPLIT_VARIANTS.get(nt) == one else 1
-        if splits > 1:
-            return make_plan(n, m, one, 8 if splits <= 2 else 4, bf16, device, splits)
+        launch = _few_row_launch(tiles * mtiles, k, one, bf16, device) if SPLIT_VARIANTS.get(nt) == one else None
+        if launch is not None:
+            splits, warps = launch
+            if splits > 1:
+                return make_plan(n, m, one, warps, bf16, device, splits)
     elif nt <= 2 and 0.9 <= tiles / (NARROW_BLOCKS_PER_SM * sms) <= 1:
         variant, warps = NARROW[nt], 4  # one wave, at least 90% full
     elif (nt == 1 and blocks > _blocks_per_sm(two, 8, bf16, device) * sms
@@ -172,18 +174,42 @@ def plan(n: int, k: int, m: int, bf16: bool, device: int) -> Plan:
     return make_plan(n, m, variant, warps, bf16, device)
 
 
-def _cluster_splits(blocks: int, k: int, sms: int, device: int) -> int:
-    """How many blocks of a cluster split K for a one-tile grid of ``blocks`` blocks: the power of
-    two nearest 2 * SMs / blocks, at most 4 and at most one per 16 chunks of 64 (two a warp);
-    1 (no split) before sm_90. The plan runs 8 warps a block at 2 splits, 4 at 4. H200, M=1 and
-    16, 1024-3072 rows, against the best of S in 1-8 x 4 or 8 warps: median 1% off, at most 16%
-    (1024x28672 M=1 in one run: 10.1 us, best 8.7 at S=8, unsplit 16.3; 3072 rows, large K: S=2
-    was 10-16% better than unsplit); at 4096 rows every split lost."""
+SPLIT_BLOCKS_PER_SM = 3  # ties between equal warps take the most splits up to this many blocks a SM
+
+
+def _few_row_launch(blocks: int, k: int, variant, bf16: bool, device: int):
+    """(S, warps) for a one-tile grid of ``blocks`` blocks, K split over the S blocks of a cluster
+    (S in 1 and SPLITS; 1 only before sm_90) of 4 or 8 warps, from benchmarks/split_sweep.py on an
+    H200 (fp16 and bf16, M = 1, 16 and 32, 512-4096 rows, K 4096-28672: 1% off the best of the
+    eight launches in geomean, at most 11%; the former rule, a split count from 2 * SMs / blocks,
+    was 8% off and up to 57%). Of the launches that give every block 8 chunks of 64 or more and
+    every warp two, keep those whose blocks all run at once: a second wave cost 1.3-1.6x (2560x4096
+    bf16 M=1: S=2 x 8 warps 8.0 us, S=2 x 4 warps 5.6), and clusters fit fewer blocks than blocks a
+    SM say (77 clusters of 8 blocks of 4 warps, not 99). Then take the most warps in all; of equals,
+    the most splits that keep within SPLIT_BLOCKS_PER_SM blocks a SM, else the fewest. None where
+    the driver cannot say what runs at once."""
+    chunks = k // 64
     cc = runtime.compute_capability(device)
-    if cc is None or cc < (9, 0):
-        return 1
-    most = min(2 ** max(0, round(math.log2(2 * sms / blocks))), 4, k // 64 // 16)
-    return max((s for s in SPLITS if s <= most), default=1)
+    splits = (1, *SPLITS) if cc is not None and cc >= (9, 0) else (1,)
+    fit = [(s, w) for s in splits for w in (4, 8)
+           if chunks // s >= max(2 * w, 8) and blocks * s <= _resident_blocks(variant, w, s, bf16, device)]
+    if not fit:
+        return None
+    most = max(s * w for s, w in fit)
+    tied = [(s, w) for s, w in fit if s * w == most]
+    few = [(s, w) for s, w in tied if blocks * s <= SPLIT_BLOCKS_PER_SM * _sm_count(device)]
+    return max(few) if few else min(tied)
+
+
+@functools.lru_cache(maxsize=None)
+def _resident_blocks(variant, warps: int, splits: int, bf16: bool, device: int) -> int:
+    """Blocks of ``variant`` as ``warps`` warps, K split over clusters of ``splits``, that run at
+    once on the whole device: blocks a SM x SMs, or the driver's resident clusters x ``splits``
+    (cuOccupancyMaxActiveClusters; a cluster's blocks share one GPC); 0 if unknown."""
+    if splits == 1:
+        return _blocks_per_sm(variant, warps, bf16, device) * _sm_count(device)
+    p = make_plan(16, 1, variant, warps, bf16, device, splits)
+    return p.launch.max_active_clusters(splits, p.threads, p.shared) * splits
 
 
 def _last_wave_fill(blocks: int, per_wave: int) -> float:

@@ -103,13 +103,17 @@ def test_k_split_over_a_cluster(nt, dtype):
             assert torch.equal(outs[0], outs[1]), (splits, m, warps)
 
 
-@pytest.mark.parametrize("m,n,k,want", [(1, 1024, 8192, "w4a16_rt1_nt1_u2_s4_f16"), (16, 2048, 8192, "w4a16_rt1_nt2_u2_s2_f16"),
-                                        (1, 4096, 8192, "w4a16_rt1_nt1_u2_f16")])
-def test_linear_splits_k_over_clusters_for_few_rows(m, n, k, want):
-    """Through fp4cupy.linear where the plan splits K (on an H100 or H200: 132 SMs), against float64."""
+@pytest.mark.parametrize("m,n,k,want,warps", [
+    (1, 1024, 8192, "w4a16_rt1_nt1_u2_s4_f16", 8), (1, 512, 28672, "w4a16_rt1_nt1_u2_s8_f16", 4),
+    (16, 2048, 8192, "w4a16_rt1_nt2_u2_s2_f16", 8), (16, 2560, 8192, "w4a16_rt1_nt2_u2_s2_f16", 4),
+    (1, 4096, 8192, "w4a16_rt1_nt1_u2_f16", 8)])
+def test_linear_splits_k_over_clusters_for_few_rows(m, n, k, want, warps):
+    """Through fp4cupy.linear where the plan splits K (on an H100 or H200: 132 SMs, whose driver
+    occupancy the plan reads), against float64."""
     if torch.cuda.get_device_capability() < (9, 0) or cuda_linear._sm_count(0) != 132:
         pytest.skip("the plan's split counts here are those of a 132-SM sm_90 GPU")
-    assert cuda_linear.plan(n, k, m, False, 0).name == want
+    p = cuda_linear.plan(n, k, m, False, 0)
+    assert (p.name, p.threads // 32) == (want, warps)
     g = gen(n + m)
     pw = fp4cupy.prepare(fp4cupy.quantize(torch.randn(n, k, device="cuda", generator=g)))
     x = torch.randn(m, k, device="cuda", generator=g).half()
@@ -288,6 +292,20 @@ def test_blocks_per_sm_follows_the_kernels_registers(bf16):
         want = min(64 // warps, 32, 65536 // (32 * warps * (-(-used // 8) * 8)))
         assert cuda_linear._blocks_per_sm(variant, warps, bf16, 0) == want, (variant, used)
 
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_resident_clusters_hold_no_more_blocks_than_the_sms(bf16):
+    """The driver's resident clusters that the few-row plan reads (cuOccupancyMaxActiveClusters):
+    some on sm_90+, whole clusters, never more blocks than blocks a SM x SMs."""
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("thread block clusters need sm_90")
+    for variant in cuda_linear.SPLIT_VARIANTS.values():
+        for warps in (4, 8):
+            whole = cuda_linear._resident_blocks(variant, warps, 1, bf16, 0)
+            for s in cuda_linear.SPLITS:
+                held = cuda_linear._resident_blocks(variant, warps, s, bf16, 0)
+                assert 0 < held <= whole and held % s == 0, (variant, warps, s, held, whole)
 
 def test_linear_inside_cuda_graph():
     g = gen(11)

@@ -195,12 +195,14 @@ def test_amax_grid_reads_every_element_with_at_most_8_blocks_a_sm(n, itemsize):
 def fake_gpu(monkeypatch, sms):
     """plan() on a GPU of ``sms`` SMs whose occupancy is an H200's: the two-tile M <= 8 kernel two
     blocks of 8 warps a SM (four of 4), the uncapped one-tile kernel six blocks of 4 warps in fp16,
-    five in bf16, the two-tile 9-16 token kernel four blocks of 8 warps (two of 16)."""
+    five in bf16 (three and two of 8 warps), the two-tile 9-16 token kernel four blocks of 8 warps
+    (two of 16), the one-tile 9-16 and 17-32 token ones four and five of 4 warps (two of 8)."""
     monkeypatch.setattr(cuda_linear, "_sm_count", lambda device: sms)
     monkeypatch.setattr(cuda_linear.runtime, "launcher", lambda *a: None)
     monkeypatch.setattr(cuda_linear, "_blocks_per_sm", lambda variant, warps, bf16, device: {
         ((2, 1, 2, 16), 8): 2, ((2, 1, 2, 16), 4): 4, ((1, 1, 2, 16), 4): 5 if bf16 else 6,
-        ((2, 2, 1, 16), 8): 4, ((2, 2, 1, 16), 16): 2}.get((variant, warps), 0))
+        ((2, 2, 1, 16), 8): 4, ((2, 2, 1, 16), 16): 2, ((1, 1, 2, 16), 8): 2 if bf16 else 3,
+        ((1, 2, 2, 16), 4): 4, ((1, 2, 2, 16), 8): 2, ((1, 4, 1, 16), 4): 5, ((1, 4, 1, 16), 8): 2}.get((variant, warps), 0))
     cuda_linear.plan.cache_clear()
 
 
@@ -263,22 +265,61 @@ def test_every_mma_plan_fits_its_kernel(monkeypatch, sms):
     cuda_linear.plan.cache_clear()
 
 
-def test_few_rows_split_k_over_clusters_on_sm90(monkeypatch):
-    fake_gpu(monkeypatch, 132)
-    monkeypatch.setattr(cuda_linear.runtime, "compute_capability", lambda device: (9, 0))
-    for n, k, m, splits, warps in ((1024, 8192, 1, 4, 4), (1280, 28672, 16, 4, 4), (2048, 8192, 1, 2, 8),
-                                   (2048, 16384, 16, 2, 8), (1024, 2048, 1, 2, 8), (1024, 1024, 1, 1, 8),
-                                   (64, 512, 1, 1, 4), (1000, 64, 16, 1, 1), (3072, 8192, 1, 1, 8), (4096, 8192, 16, 1, 8)):
-        p = cuda_linear.plan(n, k, m, False, 0)
-        nt = 1 if m <= 8 else 2
-        assert p.name == cuda_linear.kernel_name(*cuda_linear.SPLIT_VARIANTS[nt], False, splits), (n, k, m)
-        assert p.threads == 32 * warps and p.grid == (splits, -(-n // 16))
-        assert p.shared == (warps + (splits > 1)) * nt * 512
-    monkeypatch.setattr(cuda_linear.runtime, "compute_capability", lambda device: (8, 9))  # no clusters
+# What runs at once of the one-tile kernels on an H200 (132 SMs; the driver, session 17):
+# (NT, warps) -> blocks a SM and, for S = 2, 4, 8, resident clusters of S blocks (fp16 | bf16 where they differ).
+H200_ONE_TILE = {(1, 4): ((6, 396, 186, 77), (5, 330, 154, 77)), (1, 8): ((3, 198, 92, 30), (2, 132, 62, 30)),
+                 (2, 4): ((4, 264, 124, 62),) * 2, (2, 8): ((2, 132, 62, 30),) * 2,
+                 (4, 4): ((5, 330, 154, 77),) * 2, (4, 8): ((2, 132, 62, 30),) * 2}
+
+
+def fake_cluster_gpu(monkeypatch, cc=(9, 0), known=True):
+    monkeypatch.setattr(cuda_linear, "_sm_count", lambda device: 132)
+    monkeypatch.setattr(cuda_linear.runtime, "compute_capability", lambda device: cc)
+    monkeypatch.setattr(cuda_linear.runtime, "launcher", lambda *a: None)
+
+    def resident(variant, warps, splits, bf16, device):
+        bps, *clusters = H200_ONE_TILE[variant[1], warps][bf16]
+        return 0 if not known else bps * 132 if splits == 1 else clusters[cuda_linear.SPLITS.index(splits)] * splits
+    monkeypatch.setattr(cuda_linear, "_resident_blocks", resident)
     cuda_linear.plan.cache_clear()
-    assert cuda_linear.plan(1024, 8192, 1, False, 0).name == "w4a16_rt1_nt1_u2_f16"
+
+
+@pytest.mark.parametrize("n,k,m,bf16,want,warps", [
+    (512, 28672, 1, False, "w4a16_rt1_nt1_u2_s8_f16", 4),     # 32 tiles: 8 x 4 warps, 256 blocks
+    (1024, 28672, 1, False, "w4a16_rt1_nt1_u2_s4_f16", 8),    # 8 x 4 is as many warps but 512 blocks
+    (1024, 28672, 1, True, "w4a16_rt1_nt1_u2_s8_bf16", 4),    # 4 x 8 in bf16: 62 clusters of 4, not 64
+    (1280, 8192, 1, True, "w4a16_rt1_nt1_u2_s4_bf16", 4),
+    (2560, 4096, 1, True, "w4a16_rt1_nt1_u2_s2_bf16", 4),     # 2 x 8: 320 blocks, a second wave
+    (2560, 8192, 16, False, "w4a16_rt1_nt2_u2_s2_f16", 4),
+    (2048, 8192, 16, False, "w4a16_rt1_nt2_u2_s2_f16", 8),
+    (3072, 28672, 1, False, "w4a16_rt1_nt1_u2_s2_f16", 8),
+    (4096, 8192, 1, False, "w4a16_rt1_nt1_u2_f16", 8),        # 2 x 4 ties, but at 3.9 blocks a SM
+    (1024, 8192, 32, False, "w4a16_rt1_nt4_u1_s8_f16", 4),
+    (1024, 2048, 1, False, "w4a16_rt1_nt1_u2_s4_f16", 4),     # at least 8 chunks a block, 2 a warp
+    (1024, 512, 1, False, "w4a16_rt1_nt1_u2_f16", 4),
+    (1024, 256, 1, False, "w4a16_rt1_nt1_u2_f16", 2),         # 4 chunks: none qualifies; two a warp
+    (1000, 64, 16, False, "w4a16_rt1_nt2_u2_f16", 1)])
+def test_few_row_plan_takes_the_most_warps_that_run_at_once(monkeypatch, n, k, m, bf16, want, warps):
+    """Below 32 rows a SM: the one-tile launch with the most warps whose blocks all run at once
+    (benchmarks/split_sweep.py's best, or within 4% of it, on an H200)."""
+    fake_cluster_gpu(monkeypatch)
+    p = cuda_linear.plan(n, k, m, bf16, 0)
+    cuda_linear.plan.cache_clear()
+    splits = int(p.name.split("_s")[1].split("_")[0]) if "_s" in p.name else 1
+    assert (p.name, p.threads // 32) == (want, warps)
+    assert p.grid == (splits, -(-n // 16)) and p.shared == (warps + (splits > 1)) * {1: 1, 16: 2, 32: 4}[m] * 512
+
+
+@pytest.mark.parametrize("cc,known", [((8, 0), True), ((9, 0), False)])
+def test_few_row_plan_without_clusters_or_occupancy_is_unsplit_8_warps(monkeypatch, cc, known):
+    fake_cluster_gpu(monkeypatch, cc, known)
+    p = cuda_linear.plan(1024, 28672, 1, False, 0)
+    cuda_linear.plan.cache_clear()
+    assert (p.name, p.threads // 32, p.grid) == ("w4a16_rt1_nt1_u2_f16", 8, (1, 64))
+
+
+def test_split_plans_name_a_built_kernel():
     with pytest.raises(ValueError, match=r"splits K over 3 .*S in \(2, 4, 8\)"):
         cuda_linear.make_plan(1024, 1, cuda_linear.SPLIT_VARIANTS[1], 4, False, 0, 3)
     with pytest.raises(ValueError, match="no kernel splits"):
         cuda_linear.make_plan(1024, 1, (2, 1, 2, 16), 4, False, 0, 2)
-    cuda_linear.plan.cache_clear()

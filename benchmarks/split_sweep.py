@@ -1,0 +1,108 @@
+"""The few-row weights (N below 32 rows a SM): every cluster split of the one-tile w4a16 kernel
+against the plan's pick and cuBLAS fp16 F.linear, as CUDA-graph replays timed in turns in this
+run. The evidence behind ``cuda_linear._few_row_launch``.
+
+    PYTHONPATH=$PWD python3 benchmarks/split_sweep.py [--quick] [--jsonl FILE]
+
+Per (dtype, M, N, K): S in (1, 2, 4, 8) blocks a cluster x 4 or 8 warps a block (each warp at
+least one chunk of 64), the plan's kernel, cuBLAS. Enough weight copies rotate that they span
+more than twice the L2 (few-row weights are small), so no call finds its weight in L2. Prints a
+table (times in us, the plan's loss against the best) and a summary line.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import fp4cupy  # noqa: E402
+from fp4cupy import cuda_linear  # noqa: E402
+from timing import capture, card, time_ms  # noqa: E402
+from w4a16_variants import plan_fn  # noqa: E402
+
+ROWS = (512, 1024, 1280, 1536, 2048, 2560, 3072, 4096)
+KS = (4096, 8192, 14336, 28672)
+MS = (1, 16, 32)
+SPAN = 2 * 50 * 2**20  # bytes of weights the rotation spans: twice an H100/H200 L2
+
+
+def configs(k: int, nt: int):
+    """(splits, warps) of the one-tile kernel for nt token tiles, each warp one chunk or more."""
+    return [(s, w) for s in (1, *cuda_linear.SPLITS) for w in (4, 8) if (k // 64) // s >= w
+            and (s == 1 or cuda_linear.SPLIT_VARIANTS.get(nt))]
+
+
+def sweep_one(n: int, k: int, m: int, dtype, rounds: int = 7) -> dict:
+    bf16 = dtype == torch.bfloat16
+    nt = 1 if m <= 8 else 2 if m <= 16 else 4 if m <= 32 else 8
+    one = {1: (1, 1, 2, 16), 2: (1, 2, 2, 16), 4: (1, 4, 1, 16)}[nt]
+    copies = max(3, math.ceil(SPAN / (n * k * 9 // 16)))
+    calls = max(30, copies)
+    dense = [torch.randn(n, k, device="cuda", dtype=dtype) * 0.02 for _ in range(copies)]
+    pws = [fp4cupy.prepare(fp4cupy.quantize(w)) for w in dense]
+    x = torch.randn(m, k, device="cuda", dtype=dtype)
+    y = torch.empty(m, n, device="cuda", dtype=dtype)
+    ref = F.linear(x.double(), fp4cupy.dequantize(pws[0].weight, dtype=torch.float32).double())
+    plans = {"plan": cuda_linear.plan(n, k, m, bf16, 0)}
+    for s, w in configs(k, nt):
+        plans[f"s{s} {w}w"] = cuda_linear.make_plan(n, m, one, w, bf16, 0, s)
+    graphs = {"cuBLAS": capture(lambda i: F.linear(x, dense[i % copies]), calls)}
+    for name, p in plans.items():
+        fn = plan_fn(pws, x, y, p)
+        y.fill_(float("nan"))
+        fn(0)
+        torch.cuda.synchronize()
+        err = float((y.double() - ref).norm() / ref.norm())
+        if not err < 8e-3:
+            raise AssertionError(f"{p.name} at {n}x{k} M={m}: relative error {err}")
+        graphs[name] = capture(fn, calls)
+    samples = {name: [] for name in graphs}
+    for _ in range(rounds):  # in turns, so every candidate sees the same clocks
+        for name, g in graphs.items():
+            samples[name].append(statistics.median(time_ms(g.replay, 3)) / calls * 1e3)
+    us = {name: statistics.median(v) for name, v in samples.items()}
+    p = plans["plan"]
+    return dict(dtype="bf16" if bf16 else "f16", n=n, k=k, m=m, us=us, plan=p.name, plan_warps=p.threads // 32,
+                plan_splits=p.grid[0] // -(-m // (8 * nt)))
+
+
+def main():
+    quick = "--quick" in sys.argv
+    out = sys.argv[sys.argv.index("--jsonl") + 1] if "--jsonl" in sys.argv else None
+    dtypes = (torch.float16,) if quick else (torch.float16, torch.bfloat16)
+    rows_ = (1024, 2048, 3072) if quick else ROWS
+    print(f"## benchmarks/split_sweep.py on {card()}: us a call (CUDA-graph replays)\n")
+    print("| dtype | N x K | M | cuBLAS | plan's pick | best split | loss | all |")
+    print("|---|---|---|---|---|---|---|---|")
+    losses = []
+    for dtype in dtypes:
+        for m in MS:
+            for n in rows_:
+                for k in KS:
+                    if cuda_linear.uses_warpgroup_kernel(m, n, k, 0):
+                        continue
+                    r = sweep_one(n, k, m, dtype)
+                    us = r["us"]
+                    best = min((v, name) for name, v in us.items() if name not in ("cuBLAS", "plan"))
+                    loss = us["plan"] / best[0]
+                    losses.append(loss)
+                    rest = ", ".join(f"{name} {v:.1f}" for name, v in us.items() if name not in ("cuBLAS", "plan"))
+                    print(f"| {r['dtype']} | {n}x{k} | {m} | {us['cuBLAS']:.1f} | {r['plan'][6:]} {r['plan_warps']}w "
+                          f"{us['plan']:.1f} ({us['cuBLAS'] / us['plan']:.2f}x) | {best[1]} {best[0]:.1f} | "
+                          f"{loss:.2f} | {rest} |", flush=True)
+                    if out:
+                        with open(out, "a") as f:
+                            f.write(json.dumps(r) + "\n")
+                    torch.cuda.empty_cache()
+    gm = math.exp(statistics.fmean(math.log(v) for v in losses))
+    print(f"\nplan's time over the best split's: geomean {gm:.3f}, worst {max(losses):.2f} ({len(losses)} rows)")
+
+
+if __name__ == "__main__":
+    main()
