@@ -1,12 +1,16 @@
-"""The few-row weights (N below 32 rows a SM): every cluster split of the one-tile w4a16 kernel
-against the plan's pick and cuBLAS fp16 F.linear, as CUDA-graph replays timed in turns in this
-run. The evidence behind ``cuda_linear._few_row_launch``.
+"""Weights below 64 rows a SM: every launch of the one-tile w4a16 kernel (K split over clusters or
+not) and of the two-tile one, against the plan's pick and cuBLAS fp16 F.linear, as CUDA-graph
+replays timed in turns in this run. The evidence behind ``cuda_linear._one_wave_launch``.
 
-    PYTHONPATH=$PWD python3 benchmarks/split_sweep.py [--quick] [--jsonl FILE]
+    PYTHONPATH=$PWD python3 benchmarks/split_sweep.py [--quick] [--jsonl FILE] [--rows 4608,6144] [--ks 4096]
+
+Default rows: 512-4096 (the few-row weights); the rule's other half ran as
+``--rows 4224,4608,5120,6144,7168,8192``.
 
 Per (dtype, M, N, K): S in (1, 2, 4, 8) blocks a cluster x 4 or 8 warps a block (each warp at
-least one chunk of 64), the plan's kernel, cuBLAS. Enough weight copies rotate that they span
-more than twice the L2 (few-row weights are small), so no call finds its weight in L2. Prints a
+least one chunk of 64), the two-tile kernel the plan takes for M as 4, 8 and 16 warps
+("rt2 8w"), the plan's kernel, cuBLAS. Enough weight copies rotate that they span
+more than twice the L2 (small weights included), so no call finds its weight in L2. Prints a
 table (times in us, the plan's loss against the best) and a summary line.
 """
 from __future__ import annotations
@@ -52,6 +56,10 @@ def sweep_one(n: int, k: int, m: int, dtype, rounds: int = 7) -> dict:
     plans = {"plan": cuda_linear.plan(n, k, m, bf16, 0)}
     for s, w in configs(k, nt):
         plans[f"s{s} {w}w"] = cuda_linear.make_plan(n, m, one, w, bf16, 0, s)
+    two = {1: (2, 1, 2, 16), 2: (2, 2, 1, 16), 4: (2, 4, 1, 16)}[nt]
+    for w in (4, 8, 16):
+        if (k // 64) // 2 >= w and w * 2 * nt * 512 <= cuda_linear.SHARED_LIMIT:
+            plans[f"rt2 {w}w"] = cuda_linear.make_plan(n, m, two, w, bf16, 0)
     graphs = {"cuBLAS": capture(lambda i: F.linear(x, dense[i % copies]), calls)}
     for name, p in plans.items():
         fn = plan_fn(pws, x, y, p)
@@ -77,14 +85,17 @@ def main():
     out = sys.argv[sys.argv.index("--jsonl") + 1] if "--jsonl" in sys.argv else None
     dtypes = (torch.float16,) if quick else (torch.float16, torch.bfloat16)
     rows_ = (1024, 2048, 3072) if quick else ROWS
+    if "--rows" in sys.argv:
+        rows_ = tuple(map(int, sys.argv[sys.argv.index("--rows") + 1].split(",")))
+    ks = tuple(map(int, sys.argv[sys.argv.index("--ks") + 1].split(","))) if "--ks" in sys.argv else KS
     print(f"## benchmarks/split_sweep.py on {card()}: us a call (CUDA-graph replays)\n")
-    print("| dtype | N x K | M | cuBLAS | plan's pick | best split | loss | all |")
+    print("| dtype | N x K | M | cuBLAS | plan's pick | best launch | loss | all |")
     print("|---|---|---|---|---|---|---|---|")
     losses = []
     for dtype in dtypes:
         for m in MS:
             for n in rows_:
-                for k in KS:
+                for k in ks:
                     if cuda_linear.uses_warpgroup_kernel(m, n, k, 0):
                         continue
                     r = sweep_one(n, k, m, dtype)
@@ -101,7 +112,7 @@ def main():
                             f.write(json.dumps(r) + "\n")
                     torch.cuda.empty_cache()
     gm = math.exp(statistics.fmean(math.log(v) for v in losses))
-    print(f"\nplan's time over the best split's: geomean {gm:.3f}, worst {max(losses):.2f} ({len(losses)} rows)")
+    print(f"\nplan's time over the best launch's: geomean {gm:.3f}, worst {max(losses):.2f} ({len(losses)} rows)")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 CUDA-graph replays (no host time) against cuBLAS fp16 F.linear captured the same way. The
 evidence behind ``cuda_linear.plan``.
 
-    PYTHONPATH=$PWD python3 benchmarks/w4a16_variants.py
+    PYTHONPATH=$PWD python3 benchmarks/w4a16_variants.py [--bf16] [--shapes 6144x4096,12288x4096]
 """
 from __future__ import annotations
 
@@ -40,11 +40,11 @@ def plan_fn(pws, x, y, p):
     return fn
 
 
-def main(dtype=torch.float16):
+def main(dtype=torch.float16, shapes=SHAPES):
     print(f"\n## benchmarks/w4a16_variants.py on {card()}: kernel only (CUDA-graph replays), x {str(dtype)[6:]}\n")
     print("| N x K | M | cuBLAS us | best variant | us | speed-up | weight TB/s | plan() picks | its speed-up |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for n, k in SHAPES:
+    for n, k in shapes:
         dense = [torch.randn(n, k, device="cuda", dtype=dtype) * 0.02 for _ in range(3)]
         pws = [fp4cupy.prepare(fp4cupy.quantize(w)) for w in dense]
         wbytes = n * k * 9 / 16
@@ -65,13 +65,15 @@ def main(dtype=torch.float16):
             picked = graph_ms(plan_fn(pws, x, y, p))
             print(f"| {n}x{k} | {m} | {peer * 1e3:.1f} | {best_name} {warps} warps | {best * 1e3:.1f} | "
                   f"{peer / best:.2f}x | {wbytes / best / 1e9:.2f} | {p.name[6:]} {p.threads // 32} warps | {peer / picked:.2f}x |")
-            others = ", ".join(f"{name}/{w}w {t * 1e3:.0f}" for (name, w), t in sorted(results.items()))
+            others = ", ".join(f"{name}/{w}w {t * 1e3:.1f}" for (name, w), t in sorted(results.items()))
             print(f"|  |  |  | all (us): {others} |  |  |  |  |  |")
         del dense, pws
         torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":
-    main(torch.float16)
+    given = sys.argv[sys.argv.index("--shapes") + 1] if "--shapes" in sys.argv else None
+    shapes = tuple(tuple(map(int, s.split("x"))) for s in given.split(",")) if given else SHAPES
+    main(torch.float16, shapes)
     if "--bf16" in sys.argv:
-        main(torch.bfloat16)
+        main(torch.bfloat16, shapes)

@@ -141,9 +141,11 @@ def plan(n: int, k: int, m: int, bf16: bool, device: int) -> Plan:
     rows of 17408-57344 rows at M=1 and 8, all as predicted: up to 11% faster where taken,
     28672x8192 36.5 against 37.2 us; 13-16% slower where not, 32768 rows), bf16 at 9-16 tokens
     (38 rows, as predicted: 3-10%, 28672x8192 48.5 against 50.2). The other dtype measured equal.
-    Where two-tile blocks are fewer than SMs (N below 32 rows a SM), ``_few_row_launch`` picks the
-    one-tile kernel's warps and, on sm_90+, how many blocks of a cluster split K (H200, against the
-    former split rule: up to 1.5x faster, M=1 512x28672 10.8 -> 7.5 us, M=16 2560x4096 9.5 -> 6.4).
+    Where two-tile blocks are fewer than 2 x SMs (N below 64 rows a SM; 32 at 17-32 tokens),
+    ``_one_wave_launch`` picks the kernel, its warps and, on sm_90+, how many blocks of a cluster
+    split K (H200, against the former rules: up to 1.55x faster, M=1 512x28672 10.8 -> 7.2 us,
+    M=16 2560x4096 9.5 -> 6.4, M=1 6144x4096 7.3 -> 6.1, 5120x28672 33.1 -> 26.4; M=16 6144x4096
+    bf16 9.5 -> 8.3).
     """
     nt = 1 if m <= 8 else 2 if m <= 16 else 4 if m <= 32 else 8
     sms = _sm_count(device)
@@ -152,13 +154,15 @@ def plan(n: int, k: int, m: int, bf16: bool, device: int) -> Plan:
     two, one = {1: ((2, 1, 2, 16), (1, 1, 2, 16)), 2: ((2, 2, 1, 16), (1, 2, 2, 16)),
                 4: ((2, 4, 1, 16), (1, 4, 1, 16)), 8: ((1, 8, 1, 16), (1, 8, 1, 16))}[nt]
     blocks = -(-tiles // two[0]) * mtiles
-    if blocks < sms:
+    measured = (2 if nt <= 2 else 1) * sms  # split_sweep.py's range: 17-32 tokens only below 32 rows a SM
+    launch = (_one_wave_launch(tiles, mtiles, k, two, one, bf16, device)
+              if blocks < measured and SPLIT_VARIANTS.get(nt) == one else None)
+    if launch is not None:
+        variant, splits, warps = launch
+        if splits > 1:
+            return make_plan(n, m, variant, warps, bf16, device, splits)
+    elif blocks < sms:
         variant, warps = one, 8
-        launch = _few_row_launch(tiles * mtiles, k, one, bf16, device) if SPLIT_VARIANTS.get(nt) == one else None
-        if launch is not None:
-            splits, warps = launch
-            if splits > 1:
-                return make_plan(n, m, one, warps, bf16, device, splits)
     elif nt <= 2 and 0.9 <= tiles / (NARROW_BLOCKS_PER_SM * sms) <= 1:
         variant, warps = NARROW[nt], 4  # one wave, at least 90% full
     elif (nt == 1 and blocks > _blocks_per_sm(two, 8, bf16, device) * sms
@@ -174,31 +178,38 @@ def plan(n: int, k: int, m: int, bf16: bool, device: int) -> Plan:
     return make_plan(n, m, variant, warps, bf16, device)
 
 
-SPLIT_BLOCKS_PER_SM = 3  # ties between equal warps take the most splits up to this many blocks a SM
+SPLIT_BLOCKS_PER_SM = 3  # ties take the most blocks up to this many a SM, else the fewest
 
 
-def _few_row_launch(blocks: int, k: int, variant, bf16: bool, device: int):
-    """(S, warps) for a one-tile grid of ``blocks`` blocks, K split over the S blocks of a cluster
-    (S in 1 and SPLITS; 1 only before sm_90) of 4 or 8 warps, from benchmarks/split_sweep.py on an
-    H200 (fp16 and bf16, M = 1, 16 and 32, 512-4096 rows, K 4096-28672: 1% off the best of the
-    eight launches in geomean, at most 11%; the former rule, a split count from 2 * SMs / blocks,
-    was 8% off and up to 57%). Of the launches that give every block 8 chunks of 64 or more and
-    every warp two, keep those whose blocks all run at once: a second wave cost 1.3-1.6x (2560x4096
-    bf16 M=1: S=2 x 8 warps 8.0 us, S=2 x 4 warps 5.6), and clusters fit fewer blocks than blocks a
-    SM say (77 clusters of 8 blocks of 4 warps, not 99). Then take the most warps in all; of equals,
-    the most splits that keep within SPLIT_BLOCKS_PER_SM blocks a SM, else the fewest. None where
-    the driver cannot say what runs at once."""
-    chunks = k // 64
+def _one_wave_launch(tiles: int, mtiles: int, k: int, two, one, bf16: bool, device: int):
+    """(variant, S, warps) for a grid of fewer ``two``-tile blocks than 2 x SMs (``tiles`` row
+    tiles of 16, ``mtiles`` token tiles); None where the driver cannot say what runs at once.
+
+    The launches: the ``one``-tile kernel as 4 or 8 warps, K split over the S blocks of a cluster
+    (S in 1 and SPLITS; 1 only before sm_90), and the two-tile kernel as 4, 8 or 16 warps; each
+    block 8 chunks of 64 or more, each warp two, and at most SHARED_LIMIT of partial sums. Of those
+    whose blocks all run at once (a second wave cost 1.3-1.6x; clusters hold fewer blocks than
+    blocks a SM say: 77 clusters of 8 blocks of 4 warps, not 99), take the least work on the
+    busiest SM (its blocks x row tiles a block / S: at 4608-6144 rows three one-tile blocks a SM
+    beat two two-tile ones by 8-27%), then the most warps in all, then the most blocks up to
+    SPLIT_BLOCKS_PER_SM a SM, else the fewest.
+
+    From benchmarks/split_sweep.py on an H200 (fp16 and bf16, K 4096-28672, M = 1 and 16 at
+    512-8192 rows, M = 32 below 4224): 1.4% off the best launch in geomean below 4224 rows, at most
+    12%; 0.7% at 4224-8192, at most 11%. The former rules: 8.6% and 9.6%, at most 58% and 27%."""
+    chunks, sms = k // 64, _sm_count(device)
     cc = runtime.compute_capability(device)
-    splits = (1, *SPLITS) if cc is not None and cc >= (9, 0) else (1,)
-    fit = [(s, w) for s in splits for w in (4, 8)
-           if chunks // s >= max(2 * w, 8) and blocks * s <= _resident_blocks(variant, w, s, bf16, device)]
-    if not fit:
-        return None
-    most = max(s * w for s, w in fit)
-    tied = [(s, w) for s, w in fit if s * w == most]
-    few = [(s, w) for s, w in tied if blocks * s <= SPLIT_BLOCKS_PER_SM * _sm_count(device)]
-    return max(few) if few else min(tied)
+    options = [(one, s, w) for s in ((1, *SPLITS) if cc is not None and cc >= (9, 0) else (1,)) for w in (4, 8)]
+    ranked = []
+    for variant, s, w in options + [(two, 1, w) for w in (4, 8, 16)]:
+        blocks = -(-tiles // variant[0]) * mtiles * s
+        shared = (w + (s > 1)) * variant[0] * variant[1] * 512
+        if (chunks // s >= max(2 * w, 8) and shared <= SHARED_LIMIT
+                and blocks <= _resident_blocks(variant, w, s, bf16, device)):
+            busiest = -(-blocks // sms) * variant[0] * SPLITS[-1] // s  # in 1/8ths of a tile's K
+            ties = -blocks if blocks <= SPLIT_BLOCKS_PER_SM * sms else blocks + 2 ** 30
+            ranked.append(((busiest, -blocks * w, ties), (variant, s, w)))
+    return min(ranked)[1] if ranked else None
 
 
 @functools.lru_cache(maxsize=None)
