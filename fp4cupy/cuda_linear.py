@@ -141,7 +141,7 @@ def plan(n: int, k: int, m: int, bf16: bool, device: int) -> Plan:
     rows of 17408-57344 rows at M=1 and 8, all as predicted: up to 11% faster where taken,
     28672x8192 36.5 against 37.2 us; 13-16% slower where not, 32768 rows), bf16 at 9-16 tokens
     (38 rows, as predicted: 3-10%, 28672x8192 48.5 against 50.2). The other dtype measured equal.
-    Where two-tile blocks are fewer than 2 x SMs (N below 64 rows a SM; 32 at 17-32 tokens),
+    Where two-tile blocks are at most 2 x SMs (N up to 64 rows a SM; below 32 at 17-32 tokens),
     ``_one_wave_launch`` picks the kernel, its warps and, on sm_90+, how many blocks of a cluster
     split K (H200, against the former rules: up to 1.55x faster, M=1 512x28672 10.8 -> 7.2 us,
     M=16 2560x4096 9.5 -> 6.4, M=1 6144x4096 7.3 -> 6.1, 5120x28672 33.1 -> 26.4; M=16 6144x4096
@@ -154,9 +154,10 @@ def plan(n: int, k: int, m: int, bf16: bool, device: int) -> Plan:
     two, one = {1: ((2, 1, 2, 16), (1, 1, 2, 16)), 2: ((2, 2, 1, 16), (1, 2, 2, 16)),
                 4: ((2, 4, 1, 16), (1, 4, 1, 16)), 8: ((1, 8, 1, 16), (1, 8, 1, 16))}[nt]
     blocks = -(-tiles // two[0]) * mtiles
-    measured = (2 if nt <= 2 else 1) * sms  # split_sweep.py's range: 17-32 tokens only below 32 rows a SM
-    launch = (_one_wave_launch(tiles, mtiles, k, two, one, bf16, device)
-              if blocks < measured and SPLIT_VARIANTS.get(nt) == one else None)
+    measured = blocks <= 2 * sms if nt <= 2 else blocks < sms  # split_sweep.py's range (17-32 tokens: few rows)
+    launch = None
+    if measured and SPLIT_VARIANTS.get(nt) == one:
+        launch = _one_wave_launch(tiles, mtiles, k, two, one, bf16, device)
     if launch is not None:
         variant, splits, warps = launch
         if splits > 1:
@@ -182,7 +183,7 @@ SPLIT_BLOCKS_PER_SM = 3  # ties take the most blocks up to this many a SM, else 
 
 
 def _one_wave_launch(tiles: int, mtiles: int, k: int, two, one, bf16: bool, device: int):
-    """(variant, S, warps) for a grid of fewer ``two``-tile blocks than 2 x SMs (``tiles`` row
+    """(variant, S, warps) for a grid of at most 2 x SMs ``two``-tile blocks (``tiles`` row
     tiles of 16, ``mtiles`` token tiles); None where the driver cannot say what runs at once.
 
     The launches: the ``one``-tile kernel as 4 or 8 warps, K split over the S blocks of a cluster
@@ -195,8 +196,9 @@ def _one_wave_launch(tiles: int, mtiles: int, k: int, two, one, bf16: bool, devi
     SPLIT_BLOCKS_PER_SM a SM, else the fewest.
 
     From benchmarks/split_sweep.py on an H200 (fp16 and bf16, K 4096-28672, M = 1 and 16 at
-    512-8192 rows, M = 32 below 4224): 1.4% off the best launch in geomean below 4224 rows, at most
-    12%; 0.7% at 4224-8192, at most 11%. The former rules: 8.6% and 9.6%, at most 58% and 27%."""
+    512-8448 rows, M = 32 below 4224): 1.4% off the best launch in geomean below 4224 rows, at most
+    12%; 0.7% at 4224-8192, at most 11%. The former rules: 8.6% and 9.6%, at most 58% and 27%; at
+    8448 rows (2 x SMs two-tile blocks) they ran 8 warps a block at 9-16 tokens, 16 ran 7-17% faster."""
     chunks, sms = k // 64, _sm_count(device)
     cc = runtime.compute_capability(device)
     options = [(one, s, w) for s in ((1, *SPLITS) if cc is not None and cc >= (9, 0) else (1,)) for w in (4, 8)]

@@ -308,7 +308,9 @@ def fake_cluster_gpu(monkeypatch, cc=(9, 0), known=True):
     (4224, 8192, 16, False, "w4a16_rt1_nt2_u2_f16", 8),       # as many warps as 16 of two tiles
     (7168, 8192, 1, False, "w4a16_rt2_nt1_u2_f16", 8),        # as much work a SM: the fewer blocks
     (7168, 8192, 16, False, "w4a16_rt2_nt2_u1_f16", 16),
-    (8192, 28672, 1, False, "w4a16_rt2_nt1_u2_f16", 8)])
+    (8192, 28672, 1, False, "w4a16_rt2_nt1_u2_f16", 8),
+    (8448, 8192, 16, False, "w4a16_rt2_nt2_u1_f16", 16),      # 264 blocks of 16 warps: one wave
+    (8448, 8192, 1, True, "w4a16_rt2_nt1_u2_bf16", 8)])
 def test_one_wave_plan_takes_the_least_work_a_sm_then_the_most_warps(monkeypatch, n, k, m, bf16, want, warps):
     """Below 64 rows a SM: of the launches whose blocks all run at once, the least work on the
     busiest SM, then the most warps (benchmarks/split_sweep.py's best, or within 4% of it, on an H200)."""
