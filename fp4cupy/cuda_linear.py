@@ -184,7 +184,8 @@ SPLIT_BLOCKS_PER_SM = 3  # ties take the most blocks up to this many a SM, else 
 
 def _one_wave_launch(tiles: int, mtiles: int, k: int, two, one, bf16: bool, device: int):
     """(variant, S, warps) for a grid of at most 2 x SMs ``two``-tile blocks (``tiles`` row
-    tiles of 16, ``mtiles`` token tiles); None where the driver cannot say what runs at once.
+    tiles of 16, ``mtiles`` token tiles); None where no launch qualifies (K under 8 chunks, or the
+    driver cannot say what runs at once).
 
     The launches: the ``one``-tile kernel as 4 or 8 warps, K split over the S blocks of a cluster
     (S in 1 and SPLITS; 1 only before sm_90), and the two-tile kernel as 4, 8 or 16 warps; each
