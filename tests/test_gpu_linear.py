@@ -109,8 +109,8 @@ def test_k_split_over_a_cluster(nt, dtype):
     (1, 4096, 8192, "w4a16_rt1_nt1_u2_f16", 8), (1, 6144, 4096, "w4a16_rt1_nt1_u2_f16", 8),
     (16, 4608, 14336, "w4a16_rt1_nt2_u2_f16", 4), (1, 8192, 8192, "w4a16_rt2_nt1_u2_f16", 8)])
 def test_linear_splits_k_over_clusters_for_few_rows(m, n, k, want, warps):
-    """Through fp4cupy.linear where the plan splits K (on an H100 or H200: 132 SMs, whose driver
-    occupancy the plan reads), against float64."""
+    """Through fp4cupy.linear where the one-wave plan picks the launch, K split over clusters or
+    not (on an H100 or H200: 132 SMs, whose driver occupancy the plan reads), against float64."""
     if torch.cuda.get_device_capability() < (9, 0) or cuda_linear._sm_count(0) != 132:
         pytest.skip("the plan's split counts here are those of a 132-SM sm_90 GPU")
     p = cuda_linear.plan(n, k, m, False, 0)
@@ -294,7 +294,6 @@ def test_blocks_per_sm_follows_the_kernels_registers(bf16):
         assert cuda_linear._blocks_per_sm(variant, warps, bf16, 0) == want, (variant, used)
 
 
-
 @pytest.mark.parametrize("bf16", [False, True])
 def test_resident_clusters_hold_no_more_blocks_than_the_sms(bf16):
     """The driver's resident clusters that the few-row plan reads (cuOccupancyMaxActiveClusters):
@@ -307,6 +306,7 @@ def test_resident_clusters_hold_no_more_blocks_than_the_sms(bf16):
             for s in cuda_linear.SPLITS:
                 held = cuda_linear._resident_blocks(variant, warps, s, bf16, 0)
                 assert 0 < held <= whole and held % s == 0, (variant, warps, s, held, whole)
+
 
 def test_linear_inside_cuda_graph():
     g = gen(11)
