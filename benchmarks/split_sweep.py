@@ -44,8 +44,8 @@ def configs(k: int, nt: int):
 
 def sweep_one(n: int, k: int, m: int, dtype, rounds: int = 7) -> dict:
     bf16 = dtype == torch.bfloat16
-    nt = 1 if m <= 8 else 2 if m <= 16 else 4 if m <= 32 else 8
-    one = {1: (1, 1, 2, 16), 2: (1, 2, 2, 16), 4: (1, 4, 1, 16)}[nt]
+    nt = cuda_linear.token_tiles(m)
+    two, one = cuda_linear.TWO_AND_ONE[nt]
     copies = max(3, math.ceil(SPAN / (n * k * 9 // 16)))
     calls = max(30, copies)
     dense = [torch.randn(n, k, device="cuda", dtype=dtype) * 0.02 for _ in range(copies)]
@@ -56,7 +56,6 @@ def sweep_one(n: int, k: int, m: int, dtype, rounds: int = 7) -> dict:
     plans = {"plan": cuda_linear.plan(n, k, m, bf16, 0)}
     for s, w in configs(k, nt):
         plans[f"s{s} {w}w"] = cuda_linear.make_plan(n, m, one, w, bf16, 0, s)
-    two = {1: (2, 1, 2, 16), 2: (2, 2, 1, 16), 4: (2, 4, 1, 16)}[nt]
     for w in (4, 8, 16):
         if (k // 64) // 2 >= w and w * 2 * nt * 512 <= cuda_linear.SHARED_LIMIT:
             plans[f"rt2 {w}w"] = cuda_linear.make_plan(n, m, two, w, bf16, 0)

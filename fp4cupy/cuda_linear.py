@@ -85,6 +85,16 @@ VARIANTS = ((1, 1, 2, 16), (1, 1, 4, 16), (2, 1, 2, 16), (4, 1, 1, 16), (1, 2, 2
             (1, 4, 1, 16), (2, 4, 1, 16), (1, 8, 1, 16), *NARROW.values(), *NARROW_TWO.values())
 
 
+# NT -> (the two-tile kernel, the one-tile kernel) the plan weighs (at NT = 8 one kernel of one tile)
+TWO_AND_ONE = {1: ((2, 1, 2, 16), (1, 1, 2, 16)), 2: ((2, 2, 1, 16), (1, 2, 2, 16)),
+               4: ((2, 4, 1, 16), (1, 4, 1, 16)), 8: ((1, 8, 1, 16), (1, 8, 1, 16))}
+
+
+def token_tiles(m: int) -> int:
+    """NT, the token tiles of 8 a block of the mma.sync kernels for ``m`` tokens."""
+    return 1 if m <= 8 else 2 if m <= 16 else 4 if m <= 32 else 8
+
+
 # K split over clusters of S blocks (sm_90+): NT -> the one-tile kernel built for it, and the S built.
 SPLIT_VARIANTS = {1: (1, 1, 2, 16), 2: (1, 2, 2, 16), 4: (1, 4, 1, 16)}
 SPLITS = (2, 4, 8)
@@ -147,12 +157,11 @@ def plan(n: int, k: int, m: int, bf16: bool, device: int) -> Plan:
     M=16 2560x4096 9.5 -> 6.4, M=1 6144x4096 7.3 -> 6.1, 5120x28672 33.1 -> 26.4; M=16 6144x4096
     bf16 9.5 -> 8.3).
     """
-    nt = 1 if m <= 8 else 2 if m <= 16 else 4 if m <= 32 else 8
+    nt = token_tiles(m)
     sms = _sm_count(device)
     tiles = -(-n // TILE_ROWS)
     mtiles = -(-m // (8 * nt))
-    two, one = {1: ((2, 1, 2, 16), (1, 1, 2, 16)), 2: ((2, 2, 1, 16), (1, 2, 2, 16)),
-                4: ((2, 4, 1, 16), (1, 4, 1, 16)), 8: ((1, 8, 1, 16), (1, 8, 1, 16))}[nt]
+    two, one = TWO_AND_ONE[nt]
     blocks = -(-tiles // two[0]) * mtiles
     measured = blocks <= 2 * sms if nt <= 2 else blocks < sms  # split_sweep.py's range (17-32 tokens: few rows)
     launch = None
@@ -210,8 +219,8 @@ def _one_wave_launch(tiles: int, mtiles: int, k: int, two, one, bf16: bool, devi
         if (chunks // s >= max(2 * w, 8) and shared <= SHARED_LIMIT
                 and blocks <= _resident_blocks(variant, w, s, bf16, device)):
             busiest = -(-blocks // sms) * variant[0] * SPLITS[-1] // s  # in 1/8ths of a tile's K
-            ties = -blocks if blocks <= SPLIT_BLOCKS_PER_SM * sms else blocks + 2 ** 30
-            ranked.append(((busiest, -blocks * w, ties), (variant, s, w)))
+            crowded = blocks > SPLIT_BLOCKS_PER_SM * sms
+            ranked.append(((busiest, -blocks * w, crowded, blocks if crowded else -blocks), (variant, s, w)))
     return min(ranked)[1] if ranked else None
 
 
