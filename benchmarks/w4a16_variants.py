@@ -52,7 +52,7 @@ def main(dtype=torch.float16, shapes=SHAPES):
             x = torch.randn(m, k, device="cuda", dtype=dtype)
             y = torch.empty(m, n, device="cuda", dtype=dtype)
             peer = graph_ms(lambda i: F.linear(x, dense[i % 3]))
-            nt = 1 if m <= 8 else 2
+            nt = cuda_linear.token_tiles(m)
             results = {}
             bf16 = dtype == torch.bfloat16
             for v in (v for v in cuda_linear.VARIANTS if v[1] == nt):
