@@ -3,13 +3,16 @@ not) and of the two-tile one, against the plan's pick and cuBLAS fp16 F.linear, 
 replays timed in turns in this run. The evidence behind ``cuda_linear._one_wave_launch``.
 
     PYTHONPATH=$PWD python3 benchmarks/split_sweep.py [--quick] [--jsonl FILE] [--rows 4608,6144] [--ks 4096]
+        [--ms 1,16] [--dtypes f16,bf16] [--unsplit]
 
 Default rows: 512-4096 (the few-row weights); the rule's other half ran as
 ``--rows 4224,4608,5120,6144,7168,8192``.
 
 Per (dtype, M, N, K): S in (1, 2, 4, 8) blocks a cluster x 4 or 8 warps a block (each warp at
 least one chunk of 64), the two-tile kernel the plan takes for M as 4, 8 and 16 warps
-("rt2 8w"), the plan's kernel, cuBLAS. Enough weight copies rotate that they span
+("rt2 8w"), the kernels capped at 4 warps for M's token tiles ("w4 rt1", "w4 rt2": 72 registers,
+seven blocks a SM), the plan's kernel, cuBLAS. ``--unsplit`` leaves out S > 1 (above 2 x SMs
+two-tile blocks every split lost by 15% or more). Enough weight copies rotate that they span
 more than twice the L2 (small weights included), so no call finds its weight in L2. Prints a
 table (times in us, the plan's loss against the best) and a summary line.
 """
@@ -36,13 +39,13 @@ MS = (1, 16, 32)
 SPAN = 2 * 50 * 2**20  # bytes of weights the rotation spans: twice an H100/H200 L2
 
 
-def configs(k: int, nt: int):
+def configs(k: int, nt: int, splits=(1, *cuda_linear.SPLITS)):
     """(splits, warps) of the one-tile kernel for nt token tiles, each warp one chunk or more."""
-    return [(s, w) for s in (1, *cuda_linear.SPLITS) for w in (4, 8) if (k // 64) // s >= w
+    return [(s, w) for s in splits for w in (4, 8) if (k // 64) // s >= w
             and (s == 1 or cuda_linear.SPLIT_VARIANTS.get(nt))]
 
 
-def sweep_one(n: int, k: int, m: int, dtype, rounds: int = 7) -> dict:
+def sweep_one(n: int, k: int, m: int, dtype, rounds: int = 7, splits=(1, *cuda_linear.SPLITS)) -> dict:
     bf16 = dtype == torch.bfloat16
     nt = cuda_linear.token_tiles(m)
     two, one = cuda_linear.TWO_AND_ONE[nt]
@@ -54,11 +57,14 @@ def sweep_one(n: int, k: int, m: int, dtype, rounds: int = 7) -> dict:
     y = torch.empty(m, n, device="cuda", dtype=dtype)
     ref = F.linear(x.double(), fp4cupy.dequantize(pws[0].weight, dtype=torch.float32).double())
     plans = {"plan": cuda_linear.plan(n, k, m, bf16, 0)}
-    for s, w in configs(k, nt):
+    for s, w in configs(k, nt, splits):
         plans[f"s{s} {w}w"] = cuda_linear.make_plan(n, m, one, w, bf16, 0, s)
     for w in (4, 8, 16):
         if (k // 64) // 2 >= w and w * 2 * nt * 512 <= cuda_linear.SHARED_LIMIT:
             plans[f"rt2 {w}w"] = cuda_linear.make_plan(n, m, two, w, bf16, 0)
+    for v in cuda_linear.VARIANTS:
+        if v[1] == nt and v[3] == 4 and (k // 64) // 2 >= 4:
+            plans[f"w4 rt{v[0]}"] = cuda_linear.make_plan(n, m, v, 4, bf16, 0)
     graphs = {"cuBLAS": capture(lambda i: F.linear(x, dense[i % copies]), calls)}
     for name, p in plans.items():
         fn = plan_fn(pws, x, y, p)
@@ -83,21 +89,26 @@ def main():
     quick = "--quick" in sys.argv
     out = sys.argv[sys.argv.index("--jsonl") + 1] if "--jsonl" in sys.argv else None
     dtypes = (torch.float16,) if quick else (torch.float16, torch.bfloat16)
+    if "--dtypes" in sys.argv:
+        names = sys.argv[sys.argv.index("--dtypes") + 1].split(",")
+        dtypes = tuple({"f16": torch.float16, "bf16": torch.bfloat16}[d] for d in names)
     rows_ = (1024, 2048, 3072) if quick else ROWS
     if "--rows" in sys.argv:
         rows_ = tuple(map(int, sys.argv[sys.argv.index("--rows") + 1].split(",")))
     ks = tuple(map(int, sys.argv[sys.argv.index("--ks") + 1].split(","))) if "--ks" in sys.argv else KS
+    ms = tuple(map(int, sys.argv[sys.argv.index("--ms") + 1].split(","))) if "--ms" in sys.argv else MS
+    splits = (1,) if "--unsplit" in sys.argv else (1, *cuda_linear.SPLITS)
     print(f"## benchmarks/split_sweep.py on {card()}: us a call (CUDA-graph replays)\n")
     print("| dtype | N x K | M | cuBLAS | plan's pick | best launch | loss | all |")
     print("|---|---|---|---|---|---|---|---|")
     losses = []
     for dtype in dtypes:
-        for m in MS:
+        for m in ms:
             for n in rows_:
                 for k in ks:
                     if cuda_linear.uses_warpgroup_kernel(m, n, k, 0):
                         continue
-                    r = sweep_one(n, k, m, dtype)
+                    r = sweep_one(n, k, m, dtype, splits=splits)
                     us = r["us"]
                     best = min((v, name) for name, v in us.items() if name not in ("cuBLAS", "plan"))
                     loss = us["plan"] / best[0]

@@ -79,7 +79,7 @@ class Plan:
 # kernels in w4a16.cu. Those built for at most 4 warps run under a 72-register cap; the two-tile
 # 9-16 token kernel under a 64-register cap (no spills: four blocks of 8 warps a SM).
 NARROW = {1: (1, 1, 2, 4), 2: (1, 2, 1, 4)}  # NT -> the one-tile 4-warp kernel
-NARROW_TWO = {(1, False): (2, 1, 1, 4), (2, True): (2, 2, 1, 4)}  # (NT, bf16) -> the two-tile one
+NARROW_TWO = {(1, False): (2, 1, 1, 4)}  # (NT, bf16) -> the two-tile one
 NARROW_BLOCKS_PER_SM = 7  # 4 warps at 72 registers
 VARIANTS = ((1, 1, 2, 16), (1, 1, 4, 16), (2, 1, 2, 16), (4, 1, 1, 16), (1, 2, 2, 16), (2, 2, 1, 16), (4, 2, 1, 16),
             (1, 4, 1, 16), (2, 4, 1, 16), (1, 8, 1, 16), *NARROW.values(), *NARROW_TWO.values())
@@ -138,6 +138,11 @@ def plan(n: int, k: int, m: int, bf16: bool, device: int) -> Plan:
     - where one-tile blocks of 4 warps (72 registers, seven a SM) fill 90-100% of one wave, they run
       (H200: 14336x4096 12.0 against 13.1 us, 13824x5120 14.3 against 15.3; at 11008 or 16384 rows
       the wave is fuller with two-tile blocks, and bf16 lost there);
+    - else, where one-tile blocks leave the busiest SM a row tile less than two-tile ones
+      (ceil(T / SMs) odd, below LESS_WORK_MAX_TILES), the one-tile kernel as 4 warps, uncapped or
+      NARROW's, whichever runs the busiest SM's blocks in fewer rounds, then the fuller last round
+      (``_one_tile_rounds``; H200, M=1: bf16 18944x4096 15.3 against 16.7 us, fp16 22016x8192
+      28.9 against 30.5);
     - else, where the two-tile blocks of 8 warps take more than one wave but the uncapped one-tile
       kernel as 4 warps fits in one (``_blocks_per_sm``: six a SM in fp16, five in bf16), it runs
       (H200, M=1: 10240x4096 8.9 against 11.0 us, 12288x4096 10.4 against 11.4, 9216x14336 24.4
@@ -149,8 +154,9 @@ def plan(n: int, k: int, m: int, bf16: bool, device: int) -> Plan:
     Two-tile blocks of 4 warps at 72 registers (seven a SM, one chunk a step, ``NARROW_TWO``) run
     where their waves come out fuller than the plan's two-tile grid's: fp16 at M <= 8 (H200, 34
     rows of 17408-57344 rows at M=1 and 8, all as predicted: up to 11% faster where taken,
-    28672x8192 36.5 against 37.2 us; 13-16% slower where not, 32768 rows), bf16 at 9-16 tokens
-    (38 rows, as predicted: 3-10%, 28672x8192 48.5 against 50.2). The other dtype measured equal.
+    28672x8192 36.5 against 37.2 us; 13-16% slower where not, 32768 rows). bf16 measured equal.
+    (bf16 at 9-16 tokens took them too until the tile pairs let its 8-warp two-tile kernel run
+    unspilled: since then that kernel is 2-6% faster at 22016-57344 rows, three runs, H200.)
     Where two-tile blocks are at most 2 x SMs (N up to 64 rows a SM; below 32 at 17-32 tokens),
     ``_one_wave_launch`` picks the kernel, its warps and, on sm_90+, how many blocks of a cluster
     split K (H200, against the former rules: up to 1.55x faster, M=1 512x28672 10.8 -> 7.2 us,
@@ -175,6 +181,9 @@ def plan(n: int, k: int, m: int, bf16: bool, device: int) -> Plan:
         variant, warps = one, 8
     elif nt <= 2 and 0.9 <= tiles / (NARROW_BLOCKS_PER_SM * sms) <= 1:
         variant, warps = NARROW[nt], 4  # one wave, at least 90% full
+    elif (nt == 1 and -(-tiles // sms) < min(2 * -(-blocks // sms), LESS_WORK_MAX_TILES)
+          and (fewer := _one_tile_rounds(tiles, one, bf16, device))):
+        variant, warps = fewer, 4  # one-tile blocks leave the busiest SM a tile less
     elif (nt == 1 and blocks > _blocks_per_sm(two, 8, bf16, device) * sms
           and tiles <= _blocks_per_sm(one, 4, bf16, device) * sms):
         variant, warps = one, 4  # one wave instead of more than one
@@ -186,6 +195,28 @@ def plan(n: int, k: int, m: int, bf16: bool, device: int) -> Plan:
             variant, warps = narrow, 4  # its waves are fuller than the two-tile grid's
     warps = max(1, min(warps, (k // 64) // 2 or 1, SHARED_LIMIT // (variant[0] * nt * 512)))
     return make_plan(n, m, variant, warps, bf16, device)
+
+
+# One-tile blocks where they leave the busiest SM fewer row tiles than two-tile blocks (ceil(T / SMs)
+# odd) and fewer than this many: a tile saved of q + 1 outweighs the two-tile kernel's 2-5% better
+# rate up to q = 23 (H200: q = 27 lost 2-5%).
+LESS_WORK_MAX_TILES = 24
+
+
+def _one_tile_rounds(tiles: int, one, bf16: bool, device: int):
+    """Of the one-tile kernel as 4 warps (``one``, uncapped) and the capped NARROW[1] kernel, the
+    one whose blocks on the busiest SM (ceil(tiles / SMs) of them) run in the fewest rounds, then
+    the fuller last round; None if the driver cannot say how many run at once."""
+    q = -(-tiles // _sm_count(device))
+    ranked = []
+    for variant in (one, NARROW[1]):
+        per_sm = _blocks_per_sm(variant, 4, bf16, device)
+        if not per_sm:
+            return None
+        rounds = -(-q // per_sm)
+        last = q - (rounds - 1) * per_sm
+        ranked.append(((rounds, -last / per_sm), variant))
+    return min(ranked)[1]
 
 
 SPLIT_BLOCKS_PER_SM = 3  # ties take the most blocks up to this many a SM, else the fewest

@@ -243,7 +243,6 @@ W4A16(1, 8, 1)
 W4A16_W4(1, 1, 2)
 W4A16_W4(1, 2, 1)
 W4A16_W4(2, 1, 1)
-W4A16_W4(2, 2, 1)
 // split K over clusters of S blocks: keep in step with cuda_linear.SPLIT_VARIANTS and SPLITS
 W4A16_SPLIT(1, 1, 2, 2)
 W4A16_SPLIT(1, 1, 2, 4)

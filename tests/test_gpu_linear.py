@@ -60,7 +60,7 @@ def test_odd_m_ragged_n_batch_dims_and_bias(m, dtype):
 
 @pytest.mark.parametrize("m,dtype,rows_a_block,want", [
     (1, torch.float16, 32, "w4a16_rt2_nt1_u1_w4_f16"), (7, torch.float16, 32, "w4a16_rt2_nt1_u1_w4_f16"),
-    (11, torch.bfloat16, 32, "w4a16_rt2_nt2_u1_w4_bf16"), (16, torch.float16, 16, "w4a16_rt1_nt2_u1_w4_f16"),
+    (16, torch.float16, 16, "w4a16_rt1_nt2_u1_w4_f16"),
     (13, torch.bfloat16, 16, "w4a16_rt1_nt2_u1_w4_bf16")])
 def test_linear_where_the_plan_takes_the_capped_4_warp_kernels(m, dtype, rows_a_block, want):
     """N sized so that the blocks fill ~99% of one wave at seven a SM (the 4-warp kernels under the
@@ -68,6 +68,22 @@ def test_linear_where_the_plan_takes_the_capped_4_warp_kernels(m, dtype, rows_a_
     sms = cuda_linear._sm_count(0)
     n, k = (7 * sms - 1) * rows_a_block - 8, 256
     assert cuda_linear.plan(n, k, m, dtype == torch.bfloat16, 0).name == want
+    g = gen(n + m)
+    pw = fp4cupy.prepare(fp4cupy.quantize(torch.randn(n, k, device="cuda", generator=g)))
+    x = torch.randn(m, k, device="cuda", generator=g).to(dtype)
+    assert rel(fp4cupy.linear(x, pw), reference(x, pw.weight)) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("m,dtype,tiles_a_sm", [(1, torch.bfloat16, 9), (5, torch.float16, 11), (3, torch.bfloat16, 11)])
+def test_linear_where_one_tile_blocks_leave_the_busiest_sm_less_work(m, dtype, tiles_a_sm):
+    """N of an odd number of row tiles a SM, less 8 rows (ragged): one-tile blocks leave the busiest
+    SM a tile less than two-tile ones, so the plan takes a one-tile kernel as 4 warps (the driver's
+    occupancy picks uncapped or capped); through fp4cupy.linear, against float64."""
+    sms, bf16 = cuda_linear._sm_count(0), dtype == torch.bfloat16
+    n, k = tiles_a_sm * sms * 16 - 8, 1024
+    one = cuda_linear._one_tile_rounds(-(-n // 16), cuda_linear.TWO_AND_ONE[1][1], bf16, 0)
+    p = cuda_linear.plan(n, k, m, bf16, 0)
+    assert one is not None and p.name == cuda_linear.kernel_name(*one, bf16) and p.threads == 128
     g = gen(n + m)
     pw = fp4cupy.prepare(fp4cupy.quantize(torch.randn(n, k, device="cuda", generator=g)))
     x = torch.randn(m, k, device="cuda", generator=g).to(dtype)

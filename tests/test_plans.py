@@ -195,7 +195,7 @@ def test_amax_grid_reads_every_element_with_at_most_8_blocks_a_sm(n, itemsize):
 def fake_gpu(monkeypatch, sms):
     """plan() on a GPU of ``sms`` SMs whose occupancy is an H200's: the two-tile M <= 8 kernel two
     blocks of 8 warps a SM (four of 4), the uncapped one-tile kernel six blocks of 4 warps in fp16,
-    five in bf16 (three and two of 8 warps), the two-tile 9-16 token kernel four blocks of 8 warps
+    five in bf16 (three and two of 8 warps), the capped one seven, the two-tile 9-16 token kernel four blocks of 8 warps
     (two of 16), the one-tile 9-16 and 17-32 token ones four and five of 4 warps (two of 8)."""
     monkeypatch.setattr(cuda_linear, "_sm_count", lambda device: sms)
     monkeypatch.setattr(cuda_linear.runtime, "launcher", lambda *a: None)
@@ -203,7 +203,7 @@ def fake_gpu(monkeypatch, sms):
         ((2, 1, 2, 16), 8): 2, ((2, 1, 2, 16), 4): 4, ((1, 1, 2, 16), 4): 5 if bf16 else 6,
         ((2, 2, 1, 16), 8): 4, ((2, 2, 1, 16), 16): 2, ((1, 1, 2, 16), 8): 2 if bf16 else 3,
         ((1, 2, 2, 16), 4): 4, ((1, 2, 2, 16), 8): 2, ((1, 4, 1, 16), 4): 5,
-        ((1, 4, 1, 16), 8): 2}.get((variant, warps), 0))
+        ((1, 4, 1, 16), 8): 2, ((1, 1, 2, 4), 4): 7}.get((variant, warps), 0))
     cuda_linear.plan.cache_clear()
 
 
@@ -215,6 +215,11 @@ def fake_gpu(monkeypatch, sms):
     (11008, 4096, 1, True, "w4a16_rt2_nt1_u2_bf16", 8),   # ... but not at five
     (10240, 8192, 8, True, "w4a16_rt1_nt1_u2_bf16", 4),
     (8448, 4096, 1, False, "w4a16_rt2_nt1_u2_f16", 8),    # 264 two-tile blocks: already one wave
+    (18944, 4096, 1, True, "w4a16_rt1_nt1_u2_bf16", 4),     # 9 one-tile blocks a SM against 5 x 2 tiles: 5 + 4
+    (22016, 8192, 8, True, "w4a16_rt1_nt1_u2_w4_bf16", 4),  # 11 blocks: 7 + 4 at seven a SM, 5 + 5 + 1 at five
+    (22016, 4096, 1, False, "w4a16_rt1_nt1_u2_f16", 4),     # ... 6 + 5 at six a SM, fuller than 7 + 4
+    (30720, 4096, 1, False, "w4a16_rt1_nt1_u2_f16", 4),     # 15 blocks: 6 + 6 + 3 against 7 + 7 + 1
+    (56320, 4096, 1, False, "w4a16_rt2_nt1_u1_w4_f16", 4),  # 27 a SM: the tile saved is worth less
     (28672, 8192, 1, False, "w4a16_rt2_nt1_u1_w4_f16", 4),  # 896 blocks: 97% of one wave at seven a SM
     (57344, 8192, 4, False, "w4a16_rt2_nt1_u1_w4_f16", 4),  # 1792: 97% of two (85% of 3.4 at four)
     (32768, 8192, 1, False, "w4a16_rt2_nt1_u2_f16", 4),     # 1024: 97% of two waves at four a SM
@@ -226,8 +231,8 @@ def fake_gpu(monkeypatch, sms):
     (10240, 8192, 16, True, "w4a16_rt2_nt2_u1_bf16", 8),
     (12288, 4096, 12, False, "w4a16_rt2_nt2_u1_f16", 8),
     (8192, 28672, 16, True, "w4a16_rt2_nt2_u1_bf16", 16),    # 256: the capped 16 warps stay
-    (28672, 8192, 16, True, "w4a16_rt2_nt2_u1_w4_bf16", 4),  # 896 two-tile blocks, bf16 only
-    (24576, 4096, 16, True, "w4a16_rt2_nt2_u1_w4_bf16", 4),  # 768: 83% of one wave, 73% of 1.5 at four
+    (28672, 8192, 16, True, "w4a16_rt2_nt2_u1_bf16", 8),     # 896 two-tile blocks: 8 warps in either dtype
+    (24576, 4096, 16, True, "w4a16_rt2_nt2_u1_bf16", 8),
     (32768, 4096, 16, True, "w4a16_rt2_nt2_u1_bf16", 8),
     (28672, 8192, 16, False, "w4a16_rt2_nt2_u1_f16", 8),
     (8192, 28672, 1, False, "w4a16_rt2_nt1_u2_f16", 8),
