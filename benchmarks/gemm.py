@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import fp4cupy  # noqa: E402
-from fp4cupy import cuda_linear, cuda_wgmma, runtime  # noqa: E402
+from fp4cupy import cuda_linear, cuda_wgmma, mma_plan, runtime  # noqa: E402
 from timing import Rotating, card, compare, graph_compare, host_us  # noqa: E402
 
 SHAPES = ((4096, 4096), (14336, 4096), (4096, 14336), (28672, 8192), (8192, 28672))
@@ -91,7 +91,7 @@ def kernel_used(n, k, m, bf16):
     if cuda_linear.uses_warpgroup_kernel(m, n, k, 0):
         p = cuda_wgmma.wg_plan(n, k, m, bf16, 0)
         return f"{p.name} grid {p.grid[0]}x{p.grid[1]}"
-    return cuda_linear.plan(n, k, m, bf16, 0).name
+    return mma_plan.plan(n, k, m, bf16, 0).name
 
 
 def gemm_row(size=8192):

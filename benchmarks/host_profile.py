@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import fp4cupy  # noqa: E402
-from fp4cupy import cuda_linear, cuda_ops  # noqa: E402
+from fp4cupy import cuda_linear, cuda_ops, mma_plan  # noqa: E402
 from timing import card, host_us  # noqa: E402
 
 
@@ -51,7 +51,7 @@ def linear_parts(calls: int = 20000):
     x = torch.randn(1, 256, device="cuda", dtype=torch.float16)
     w16 = torch.randn(256, 256, device="cuda", dtype=torch.float16)
     y = x.new_empty(1, 256)
-    p = cuda_linear.plan(256, 256, 1, False, 0)
+    p = mma_plan.plan(256, 256, 1, False, 0)
     stream = cuda_ops._torch_stream_ptr(torch, 0)
     args = (pw.codes.data_ptr(), pw.scale_codes.data_ptr(), x.data_ptr(), y.data_ptr(), 0,
             pw.global_scale.data_ptr())
@@ -67,7 +67,7 @@ def linear_parts(calls: int = 20000):
         "x.new_empty(x.shape[:-1] + (n,)) (a torch.Size)": lambda: x.new_empty(x.shape[:-1] + (256,)),
         "six data_ptr()": lambda: (x.data_ptr(), y.data_ptr(), x.data_ptr(), y.data_ptr(), x.data_ptr(), y.data_ptr()),
         "torch's raw stream": lambda: cuda_ops._torch_stream_ptr(torch, 0),
-        "cuda_linear.plan (cached)": lambda: cuda_linear.plan(256, 256, 1, False, 0),
+        "mma_plan.plan (cached)": lambda: mma_plan.plan(256, 256, 1, False, 0),
     }
     print(f"== host time a call, each part alone ({card()}); the host's speed moves ~1.5x between runs\n")
     print("| part | us |\n|---|---|")

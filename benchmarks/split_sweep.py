@@ -1,6 +1,6 @@
 """Weights below 64 rows a SM: every launch of the one-tile w4a16 kernel (K split over clusters or
 not) and of the two-tile one, against the plan's pick and cuBLAS fp16 F.linear, as CUDA-graph
-replays timed in turns in this run. The evidence behind ``cuda_linear._one_wave_launch``.
+replays timed in turns in this run. The evidence behind ``mma_plan._one_wave_launch``.
 
     PYTHONPATH=$PWD python3 benchmarks/split_sweep.py [--quick] [--jsonl FILE] [--rows 4608,6144] [--ks 4096]
         [--ms 1,16] [--dtypes f16,bf16] [--unsplit]
@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import fp4cupy  # noqa: E402
-from fp4cupy import cuda_linear  # noqa: E402
+from fp4cupy import cuda_linear, mma_plan  # noqa: E402
 from timing import capture, card, time_ms  # noqa: E402
 from w4a16_variants import plan_fn  # noqa: E402
 
@@ -39,16 +39,16 @@ MS = (1, 16, 32)
 SPAN = 2 * 50 * 2**20  # bytes of weights the rotation spans: twice an H100/H200 L2
 
 
-def configs(k: int, nt: int, splits=(1, *cuda_linear.SPLITS)):
+def configs(k: int, nt: int, splits=(1, *mma_plan.SPLITS)):
     """(splits, warps) of the one-tile kernel for nt token tiles, each warp one chunk or more."""
     return [(s, w) for s in splits for w in (4, 8) if (k // 64) // s >= w
-            and (s == 1 or cuda_linear.SPLIT_VARIANTS.get(nt))]
+            and (s == 1 or mma_plan.SPLIT_VARIANTS.get(nt))]
 
 
-def sweep_one(n: int, k: int, m: int, dtype, rounds: int = 7, splits=(1, *cuda_linear.SPLITS)) -> dict:
+def sweep_one(n: int, k: int, m: int, dtype, rounds: int = 7, splits=(1, *mma_plan.SPLITS)) -> dict:
     bf16 = dtype == torch.bfloat16
-    nt = cuda_linear.token_tiles(m)
-    two, one = cuda_linear.TWO_AND_ONE[nt]
+    nt = mma_plan.token_tiles(m)
+    two, one = mma_plan.TWO_AND_ONE[nt]
     copies = max(3, math.ceil(SPAN / (n * k * 9 // 16)))
     calls = max(30, copies)
     dense = [torch.randn(n, k, device="cuda", dtype=dtype) * 0.02 for _ in range(copies)]
@@ -56,15 +56,15 @@ def sweep_one(n: int, k: int, m: int, dtype, rounds: int = 7, splits=(1, *cuda_l
     x = torch.randn(m, k, device="cuda", dtype=dtype)
     y = torch.empty(m, n, device="cuda", dtype=dtype)
     ref = F.linear(x.double(), fp4cupy.dequantize(pws[0].weight, dtype=torch.float32).double())
-    plans = {"plan": cuda_linear.plan(n, k, m, bf16, 0)}
+    plans = {"plan": mma_plan.plan(n, k, m, bf16, 0)}
     for s, w in configs(k, nt, splits):
-        plans[f"s{s} {w}w"] = cuda_linear.make_plan(n, m, one, w, bf16, 0, s)
+        plans[f"s{s} {w}w"] = mma_plan.make_plan(n, m, one, w, bf16, 0, s)
     for w in (4, 8, 16):
-        if (k // 64) // 2 >= w and w * 2 * nt * 512 <= cuda_linear.SHARED_LIMIT:
-            plans[f"rt2 {w}w"] = cuda_linear.make_plan(n, m, two, w, bf16, 0)
-    for v in cuda_linear.VARIANTS:
+        if (k // 64) // 2 >= w and w * 2 * nt * 512 <= mma_plan.SHARED_LIMIT:
+            plans[f"rt2 {w}w"] = mma_plan.make_plan(n, m, two, w, bf16, 0)
+    for v in mma_plan.VARIANTS:
         if v[1] == nt and v[3] == 4 and (k // 64) // 2 >= 4:
-            plans[f"w4 rt{v[0]}"] = cuda_linear.make_plan(n, m, v, 4, bf16, 0)
+            plans[f"w4 rt{v[0]}"] = mma_plan.make_plan(n, m, v, 4, bf16, 0)
     graphs = {"cuBLAS": capture(lambda i: F.linear(x, dense[i % copies]), calls)}
     for name, p in plans.items():
         fn = plan_fn(pws, x, y, p)
@@ -97,7 +97,7 @@ def main():
         rows_ = tuple(map(int, sys.argv[sys.argv.index("--rows") + 1].split(",")))
     ks = tuple(map(int, sys.argv[sys.argv.index("--ks") + 1].split(","))) if "--ks" in sys.argv else KS
     ms = tuple(map(int, sys.argv[sys.argv.index("--ms") + 1].split(","))) if "--ms" in sys.argv else MS
-    splits = (1,) if "--unsplit" in sys.argv else (1, *cuda_linear.SPLITS)
+    splits = (1,) if "--unsplit" in sys.argv else (1, *mma_plan.SPLITS)
     print(f"## benchmarks/split_sweep.py on {card()}: us a call (CUDA-graph replays)\n")
     print("| dtype | N x K | M | cuBLAS | plan's pick | best launch | loss | all |")
     print("|---|---|---|---|---|---|---|---|")

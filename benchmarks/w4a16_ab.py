@@ -29,23 +29,23 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import fp4cupy  # noqa: E402
-from fp4cupy import cuda_linear, cuda_wgmma, runtime  # noqa: E402
+from fp4cupy import cuda_linear, cuda_wgmma, mma_plan, runtime  # noqa: E402
 from timing import capture, card, time_ms  # noqa: E402
 from w4a16_variants import plan_fn  # noqa: E402
 
 CALLS, ROUNDS = 20, 7
 
 
-def kernel_plan(source: str | None, n: int, k: int, m: int, bf16: bool, kernel: str | None) -> cuda_linear.Plan:
+def kernel_plan(source: str | None, n: int, k: int, m: int, bf16: bool, kernel: str | None) -> mma_plan.Plan:
     """The package's plan for (n, k, m), or ``kernel`` ("rt,nt,u[,max warps]:warps"), launched from ``source``."""
     if kernel:
         variant, warps = kernel.split(":")
         v = tuple(int(a) for a in variant.split(","))
-        p = cuda_linear.make_plan(n, m, v + (16,) * (4 - len(v)), int(warps), bf16, 0)
+        p = mma_plan.make_plan(n, m, v + (16,) * (4 - len(v)), int(warps), bf16, 0)
     else:
-        p = cuda_linear.plan(n, k, m, bf16, 0)
-    launch = p.launch if source is None else runtime.launcher(source, p.name, 0, cuda_linear._SIGNATURE)
-    return cuda_linear.Plan(launch, p.grid, p.threads, p.shared, p.name)
+        p = mma_plan.plan(n, k, m, bf16, 0)
+    launch = p.launch if source is None else runtime.launcher(source, p.name, 0, mma_plan._SIGNATURE)
+    return mma_plan.Plan(launch, p.grid, p.threads, p.shared, p.name)
 
 
 def wg_fn(source: str | None, prepared, x, y):
@@ -88,7 +88,7 @@ def main():
     ap.add_argument("--chain", action="store_true", help="a torch copy of x before every call")
     args = ap.parse_args()
     if args.kernel and not re.fullmatch(r"\d+,\d+,\d+(,\d+)?:\d+", args.kernel):
-        ap.error(f"--kernel {args.kernel!r}: give rt,nt,u[,max warps]:warps, e.g. 1,1,2,4:4 (see cuda_linear.VARIANTS)")
+        ap.error(f"--kernel {args.kernel!r}: give rt,nt,u[,max warps]:warps, e.g. 1,1,2,4:4 (see mma_plan.VARIANTS)")
     dtype = torch.bfloat16 if args.bf16 else torch.float16
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     sources = [os.path.abspath(s) for s in args.sources]

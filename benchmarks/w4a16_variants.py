@@ -1,6 +1,6 @@
 """Every w4a16 kernel variant (row tiles per block, warps per block) on the decode shapes, timed as
 CUDA-graph replays (no host time) against cuBLAS fp16 F.linear captured the same way. The
-evidence behind ``cuda_linear.plan``.
+evidence behind ``mma_plan.plan``.
 
     PYTHONPATH=$PWD python3 benchmarks/w4a16_variants.py [--bf16] [--shapes 6144x4096,12288x4096]
 """
@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import fp4cupy  # noqa: E402
-from fp4cupy import cuda_linear  # noqa: E402
+from fp4cupy import mma_plan  # noqa: E402
 from timing import capture, card, time_ms  # noqa: E402
 
 SHAPES = ((28672, 8192), (8192, 28672), (14336, 4096), (4096, 14336), (4096, 4096))
@@ -52,16 +52,16 @@ def main(dtype=torch.float16, shapes=SHAPES):
             x = torch.randn(m, k, device="cuda", dtype=dtype)
             y = torch.empty(m, n, device="cuda", dtype=dtype)
             peer = graph_ms(lambda i: F.linear(x, dense[i % 3]))
-            nt = cuda_linear.token_tiles(m)
+            nt = mma_plan.token_tiles(m)
             results = {}
             bf16 = dtype == torch.bfloat16
-            for v in (v for v in cuda_linear.VARIANTS if v[1] == nt):
+            for v in (v for v in mma_plan.VARIANTS if v[1] == nt):
                 for warps in (4, 8, 16):
-                    if warps <= v[3] and warps * v[0] * nt * 512 <= cuda_linear.SHARED_LIMIT:
-                        p = cuda_linear.make_plan(n, m, v, warps, bf16, 0)
+                    if warps <= v[3] and warps * v[0] * nt * 512 <= mma_plan.SHARED_LIMIT:
+                        p = mma_plan.make_plan(n, m, v, warps, bf16, 0)
                         results[(p.name[6:-4].rstrip("_"), warps)] = graph_ms(plan_fn(pws, x, y, p))
             (best_name, warps), best = min(results.items(), key=lambda kv: kv[1])
-            p = cuda_linear.plan(n, k, m, bf16, 0)
+            p = mma_plan.plan(n, k, m, bf16, 0)
             picked = graph_ms(plan_fn(pws, x, y, p))
             print(f"| {n}x{k} | {m} | {peer * 1e3:.1f} | {best_name} {warps} warps | {best * 1e3:.1f} | "
                   f"{peer / best:.2f}x | {wbytes / best / 1e9:.2f} | {p.name[6:]} {p.threads // 32} warps | {peer / picked:.2f}x |")

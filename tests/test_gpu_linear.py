@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import fp4cupy
-from fp4cupy import cuda_linear, cuda_wgmma, prepared
+from fp4cupy import cuda_linear, cuda_wgmma, mma_plan, prepared
 
 pytestmark = pytest.mark.gpu
 torch = pytest.importorskip("torch")
@@ -67,7 +67,7 @@ def test_linear_where_the_plan_takes_the_capped_4_warp_kernels(m, dtype, rows_a_
     72-register cap), with a ragged last tile; through fp4cupy.linear, against float64."""
     sms = cuda_linear._sm_count(0)
     n, k = (7 * sms - 1) * rows_a_block - 8, 256
-    assert cuda_linear.plan(n, k, m, dtype == torch.bfloat16, 0).name == want
+    assert mma_plan.plan(n, k, m, dtype == torch.bfloat16, 0).name == want
     g = gen(n + m)
     pw = fp4cupy.prepare(fp4cupy.quantize(torch.randn(n, k, device="cuda", generator=g)))
     x = torch.randn(m, k, device="cuda", generator=g).to(dtype)
@@ -81,9 +81,9 @@ def test_linear_where_one_tile_blocks_leave_the_busiest_sm_less_work(m, dtype, t
     occupancy picks uncapped or capped); through fp4cupy.linear, against float64."""
     sms, bf16 = cuda_linear._sm_count(0), dtype == torch.bfloat16
     n, k = tiles_a_sm * sms * 16 - 8, 1024
-    one = cuda_linear._one_tile_rounds(-(-n // 16), cuda_linear.TWO_AND_ONE[1][1], bf16, 0)
-    p = cuda_linear.plan(n, k, m, bf16, 0)
-    assert one is not None and p.name == cuda_linear.kernel_name(*one, bf16) and p.threads == 128
+    one = mma_plan._one_tile_rounds(-(-n // 16), mma_plan.TWO_AND_ONE[1][1], bf16, 0)
+    p = mma_plan.plan(n, k, m, bf16, 0)
+    assert one is not None and p.name == mma_plan.kernel_name(*one, bf16) and p.threads == 128
     g = gen(n + m)
     pw = fp4cupy.prepare(fp4cupy.quantize(torch.randn(n, k, device="cuda", generator=g)))
     x = torch.randn(m, k, device="cuda", generator=g).to(dtype)
@@ -91,23 +91,23 @@ def test_linear_where_one_tile_blocks_leave_the_busiest_sm_less_work(m, dtype, t
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("nt", sorted(cuda_linear.SPLIT_VARIANTS))
+@pytest.mark.parametrize("nt", sorted(mma_plan.SPLIT_VARIANTS))
 def test_k_split_over_a_cluster(nt, dtype):
     """The one-tile kernels with K split over clusters of 2, 4 and 8 blocks (sm_90+): ragged N, odd M,
     a chunk count no split size divides (37: the last of 8 splits gets 2 chunks), bias; the cluster
     adds its blocks' sums in split order, so two calls agree bit for bit."""
     if torch.cuda.get_device_capability() < (9, 0):
         pytest.skip("thread block clusters need sm_90")
-    variant = cuda_linear.SPLIT_VARIANTS[nt]
+    variant = mma_plan.SPLIT_VARIANTS[nt]
     g = gen(nt)
     n, k = 1000, 64 * 37
     pw = fp4cupy.prepare(fp4cupy.quantize(torch.randn(n, k, device="cuda", generator=g) * 3))
     bias = torch.randn(n, device="cuda", generator=g).to(dtype)
     stream = torch.cuda.current_stream().cuda_stream
-    for splits in cuda_linear.SPLITS:
+    for splits in mma_plan.SPLITS:
         for m, warps in ((8 * nt - 1, 4), (8 * nt, 8), (3, 1)):
             x = torch.randn(m, k, device="cuda", generator=g).to(dtype)
-            p = cuda_linear.make_plan(n, m, variant, warps, dtype == torch.bfloat16, 0, splits)
+            p = mma_plan.make_plan(n, m, variant, warps, dtype == torch.bfloat16, 0, splits)
             outs = []
             for _ in range(2):
                 y = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
@@ -129,7 +129,7 @@ def test_linear_splits_k_over_clusters_for_few_rows(m, n, k, want, warps):
     not (on an H100 or H200: 132 SMs, whose driver occupancy the plan reads), against float64."""
     if torch.cuda.get_device_capability() < (9, 0) or cuda_linear._sm_count(0) != 132:
         pytest.skip("the plan's split counts here are those of a 132-SM sm_90 GPU")
-    p = cuda_linear.plan(n, k, m, False, 0)
+    p = mma_plan.plan(n, k, m, False, 0)
     assert (p.name, p.threads // 32) == (want, warps)
     g = gen(n + m)
     pw = fp4cupy.prepare(fp4cupy.quantize(torch.randn(n, k, device="cuda", generator=g)))
@@ -154,7 +154,7 @@ def test_mxfp4_weights_take_the_kernel(m, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("variant", cuda_linear.VARIANTS)
+@pytest.mark.parametrize("variant", mma_plan.VARIANTS)
 def test_every_kernel_variant(variant, dtype):
     rt, nt, u, max_warps = variant
     g = gen(rt * 100 + nt * 10 + u + max_warps)
@@ -163,7 +163,7 @@ def test_every_kernel_variant(variant, dtype):
     for m, warps in ((8 * nt - 1, 1), (8 * nt, 3), (8 * nt + 5, min(8, max_warps))):
         x = torch.randn(m, k, device="cuda", generator=g).to(dtype)
         y = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
-        p = cuda_linear.make_plan(n, m, variant, warps, dtype == torch.bfloat16, 0)
+        p = mma_plan.make_plan(n, m, variant, warps, dtype == torch.bfloat16, 0)
         p.launch(p.grid, p.threads, p.shared, torch.cuda.current_stream().cuda_stream,
                  pw.codes.data_ptr(), pw.scale_codes.data_ptr(), x.data_ptr(), y.data_ptr(), 0,
                  pw.global_scale.data_ptr(), m, n, k)
@@ -293,7 +293,7 @@ def test_linear_host_plan_and_fallbacks():
     assert rel(fp4cupy.linear(x, w), reference(x, w)) <= 1e-3
     xf, wq = x.float(), fp4cupy.quantize(torch.randn(64, 128, device="cuda", generator=g))
     assert rel(fp4cupy.linear(xf, wq), reference(xf, wq)) <= 1e-5  # float32 x: the dequantize path
-    p = cuda_linear.plan(28672, 8192, 1, False, 0)
+    p = mma_plan.plan(28672, 8192, 1, False, 0)
     assert p.name.endswith("_f16") and p.grid[0] == 1 and p.shared == p.threads // 32 * 512 * int(p.name[8])
 
 
@@ -304,10 +304,10 @@ def test_blocks_per_sm_follows_the_kernels_registers(bf16):
     from cupy.cuda import driver
 
     for variant, warps in (((1, 1, 2, 16), 4), ((2, 1, 2, 16), 8)):
-        fn = cuda_linear.make_plan(16, 1, variant, warps, bf16, 0).launch.fn
+        fn = mma_plan.make_plan(16, 1, variant, warps, bf16, 0).launch.fn
         used = driver.funcGetAttribute(driver.CU_FUNC_ATTRIBUTE_NUM_REGS, fn.ptr)
         want = min(64 // warps, 32, 65536 // (32 * warps * (-(-used // 8) * 8)))
-        assert cuda_linear._blocks_per_sm(variant, warps, bf16, 0) == want, (variant, used)
+        assert mma_plan._blocks_per_sm(variant, warps, bf16, 0) == want, (variant, used)
 
 
 @pytest.mark.parametrize("bf16", [False, True])
@@ -316,11 +316,11 @@ def test_resident_clusters_hold_no_more_blocks_than_the_sms(bf16):
     some on sm_90+, whole clusters, never more blocks than blocks a SM x SMs."""
     if torch.cuda.get_device_capability() < (9, 0):
         pytest.skip("thread block clusters need sm_90")
-    for variant in cuda_linear.SPLIT_VARIANTS.values():
+    for variant in mma_plan.SPLIT_VARIANTS.values():
         for warps in (4, 8):
-            whole = cuda_linear._resident_blocks(variant, warps, 1, bf16, 0)
-            for s in cuda_linear.SPLITS:
-                held = cuda_linear._resident_blocks(variant, warps, s, bf16, 0)
+            whole = mma_plan._resident_blocks(variant, warps, 1, bf16, 0)
+            for s in mma_plan.SPLITS:
+                held = mma_plan._resident_blocks(variant, warps, s, bf16, 0)
                 assert 0 < held <= whole and held % s == 0, (variant, warps, s, held, whole)
 
 

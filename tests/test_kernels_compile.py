@@ -112,13 +112,13 @@ def test_every_warpgroup_kernel_the_host_names_is_in_the_module(tmp_path, monkey
 
 
 def test_every_mma_sync_kernel_the_host_names_is_in_the_module(tmp_path, monkeypatch):
-    from fp4cupy import cuda_linear
+    from fp4cupy import mma_plan
 
     monkeypatch.setenv("FP4CUPY_CACHE_DIR", str(tmp_path))
     cubin = runtime.compile_source("w4a16.cu", "sm_90a")
-    names = [cuda_linear.kernel_name(*v, bf16) for v in cuda_linear.VARIANTS for bf16 in (False, True)]
-    names += [cuda_linear.kernel_name(*v, bf16, s) for v in cuda_linear.SPLIT_VARIANTS.values()
-              for s in cuda_linear.SPLITS for bf16 in (False, True)]
-    assert len(set(names)) == len(names) == 2 * (len(cuda_linear.VARIANTS) + len(cuda_linear.SPLIT_VARIANTS) * len(cuda_linear.SPLITS))
+    names = [mma_plan.kernel_name(*v, bf16) for v in mma_plan.VARIANTS for bf16 in (False, True)]
+    names += [mma_plan.kernel_name(*v, bf16, s) for v in mma_plan.SPLIT_VARIANTS.values()
+              for s in mma_plan.SPLITS for bf16 in (False, True)]
+    assert len(set(names)) == len(names) == 2 * (len(mma_plan.VARIANTS) + len(mma_plan.SPLIT_VARIANTS) * len(mma_plan.SPLITS))
     missing = [n for n in names if n.encode() + b"\0" not in cubin]
     assert not missing, missing

@@ -1,7 +1,7 @@
 """The launch arithmetic and kernel choice of the W4A16 and quantize launches (no GPU needed)."""
 import pytest
 
-from fp4cupy import cuda_linear, cuda_wgmma
+from fp4cupy import cuda_linear, cuda_wgmma, mma_plan
 
 
 @pytest.mark.parametrize("sms", [132, 114, 78, 1])
@@ -96,7 +96,7 @@ def test_launch_w4a16_picks_the_kernel_and_sizes_the_scratch(monkeypatch, m, wg_
     calls, buffers = [], []
     n, k, sms = 4096, 4096, 132  # split K on an H100 (16 blocks x 8 splits)
     monkeypatch.setattr(cuda_linear, "_wg_ok", lambda device: wg_ok)
-    monkeypatch.setattr(cuda_linear, "plan", lambda n, k, m, bf16, device: cuda_linear.Plan(
+    monkeypatch.setattr(cuda_linear, "plan", lambda n, k, m, bf16, device: mma_plan.Plan(
         Recorder("mma", calls), grid=(7, 1), threads=256, shared=1024, name="mma"))
     blocks, splits, cps = cuda_wgmma.wg_grid(n, k, sms)
     nt = cuda_wgmma.wg_token_tile(m)
@@ -135,10 +135,10 @@ def test_warpgroup_kernel_from_17_tokens_on_large_weights_and_from_33_on_all(mon
     assert not uses(32, 4160, 4096, 0) and not uses(24, 4096, 8192, 0) and not uses(17, 4160, 8064, 0)
     assert uses(17, 3168, 8192, 0) == (3168 * 8192 > 2 ** 25) and not uses(17, 3168, 8000, 0)
     assert uses(33, 4096, 4096, 0) and uses(33, 64, 64, 0) and uses(128, 64, 64, 0)
-    assert [cuda_linear.plan(n, 4096, 24, False, 0).name[:9] for n in (4160, 4224)] == ["w4a16_rt1", "w4a16_rt2"]
+    assert [mma_plan.plan(n, 4096, 24, False, 0).name[:9] for n in (4160, 4224)] == ["w4a16_rt1", "w4a16_rt2"]
     monkeypatch.setattr(cuda_linear, "_wg_ok", lambda device: False)  # off sm_90a: never
     assert not any(uses(m, 28672, 8192, 0) for m in (17, 33, 128))
-    cuda_linear.plan.cache_clear()
+    mma_plan.plan.cache_clear()
 
 
 def test_warpgroup_token_tile_is_the_least_that_holds_the_tokens():
@@ -197,14 +197,15 @@ def fake_gpu(monkeypatch, sms):
     blocks of 8 warps a SM (four of 4), the uncapped one-tile kernel six blocks of 4 warps in fp16,
     five in bf16 (three and two of 8 warps), the capped one seven, the two-tile 9-16 token kernel four blocks of 8 warps
     (two of 16), the one-tile 9-16 and 17-32 token ones four and five of 4 warps (two of 8)."""
-    monkeypatch.setattr(cuda_linear, "_sm_count", lambda device: sms)
-    monkeypatch.setattr(cuda_linear.runtime, "launcher", lambda *a: None)
-    monkeypatch.setattr(cuda_linear, "_blocks_per_sm", lambda variant, warps, bf16, device: {
+    monkeypatch.setattr(cuda_linear, "_sm_count", lambda device: sms)  # uses_warpgroup_kernel
+    monkeypatch.setattr(mma_plan, "_sm_count", lambda device: sms)
+    monkeypatch.setattr(mma_plan.runtime, "launcher", lambda *a: None)
+    monkeypatch.setattr(mma_plan, "_blocks_per_sm", lambda variant, warps, bf16, device: {
         ((2, 1, 2, 16), 8): 2, ((2, 1, 2, 16), 4): 4, ((1, 1, 2, 16), 4): 5 if bf16 else 6,
         ((2, 2, 1, 16), 8): 4, ((2, 2, 1, 16), 16): 2, ((1, 1, 2, 16), 8): 2 if bf16 else 3,
         ((1, 2, 2, 16), 4): 4, ((1, 2, 2, 16), 8): 2, ((1, 4, 1, 16), 4): 5,
         ((1, 4, 1, 16), 8): 2, ((1, 1, 2, 4), 4): 7}.get((variant, warps), 0))
-    cuda_linear.plan.cache_clear()
+    mma_plan.plan.cache_clear()
 
 
 @pytest.mark.parametrize("n,k,m,bf16,want,warps", [
@@ -244,31 +245,31 @@ def test_mma_plan_on_132_sms(monkeypatch, n, k, m, bf16, want, warps):
     than one wave and its own fits in one, and never 16 warps of the two-tile kernel (one such
     block a SM); above 8 tokens 16 stay."""
     fake_gpu(monkeypatch, 132)
-    p = cuda_linear.plan(n, k, m, bf16, 0)
-    cuda_linear.plan.cache_clear()
+    p = mma_plan.plan(n, k, m, bf16, 0)
+    mma_plan.plan.cache_clear()
     assert (p.name, p.threads // 32) == (want, warps)
 
 
 def test_mma_plan_without_occupancy_keeps_the_two_tile_kernel(monkeypatch):
     fake_gpu(monkeypatch, 132)
-    monkeypatch.setattr(cuda_linear, "_blocks_per_sm", lambda *a: 0)  # the driver could not say
-    assert cuda_linear.plan(11008, 4096, 1, False, 0).name == "w4a16_rt2_nt1_u2_f16"
-    cuda_linear.plan.cache_clear()
+    monkeypatch.setattr(mma_plan, "_blocks_per_sm", lambda *a: 0)  # the driver could not say
+    assert mma_plan.plan(11008, 4096, 1, False, 0).name == "w4a16_rt2_nt1_u2_f16"
+    mma_plan.plan.cache_clear()
 
 
 @pytest.mark.parametrize("sms", [132, 114, 78, 46])
 def test_every_mma_plan_fits_its_kernel(monkeypatch, sms):
     fake_gpu(monkeypatch, sms)
-    names = {cuda_linear.kernel_name(*v, bf16): v for v in cuda_linear.VARIANTS for bf16 in (False, True)}
+    names = {mma_plan.kernel_name(*v, bf16): v for v in mma_plan.VARIANTS for bf16 in (False, True)}
     for n in (8, 1000, 4096, 8448, 13824, 14336, 28672):
         for k in (64, 4096, 28672):
             for m in (1, 7, 8, 16, 32, 33):
                 for bf16 in (False, True):
-                    p = cuda_linear.plan(n, k, m, bf16, 0)
+                    p = mma_plan.plan(n, k, m, bf16, 0)
                     rt, nt, u, max_warps = names[p.name]
-                    assert 1 <= p.threads // 32 <= max_warps and p.shared <= cuda_linear.SHARED_LIMIT
+                    assert 1 <= p.threads // 32 <= max_warps and p.shared <= mma_plan.SHARED_LIMIT
                     assert p.grid == (-(-m // (8 * nt)), -(-(-(-n // 16)) // rt))
-    cuda_linear.plan.cache_clear()
+    mma_plan.plan.cache_clear()
 
 
 # What runs at once of the one-tile kernels on an H200 (132 SMs; the driver, session 17):
@@ -279,17 +280,17 @@ H200_ONE_TILE = {(1, 4): ((6, 396, 186, 77), (5, 330, 154, 77)), (1, 8): ((3, 19
 
 
 def fake_cluster_gpu(monkeypatch, cc=(9, 0), known=True):
-    monkeypatch.setattr(cuda_linear, "_sm_count", lambda device: 132)
-    monkeypatch.setattr(cuda_linear.runtime, "compute_capability", lambda device: cc)
-    monkeypatch.setattr(cuda_linear.runtime, "launcher", lambda *a: None)
+    monkeypatch.setattr(mma_plan, "_sm_count", lambda device: 132)
+    monkeypatch.setattr(mma_plan.runtime, "compute_capability", lambda device: cc)
+    monkeypatch.setattr(mma_plan.runtime, "launcher", lambda *a: None)
 
     def resident(variant, warps, splits, bf16, device):
         if variant[0] == 2:  # the two-tile kernels: 107-108, 64 (capped) and 128 registers at NT = 1, 2, 4
             return 132 * {1: 16, 2: 32, 4: 16}[variant[1]] // warps if known else 0
         bps, *clusters = H200_ONE_TILE[variant[1], warps][bf16]
-        return 0 if not known else bps * 132 if splits == 1 else clusters[cuda_linear.SPLITS.index(splits)] * splits
-    monkeypatch.setattr(cuda_linear, "_resident_blocks", resident)
-    cuda_linear.plan.cache_clear()
+        return 0 if not known else bps * 132 if splits == 1 else clusters[mma_plan.SPLITS.index(splits)] * splits
+    monkeypatch.setattr(mma_plan, "_resident_blocks", resident)
+    mma_plan.plan.cache_clear()
 
 
 @pytest.mark.parametrize("n,k,m,bf16,want,warps", [
@@ -320,8 +321,8 @@ def test_one_wave_plan_takes_the_least_work_a_sm_then_the_most_warps(monkeypatch
     """Below 64 rows a SM: of the launches whose blocks all run at once, the least work on the
     busiest SM, then the most warps (benchmarks/split_sweep.py's best, or within 4% of it, on an H200)."""
     fake_cluster_gpu(monkeypatch)
-    p = cuda_linear.plan(n, k, m, bf16, 0)
-    cuda_linear.plan.cache_clear()
+    p = mma_plan.plan(n, k, m, bf16, 0)
+    mma_plan.plan.cache_clear()
     splits = int(p.name.split("_s")[1].split("_")[0]) if "_s" in p.name else 1
     assert (p.name, p.threads // 32) == (want, warps)
     rt = int(p.name[len("w4a16_rt")])
@@ -332,13 +333,13 @@ def test_one_wave_plan_takes_the_least_work_a_sm_then_the_most_warps(monkeypatch
 @pytest.mark.parametrize("cc,known", [((8, 0), True), ((9, 0), False)])
 def test_few_row_plan_without_clusters_or_occupancy_is_unsplit_8_warps(monkeypatch, cc, known):
     fake_cluster_gpu(monkeypatch, cc, known)
-    p = cuda_linear.plan(1024, 28672, 1, False, 0)
-    cuda_linear.plan.cache_clear()
+    p = mma_plan.plan(1024, 28672, 1, False, 0)
+    mma_plan.plan.cache_clear()
     assert (p.name, p.threads // 32, p.grid) == ("w4a16_rt1_nt1_u2_f16", 8, (1, 64))
 
 
 def test_split_plans_name_a_built_kernel():
     with pytest.raises(ValueError, match=r"splits K over 3 .*S in \(2, 4, 8\)"):
-        cuda_linear.make_plan(1024, 1, cuda_linear.SPLIT_VARIANTS[1], 4, False, 0, 3)
+        mma_plan.make_plan(1024, 1, mma_plan.SPLIT_VARIANTS[1], 4, False, 0, 3)
     with pytest.raises(ValueError, match="no kernel splits"):
-        cuda_linear.make_plan(1024, 1, (2, 1, 2, 16), 4, False, 0, 2)
+        mma_plan.make_plan(1024, 1, (2, 1, 2, 16), 4, False, 0, 2)

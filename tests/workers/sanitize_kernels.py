@@ -8,7 +8,7 @@ The sanitizer's exit code says whether any access was out of bounds, raced or re
 import torch
 
 import fp4cupy
-from fp4cupy import cuda_linear
+from fp4cupy import cuda_linear, mma_plan
 
 
 def weight(n: int, k: int):
@@ -18,7 +18,7 @@ def weight(n: int, k: int):
 def main() -> None:
     torch.manual_seed(0)
     stream = torch.cuda.current_stream().cuda_stream
-    for variant in cuda_linear.VARIANTS:
+    for variant in mma_plan.VARIANTS:
         rt, nt, u, max_warps = variant
         n, k = 16 * 4 * rt + 8, 64 * 13
         pw = weight(n, k)
@@ -26,18 +26,18 @@ def main() -> None:
             for m, warps in ((8 * nt - 1, 1), (8 * nt + 5, min(8, max_warps))):
                 x = torch.randn(m, k, device="cuda").to(dtype)
                 y = torch.empty(m, n, device="cuda", dtype=dtype)
-                p = cuda_linear.make_plan(n, m, variant, warps, dtype == torch.bfloat16, 0)
+                p = mma_plan.make_plan(n, m, variant, warps, dtype == torch.bfloat16, 0)
                 p.launch(p.grid, p.threads, p.shared, stream, pw.codes.data_ptr(), pw.scale_codes.data_ptr(),
                          x.data_ptr(), y.data_ptr(), 0, pw.global_scale.data_ptr(), m, n, k)
     if torch.cuda.get_device_capability() >= (9, 0):  # K split over clusters: distributed shared memory
         n, k = 1000, 64 * 37
         pw = weight(n, k)
-        for nt, variant in cuda_linear.SPLIT_VARIANTS.items():
-            for splits in cuda_linear.SPLITS:
+        for nt, variant in mma_plan.SPLIT_VARIANTS.items():
+            for splits in mma_plan.SPLITS:
                 m = 8 * nt - 1
                 x = torch.randn(m, k, device="cuda", dtype=torch.float16)
                 y = torch.empty(m, n, device="cuda", dtype=torch.float16)
-                p = cuda_linear.make_plan(n, m, variant, 4, False, 0, splits)
+                p = mma_plan.make_plan(n, m, variant, 4, False, 0, splits)
                 p.launch(p.grid, p.threads, p.shared, stream, pw.codes.data_ptr(), pw.scale_codes.data_ptr(),
                          x.data_ptr(), y.data_ptr(), 0, pw.global_scale.data_ptr(), m, n, k)
     sms = cuda_linear._sm_count(0)
