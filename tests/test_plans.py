@@ -195,8 +195,9 @@ def test_amax_grid_reads_every_element_with_at_most_8_blocks_a_sm(n, itemsize):
 def fake_gpu(monkeypatch, sms):
     """plan() on a GPU of ``sms`` SMs whose occupancy is an H200's: the two-tile M <= 8 kernel two
     blocks of 8 warps a SM (four of 4), the uncapped one-tile kernel six blocks of 4 warps in fp16,
-    five in bf16 (three and two of 8 warps), the capped one seven, the two-tile 9-16 token kernel four blocks of 8 warps
-    (two of 16), the one-tile 9-16 and 17-32 token ones four and five of 4 warps (two of 8)."""
+    five in bf16 (three and two of 8 warps), the capped one seven; the two-tile 9-16 token kernel
+    four blocks of 8 warps (two of 16), the one-tile 9-16 and 17-32 token ones four and five of 4
+    warps (two of 8)."""
     monkeypatch.setattr(cuda_linear, "_sm_count", lambda device: sms)  # uses_warpgroup_kernel
     monkeypatch.setattr(mma_plan, "_sm_count", lambda device: sms)
     monkeypatch.setattr(mma_plan.runtime, "launcher", lambda *a: None)
