@@ -1,6 +1,7 @@
-"""Weights below 64 rows a SM: every launch of the one-tile w4a16 kernel (K split over clusters or
-not) and of the two-tile one, against the plan's pick and cuBLAS fp16 F.linear, as CUDA-graph
-replays timed in turns in this run. The evidence behind ``mma_plan._one_wave_launch``.
+"""Every launch of the one-tile w4a16 kernel (K split over clusters or not) and of the two-tile one
+for M's token tiles, against the plan's pick and cuBLAS fp16 F.linear, as CUDA-graph replays timed
+in turns in this run. The evidence behind ``mma_plan._one_wave_launch`` (below 64 rows a SM, the
+default rows) and ``mma_plan._one_tile_rounds`` (above, ``--unsplit``).
 
     PYTHONPATH=$PWD python3 benchmarks/split_sweep.py [--quick] [--jsonl FILE] [--rows 4608,6144] [--ks 4096]
         [--ms 1,16] [--dtypes f16,bf16] [--unsplit]
@@ -10,14 +11,15 @@ Default rows: 512-4096 (the few-row weights); the rule's other half ran as
 
 Per (dtype, M, N, K): S in (1, 2, 4, 8) blocks a cluster x 4 or 8 warps a block (each warp at
 least one chunk of 64), the two-tile kernel the plan takes for M as 4, 8 and 16 warps
-("rt2 8w"), the kernels capped at 4 warps for M's token tiles ("w4 rt1", "w4 rt2": 72 registers,
-seven blocks a SM), the plan's kernel, cuBLAS. ``--unsplit`` leaves out S > 1 (above 2 x SMs
+("rt2 8w"), the kernels capped at 4 warps for M's token tiles ("w4 rt1", and "w4 rt2" at M <= 8:
+72 registers, seven blocks a SM), the plan's kernel, cuBLAS. ``--unsplit`` leaves out S > 1 (above 2 x SMs
 two-tile blocks every split lost by 15% or more). Enough weight copies rotate that they span
 more than twice the L2 (small weights included), so no call finds its weight in L2. Prints a
 table (times in us, the plan's loss against the best) and a summary line.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -37,6 +39,18 @@ ROWS = (512, 1024, 1280, 1536, 2048, 2560, 3072, 4096)
 KS = (4096, 8192, 14336, 28672)
 MS = (1, 16, 32)
 SPAN = 2 * 50 * 2**20  # bytes of weights the rotation spans: twice an H100/H200 L2
+DTYPES = {"f16": torch.float16, "bf16": torch.bfloat16}
+
+
+def csv_ints(v: str) -> tuple:
+    return tuple(int(a) for a in v.split(","))
+
+
+def csv_dtypes(v: str) -> tuple:
+    unknown = [d for d in v.split(",") if d not in DTYPES]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"{','.join(unknown)}: give some of {', '.join(DTYPES)}")
+    return tuple(DTYPES[d] for d in v.split(","))
 
 
 def configs(k: int, nt: int, splits=(1, *mma_plan.SPLITS)):
@@ -86,18 +100,19 @@ def sweep_one(n: int, k: int, m: int, dtype, rounds: int = 7, splits=(1, *mma_pl
 
 
 def main():
-    quick = "--quick" in sys.argv
-    out = sys.argv[sys.argv.index("--jsonl") + 1] if "--jsonl" in sys.argv else None
-    dtypes = (torch.float16,) if quick else (torch.float16, torch.bfloat16)
-    if "--dtypes" in sys.argv:
-        names = sys.argv[sys.argv.index("--dtypes") + 1].split(",")
-        dtypes = tuple({"f16": torch.float16, "bf16": torch.bfloat16}[d] for d in names)
-    rows_ = (1024, 2048, 3072) if quick else ROWS
-    if "--rows" in sys.argv:
-        rows_ = tuple(map(int, sys.argv[sys.argv.index("--rows") + 1].split(",")))
-    ks = tuple(map(int, sys.argv[sys.argv.index("--ks") + 1].split(","))) if "--ks" in sys.argv else KS
-    ms = tuple(map(int, sys.argv[sys.argv.index("--ms") + 1].split(","))) if "--ms" in sys.argv else MS
-    splits = (1,) if "--unsplit" in sys.argv else (1, *mma_plan.SPLITS)
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="fp16, 1024-3072 rows")
+    ap.add_argument("--jsonl", help="append each row's times to this file")
+    ap.add_argument("--rows", type=csv_ints)
+    ap.add_argument("--ks", type=csv_ints, default=KS)
+    ap.add_argument("--ms", type=csv_ints, default=MS)
+    ap.add_argument("--dtypes", type=csv_dtypes)
+    ap.add_argument("--unsplit", action="store_true", help="no K split over clusters")
+    args = ap.parse_args()
+    dtypes = args.dtypes or ((torch.float16,) if args.quick else tuple(DTYPES.values()))
+    rows_ = args.rows or ((1024, 2048, 3072) if args.quick else ROWS)
+    ks, ms, out = args.ks, args.ms, args.jsonl
+    splits = (1,) if args.unsplit else (1, *mma_plan.SPLITS)
     print(f"## benchmarks/split_sweep.py on {card()}: us a call (CUDA-graph replays)\n")
     print("| dtype | N x K | M | cuBLAS | plan's pick | best launch | loss | all |")
     print("|---|---|---|---|---|---|---|---|")

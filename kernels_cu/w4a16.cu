@@ -229,7 +229,7 @@ __device__ void w4a16_body(const uint4* __restrict__ wq, const unsigned short* _
 #define W4A16_W4(RT, NT, U) W4A16_KERNELS(RT, NT, U, 4, 1, w4a16_rt##RT##_nt##NT##_u##U##_w4)
 #define W4A16_SPLIT(RT, NT, U, S) W4A16_KERNELS(RT, NT, U, 16, S, w4a16_rt##RT##_nt##NT##_u##U##_s##S)
 
-// (RT, NT, U), at most 16 or 4 warps a block: keep in step with cuda_linear.VARIANTS
+// (RT, NT, U), at most 16 or 4 warps a block: keep in step with mma_plan.VARIANTS
 W4A16(1, 1, 2)
 W4A16(1, 1, 4)
 W4A16(2, 1, 2)
@@ -243,7 +243,7 @@ W4A16(1, 8, 1)
 W4A16_W4(1, 1, 2)
 W4A16_W4(1, 2, 1)
 W4A16_W4(2, 1, 1)
-// split K over clusters of S blocks: keep in step with cuda_linear.SPLIT_VARIANTS and SPLITS
+// split K over clusters of S blocks: keep in step with mma_plan.SPLIT_VARIANTS and SPLITS
 W4A16_SPLIT(1, 1, 2, 2)
 W4A16_SPLIT(1, 1, 2, 4)
 W4A16_SPLIT(1, 1, 2, 8)

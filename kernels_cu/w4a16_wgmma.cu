@@ -1,7 +1,7 @@
 // w4a16_wgmma.cu - y[M, N] = x[M, K] @ W^T * g (+ bias) for 17..128 tokens on sm_90a:
 // warpgroup MMA (wgmma.m64nNTk16) with the weight decoded in registers as the A operand. NT, the
 // token columns, is 24, 32, then a multiple of 16 up to 128: the plan takes the least NT >= M,
-// since the loop's time grows with NT whatever M is (cuda_linear.WG_TOKEN_TILES).
+// since the loop's time grows with NT whatever M is (cuda_wgmma.WG_TOKEN_TILES).
 //
 // Roles: y^T = W x^T. A warpgroup owns 64 rows of W (its 4 warps one 16-row tile each, in the
 // repack of prepare.cu, decoded exactly as in w4a16.cu to e2m1 * s * 2^-14) and all NT tokens:
@@ -396,7 +396,7 @@ __device__ void w4a16_wg_body(const uint4* __restrict__ wq, const unsigned short
         w4a16_wg_body<true, NT, SK, K2>(wq, sq, xp, y, ws, bias, g, m, n, k, cps);                                 \
     }
 
-// NT: keep in step with cuda_linear.WG_TOKEN_TILES (and hopper.cuh's wgmma specializations)
+// NT: keep in step with cuda_wgmma.WG_TOKEN_TILES (and hopper.cuh's wgmma specializations)
 #define W4A16_WG_NT(NT) W4A16_WG(w4a16_wg, NT, false, 0) W4A16_WG(w4a16_wgsk, NT, true, 0) W4A16_WG(w4a16_wgk2, NT, false, 1)
 W4A16_WG_NT(24)
 W4A16_WG_NT(32)
