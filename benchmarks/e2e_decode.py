@@ -2,7 +2,7 @@
 LlamaConfig, random bf16 weights, no download), batch 1, static KV cache, each decode step one CUDA
 graph; bf16 nn.Linear vs NVFP4 weight-only (fp4cupy.quantize_model, every Linear incl. lm_head).
 
-    PYTHONPATH=$PWD python3 benchmarks/e2e_decode.py [--layers 32] [--new 128]
+    PYTHONPATH=$PWD python3 benchmarks/e2e_decode.py [--layers 32] [--new 128] [--compile] [--fused]
 
 The decoder is written here in plain torch (RMSNorm, RoPE, grouped-query SDPA over a static cache,
 SiLU MLP) so both variants run the same code and the same graph settings; only the Linear modules differ.
@@ -35,30 +35,39 @@ ROPE_THETA = 500000.0  # Llama 3
 
 
 class Block(nn.Module):
-    def __init__(self, c):
+    def __init__(self, c, fused: bool = False):
         super().__init__()
-        h, d = c.hidden_size, c.hidden_size // c.num_attention_heads
-        self.nh, self.nkv, self.d = c.num_attention_heads, c.num_key_value_heads, d
-        self.q_proj, self.k_proj = nn.Linear(h, self.nh * d, bias=False), nn.Linear(h, self.nkv * d, bias=False)
-        self.v_proj, self.o_proj = nn.Linear(h, self.nkv * d, bias=False), nn.Linear(self.nh * d, h, bias=False)
-        self.gate_proj = nn.Linear(h, c.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(h, c.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(c.intermediate_size, h, bias=False)
+        h, d, inter = c.hidden_size, c.hidden_size // c.num_attention_heads, c.intermediate_size
+        self.nh, self.nkv, self.d, self.inter, self.fused = c.num_attention_heads, c.num_key_value_heads, d, inter, fused
+        if fused:  # q/k/v and gate/up as one matrix each, as vLLM runs them
+            self.qkv_proj = nn.Linear(h, (self.nh + 2 * self.nkv) * d, bias=False)
+            self.gate_up_proj = nn.Linear(h, 2 * inter, bias=False)
+        else:
+            self.q_proj, self.k_proj = nn.Linear(h, self.nh * d, bias=False), nn.Linear(h, self.nkv * d, bias=False)
+            self.v_proj = nn.Linear(h, self.nkv * d, bias=False)
+            self.gate_proj, self.up_proj = nn.Linear(h, inter, bias=False), nn.Linear(h, inter, bias=False)
+        self.o_proj = nn.Linear(self.nh * d, h, bias=False)
+        self.down_proj = nn.Linear(inter, h, bias=False)
         self.n1, self.n2 = nn.RMSNorm(h, eps=1e-5), nn.RMSNorm(h, eps=1e-5)
 
     def forward(self, x, cos, sin, k_cache, v_cache, pos, mask):
         b = x.shape[0]
         y = self.n1(x)
-        q = self.q_proj(y).view(b, 1, self.nh, self.d).transpose(1, 2)
-        k = self.k_proj(y).view(b, 1, self.nkv, self.d).transpose(1, 2)
-        v = self.v_proj(y).view(b, 1, self.nkv, self.d).transpose(1, 2)
+        if self.fused:
+            q, k, v = self.qkv_proj(y).split([self.nh * self.d, self.nkv * self.d, self.nkv * self.d], dim=-1)
+        else:
+            q, k, v = self.q_proj(y), self.k_proj(y), self.v_proj(y)
+        q = q.reshape(b, 1, self.nh, self.d).transpose(1, 2)
+        k = k.reshape(b, 1, self.nkv, self.d).transpose(1, 2)
+        v = v.reshape(b, 1, self.nkv, self.d).transpose(1, 2)
         q, k = rope(q, cos, sin), rope(k, cos, sin)
         k_cache.index_copy_(2, pos, k)
         v_cache.index_copy_(2, pos, v)
         a = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask, enable_gqa=True)
         x = x + self.o_proj(a.transpose(1, 2).reshape(b, 1, -1))
         y = self.n2(x)
-        return x + self.down_proj(F.silu(self.gate_proj(y)) * self.up_proj(y))
+        gate, up = self.gate_up_proj(y).split(self.inter, dim=-1) if self.fused else (self.gate_proj(y), self.up_proj(y))
+        return x + self.down_proj(F.silu(gate) * up)
 
 
 def rope(x, cos, sin):
@@ -67,10 +76,10 @@ def rope(x, cos, sin):
 
 
 class Decoder(nn.Module):
-    def __init__(self, c, max_len: int):
+    def __init__(self, c, max_len: int, fused: bool = False):
         super().__init__()
         self.embed = nn.Embedding(c.vocab_size, c.hidden_size)
-        self.layers = nn.ModuleList(Block(c) for _ in range(c.num_hidden_layers))
+        self.layers = nn.ModuleList(Block(c, fused) for _ in range(c.num_hidden_layers))
         self.norm = nn.RMSNorm(c.hidden_size, eps=1e-5)
         self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False)
         d = c.hidden_size // c.num_attention_heads
@@ -142,12 +151,13 @@ def main():
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--compile", action="store_true", help="torch.compile each step (both variants) before capture")
+    ap.add_argument("--fused", action="store_true", help="q/k/v and gate/up as one Linear each (both variants), as in vLLM")
     args = ap.parse_args()
     cfg = llama3_8b_config(args.layers)
     torch.manual_seed(0)
     with torch.device("cuda"):
         torch.set_default_dtype(torch.bfloat16)
-        model = Decoder(cfg, max_len=args.new + 32)
+        model = Decoder(cfg, max_len=args.new + 32, fused=args.fused)
         torch.set_default_dtype(torch.float32)
     for p in model.parameters():
         nn.init.normal_(p, std=0.02) if p.dim() > 1 else nn.init.ones_(p)
@@ -164,8 +174,8 @@ def main():
     same = float((toks_bf16 == toks_fp4).float().mean())
     print(f"\n## benchmarks/e2e_decode.py on {card()} (torch {torch.__version__}, fp4cupy {fp4cupy.version()})\n")
     print(f"Llama-3-8B shapes, {args.layers} layers, random bf16 weights, batch 1, {args.new} new tokens, "
-          f"static KV cache, one CUDA graph per step{', torch.compile(fullgraph=True) inside' if args.compile else ''} "
-          "(same code and settings for both).\n")
+          f"static KV cache, one CUDA graph per step{', torch.compile(fullgraph=True) inside' if args.compile else ''}"
+          f"{', q/k/v and gate/up fused as in vLLM' if args.fused else ''} (same code and settings for both).\n")
     print("| weights | tokens/s | speed-up | linear weight bytes on the GPU | vs bf16 |")
     print("|---|---|---|---|---|")
     print(f"| bf16 nn.Linear | {tps_bf16:.1f} | 1.00x | {bf16_bytes / 2**30:.2f} GiB | 1.00 |")

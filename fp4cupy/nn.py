@@ -24,6 +24,7 @@ from torch import nn
 
 from . import torch_ops  # noqa: F401  (registers the custom ops)
 from .formats import get_format
+from .fused import FUSED_SIBLINGS, fused_groups, shared_global_scale
 from .ops import quantize
 from .prepared import mxfp4_scales_from_nvfp4, prepare
 from .tensor import FP4Tensor
@@ -69,12 +70,14 @@ class NVFP4Linear(nn.Module):
         self.register_load_state_dict_post_hook(lambda module, _: module.refresh_repack())
 
     @_class_or_instance_method
-    def from_float(cls, self, linear: nn.Linear, group_size: int | None = None, fmt: str | None = None) -> NVFP4Linear:
+    def from_float(cls, self, linear: nn.Linear, group_size: int | None = None, fmt: str | None = None,
+                   global_scale: float | None = None) -> NVFP4Linear:
         """Quantize ``linear.weight`` (recipe of DESIGN.md section 1).
 
         ``NVFP4Linear.from_float(linear)`` makes a new layer on linear's device;
         ``NVFP4LinearLayer(in, out, group_size).from_float(linear)`` (the seed's form) fills that
-        layer (its group size and format) and returns it."""
+        layer (its group size and format) and returns it. ``global_scale`` (NVFP4): the decode
+        scale to use instead of the weight's amax / (6 * 448), e.g. one shared with fused siblings."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_float takes an nn.Linear; got {type(linear).__name__}")
         w = linear.weight.detach()
@@ -88,7 +91,7 @@ class NVFP4Linear(nn.Module):
                                  f"nn.Linear is {linear.in_features} -> {linear.out_features}")
             layer.to(w.device)
             layer.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone())
-        t = quantize(w, layer.fmt, layer.group_size)
+        t = quantize(w, layer.fmt, layer.group_size, global_scale=global_scale)
         layer.weight, layer.weight_scale = t.data, t.scales  # fresh buffers (a repacked layer has none)
         g = t.global_scale_array
         layer.weight_global_scale.copy_(g if isinstance(g, torch.Tensor) else torch.tensor(float(g)))
@@ -226,8 +229,8 @@ def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
 
 class QuantizationReport(list):
     """One dict per nn.Linear met: name, shape, bytes_before, bytes_after, rel_error (Frobenius error
-    of the dequantized weight) and, where left alone, 'skipped' with the reason. ``.model`` is the
-    quantized model."""
+    of the dequantized weight), 'global_scale_shared_with' (the fused siblings, see fused.py) and,
+    where left alone, 'skipped' with the reason. ``.model`` is the quantized model."""
 
     def __init__(self, entries, model):
         super().__init__(entries)
@@ -237,12 +240,15 @@ class QuantizationReport(list):
         done = [e for e in self if "skipped" not in e]
         before, after = sum(e["bytes_before"] for e in self), sum(e["bytes_after"] for e in self)
         worst = max((e["rel_error"] for e in done), default=0.0)
+        shared = sum("global_scale_shared_with" in e for e in done)
         return (f"{len(done)} of {len(self)} Linear layers quantized; linear weights {before / 2**20:.1f} MiB -> "
-                f"{after / 2**20:.1f} MiB; worst relative weight error {worst:.4f}")
+                f"{after / 2**20:.1f} MiB; worst relative weight error {worst:.4f}"
+                + (f"; {shared} fused with siblings share their global scales" if shared else ""))
 
 
 def quantize_model(model: nn.Module, fmt: str = "nvfp4", group_size: int = 16, replace_linear: bool = True,
-                   skip=("lm_head", "embed"), inplace: bool = True, progress: bool = True) -> QuantizationReport:
+                   skip=("lm_head", "embed"), inplace: bool = True, progress: bool = True,
+                   fused=FUSED_SIBLINGS) -> QuantizationReport:
     """Replace every ``nn.Linear`` of ``model`` by an ``NVFP4Linear`` (in place, or in a deep copy with
     ``inplace=False``; the result is ``report.model``) and return the per-layer report.
 
@@ -250,6 +256,9 @@ def quantize_model(model: nn.Module, fmt: str = "nvfp4", group_size: int = 16, r
            ("lm_head"), a pattern is matched against the qualified name ("*.mlp.down_proj").
            Layers with tied weights, or whose in_features is not a multiple of the group, are left alone.
     replace_linear=False only measures (the report) and leaves the model as it is.
+    fused: sibling names whose layers vLLM runs as one matrix (q/k/v, gate/up, ...: fused.py); in
+           NVFP4 each such group shares one global scale, amax of the group / (6 * 448), as
+           modelopt and llm-compressor do and vLLM's own NVFP4 kernels need. ``()``: one a layer.
     """
     if not inplace:
         import copy
@@ -265,15 +274,26 @@ def quantize_model(model: nn.Module, fmt: str = "nvfp4", group_size: int = 16, r
             bar = tqdm(linears, desc=f"quantizing to {fmt}", unit="layer")
         except ImportError:
             pass
+    skipped = {name: _skip_reason(name, lin, skip, tied, group_size) for name, lin in linears}
+    shared = {}  # name -> (global scale, the group's names)
+    if get_format(fmt).global_scale:
+        modules = dict(linears)
+        for group in fused_groups([name for name, _ in linears if not skipped[name]], fused):
+            g = shared_global_scale([modules[name].weight for name in group])
+            if g is not None:
+                shared.update((name, (g, group)) for name in group)
     entries = []
     for name, lin in bar:
         entry = dict(name=name, shape=tuple(lin.weight.shape), bytes_before=lin.weight.numel() * lin.weight.element_size())
-        why = _skip_reason(name, lin, skip, tied, group_size)
+        why = skipped[name]
         if why:
             entry.update(skipped=why, bytes_after=entry["bytes_before"], rel_error=0.0)
             entries.append(entry)
             continue
-        layer = NVFP4Linear.from_float(lin, group_size, fmt)
+        g, group = shared.get(name, (None, ()))
+        if group:
+            entry["global_scale_shared_with"] = tuple(other for other in group if other != name)
+        layer = NVFP4Linear.from_float(lin, group_size, fmt, global_scale=g)
         w = lin.weight.detach().float()
         err = torch.linalg.norm(layer.fp4_weight().dequantize().float() - w) / torch.linalg.norm(w).clamp_min(1e-30)
         entry.update(bytes_after=layer.weight_nbytes(), rel_error=float(err))

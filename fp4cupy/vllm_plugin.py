@@ -5,10 +5,11 @@
 Reads fp4cupy's own checkpoints (``quantization_config = {"quant_method": "nvfp4", "group_size": 16}``)
 and, when asked for ``nvfp4``, modelopt and compressed-tensors NVFP4 checkpoints (see interop.py for
 the three layouts). Each linear layer keeps the checkpoint's tensors as vLLM parameters (loaded by
-vLLM's own weight loaders, weight-loader v2), then ``process_weights_after_loading`` builds one
-FP4Tensor per logical shard — a fused QKV or gate-up layer keeps one global scale per shard, so it
-stays exact — and prepares the W4A16 layout on CUDA. ``apply`` is ``fp4cupy.linear`` per shard:
-the tensor-core kernel on a GPU, the exact reference on the CPU. Importing this module needs no vLLM.
+vLLM's own weight loaders, weight-loader v2), then ``process_weights_after_loading`` builds the
+layer's FP4Tensors (``shard_tensors``): one for a fused QKV or gate-up layer whose shards share a
+global scale (fused.py), else one per logical shard with its own scale, so it stays exact — and
+prepares the W4A16 layout on CUDA. ``apply`` is ``fp4cupy.linear`` per tensor: the tensor-core
+kernel on a GPU, the exact reference on the CPU. Importing this module needs no vLLM.
 """
 from __future__ import annotations
 
@@ -50,6 +51,36 @@ def _ignored(cfg: dict) -> list:
     return list(cfg.get("ignore") or cfg.get("exclude_modules") or q.get("exclude_modules") or [])
 
 
+def shard_tensors(codes, scales, global_scales, partitions, group_size: int) -> list:
+    """The FP4Tensors a (fused) layer runs: one over all its rows where every logical shard has the
+    same global scale (as modelopt, llm-compressor and fp4cupy.quantize_model write q/k/v and
+    gate/up: one launch, no concatenation), else one a shard, each with its own scale (exact).
+
+    codes uint8 [N, K/2] and scales uint8 [N, K/group] (torch, any device) hold the shards' rows in
+    order; global_scales: one float (the decode scale g) a shard; partitions: rows a shard."""
+    import torch
+
+    from .tensor import FP4Tensor
+
+    k = codes.shape[1] * 2
+
+    def tensor(lo, rows, g):
+        g = torch.tensor(g, dtype=torch.float32, device=codes.device) if codes.is_cuda else g
+        return FP4Tensor(codes[lo:lo + rows].contiguous(), scales[lo:lo + rows].contiguous(), g, (rows, k), "nvfp4",
+                         group_size)
+
+    if len(set(global_scales)) == 1:
+        return [tensor(0, sum(partitions), global_scales[0])]
+    starts = [sum(partitions[:i]) for i in range(len(partitions))]
+    return [tensor(lo, rows, g) for lo, rows, g in zip(starts, partitions, global_scales)]
+
+
+def tensors_a_layer(model) -> dict:
+    """{layer name: how many FP4Tensors it runs} for the fp4cupy layers of a vLLM model; 1 for a
+    fused layer means one launch. In vLLM: ``LLM(...).apply_model(tensors_a_layer)``."""
+    return {name: len(m.fp4_shards) for name, m in model.named_modules() if hasattr(m, "fp4_shards")}
+
+
 try:  # the classes exist only where vLLM is installed (module level, so vLLM can pickle them)
     import torch
     from vllm.model_executor.layers.linear import (LinearBase, LinearMethodBase, UnquantizedLinearMethod,
@@ -86,21 +117,15 @@ if QuantizationConfig is not None:
             if self.config.w4a4:  # static activation scales of W4A4 checkpoints: loaded, unused (weight-only)
                 layer.register_parameter(self.names["act"], PerTensorScaleParameter(
                     data=torch.ones(len(output_partition_sizes), dtype=torch.float32), weight_loader=loader))
-            layer.fp4_partitions, layer.fp4_k = list(output_partition_sizes), k
+            layer.fp4_partitions = list(output_partition_sizes)
 
         def process_weights_after_loading(self, layer) -> None:
             codes = getattr(layer, self.names["codes"]).data.view(torch.uint8)
             scales = getattr(layer, self.names["scales"]).data.view(torch.uint8)
             g = getattr(layer, self.names["g"]).data.float().cpu()
-            shards, row = [], 0
-            for i, rows in enumerate(layer.fp4_partitions):  # one global scale per logical shard: exact
-                gi = float(1.0 / g[i]) if self.names["inverse"] else float(g[i])
-                gi = torch.tensor(gi, dtype=torch.float32, device=codes.device) if codes.is_cuda else gi
-                t = fp4cupy.FP4Tensor(codes[row:row + rows].contiguous(), scales[row:row + rows].contiguous(), gi,
-                                      (rows, layer.fp4_k), "nvfp4", self.config.group_size)
-                shards.append(fp4cupy.prepare(t) if codes.is_cuda else t)  # the CPU runs the reference
-                row += rows
-            layer.fp4_shards = shards
+            g = (1.0 / g if self.names["inverse"] else g).tolist()  # compressed-tensors stores 1/g: float32 here
+            shards = shard_tensors(codes, scales, g, layer.fp4_partitions, self.config.group_size)
+            layer.fp4_shards = [fp4cupy.prepare(t) if codes.is_cuda else t for t in shards]  # the CPU: reference
 
         def apply(self, layer, x, bias=None):
             ys = [fp4cupy.linear(x, w) for w in layer.fp4_shards]

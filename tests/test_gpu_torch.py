@@ -173,3 +173,32 @@ def test_mxfp4_layer_runs_the_kernel_and_exports_its_e8m0_scales():
     fresh = fp4cupy.NVFP4Linear(256, 200, 32, fmt="mxfp4", device="cuda", dtype=torch.bfloat16)
     fresh.load_state_dict(state)
     assert fresh.weight is None and torch.equal(fresh.state_dict()["weight_scale"], t.scales)
+
+
+def test_fused_siblings_on_cuda_share_a_scale_and_run_as_one_weight():
+    """quantize_model on CUDA gives q/k/v the codes, scales and global scale of their concatenation
+    (the CPU reference's), and the vLLM plugin runs them as one prepared weight."""
+    from fp4cupy import reference
+    from fp4cupy.vllm_plugin import shard_tensors
+
+    torch.manual_seed(8)
+    attn, parts = torch.nn.Module(), (256, 64, 64)
+    for name, rows, s in zip(("q_proj", "k_proj", "v_proj"), parts, (1.0, 0.3, 2.0)):
+        setattr(attn, name, torch.nn.Linear(512, rows, bias=False, device="cuda", dtype=torch.bfloat16))
+        getattr(attn, name).weight.data.mul_(s)
+    dense = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).detach().float().cpu()
+    fp4cupy.quantize_model(attn, progress=False)
+    layers = [attn.q_proj, attn.k_proj, attn.v_proj]
+    weights = [layer.fp4_weight() for layer in layers]
+    data, scales, g = reference.quantize(dense.numpy())
+    assert [w.global_scale for w in weights] == [float(g)] * 3
+    codes, scale_codes = torch.cat([w.data for w in weights]), torch.cat([w.scales for w in weights])
+    assert torch.equal(codes.cpu(), torch.from_numpy(data)) and torch.equal(scale_codes.cpu(), torch.from_numpy(scales))
+    merged = shard_tensors(codes, scale_codes, [w.global_scale for w in weights], list(parts), 16)
+    assert len(merged) == 1 and merged[0].shape == (384, 512) and merged[0].data.is_cuda
+    pw = fp4cupy.prepare(merged[0])
+    for m in (1, 16):
+        x = torch.randn(m, 512, device="cuda", dtype=torch.bfloat16)
+        want = x.double() @ fp4cupy.dequantize(merged[0]).double().T
+        assert rel(fp4cupy.linear(x, pw), want) <= 8e-3
+        assert rel(torch.cat([layer(x) for layer in layers], dim=-1), want) <= 8e-3

@@ -174,3 +174,39 @@ def test_calibrated_w4a4_exports(tmp_path):
         assert float(h.get_tensor(f"{q}.input_global_scale")[0]) == pytest.approx(2688 / amax[q], rel=1e-6)
     back = fp4cupy.import_checkpoint(tiny(seed=2), out)  # activation scales are read past, weights load
     assert isinstance(back.model.layers[0].self_attn.q_proj, fp4cupy.NVFP4Linear)
+
+
+def test_exported_fused_layers_carry_one_global_scale(tmp_path):
+    """vLLM's own NVFP4 kernels take one global scale for a fused q/k/v or gate/up weight (the max of
+    the shards'): the exports carry equal ones, so those kernels decode every shard right."""
+    from safetensors import safe_open
+
+    model = tiny()
+    fp4cupy.quantize_model_to_nvfp4(model, progress=False)
+    p = "model.layers.1."
+    for fmt, leaf in (("modelopt", "weight_scale_2"), ("compressed-tensors", "weight_global_scale")):
+        out = fp4cupy.export(model, tmp_path / fmt, format=fmt)
+        with safe_open(str(next(out.glob("model-*.safetensors"))), "pt") as h:
+            for group in (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj")):
+                assert len({float(h.get_tensor(f"{p}{n}.{leaf}").reshape(-1)[0]) for n in group}) == 1, (fmt, group)
+
+
+def test_vllm_shard_tensors_merge_shards_of_one_global_scale():
+    from fp4cupy.vllm_plugin import shard_tensors
+
+    torch.manual_seed(3)
+    parts = [64, 16, 16]
+    w = torch.randn(sum(parts), 128)
+    one = fp4cupy.quantize(w)  # one global scale: q/k/v as modelopt and fp4cupy write them
+    x = torch.randn(5, 128)
+    merged = shard_tensors(one.data, one.scales, [float(one.global_scale)] * 3, parts, 16)
+    assert len(merged) == 1 and merged[0].shape == (96, 128)
+    torch.testing.assert_close(fp4cupy.linear(x, merged[0]), fp4cupy.linear(x, one), rtol=0, atol=0)
+
+    each = [fp4cupy.quantize(s) for s in w.split(parts)]  # one global scale a shard: kept apart, exact
+    data, scales = torch.cat([t.data for t in each]), torch.cat([t.scales for t in each])
+    split = shard_tensors(data, scales, [float(t.global_scale) for t in each], parts, 16)
+    assert [t.shape for t in split] == [(64, 128), (16, 128), (16, 128)]
+    for got, want in zip(split, each):
+        assert torch.equal(got.data, want.data) and torch.equal(got.scales, want.scales)
+        assert float(got.global_scale) == float(want.global_scale)

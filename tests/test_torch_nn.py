@@ -164,3 +164,53 @@ def test_layer_constructors_reject_what_they_cannot_take():
         fp4cupy.NVFP4LinearLayer(64, 32).from_float(torch.nn.Linear(32, 64))
     with pytest.raises(TypeError, match="from_fp4 takes a 2-D FP4Tensor of torch tensors"):
         fp4cupy.NVFP4Linear.from_fp4(fp4cupy.quantize(np.ones((4, 32), np.float32)))
+
+
+def test_fused_siblings_share_one_global_scale():
+    """q/k/v and gate/up (which vLLM runs as one matrix) get the global scale of their concatenation;
+    each keeps the reference codes for that scale, so the fused matrix is quantized as one tensor."""
+    model = tiny_llama()
+    attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    with torch.no_grad():
+        attn.k_proj.weight.mul_(0.25)  # amaxes far apart: one global scale each would differ
+        mlp.up_proj.weight.mul_(3.0)
+    dense = {name: lin.weight.detach().clone() for name, lin in model.named_modules() if isinstance(lin, torch.nn.Linear)}
+    report = fp4cupy.quantize_model(model, progress=False)
+    p = "model.layers.0."
+    for group in (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj")):
+        data, scales, g = reference.quantize(torch.cat([dense[p + n] for n in group]).numpy())
+        layers = [model.get_submodule(p + n) for n in group]
+        assert [float(layer.weight_global_scale) for layer in layers] == [float(g)] * len(group)
+        np.testing.assert_array_equal(torch.cat([layer.weight for layer in layers]).numpy(), data)
+        np.testing.assert_array_equal(torch.cat([layer.weight_scale for layer in layers]).numpy(), scales)
+    for alone in ("self_attn.o_proj", "mlp.down_proj"):
+        assert float(model.get_submodule(p + alone).weight_global_scale) == reference.quantize(dense[p + alone].numpy())[2]
+    names = {e["name"]: e for e in report}
+    assert names[p + "self_attn.k_proj"]["global_scale_shared_with"] == (p + "self_attn.q_proj", p + "self_attn.v_proj")
+    assert "global_scale_shared_with" not in names[p + "mlp.down_proj"]
+    assert "10 fused with siblings share their global scales" in str(report)
+
+    own = tiny_llama()
+    with torch.no_grad():
+        own.model.layers[0].self_attn.k_proj.weight.mul_(0.25)
+    fp4cupy.quantize_model(own, progress=False, fused=())  # one global scale a layer
+    qg, kg = (float(own.get_submodule(p + n).weight_global_scale) for n in ("self_attn.q_proj", "self_attn.k_proj"))
+    assert kg == reference.quantize(dense[p + "self_attn.k_proj"].numpy())[2] != qg
+
+
+def test_fused_groups_are_siblings_named_in_one_entry():
+    from fp4cupy.fused import fused_groups
+
+    names = ["a.q_proj", "a.k_proj", "b.q_proj", "a.v_proj", "a.o_proj", "m.gate_proj", "m.up_proj", "m.down_proj",
+             "e.0.w1", "e.0.w2", "e.0.w3", "x.gate_proj"]
+    assert fused_groups(names) == [("a.q_proj", "a.k_proj", "a.v_proj"), ("m.gate_proj", "m.up_proj"), ("e.0.w1", "e.0.w3")]
+    assert fused_groups(names, fused=()) == []
+    assert fused_groups(["q_proj", "k_proj"], fused=(("q_proj", "k_proj"),)) == [("q_proj", "k_proj")]  # top level
+
+
+def test_fused_siblings_with_a_nonfinite_weight_raise_the_quantize_error():
+    model = tiny_llama()
+    with torch.no_grad():
+        model.model.layers[0].self_attn.v_proj.weight[3, 5] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        fp4cupy.quantize_model(model, progress=False)

@@ -91,7 +91,9 @@ def check_modelopt_layout(out_dir, layer: str, n: int, k: int) -> list:
 
 
 def main() -> int:
+    os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # LLM.apply_model sends a function
     import fp4cupy
+    from fp4cupy import vllm_plugin
     from vllm import LLM, SamplingParams
 
     failures = []
@@ -121,6 +123,12 @@ def main() -> int:
                         failures.append(f"{fmt}: {p!r}: token {tid} logprob {lp.logprob:.6f} vs {ref:.6f}")
             print(f"{fmt}: {len(PROMPTS)} prompts, {NEW} tokens each, greedy tokens "
                   f"{'match' if not any(f.startswith(fmt + ':') for f in failures) else 'DIFFER'}", flush=True)
+            # fp4cupy gives fused q/k/v and gate/up one global scale (fused.py): each runs as one tensor
+            counts = llm.apply_model(vllm_plugin.tensors_a_layer)[0]
+            fused = {k: v for k, v in counts.items() if k.endswith(("qkv_proj", "gate_up_proj"))}
+            if len(fused) != 4 or set(fused.values()) != {1}:
+                failures.append(f"{fmt}: fused layers run as {fused}, not one tensor each")
+            print(f"{fmt}: {len(fused)} fused layers, {sorted(set(fused.values()))} tensor(s) each", flush=True)
             del llm
     for f in failures:
         print("FAIL", f)
