@@ -176,6 +176,12 @@ def _one_tile_rounds(tiles: int, one, bf16: bool, device: int):
 
 
 SPLIT_BLOCKS_PER_SM = 3  # ties take the most blocks up to this many a SM, else the fewest
+# No K split at this many chunks of 64 or fewer (K <= 4096) and M <= 16 once the one-tile blocks
+# cover half the SMs: the split's cluster reduction then costs more than the work it evens out
+# (H200, split_sweep.py: fitted on 1280-5120 rows x K 3584-4096, where the splits lost up to 11%;
+# on 112 rows it had not seen, 1792-4864 x K 2048-4096, each pick it changed was the best launch,
+# the former ones 2-22% slower; at K = 5120 the splits lost up to 10% too, not taken: one run).
+SHORT_K_CHUNKS = 64
 
 
 def _one_wave_launch(tiles: int, mtiles: int, k: int, two, one, bf16: bool, device: int):
@@ -184,8 +190,9 @@ def _one_wave_launch(tiles: int, mtiles: int, k: int, two, one, bf16: bool, devi
     driver cannot say what runs at once).
 
     The launches: the ``one``-tile kernel as 4 or 8 warps, K split over the S blocks of a cluster
-    (S in 1 and SPLITS; 1 only before sm_90), and the two-tile kernel as 4, 8 or 16 warps; each
-    block 8 chunks of 64 or more, each warp two, and at most SHARED_LIMIT of partial sums. Of those
+    (S in 1 and SPLITS; 1 only before sm_90 or at short K, SHORT_K_CHUNKS), and the two-tile kernel
+    as 4, 8 or 16 warps; each block 8 chunks of 64 or more, each warp two, and at most
+    SHARED_LIMIT of partial sums. Of those
     whose blocks all run at once (a second wave cost 1.3-1.6x; clusters hold fewer blocks than
     blocks a SM say: 77 clusters of 8 blocks of 4 warps, not 99), take the least work on the
     busiest SM (its blocks x row tiles a block / S: at 4608-6144 rows three one-tile blocks a SM
@@ -198,7 +205,10 @@ def _one_wave_launch(tiles: int, mtiles: int, k: int, two, one, bf16: bool, devi
     8448 rows (2 x SMs two-tile blocks) they ran 8 warps a block at 9-16 tokens, 16 ran 7-17% faster."""
     chunks, sms = k // 64, _sm_count(device)
     cc = runtime.compute_capability(device)
-    options = [(one, s, w) for s in ((1, *SPLITS) if cc is not None and cc >= (9, 0) else (1,)) for w in (4, 8)]
+    splits = SPLITS if cc is not None and cc >= (9, 0) else ()
+    if chunks <= SHORT_K_CHUNKS and one[1] <= 2 and tiles >= sms // 2:
+        splits = ()
+    options = [(one, s, w) for s in (1, *splits) for w in (4, 8)]
     ranked = []
     for variant, s, w in options + [(two, 1, w) for w in (4, 8, 16)]:
         blocks = -(-tiles // variant[0]) * mtiles * s

@@ -299,7 +299,11 @@ def fake_cluster_gpu(monkeypatch, cc=(9, 0), known=True):
     (1024, 28672, 1, False, "w4a16_rt1_nt1_u2_s4_f16", 8),    # 8 x 4 is as many warps but 512 blocks
     (1024, 28672, 1, True, "w4a16_rt1_nt1_u2_s8_bf16", 4),    # 4 x 8 in bf16: 62 clusters of 4, not 64
     (1280, 8192, 1, True, "w4a16_rt1_nt1_u2_s4_bf16", 4),
-    (2560, 4096, 1, True, "w4a16_rt1_nt1_u2_s2_bf16", 4),     # 2 x 8: 320 blocks, a second wave
+    (2560, 4096, 1, True, "w4a16_rt1_nt1_u2_bf16", 8),        # short K over half the SMs: no split
+    (4608, 3584, 1, False, "w4a16_rt1_nt1_u2_f16", 8),        # (Qwen2.5-7B's fused qkv: S=2 lost 10%)
+    (4608, 3584, 1, True, "w4a16_rt1_nt1_u2_bf16", 4),
+    (1024, 4096, 1, False, "w4a16_rt1_nt1_u2_s4_f16", 8),     # 64 tiles: under half the SMs, split
+    (1280, 4096, 32, False, "w4a16_rt1_nt4_u1_s4_f16", 4),    # 17-32 tokens keep their splits
     (2560, 8192, 16, False, "w4a16_rt1_nt2_u2_s2_f16", 4),
     (2048, 8192, 16, False, "w4a16_rt1_nt2_u2_s2_f16", 8),
     (3072, 28672, 1, False, "w4a16_rt1_nt1_u2_s2_f16", 8),
