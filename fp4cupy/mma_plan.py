@@ -176,12 +176,13 @@ def _one_tile_rounds(tiles: int, one, bf16: bool, device: int):
 
 
 SPLIT_BLOCKS_PER_SM = 3  # ties take the most blocks up to this many a SM, else the fewest
-# No K split at this many chunks of 64 or fewer (K <= 4096) and M <= 16 once the one-tile blocks
-# cover half the SMs: the split's cluster reduction then costs more than the work it evens out
-# (H200, split_sweep.py: fitted on 1280-5120 rows x K 3584-4096, where the splits lost up to 11%;
-# on 112 rows it had not seen, 1792-4864 x K 2048-4096, each pick it changed was the best launch,
-# the former ones 2-22% slower; at K = 5120 the splits lost up to 10% too, not taken: one run).
-SHORT_K_CHUNKS = 64
+# No K split at this many 64-wide chunks of K or fewer (K <= 5120) and M <= 16 once the one-tile
+# blocks cover half the SMs: the split's cluster reduction then costs more than the work it evens out
+# (H200, split_sweep.py: fitted at 64 on 1280-5120 rows x K 3584-4096, where the splits lost up to
+# 11%; on 112 rows it had not seen, 1792-4864 x K 2048-4096, each pick it changed was the best
+# launch, the former ones 2-22% slower. 80 from K = 5120 in that run, checked in another on 36
+# other rows: 2.1% -> 0.15% off the best. At K = 6144 a bound of 96 lost 0.3%, at 8192 of 128, 23%).
+SHORT_K_CHUNKS = 80
 
 
 def _one_wave_launch(tiles: int, mtiles: int, k: int, two, one, bf16: bool, device: int):
@@ -192,12 +193,11 @@ def _one_wave_launch(tiles: int, mtiles: int, k: int, two, one, bf16: bool, devi
     The launches: the ``one``-tile kernel as 4 or 8 warps, K split over the S blocks of a cluster
     (S in 1 and SPLITS; 1 only before sm_90 or at short K, SHORT_K_CHUNKS), and the two-tile kernel
     as 4, 8 or 16 warps; each block 8 chunks of 64 or more, each warp two, and at most
-    SHARED_LIMIT of partial sums. Of those
-    whose blocks all run at once (a second wave cost 1.3-1.6x; clusters hold fewer blocks than
-    blocks a SM say: 77 clusters of 8 blocks of 4 warps, not 99), take the least work on the
-    busiest SM (its blocks x row tiles a block / S: at 4608-6144 rows three one-tile blocks a SM
-    beat two two-tile ones by 8-27%), then the most warps in all, then the most blocks up to
-    SPLIT_BLOCKS_PER_SM a SM, else the fewest.
+    SHARED_LIMIT of partial sums. Of those whose blocks all run at once (a second wave cost
+    1.3-1.6x; clusters hold fewer blocks than blocks a SM say: 77 clusters of 8 blocks of 4 warps,
+    not 99), take the least work on the busiest SM (its blocks x row tiles a block / S: at
+    4608-6144 rows three one-tile blocks a SM beat two two-tile ones by 8-27%), then the most warps
+    in all, then the most blocks up to SPLIT_BLOCKS_PER_SM a SM, else the fewest.
 
     From benchmarks/split_sweep.py on an H200 (fp16 and bf16, K 4096-28672, M = 1 and 16 at
     512-8448 rows, M = 32 below 4224): 1.4% off the best launch in geomean below 4224 rows, at most

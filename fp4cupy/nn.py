@@ -243,7 +243,7 @@ class QuantizationReport(list):
         shared = sum("global_scale_shared_with" in e for e in done)
         return (f"{len(done)} of {len(self)} Linear layers quantized; linear weights {before / 2**20:.1f} MiB -> "
                 f"{after / 2**20:.1f} MiB; worst relative weight error {worst:.4f}"
-                + (f"; {shared} fused with siblings share their global scales" if shared else ""))
+                + (f"; {shared} layers share a global scale with their fused siblings" if shared else ""))
 
 
 def quantize_model(model: nn.Module, fmt: str = "nvfp4", group_size: int = 16, replace_linear: bool = True,

@@ -124,7 +124,7 @@ def test_k_split_over_a_cluster(nt, dtype):
     (16, 2048, 8192, "w4a16_rt1_nt2_u2_s2_f16", 8), (16, 2560, 8192, "w4a16_rt1_nt2_u2_s2_f16", 4),
     (1, 4096, 8192, "w4a16_rt1_nt1_u2_f16", 8), (1, 6144, 4096, "w4a16_rt1_nt1_u2_f16", 8),
     (16, 4608, 14336, "w4a16_rt1_nt2_u2_f16", 4), (1, 8192, 8192, "w4a16_rt2_nt1_u2_f16", 8),
-    (1, 4608, 3584, "w4a16_rt1_nt1_u2_f16", 8)])  # short K over half the SMs: no split
+    (1, 4608, 3584, "w4a16_rt1_nt1_u2_f16", 8), (16, 2560, 5120, "w4a16_rt1_nt2_u2_f16", 8)])  # short K: no split
 def test_linear_splits_k_over_clusters_for_few_rows(m, n, k, want, warps):
     """Through fp4cupy.linear where the one-wave plan picks the launch, K split over clusters or
     not (on an H100 or H200: 132 SMs, whose driver occupancy the plan reads), against float64."""

@@ -303,6 +303,8 @@ def fake_cluster_gpu(monkeypatch, cc=(9, 0), known=True):
     (4608, 3584, 1, False, "w4a16_rt1_nt1_u2_f16", 8),        # (Qwen2.5-7B's fused qkv: S=2 lost 10%)
     (4608, 3584, 1, True, "w4a16_rt1_nt1_u2_bf16", 4),
     (1024, 4096, 1, False, "w4a16_rt1_nt1_u2_s4_f16", 8),     # 64 tiles: under half the SMs, split
+    (2560, 5120, 1, False, "w4a16_rt1_nt1_u2_f16", 8),        # 80 chunks are short too
+    (2560, 6144, 1, False, "w4a16_rt1_nt1_u2_s4_f16", 4),     # 96 keep their splits (mixed there)
     (1280, 4096, 32, False, "w4a16_rt1_nt4_u1_s4_f16", 4),    # 17-32 tokens keep their splits
     (2560, 8192, 16, False, "w4a16_rt1_nt2_u2_s2_f16", 4),
     (2048, 8192, 16, False, "w4a16_rt1_nt2_u2_s2_f16", 8),

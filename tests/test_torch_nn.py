@@ -188,7 +188,7 @@ def test_fused_siblings_share_one_global_scale():
     names = {e["name"]: e for e in report}
     assert names[p + "self_attn.k_proj"]["global_scale_shared_with"] == (p + "self_attn.q_proj", p + "self_attn.v_proj")
     assert "global_scale_shared_with" not in names[p + "mlp.down_proj"]
-    assert "10 fused with siblings share their global scales" in str(report)
+    assert "10 layers share a global scale with their fused siblings" in str(report)
 
     own = tiny_llama()
     with torch.no_grad():
