@@ -2,11 +2,12 @@
 launch a shard and a concatenation (what the vLLM plugin runs when the scales differ), and cuBLAS
 fp16 on the fused dense weight; measured alternately in this run on this card.
 
-    PYTHONPATH=$PWD python3 benchmarks/fused_shards.py [--quick]
+    PYTHONPATH=$PWD python3 benchmarks/fused_shards.py [--quick] [--bf16]
 
 Layers are [shard rows] x K of real models: q/k/v and gate/up of Llama-3-8B, Qwen2.5-7B and a
 tensor-parallel rank of Llama-3-70B (TP=8). Each side is a CUDA graph of 30 calls (as vLLM decodes),
-three weight sets rotating so L2 does not hold them. x is fp16 [M, K].
+three weight sets rotating so L2 does not hold them. x is fp16 [M, K] (bf16 with --bf16, as vLLM
+mostly runs; cuBLAS then in bf16).
 """
 from __future__ import annotations
 
@@ -32,11 +33,11 @@ LAYERS = {
 MS = (1, 16)
 
 
-def weights(parts, k, sets=3):
-    """Per set: the fp16 weight, the fused prepared weight, and the prepared shards (one global scale)."""
+def weights(parts, k, dtype, sets=3):
+    """Per set: the dense weight, the fused prepared weight, and the prepared shards (one global scale)."""
     out = []
     for _ in range(sets):
-        dense = torch.randn(sum(parts), k, device="cuda", dtype=torch.float16) * 0.02
+        dense = torch.randn(sum(parts), k, device="cuda", dtype=dtype) * 0.02
         t = fp4cupy.quantize(dense)
         (fused,) = shard_tensors(t.data, t.scales, [t.global_scale] * len(parts), list(parts), 16)
         starts = [sum(parts[:i]) for i in range(len(parts))]
@@ -46,12 +47,12 @@ def weights(parts, k, sets=3):
     return out
 
 
-def rows(layers=LAYERS, ms=MS):
+def rows(layers=LAYERS, ms=MS, dtype=torch.float16):
     table = []
     for name, (parts, k) in layers.items():
-        sets = weights(parts, k)
+        sets = weights(parts, k, dtype)
         for m in ms:
-            x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+            x = torch.randn(m, k, device="cuda", dtype=dtype)
             fused = lambda i: fp4cupy.linear(x, sets[i % 3][1])  # noqa: E731
             apart = lambda i: torch.cat([fp4cupy.linear(x, s) for s in sets[i % 3][2]], dim=-1)  # noqa: E731
             r = graph_compare(apart, fused)
@@ -64,17 +65,18 @@ def rows(layers=LAYERS, ms=MS):
     return table
 
 
-def main(quick=False):
+def main(quick=False, bf16=False):
     layers = dict(list(LAYERS.items())[:2]) if quick else LAYERS
-    print(f"# fused shards, {card()}, fp16 x, CUDA graphs of 30 calls, 3 weight sets rotating")
-    print("| layer | rows x K | M | shards + cat us | fused us | fused speed-up (min-max) | cuBLAS fp16 us "
+    dt = "bf16" if bf16 else "fp16"
+    print(f"# fused shards, {card()}, {dt} x, CUDA graphs of 30 calls, 3 weight sets rotating")
+    print(f"| layer | rows x K | M | shards + cat us | fused us | fused speed-up (min-max) | cuBLAS {dt} us "
           "| fused vs cuBLAS | shards vs cuBLAS |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for r in rows(layers):
+    for r in rows(layers, dtype=torch.bfloat16 if bf16 else torch.float16):
         print(f"| {r['layer']} | {r['shape']} | {r['m']} | {r['apart'] * 1e3:.1f} | {r['fused'] * 1e3:.1f} | "
               f"{r['gain']:.2f}x ({r['lo']:.2f}-{r['hi']:.2f}) | {r['cublas'] * 1e3:.1f} | {r['vs_cublas']:.2f}x | "
               f"{r['apart_vs_cublas']:.2f}x |")
 
 
 if __name__ == "__main__":
-    main(quick="--quick" in sys.argv)
+    main(quick="--quick" in sys.argv, bf16="--bf16" in sys.argv)

