@@ -76,7 +76,10 @@ def main(argv=None) -> int:
     q.add_argument("src", help="a transformers model directory (config.json + weights)")
     q.add_argument("out", help="the directory to write")
     q.add_argument("--export", choices=("modelopt", "compressed-tensors", "nvfp4"), default="nvfp4")
-    q.add_argument("--group-size", type=int, default=16)
+    q.add_argument("--fmt", choices=("nvfp4", "mxfp4"), default="nvfp4")
+    q.add_argument("--group-size", type=int, default=None, help="default: 16 for nvfp4, 32 for mxfp4")
+    q.add_argument("--scale-mode", choices=("floor", "rceil", "round"), default=None,
+                   help="MXFP4's block-scale rule (default floor, the OCP one; round: compressed-tensors')")
     q.add_argument("--skip", action="append", default=None, help="layer name or glob to keep in float (repeatable; "
                    "default: lm_head)")
     q.add_argument("--device", default="cpu", help="where to quantize ('cpu', 'cuda', 'cuda:N')")
@@ -84,13 +87,14 @@ def main(argv=None) -> int:
     if args.command == "demo":
         demo(args.device, tuple(args.shape) if args.shape else LLAMA_SHAPES, args.fmt)
     elif args.command == "quantize":
-        return quantize_checkpoint(args.src, args.out, args.export, args.group_size, args.skip or ["lm_head"], args.device)
+        return quantize_checkpoint(args.src, args.out, args.export, args.group_size, args.skip or ["lm_head"], args.device,
+                                   args.fmt, args.scale_mode)
     else:
         _info()
     return 0
 
 
-def quantize_checkpoint(src, out, export_format, group_size, skip, device="cpu") -> int:
+def quantize_checkpoint(src, out, export_format, group_size, skip, device="cpu", fmt="nvfp4", scale_mode=None) -> int:
     """``fp4cupy quantize``: load ``src`` whole, quantize its Linear layers, export; 2 on bad input."""
     from pathlib import Path
 
@@ -102,8 +106,9 @@ def quantize_checkpoint(src, out, export_format, group_size, skip, device="cpu")
 
         import fp4cupy
 
+        group_size = group_size or fp4cupy.get_format(fmt).default_group
         model = transformers.AutoModelForCausalLM.from_pretrained(src).to(device).eval()
-        report = fp4cupy.quantize_model(model, group_size=group_size, skip=tuple(skip))
+        report = fp4cupy.quantize_model(model, fmt, group_size=group_size, skip=tuple(skip), scale_mode=scale_mode)
         fp4cupy.export(model, out, format=export_format, source_dir=src)
     except (OSError, ValueError, ImportError) as e:
         print(f"fp4cupy quantize: {e}", file=sys.stderr)

@@ -63,8 +63,9 @@ FORMATS: dict[str, Format] = {
     # NVFP4: E4M3 block scale chosen by round-to-nearest-even ("rtn"), FP32 global decode scale.
     "nvfp4": Format("nvfp4", "e4m3", (8, 16, 32, 64), 16, True, ("rtn",)),
     # MXFP4 (OCP Microscaling v1.0): E8M0 shared exponent; "floor" is the OCP rule,
-    # "rceil" rounds blockamax/6 up to a power of two (torchao's RCEIL).
-    "mxfp4": Format("mxfp4", "e8m0", (32,), 32, False, ("floor", "rceil")),
+    # "rceil" rounds blockamax/6 up to a power of two (torchao's RCEIL), "round" rounds blockamax
+    # to one mantissa bit first (compressed-tensors / llm-compressor's MXFP4).
+    "mxfp4": Format("mxfp4", "e8m0", (32,), 32, False, ("floor", "rceil", "round")),
 }
 
 

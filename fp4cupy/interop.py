@@ -10,8 +10,11 @@ Per quantized linear layer ``p`` (N x K, group 16; W = weight, g = fp4cupy's dec
 | nvfp4 (fp4cupy) | p.weight uint8 [N, K/2] | p.weight_scale uint8 | p.weight_global_scale f32 [] = g |
 | modelopt (vLLM modelopt_fp4) | p.weight uint8 | p.weight_scale float8_e4m3fn | p.weight_scale_2 f32 [] = g |
 | compressed-tensors nvfp4-pack-quantized | p.weight_packed uint8 | p.weight_scale float8_e4m3fn | p.weight_global_scale f32 [1] = 1/g |
+| compressed-tensors mxfp4-pack-quantized (MXFP4, group 32) | p.weight_packed uint8 | p.weight_scale uint8 E8M0 [N, K/32] | none |
 
-Codes are two a byte, element 2i in the low nibble, in all three. compressed-tensors divides by its
+A model quantized to MXFP4 (group 32) exports as compressed-tensors' mxfp4-pack-quantized (the
+layout "compressed-tensors-mxfp4"), or as fp4cupy's own. Codes are two a byte, element 2i in the
+low nibble, in all of them. compressed-tensors divides by its
 global scale; the exported 1/g is a float32 whose reciprocal rounds back to g where such a float32
 exists (most g), else the nearest: then g comes back 1 ulp (2^-24 relative) off. Codes and block
 scales always round-trip bit for bit. Other tensors (embeddings, norms, skipped layers) are
@@ -41,6 +44,8 @@ LAYOUTS = {
                      fp8_scales=True, inverse=False),
     "compressed-tensors": dict(codes="weight_packed", scales="weight_scale", g="weight_global_scale",
                                act="input_global_scale", fp8_scales=True, inverse=True),
+    "compressed-tensors-mxfp4": dict(codes="weight_packed", scales="weight_scale", g=None, act=None,
+                                     fp8_scales=False, inverse=False),
 }
 SHARD_BYTES = 2 * 2**30
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -88,6 +93,20 @@ def calibrate(model: nn.Module, batches, progress: bool = True) -> dict:
     return amax
 
 
+def _layout(format: str, layers: dict) -> str:
+    """The LAYOUTS key that ``format`` writes these layers in; ValueError if it cannot hold them."""
+    kinds = {(m.fmt, m.group_size) for m in layers.values()}
+    if format == "nvfp4":
+        return format
+    if kinds == {("nvfp4", 16)}:
+        return format
+    if format == "compressed-tensors" and kinds == {("mxfp4", 32)}:
+        return "compressed-tensors-mxfp4"
+    raise ValueError(f"{format} checkpoints hold NVFP4 with group 16 in every layer"
+                     f"{' (or MXFP4 with group 32 in every layer)' if format == 'compressed-tensors' else ''}; "
+                     f"this model has {sorted(f'{f} group {g}' for f, g in kinds)}")
+
+
 def _layer_tensors(name: str, m: NVFP4Linear, fmt: str, input_amax: float | None = None) -> dict:
     layout = LAYOUTS[fmt]
     w = m.fp4_weight()
@@ -98,8 +117,9 @@ def _layer_tensors(name: str, m: NVFP4Linear, fmt: str, input_amax: float | None
             return torch.tensor([inverse_global_scale(g)], dtype=torch.float32)
         return torch.tensor(g, dtype=torch.float32)
 
-    out = {layout["codes"]: data, layout["scales"]: scales.view(torch.float8_e4m3fn) if layout["fp8_scales"] else scales,
-           layout["g"]: global_scale(float(m.weight_global_scale))}
+    out = {layout["codes"]: data, layout["scales"]: scales.view(torch.float8_e4m3fn) if layout["fp8_scales"] else scales}
+    if layout["g"]:
+        out[layout["g"]] = global_scale(float(m.weight_global_scale))
     if input_amax is not None and fmt != "nvfp4":  # W4A4: the activation's decode global scale (amax / 2688)
         out[layout["act"]] = global_scale(float(np.float32(max(input_amax, 1e-30)) / np.float32(2688.0)))
     if m.bias is not None:
@@ -116,10 +136,13 @@ def _quant_config(fmt: str, group_size: int, ignore: list, w4a4: bool = False) -
                 "exclude_modules": ignore, "ignore": ignore}
     scheme = {"num_bits": 4, "type": "float", "strategy": "tensor_group", "group_size": group_size,
               "symmetric": True, "dynamic": False}
-    return {"quant_method": "compressed-tensors", "format": "nvfp4-pack-quantized", "quantization_status": "compressed",
+    packed = "nvfp4-pack-quantized"
+    if fmt == "compressed-tensors-mxfp4":  # E8M0 scales as uint8, no global scale
+        scheme, packed = dict(scheme, strategy="group", scale_dtype="torch.uint8"), "mxfp4-pack-quantized"
+    return {"quant_method": "compressed-tensors", "format": packed, "quantization_status": "compressed",
             "config_groups": {"group_0": {"targets": ["Linear"], "weights": scheme,
                                           "input_activations": dict(scheme, dynamic="local") if w4a4 else None,
-                                          "output_activations": None, "format": "nvfp4-pack-quantized"}},
+                                          "output_activations": None, "format": packed}},
             "ignore": ignore}
 
 
@@ -129,7 +152,8 @@ def export(model: nn.Module, out_dir, format: str = "nvfp4", source_dir=None, sh
     plus config.json with its quantization_config (and hf_quant_config.json for modelopt). Tensors
     are converted and written one shard at a time. Tokenizer files are copied from ``source_dir``.
     ``input_amax`` (from ``calibrate``) makes a W4A4 modelopt / compressed-tensors checkpoint with
-    static activation global scales (input_scale / input_global_scale)."""
+    static activation global scales (input_scale / input_global_scale). A model whose layers are all
+    MXFP4 with group 32 writes compressed-tensors' mxfp4-pack-quantized (weight-only)."""
     from safetensors.torch import save_file
 
     if format not in FORMATS:
@@ -139,9 +163,9 @@ def export(model: nn.Module, out_dir, format: str = "nvfp4", source_dir=None, sh
     layers = {n: m for n, m in model.named_modules() if isinstance(m, NVFP4Linear)}
     if not layers:
         raise ValueError("the model has no NVFP4Linear layers: quantize it first (fp4cupy.quantize_model)")
-    sizes = {m.group_size for m in layers.values()} | {m.fmt for m in layers.values()}
-    if sizes - {16, "nvfp4"} and format != "nvfp4":
-        raise ValueError(f"{format} checkpoints hold NVFP4 with group 16; this model has {sorted(map(str, sizes))}")
+    layout = _layout(format, layers)
+    if input_amax and not LAYOUTS[layout]["act"]:
+        raise ValueError(f"input_amax makes W4A4 NVFP4 checkpoints; {layout} has no static activation scale")
     pending, shards, size = {}, [], 0
 
     def flush():
@@ -166,14 +190,14 @@ def export(model: nn.Module, out_dir, format: str = "nvfp4", source_dir=None, sh
         if layer in layers:  # weight, weight_scale, weight_global_scale, bias: written together, converted
             if layer not in seen:
                 seen.add(layer)
-                add(_layer_tensors(layer, layers[layer], format, (input_amax or {}).get(layer)))
+                add(_layer_tensors(layer, layers[layer], layout, (input_amax or {}).get(layer)))
             continue
         add({key: value.detach().cpu().contiguous().clone()})
     flush()
     weight_map = {k: name for name, keys in shards for k in keys}
     (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
     ignore = sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear))
-    qcfg = _quant_config(format, 16 if format != "nvfp4" else next(iter(layers.values())).group_size, ignore,
+    qcfg = _quant_config(layout, next(iter(layers.values())).group_size, ignore,
                          w4a4=bool(input_amax) and format != "nvfp4")
     cfg = model.config.to_dict() if hasattr(model, "config") and hasattr(model.config, "to_dict") else {}
     cfg["quantization_config"] = qcfg
@@ -189,9 +213,11 @@ def export(model: nn.Module, out_dir, format: str = "nvfp4", source_dir=None, sh
 
 
 def detect_format(keys) -> str:
+    """The LAYOUTS key of a checkpoint, from its tensor names."""
     keys = list(keys)
     if any(k.endswith(".weight_packed") for k in keys):
-        return "compressed-tensors"
+        mx = not any(k.endswith(".weight_global_scale") for k in keys)
+        return "compressed-tensors-mxfp4" if mx else "compressed-tensors"
     if any(k.endswith(".weight_scale_2") for k in keys):
         return "modelopt"
     if any(k.endswith(".weight_global_scale") for k in keys):
@@ -215,11 +241,12 @@ def import_checkpoint(model: nn.Module, src_dir, strict: bool = True) -> nn.Modu
             keys.update({k: f for k in h.keys()})
     layout = LAYOUTS[detect_format(keys)]
     codes_key, scale2 = layout["codes"], layout["g"]
-    quantized = sorted({k.rsplit(".", 1)[0] for k in keys if k.endswith("." + scale2)})
+    fmt, group = ("nvfp4", 16) if scale2 else ("mxfp4", 32)
+    quantized = sorted({k.rsplit(".", 1)[0] for k in keys if k.endswith("." + (scale2 or codes_key))})
     for name in quantized:
         cur = model.get_submodule(name)
         if not isinstance(cur, NVFP4Linear):
-            layer = NVFP4Linear(cur.in_features, cur.out_features, 16, cur.bias is not None,
+            layer = NVFP4Linear(cur.in_features, cur.out_features, group, cur.bias is not None, fmt,
                                 device=cur.weight.device, dtype=cur.weight.dtype)
             replace_module(model, name, layer)
     state = {}
@@ -231,6 +258,8 @@ def import_checkpoint(model: nn.Module, src_dir, strict: bool = True) -> nn.Modu
                 if layer in quantized:
                     if leaf == codes_key:
                         state[f"{layer}.weight"] = t.view(torch.uint8)
+                        if not scale2:  # MXFP4: no global scale
+                            state[f"{layer}.weight_global_scale"] = torch.tensor(1.0)
                     elif leaf == layout["scales"]:
                         state[f"{layer}.weight_scale"] = t.view(torch.uint8)
                     elif leaf == scale2:

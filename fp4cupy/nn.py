@@ -71,13 +71,15 @@ class NVFP4Linear(nn.Module):
 
     @_class_or_instance_method
     def from_float(cls, self, linear: nn.Linear, group_size: int | None = None, fmt: str | None = None,
-                   global_scale: float | None = None) -> NVFP4Linear:
+                   global_scale: float | None = None, scale_mode: str | None = None) -> NVFP4Linear:
         """Quantize ``linear.weight`` (recipe of DESIGN.md section 1).
 
         ``NVFP4Linear.from_float(linear)`` makes a new layer on linear's device;
         ``NVFP4LinearLayer(in, out, group_size).from_float(linear)`` (the seed's form) fills that
         layer (its group size and format) and returns it. ``global_scale`` (NVFP4): the decode
-        scale to use instead of the weight's amax / (6 * 448), e.g. one shared with fused siblings."""
+        scale to use instead of the weight's amax / (6 * 448), e.g. one shared with fused siblings.
+        ``scale_mode`` (MXFP4): "floor" (OCP, the default), "rceil" (torchao) or "round"
+        (compressed-tensors / llm-compressor, bit for bit)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_float takes an nn.Linear; got {type(linear).__name__}")
         w = linear.weight.detach()
@@ -91,7 +93,7 @@ class NVFP4Linear(nn.Module):
                                  f"nn.Linear is {linear.in_features} -> {linear.out_features}")
             layer.to(w.device)
             layer.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone())
-        t = quantize(w, layer.fmt, layer.group_size, global_scale=global_scale)
+        t = quantize(w, layer.fmt, layer.group_size, global_scale=global_scale, scale_mode=scale_mode)
         layer.weight, layer.weight_scale = t.data, t.scales  # fresh buffers (a repacked layer has none)
         g = t.global_scale_array
         layer.weight_global_scale.copy_(g if isinstance(g, torch.Tensor) else torch.tensor(float(g)))
@@ -248,7 +250,7 @@ class QuantizationReport(list):
 
 def quantize_model(model: nn.Module, fmt: str = "nvfp4", group_size: int = 16, replace_linear: bool = True,
                    skip=("lm_head", "embed"), inplace: bool = True, progress: bool = True,
-                   fused=FUSED_SIBLINGS) -> QuantizationReport:
+                   fused=FUSED_SIBLINGS, scale_mode: str | None = None) -> QuantizationReport:
     """Replace every ``nn.Linear`` of ``model`` by an ``NVFP4Linear`` (in place, or in a deep copy with
     ``inplace=False``; the result is ``report.model``) and return the per-layer report.
 
@@ -259,6 +261,7 @@ def quantize_model(model: nn.Module, fmt: str = "nvfp4", group_size: int = 16, r
     fused: sibling names whose layers vLLM runs as one matrix (q/k/v, gate/up, ...: fused.py); in
            NVFP4 each such group shares one global scale, amax of the group / (6 * 448), as
            modelopt and llm-compressor do and vLLM's own NVFP4 kernels need. ``()``: one a layer.
+    scale_mode: MXFP4's block-scale rule (see NVFP4Linear.from_float): "floor", "rceil" or "round".
     """
     if not inplace:
         import copy
@@ -293,7 +296,7 @@ def quantize_model(model: nn.Module, fmt: str = "nvfp4", group_size: int = 16, r
         g, group = shared.get(name, (None, ()))
         if group:
             entry["global_scale_shared_with"] = tuple(other for other in group if other != name)
-        layer = NVFP4Linear.from_float(lin, group_size, fmt, global_scale=g)
+        layer = NVFP4Linear.from_float(lin, group_size, fmt, global_scale=g, scale_mode=scale_mode)
         w = lin.weight.detach().float()
         err = torch.linalg.norm(layer.fp4_weight().dequantize().float() - w) / torch.linalg.norm(w).clamp_min(1e-30)
         entry.update(bytes_after=layer.weight_nbytes(), rel_error=float(err))

@@ -69,7 +69,8 @@ def quantize(x, fmt="nvfp4", group_size=None, *, scale_mode=None, global_scale=N
     """Quantize ``x`` [..., K] to FP4 in blocks of ``group_size`` along the last axis.
 
     fmt:          'nvfp4' (E4M3 scales, FP32 global scale; group 8/16/32/64, default 16) or
-                  'mxfp4' (E8M0 scales, group 32; scale_mode 'floor' (OCP) or 'rceil').
+                  'mxfp4' (E8M0 scales, group 32; scale_mode 'floor' (OCP), 'rceil' (torchao) or 'round'
+                  (compressed-tensors)).
     global_scale: NVFP4 decode scale to use instead of amax/(6*448) (e.g. a calibrated activation
                   scale); one pass, blocks past the E4M3 range saturate.
     pad:          if K is not a multiple of the group, pad with zeros and remember the true shape.

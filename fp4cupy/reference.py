@@ -10,6 +10,8 @@ NVFP4 (group g_s, decode global scale g):
     value = (e2m1(code) * fp32(s)) * g                             # exact product, then one rounding
 MXFP4 (block 32, no global scale):
     floor: e = floor(log2(blockamax)) - 2;  rceil: e = ceil(log2(blockamax / 6))
+    round: e = floor(log2(blockamax rounded to 1 mantissa bit, ties up)) - 2, i.e. floor's e + 1
+           where blockamax's significand is 1.75 or more (compressed-tensors / llm-compressor)
     e clamped to [-127, 127] (blockamax == 0 -> -127); scale byte = e + 127
     code = E2M1_RNE(clip(x * 2**-e, -6, 6));  value = e2m1(code) * 2**e (exact)
 
@@ -133,11 +135,19 @@ def _mxfp4_rceil(blockamax: np.ndarray, g):
     return _mx_scale(e)
 
 
+def _mxfp4_round(blockamax: np.ndarray, g):
+    """The float32 bits plus half the E2M1 mantissa step (2^21): the exponent field carries where the
+    significand is 1.75 or more (an amax that would round past 6 * 2^e stays in range)."""
+    bits = np.ascontiguousarray(blockamax, F32).view(np.uint32).astype(np.int64)
+    return _mx_scale(((bits + (1 << 21)) >> 23) - 127 - 2)
+
+
 # (scale_type, mode) -> rule(blockamax, g) -> (scale bits, divisor); for e8m0 the divisor is the exponent.
 SCALE_RULES = {
     ("e4m3", "rtn"): _nvfp4_rtn,
     ("e8m0", "floor"): _mxfp4_floor,
     ("e8m0", "rceil"): _mxfp4_rceil,
+    ("e8m0", "round"): _mxfp4_round,
 }
 
 

@@ -3,8 +3,8 @@
     LLM(model=checkpoint_dir, quantization="nvfp4")
 
 Reads fp4cupy's own checkpoints (``quantization_config = {"quant_method": "nvfp4", "group_size": 16}``)
-and, when asked for ``nvfp4``, modelopt and compressed-tensors NVFP4 checkpoints (see interop.py for
-the three layouts). Each linear layer keeps the checkpoint's tensors as vLLM parameters (loaded by
+and, when asked for ``nvfp4`` (or ``fp4cupy``), modelopt and compressed-tensors NVFP4 checkpoints and
+compressed-tensors MXFP4 ones (mxfp4-pack-quantized; see interop.py for the layouts). Each linear layer keeps the checkpoint's tensors as vLLM parameters (loaded by
 vLLM's own weight loaders, weight-loader v2), then ``process_weights_after_loading`` builds the
 layer's FP4Tensors (``shard_tensors``): one for a fused QKV or gate-up layer whose shards share a
 global scale (fused.py), else one per logical shard with its own scale, so it stays exact — and
@@ -26,8 +26,11 @@ def layout_of(cfg: dict | None) -> str | None:
         return None
     if cfg.get("quant_method") in NAMES:
         return "nvfp4"
-    if "nvfp4" in str(cfg.get("format", "")).lower():
+    packed = str(cfg.get("format", "")).lower()
+    if "nvfp4" in packed:
         return "compressed-tensors"
+    if "mxfp4" in packed:
+        return "compressed-tensors-mxfp4"
     algo = str(cfg.get("quant_algo") or (cfg.get("quantization") or {}).get("quant_algo") or "")
     return "modelopt" if "NVFP4" in algo.upper() else None
 
@@ -51,13 +54,13 @@ def _ignored(cfg: dict) -> list:
     return list(cfg.get("ignore") or cfg.get("exclude_modules") or q.get("exclude_modules") or [])
 
 
-def shard_tensors(codes, scales, global_scales, partitions, group_size: int) -> list:
+def shard_tensors(codes, scales, global_scales, partitions, group_size: int, fmt: str = "nvfp4") -> list:
     """The FP4Tensors a (fused) layer runs: one over all its rows where every logical shard has the
     same global scale (as modelopt, llm-compressor and fp4cupy.quantize_model write q/k/v and
     gate/up: one launch, no concatenation), else one a shard, each with its own scale (exact).
 
     codes uint8 [N, K/2] and scales uint8 [N, K/group] (torch, any device) hold the shards' rows in
-    order; global_scales: one float (the decode scale g) a shard; partitions: rows a shard."""
+    order; global_scales: one float (the decode scale g; 1 for MXFP4) a shard; partitions: rows a shard."""
     import torch
 
     from .tensor import FP4Tensor
@@ -66,7 +69,7 @@ def shard_tensors(codes, scales, global_scales, partitions, group_size: int) -> 
 
     def tensor(lo, rows, g):
         g = torch.tensor(g, dtype=torch.float32, device=codes.device) if codes.is_cuda else g
-        return FP4Tensor(codes[lo:lo + rows].contiguous(), scales[lo:lo + rows].contiguous(), g, (rows, k), "nvfp4",
+        return FP4Tensor(codes[lo:lo + rows].contiguous(), scales[lo:lo + rows].contiguous(), g, (rows, k), fmt,
                          group_size)
 
     if len(set(global_scales)) == 1:
@@ -112,9 +115,10 @@ if QuantizationConfig is not None:
                 data=torch.empty(n, k // 2, dtype=torch.uint8), input_dim=1, output_dim=0, weight_loader=loader))
             layer.register_parameter(self.names["scales"], GroupQuantScaleParameter(
                 data=torch.empty(n, k // gs, dtype=scale_dtype), input_dim=1, output_dim=0, weight_loader=loader))
-            layer.register_parameter(self.names["g"], PerTensorScaleParameter(
-                data=torch.ones(len(output_partition_sizes), dtype=torch.float32), weight_loader=loader))
-            if self.config.w4a4:  # static activation scales of W4A4 checkpoints: loaded, unused (weight-only)
+            if self.names["g"]:  # NVFP4's global scale a shard (MXFP4 has none)
+                layer.register_parameter(self.names["g"], PerTensorScaleParameter(
+                    data=torch.ones(len(output_partition_sizes), dtype=torch.float32), weight_loader=loader))
+            if self.config.w4a4 and self.names["act"]:  # static activation scales of W4A4 checkpoints: loaded, unused (weight-only)
                 layer.register_parameter(self.names["act"], PerTensorScaleParameter(
                     data=torch.ones(len(output_partition_sizes), dtype=torch.float32), weight_loader=loader))
             layer.fp4_partitions = list(output_partition_sizes)
@@ -122,9 +126,11 @@ if QuantizationConfig is not None:
         def process_weights_after_loading(self, layer) -> None:
             codes = getattr(layer, self.names["codes"]).data.view(torch.uint8)
             scales = getattr(layer, self.names["scales"]).data.view(torch.uint8)
-            g = getattr(layer, self.names["g"]).data.float().cpu()
-            g = (1.0 / g if self.names["inverse"] else g).tolist()  # compressed-tensors stores 1/g: float32 here
-            shards = shard_tensors(codes, scales, g, layer.fp4_partitions, self.config.group_size)
+            fmt, g = "mxfp4", [1.0] * len(layer.fp4_partitions)
+            if self.names["g"]:
+                fmt, g = "nvfp4", getattr(layer, self.names["g"]).data.float().cpu()
+                g = (1.0 / g if self.names["inverse"] else g).tolist()  # compressed-tensors stores 1/g: float32 here
+            shards = shard_tensors(codes, scales, g, layer.fp4_partitions, self.config.group_size, fmt)
             layer.fp4_shards = [fp4cupy.prepare(t) if codes.is_cuda else t for t in shards]  # the CPU: reference
 
         def apply(self, layer, x, bias=None):

@@ -161,3 +161,9 @@ __device__ __forceinline__ int fp4_e8m0_rceil_exponent(float blockamax) {
     bool pow2 = (b >> 23) ? (b & 0x7FFFFFu) == 0u : (b & (b - 1u)) == 0u;
     return min(max(f + (pow2 ? 0 : 1), -127), 127);
 }
+
+// compressed-tensors' MXFP4 exponent: blockamax rounded to one mantissa bit, half up (a significand
+// of 1.75 or more carries into the exponent field), then floor(log2) - 2; clamped to [-127, 127].
+__device__ __forceinline__ int fp4_e8m0_round_exponent(float blockamax) {
+    return min(max((int)((__float_as_uint(blockamax) + 0x200000u) >> 23) - 129, -127), 127);
+}

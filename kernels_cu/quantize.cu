@@ -9,7 +9,7 @@
 // Either kernel given a host pointer publishes status[0..2] there when it is done (publish_status).
 #include "common.cuh"
 
-enum { RULE_NVFP4 = 0, RULE_MX_FLOOR = 1, RULE_MX_RCEIL = 2 };
+enum { RULE_NVFP4 = 0, RULE_MX_FLOOR = 1, RULE_MX_RCEIL = 2, RULE_MX_ROUND = 3 };
 
 template <typename T> struct is_bf16 { static constexpr bool value = false; };
 template <> struct is_bf16<__nv_bfloat16> { static constexpr bool value = true; };
@@ -237,7 +237,9 @@ __device__ void quantize_group(const T* __restrict__ x, u8* __restrict__ data, u
             encode_block(blk, words, [&](float v) { return __fdiv_rn(v, d); });
         }
     } else {
-        const int e = RULE == RULE_MX_FLOOR ? fp4_e8m0_floor_exponent(bam) : fp4_e8m0_rceil_exponent(bam);
+        const int e = RULE == RULE_MX_FLOOR   ? fp4_e8m0_floor_exponent(bam)
+                      : RULE == RULE_MX_RCEIL ? fp4_e8m0_rceil_exponent(bam)
+                                              : fp4_e8m0_round_exponent(bam);
         scales[grp] = (u8)(e + 127);
         const float mult = fp4_exp2i(-e);  // exact power-of-two scaling
         encode_block(blk, words, [&](float v) { return __fmul_rn(v, mult); });
@@ -303,3 +305,4 @@ QUANT_DTYPES(nvfp4_quantize_g32, 32, RULE_NVFP4)
 QUANT_DTYPES(nvfp4_quantize_g64, 64, RULE_NVFP4)
 QUANT_DTYPES(mxfp4_floor_quantize_g32, 32, RULE_MX_FLOOR)
 QUANT_DTYPES(mxfp4_rceil_quantize_g32, 32, RULE_MX_RCEIL)
+QUANT_DTYPES(mxfp4_round_quantize_g32, 32, RULE_MX_ROUND)

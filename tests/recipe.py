@@ -68,7 +68,8 @@ def nvfp4(x: np.ndarray, gs: int):
 
 
 def mxfp4(x: np.ndarray, mode: str = "floor"):
-    """codes, E8M0 scale bytes for float32 x (block 32): the OCP rule or torchao's rceil."""
+    """codes, E8M0 scale bytes for float32 x (block 32): the OCP rule, torchao's rceil, or
+    compressed-tensors' round (blockamax rounded to one mantissa bit, half up, before the floor)."""
     x = x.astype(F32)
     flat = x.reshape(-1, 32)
     codes = np.zeros(flat.shape, np.uint8)
@@ -79,6 +80,9 @@ def mxfp4(x: np.ndarray, mode: str = "floor"):
             e = -127
         elif mode == "floor":
             e = math.floor(math.log2(bam)) - 2
+        elif mode == "round":
+            m, ex = math.frexp(bam)  # bam = m * 2**ex, 0.5 <= m < 1: significand 2m
+            e = ex - 1 + (2 * m >= 1.75) - 2
         else:
             e = math.ceil(math.log2(float(F32(bam) / F32(6.0))))
         e = max(-127, min(127, e))

@@ -71,7 +71,7 @@ def test_bad_format_group_and_mode():
         fp4cupy.quantize(x, group_size=12)
     with pytest.raises(ValueError, match="allowed: 32"):
         fp4cupy.quantize(x, "mxfp4", group_size=16)
-    with pytest.raises(ValueError, match="allowed: floor, rceil"):
+    with pytest.raises(ValueError, match="allowed: floor, rceil, round"):
         fp4cupy.quantize(x, "mxfp4", scale_mode="up")
     with pytest.raises(ValueError, match="positive finite"):
         fp4cupy.quantize(x, global_scale=-1.0)

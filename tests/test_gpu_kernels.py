@@ -14,7 +14,7 @@ pytestmark = pytest.mark.gpu
 torch = pytest.importorskip("torch")
 NP = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: ml_dtypes.bfloat16}
 CASES = [("nvfp4", 8, None), ("nvfp4", 16, None), ("nvfp4", 32, None), ("nvfp4", 64, None),
-         ("mxfp4", 32, "floor"), ("mxfp4", 32, "rceil")]
+         ("mxfp4", 32, "floor"), ("mxfp4", 32, "rceil"), ("mxfp4", 32, "round")]
 
 
 @pytest.fixture(autouse=True)
@@ -247,8 +247,8 @@ def test_fp4_cuh_against_reference(rng):
     x = cp.asarray(sweep)
     code, e4 = cp.zeros(n, cp.uint8), cp.zeros(n, cp.uint8)
     back, e4b = cp.zeros(n, cp.float32), cp.zeros(n, cp.float32)
-    ef, er = cp.zeros(n, cp.int32), cp.zeros(n, cp.int32)
-    mod.get_function("fp4_api_scalar")(((n + 255) // 256,), (256,), (x, code, back, e4, e4b, ef, er, np.int64(n)))
+    ef, er, eo = cp.zeros(n, cp.int32), cp.zeros(n, cp.int32), cp.zeros(n, cp.int32)
+    mod.get_function("fp4_api_scalar")(((n + 255) // 256,), (256,), (x, code, back, e4, e4b, ef, er, eo, np.int64(n)))
     want_code = ref.e2m1_encode(sweep)
     np.testing.assert_array_equal(code.get(), want_code)
     np.testing.assert_array_equal(back.get(), ref.e2m1_decode(want_code))
@@ -257,6 +257,7 @@ def test_fp4_cuh_against_reference(rng):
     np.testing.assert_array_equal(e4b.get(), ref.e4m3_decode(ref.e4m3_encode(a)))
     np.testing.assert_array_equal(ef.get(), ref._mxfp4_floor(a, 1)[1])
     np.testing.assert_array_equal(er.get(), ref._mxfp4_rceil(a, 1)[1])
+    np.testing.assert_array_equal(eo.get(), ref._mxfp4_round(a, 1)[1])
 
     npairs = n // 2
     packed = cp.zeros(npairs, cp.uint8)

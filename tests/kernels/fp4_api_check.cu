@@ -2,9 +2,9 @@
 #include <fp4.cuh>
 
 // For each float x[i] (NaN-free): E2M1 code, decoded value, E4M3 bits of |x|, its decoded value,
-// E8M0 floor / rceil exponents of |x|.
-extern "C" __global__ void fp4_api_scalar(const float* x, unsigned char* code, float* back,
-                                          unsigned char* e4m3, float* e4m3_back, int* e8_floor, int* e8_rceil, long long n) {
+// E8M0 floor / rceil / round exponents of |x|.
+extern "C" __global__ void fp4_api_scalar(const float* x, unsigned char* code, float* back, unsigned char* e4m3,
+                                          float* e4m3_back, int* e8_floor, int* e8_rceil, int* e8_round, long long n) {
     long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= n) return;
     cuda_fp4_t c = __float2fp4(x[i]);
@@ -15,6 +15,7 @@ extern "C" __global__ void fp4_api_scalar(const float* x, unsigned char* code, f
     e4m3_back[i] = fp4_e4m3_decode(e);
     e8_floor[i] = fp4_e8m0_floor_exponent(fabsf(x[i]));
     e8_rceil[i] = fp4_e8m0_rceil_exponent(fabsf(x[i]));
+    e8_round[i] = fp4_e8m0_round_exponent(fabsf(x[i]));
 }
 
 // For each pair (x[2i], x[2i+1]): packed byte, and its decode as float2, half2 and bfloat162;

