@@ -5,7 +5,7 @@
 
 Per quantized linear layer ``p`` (N x K, group 16; W = weight, g = fp4cupy's decode global scale):
 
-| format | packed E2M1 codes | E4M3 block scales | global scale |
+| format | packed E2M1 codes | block scales | global scale |
 |---|---|---|---|
 | nvfp4 (fp4cupy) | p.weight uint8 [N, K/2] | p.weight_scale uint8 | p.weight_global_scale f32 [] = g |
 | modelopt (vLLM modelopt_fp4) | p.weight uint8 | p.weight_scale float8_e4m3fn | p.weight_scale_2 f32 [] = g |
@@ -14,11 +14,10 @@ Per quantized linear layer ``p`` (N x K, group 16; W = weight, g = fp4cupy's dec
 
 A model quantized to MXFP4 (group 32) exports as compressed-tensors' mxfp4-pack-quantized (the
 layout "compressed-tensors-mxfp4"), or as fp4cupy's own. Codes are two a byte, element 2i in the
-low nibble, in all of them. compressed-tensors divides by its
-global scale; the exported 1/g is a float32 whose reciprocal rounds back to g where such a float32
-exists (most g), else the nearest: then g comes back 1 ulp (2^-24 relative) off. Codes and block
-scales always round-trip bit for bit. Other tensors (embeddings, norms, skipped layers) are
-written as they are.
+low nibble, in all of them. compressed-tensors divides by its global scale; the exported 1/g is a
+float32 whose reciprocal rounds back to g where such a float32 exists (most g), else the nearest:
+then g comes back 1 ulp (2^-24 relative) off. Codes and block scales always round-trip bit for
+bit. Other tensors (embeddings, norms, skipped layers) are written as they are.
 """
 from __future__ import annotations
 
@@ -96,9 +95,7 @@ def calibrate(model: nn.Module, batches, progress: bool = True) -> dict:
 def _layout(format: str, layers: dict) -> str:
     """The LAYOUTS key that ``format`` writes these layers in; ValueError if it cannot hold them."""
     kinds = {(m.fmt, m.group_size) for m in layers.values()}
-    if format == "nvfp4":
-        return format
-    if kinds == {("nvfp4", 16)}:
+    if format == "nvfp4" or kinds == {("nvfp4", 16)}:
         return format
     if format == "compressed-tensors" and kinds == {("mxfp4", 32)}:
         return "compressed-tensors-mxfp4"
@@ -245,6 +242,9 @@ def import_checkpoint(model: nn.Module, src_dir, strict: bool = True) -> nn.Modu
     quantized = sorted({k.rsplit(".", 1)[0] for k in keys if k.endswith("." + (scale2 or codes_key))})
     for name in quantized:
         cur = model.get_submodule(name)
+        if isinstance(cur, NVFP4Linear) and (cur.fmt, cur.group_size) != (fmt, group):
+            raise ValueError(f"{name} is {cur.fmt} group {cur.group_size} but the checkpoint holds {fmt} group "
+                             f"{group}: import into a float model")
         if not isinstance(cur, NVFP4Linear):
             layer = NVFP4Linear(cur.in_features, cur.out_features, group, cur.bias is not None, fmt,
                                 device=cur.weight.device, dtype=cur.weight.dtype)

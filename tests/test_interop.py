@@ -248,6 +248,8 @@ def test_mxfp4_exports_as_compressed_tensors_and_imports_bit_exactly(tmp_path):
     assert keys[f"{q}.weight_packed"].dtype == torch.uint8 and keys[f"{q}.weight_packed"].shape == (64, 32)
     assert keys[f"{q}.weight_scale"].dtype == torch.uint8 and keys[f"{q}.weight_scale"].shape == (64, 2)
 
+    with pytest.raises(ValueError, match="is nvfp4 group 16 but the checkpoint holds mxfp4 group 32"):
+        fp4cupy.import_checkpoint(fp4cupy.quantize_model(tiny(), progress=False).model, out)
     back = fp4cupy.import_checkpoint(tiny_mxfp4(seed=99), out)
     layer = back.get_submodule(q)
     assert (layer.fmt, layer.group_size) == ("mxfp4", 32)
