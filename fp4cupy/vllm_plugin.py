@@ -118,7 +118,8 @@ if QuantizationConfig is not None:
             if self.names["g"]:  # NVFP4's global scale a shard (MXFP4 has none)
                 layer.register_parameter(self.names["g"], PerTensorScaleParameter(
                     data=torch.ones(len(output_partition_sizes), dtype=torch.float32), weight_loader=loader))
-            if self.config.w4a4 and self.names["act"]:  # static activation scales of W4A4 checkpoints: loaded, unused (weight-only)
+            # static activation scales of W4A4 NVFP4 checkpoints: loaded, unused (weight-only)
+            if self.config.w4a4 and self.names["act"]:
                 layer.register_parameter(self.names["act"], PerTensorScaleParameter(
                     data=torch.ones(len(output_partition_sizes), dtype=torch.float32), weight_loader=loader))
             layer.fp4_partitions = list(output_partition_sizes)
