@@ -1,7 +1,13 @@
 """The launch arithmetic and kernel choice of the W4A16 and quantize launches (no GPU needed)."""
+import sys
+from pathlib import Path
+
 import pytest
 
 from fp4cupy import cuda_linear, cuda_wgmma, mma_plan
+
+sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
+import plan_replay  # noqa: E402  (an H200's occupancy, as the driver reported it)
 
 
 @pytest.mark.parametrize("sms", [132, 114, 78, 1])
@@ -201,11 +207,7 @@ def fake_gpu(monkeypatch, sms):
     monkeypatch.setattr(cuda_linear, "_sm_count", lambda device: sms)  # uses_warpgroup_kernel
     monkeypatch.setattr(mma_plan, "_sm_count", lambda device: sms)
     monkeypatch.setattr(mma_plan.runtime, "launcher", lambda *a: None)
-    monkeypatch.setattr(mma_plan, "_blocks_per_sm", lambda variant, warps, bf16, device: {
-        ((2, 1, 2, 16), 8): 2, ((2, 1, 2, 16), 4): 4, ((1, 1, 2, 16), 4): 5 if bf16 else 6,
-        ((2, 2, 1, 16), 8): 4, ((2, 2, 1, 16), 16): 2, ((1, 1, 2, 16), 8): 2 if bf16 else 3,
-        ((1, 2, 2, 16), 4): 4, ((1, 2, 2, 16), 8): 2, ((1, 4, 1, 16), 4): 5,
-        ((1, 4, 1, 16), 8): 2, ((1, 1, 2, 4), 4): 7}.get((variant, warps), 0))
+    monkeypatch.setattr(mma_plan, "_blocks_per_sm", plan_replay.h200_blocks_per_sm)
     mma_plan.plan.cache_clear()
 
 
@@ -273,24 +275,13 @@ def test_every_mma_plan_fits_its_kernel(monkeypatch, sms):
     mma_plan.plan.cache_clear()
 
 
-# What runs at once of the one-tile kernels on an H200 (132 SMs; the driver, session 17):
-# (NT, warps) -> blocks a SM and, for S = 2, 4, 8, resident clusters of S blocks (fp16 | bf16 where they differ).
-H200_ONE_TILE = {(1, 4): ((6, 396, 186, 77), (5, 330, 154, 77)), (1, 8): ((3, 198, 92, 30), (2, 132, 62, 30)),
-                 (2, 4): ((4, 264, 124, 62),) * 2, (2, 8): ((2, 132, 62, 30),) * 2,
-                 (4, 4): ((5, 330, 154, 77),) * 2, (4, 8): ((2, 132, 62, 30),) * 2}
-
-
 def fake_cluster_gpu(monkeypatch, cc=(9, 0), known=True):
+    """plan() on 132 SMs of compute capability ``cc`` whose blocks and clusters that run at once are
+    an H200's (benchmarks/plan_replay.py), or unknown to the driver."""
     monkeypatch.setattr(mma_plan, "_sm_count", lambda device: 132)
     monkeypatch.setattr(mma_plan.runtime, "compute_capability", lambda device: cc)
     monkeypatch.setattr(mma_plan.runtime, "launcher", lambda *a: None)
-
-    def resident(variant, warps, splits, bf16, device):
-        if variant[0] == 2:  # the two-tile kernels: 107-108, 64 (capped) and 128 registers at NT = 1, 2, 4
-            return 132 * {1: 16, 2: 32, 4: 16}[variant[1]] // warps if known else 0
-        bps, *clusters = H200_ONE_TILE[variant[1], warps][bf16]
-        return 0 if not known else bps * 132 if splits == 1 else clusters[mma_plan.SPLITS.index(splits)] * splits
-    monkeypatch.setattr(mma_plan, "_resident_blocks", resident)
+    monkeypatch.setattr(mma_plan, "_resident_blocks", plan_replay.h200_resident if known else lambda *a: 0)
     mma_plan.plan.cache_clear()
 
 
@@ -350,3 +341,28 @@ def test_split_plans_name_a_built_kernel():
         mma_plan.make_plan(1024, 1, mma_plan.SPLIT_VARIANTS[1], 4, False, 0, 3)
     with pytest.raises(ValueError, match="no kernel splits"):
         mma_plan.make_plan(1024, 1, (2, 1, 2, 16), 4, False, 0, 2)
+
+
+REPLAY_ROWS = """\
+| f16 | 4608x3584 | 1 | 10.9 | rt1_nt1_u2_s2_f16 4w 6.3 (1.73x) | s1 8w 5.7 | 1.10 | s1 4w 6.0, s1 8w 5.7, s2 4w 6.3 |
+| bf16 | 512x28672 | 16 | 9.1 | rt1_nt2_u2_s8_bf16 4w 8.2 (1.11x) | s8 4w 8.2 | 1.00 | s1 4w 18.0, s8 4w 8.2 |
+| f16 | 4096x4096 | 128 | 14.1 | w4a16_wg_nt128_f16 4w 19.0 (0.74x) | s1 4w 19.0 | 1.00 | s1 4w 19.0 |
+"""
+
+
+def test_plan_replay_scores_the_plan_on_recorded_sweeps(monkeypatch):
+    """benchmarks/plan_replay.py: today's pick's time over the row's best, with the H200 faked (and
+    restored after); a rule change moves the score; rows beyond mma.sync (M > 32) are left out."""
+    real = mma_plan._sm_count, mma_plan._resident_blocks
+    rows = plan_replay.read_rows(REPLAY_ROWS.splitlines())
+    assert [(r["n"], r["k"], r["m"], r["bf16"]) for r in rows] == [(4608, 3584, 1, False), (512, 28672, 16, True),
+                                                                     (4096, 4096, 128, False)]
+    scored, untimed = plan_replay.score(rows)
+    assert [(pick, round(s, 3)) for _, pick, s in scored] == [("s1 8w", 1.0), ("s8 4w", 1.0)] and untimed == 0
+    monkeypatch.setattr(mma_plan, "SHORT_K_CHUNKS", 0)  # the rule before session 19: split at short K
+    scored, _ = plan_replay.score(rows)
+    assert (scored[0][1], round(scored[0][2], 3)) == ("s2 4w", round(6.3 / 5.7, 3))
+    assert (mma_plan._sm_count, mma_plan._resident_blocks) == real  # the fakes are gone again
+    (row,) = plan_replay.read_jsonl(['{"dtype": "bf16", "n": 512, "k": 28672, "m": 16, "us": {"cuBLAS": 9.1, '
+                                     '"plan": 8.2, "s1 4w": 18.0, "s8 4w": 8.2}, "plan": "x"}', ""])
+    assert row == dict(bf16=True, n=512, k=28672, m=16, times={"s1 4w": 18.0, "s8 4w": 8.2})
