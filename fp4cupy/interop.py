@@ -104,8 +104,8 @@ def _layout(format: str, layers: dict) -> str:
                      f"this model has {sorted(f'{f} group {g}' for f, g in kinds)}")
 
 
-def _layer_tensors(name: str, m: NVFP4Linear, fmt: str, input_amax: float | None = None) -> dict:
-    layout = LAYOUTS[fmt]
+def _layer_tensors(name: str, m: NVFP4Linear, layout_key: str, input_amax: float | None = None) -> dict:
+    layout = LAYOUTS[layout_key]
     w = m.fp4_weight()
     data, scales = w.data.detach().cpu(), w.scales.detach().cpu()
 
@@ -117,24 +117,24 @@ def _layer_tensors(name: str, m: NVFP4Linear, fmt: str, input_amax: float | None
     out = {layout["codes"]: data, layout["scales"]: scales.view(torch.float8_e4m3fn) if layout["fp8_scales"] else scales}
     if layout["g"]:
         out[layout["g"]] = global_scale(float(m.weight_global_scale))
-    if input_amax is not None and fmt != "nvfp4":  # W4A4: the activation's decode global scale (amax / 2688)
+    if input_amax is not None and layout_key != "nvfp4":  # W4A4: the activation's decode global scale (amax / 2688)
         out[layout["act"]] = global_scale(float(np.float32(max(input_amax, 1e-30)) / np.float32(2688.0)))
     if m.bias is not None:
         out["bias"] = m.bias.detach().cpu()
     return {f"{name}.{k}": v.contiguous() for k, v in out.items()}
 
 
-def _quant_config(fmt: str, group_size: int, ignore: list, w4a4: bool = False) -> dict:
-    if fmt == "nvfp4":
+def _quant_config(layout_key: str, group_size: int, ignore: list, w4a4: bool = False) -> dict:
+    if layout_key == "nvfp4":
         return {"quant_method": "nvfp4", "group_size": group_size, "ignore": ignore, "producer": {"name": "fp4cupy", "version": __version__}}
-    if fmt == "modelopt":
+    if layout_key == "modelopt":
         # weight-only NVFP4; vLLM's ModelOpt loader reads quant_algo (W4A4 checkpoints say "NVFP4")
         return {"quant_method": "modelopt", "quant_algo": "NVFP4" if w4a4 else "W4A16_NVFP4", "group_size": group_size,
                 "exclude_modules": ignore, "ignore": ignore}
     scheme = {"num_bits": 4, "type": "float", "strategy": "tensor_group", "group_size": group_size,
               "symmetric": True, "dynamic": False}
     packed = "nvfp4-pack-quantized"
-    if fmt == "compressed-tensors-mxfp4":  # E8M0 scales as uint8, no global scale
+    if layout_key == "compressed-tensors-mxfp4":  # E8M0 scales as uint8, no global scale
         scheme, packed = dict(scheme, strategy="group", scale_dtype="torch.uint8"), "mxfp4-pack-quantized"
     return {"quant_method": "compressed-tensors", "format": packed, "quantization_status": "compressed",
             "config_groups": {"group_0": {"targets": ["Linear"], "weights": scheme,
