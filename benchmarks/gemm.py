@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import fp4cupy  # noqa: E402
-from fp4cupy import cuda_linear, cuda_wgmma, mma_plan, runtime  # noqa: E402
+from fp4cupy import cuda_linear, cuda_tiled, cuda_wgmma, mma_plan, runtime  # noqa: E402
 from timing import Rotating, card, compare, graph_compare, host_us  # noqa: E402
 
 SHAPES = ((4096, 4096), (14336, 4096), (4096, 14336), (28672, 8192), (8192, 28672))
@@ -48,8 +48,8 @@ def linear_rows(dtype=torch.float16, shapes=SHAPES, ms=MS):
             path = kernel_used(n, k, m, dtype == torch.bfloat16)
             alt = "-"
             if m == 128:  # the other paths, to place the M thresholds
-                alt = ", ".join(f"{name} {other_path_ratio(x, dense, prep, attr, value):.2f}x" for name, attr, value in
-                                (("mma.sync", "WG_MIN_M", 10**9), ("dequantize+cuBLAS", "MMA_MAX_M", 0)))
+                alt = ", ".join(f"{name} {other_path_ratio(x, dense, prep, **overrides):.2f}x" for name, overrides in
+                                OTHER_PATHS)
             wbytes = n * k // 2 + n * k // 16
             rows.append(dict(n=n, k=k, m=m, ours=r["ours_ms"], peer=r["peer_ms"], ratio=r["ratio"], lo=r["lo"],
                              hi=r["hi"], gbs=wbytes / r["ours_ms"] / 1e6, mb=wbytes / 1e6, path=path, alt=alt))
@@ -76,13 +76,22 @@ def read_bytes_fn(prep):
     return fn
 
 
-def other_path_ratio(x, dense, prep, attr, value):
-    saved = getattr(cuda_linear, attr)
-    setattr(cuda_linear, attr, value)
+# the paths linear takes without the warpgroup kernel (sm_80-89, sm_100+): the tiled kernel, the
+# mma.sync kernels below it, and past MMA_MAX_M tokens dequantize + cuBLAS
+OTHER_PATHS = (("tiled", dict(WG_MIN_M=10**9)), ("mma.sync", dict(WG_MIN_M=10**9, TILED_MIN_M=10**9)),
+               ("dequantize+cuBLAS", dict(MMA_MAX_M=0)))
+
+
+def other_path_ratio(x, dense, prep, **overrides):
+    """cuBLAS's time over linear's with ``cuda_linear``'s thresholds set to ``overrides``."""
+    saved = {name: getattr(cuda_linear, name) for name in overrides}
+    for name, value in overrides.items():
+        setattr(cuda_linear, name, value)
     try:
         return graph_compare(lambda i: F.linear(x, dense[i % 3]), lambda i: fp4cupy.linear(x, prep[i % 3]))["ratio"]
     finally:
-        setattr(cuda_linear, attr, saved)
+        for name, value in saved.items():
+            setattr(cuda_linear, name, value)
 
 
 def kernel_used(n, k, m, bf16):
@@ -90,6 +99,9 @@ def kernel_used(n, k, m, bf16):
         return "dequantize+cuBLAS"
     if cuda_linear.uses_warpgroup_kernel(m, n, k, 0):
         p = cuda_wgmma.wg_plan(n, k, m, bf16, 0)
+        return f"{p.name} grid {p.grid[0]}x{p.grid[1]}"
+    if m >= cuda_linear.TILED_MIN_M:
+        p = cuda_tiled.tiled_plan(n, k, m, bf16, 0)
         return f"{p.name} grid {p.grid[0]}x{p.grid[1]}"
     return mma_plan.plan(n, k, m, bf16, 0).name
 

@@ -4,7 +4,8 @@ is in cuda_gemm.py.
 Up to 16 tokens, one launch of an mma.sync kernel chosen by ``mma_plan.plan()`` from (M bucket,
 N, K) and the GPU's occupancy, K split over thread block clusters for few-row weights on sm_90+;
 on sm_90a, the warpgroup-MMA kernel (w4a16_wgmma.cu, ``cuda_wgmma``) from 33 tokens, and from 17
-on large weights (``uses_warpgroup_kernel``); elsewhere the mma.sync kernel up to ``MMA_MAX_M``. The weight must be
+on large weights (``uses_warpgroup_kernel``); elsewhere (Ampere, Ada, Blackwell) the tiled mma.sync
+kernel (w4a16_tiled.cu, ``cuda_tiled``) from TILED_MIN_M tokens up to ``MMA_MAX_M``. The weight must be
 ``prepare``d (repacked once, prepare.cu). Past ``MMA_MAX_M`` tokens, on GPUs older than sm_80, or
 for weights the kernel does not take, W is dequantized and cuBLAS multiplies.
 """
@@ -15,7 +16,7 @@ import math
 
 import numpy as np
 
-from . import arrays, cuda_wgmma, runtime
+from . import arrays, cuda_tiled, cuda_wgmma, runtime
 from .cuda_ops import THREADS, _Lib, _sm_count, _torch_names, _torch_stream_ptr, dequantize
 from .mma_plan import TILE_ROWS, plan
 from .prepared import PAIR, PreparedWeight
@@ -91,18 +92,26 @@ def uses_warpgroup_kernel(m: int, n: int, k: int, device: int) -> bool:
     return n * k > 2 * WG_MIN_WEIGHTS or not 24 * sms <= n < 2 * TILE_ROWS * sms
 
 
+# The tiled mma.sync kernel (w4a16_tiled.cu) from this many tokens where the warpgroup kernel is not
+# taken. Below it, ``plan``'s kernels (x read by each warp for its own rows, K split over warps).
+TILED_MIN_M = 33
+
+
 def launch_w4a16(m: int, n: int, k: int, bf16: bool, device: int, stream: int, args: tuple, scratch) -> None:
     """Queue the W4A16 kernels for ``m`` (1..MMA_MAX_M) tokens on ``stream``. ``args``: the raw
     pointers (codes, scale codes, x, y, bias or 0, global scale). Where ``uses_warpgroup_kernel``
-    says no, one mma.sync launch from ``plan``; else w4a16_wgmma.cu (``cuda_wgmma``), whose scratch
-    (the reordered x, and the partial sums of split K or of stream-K's cut tiles,
-    ``WgPlan.workspace``) comes from ``scratch(nbytes)`` -> (buffer, pointer), held until the
-    launches are queued (the allocators reuse it in stream order, after them)."""
-    if not uses_warpgroup_kernel(m, n, k, device):
+    says yes, w4a16_wgmma.cu (``cuda_wgmma``); else from TILED_MIN_M tokens w4a16_tiled.cu
+    (``cuda_tiled``); else one mma.sync launch from ``plan``. The scratch of the first two (the
+    warpgroup kernel's reordered x and partial sums, ``WgPlan.workspace``; the tiled kernel's K
+    splits' sums) comes from ``scratch(nbytes)`` -> (buffer, pointer), held until the launches are
+    queued (the allocators reuse it in stream order, after them)."""
+    if uses_warpgroup_kernel(m, n, k, device):
+        cuda_wgmma.launch_wg(cuda_wgmma.wg_plan(n, k, m, bf16, device), m, n, k, stream, args, scratch)
+    elif m >= TILED_MIN_M:
+        cuda_tiled.launch_tiled(cuda_tiled.tiled_plan(n, k, m, bf16, device), m, n, k, stream, args, scratch)
+    else:
         p = plan(n, k, m, bf16, device)
         p.launch(p.grid, p.threads, p.shared, stream, *args, m, n, k)
-        return
-    cuda_wgmma.launch_wg(cuda_wgmma.wg_plan(n, k, m, bf16, device), m, n, k, stream, args, scratch)
 
 
 @functools.lru_cache(maxsize=None)

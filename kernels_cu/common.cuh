@@ -47,6 +47,20 @@ __device__ __forceinline__ void store_floats(T* __restrict__ p, const float (&v)
     }
 }
 
+// cp.async (sm_80+): 4 or 16 bytes global -> shared, bypassing registers; bytes past ``src_bytes``
+// are written as zeros. Groups are committed and waited for by count (at most N still in flight).
+__device__ __forceinline__ void cp_async4(u32 dst, const void* src, int src_bytes) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(dst), "l"(src), "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async16(u32 dst, const void* src) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src));
+}
+__device__ __forceinline__ void cp_async16(u32 dst, const void* src, int src_bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
+template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N)); }
+
 // Programmatic dependent launch (sm_90+; runtime.Launcher.after): a kernel so launched may start
 // while the kernel before it in the stream finishes. grid_dependency_wait() returns once that
 // kernel has completed and its writes are visible (at once for a plain launch), so it must come

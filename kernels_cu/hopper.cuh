@@ -1,20 +1,12 @@
-// hopper.cuh - the sm_90a primitives of w4a16_wgmma.cu as inline PTX: cp.async, bulk copies
+// hopper.cuh - the sm_90a primitives of w4a16_wgmma.cu as inline PTX: bulk copies
 // (one CTA, or multicast to a cluster) completing on mbarriers, the cluster rank, and warpgroup MMA
 // (wgmma.m64nNk16, A from registers, B from shared memory through a no-swizzle descriptor).
 // Defined only where __CUDA_ARCH_FEAT_SM90_ALL is (sm_90a).
-// (The cluster barrier and distributed-shared-memory loads are in common.cuh, for w4a16.cu too.)
+// (cp.async (sm_80), the cluster barrier and distributed-shared-memory loads are in common.cuh.)
 #pragma once
 #include "common.cuh"
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-__device__ __forceinline__ void cp_async4(u32 dst, const void* src, int src_bytes) {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(dst), "l"(src), "r"(src_bytes));
-}
-__device__ __forceinline__ void cp_async16(u32 dst, const void* src) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
-template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N)); }
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
 template <int N> __device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory"); }

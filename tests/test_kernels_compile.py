@@ -122,3 +122,13 @@ def test_every_mma_sync_kernel_the_host_names_is_in_the_module(tmp_path, monkeyp
     assert len(set(names)) == len(names) == 2 * (len(mma_plan.VARIANTS) + len(mma_plan.SPLIT_VARIANTS) * len(mma_plan.SPLITS))
     missing = [n for n in names if n.encode() + b"\0" not in cubin]
     assert not missing, missing
+
+
+def test_every_tiled_kernel_the_host_names_is_in_the_module(tmp_path, monkeypatch):
+    from fp4cupy import cuda_tiled
+
+    monkeypatch.setenv("FP4CUPY_CACHE_DIR", str(tmp_path))
+    cubin = runtime.compile_source("w4a16_tiled.cu", "sm_80")
+    names = [name(bf16) for name in (cuda_tiled.kernel_name, cuda_tiled.finish_kernel_name) for bf16 in (False, True)]
+    missing = [n for n in names if n.encode() + b"\0" not in cubin]
+    assert len(set(names)) == 4 and not missing, missing

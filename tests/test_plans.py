@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from fp4cupy import cuda_linear, cuda_wgmma, mma_plan
+from fp4cupy import cuda_linear, cuda_tiled, cuda_wgmma, mma_plan
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
 import plan_replay  # noqa: E402  (an H200's occupancy, as the driver reported it)
@@ -96,7 +96,8 @@ class Recorder:
 
 
 @pytest.mark.parametrize("m,wg_ok,want", [(1, True, ["mma"]), (17, True, ["mma"]), (32, True, ["mma"]),
-                                          (33, False, ["mma"]), (33, True, ["xprep", "wg+after"]),
+                                          (32, False, ["mma"]), (33, False, ["tiled", "finish"]),
+                                          (128, False, ["tiled", "finish"]), (33, True, ["xprep", "wg+after"]),
                                           (65, True, ["xprep", "wg+after"]), (128, True, ["xprep", "wg+after"])])
 def test_launch_w4a16_picks_the_kernel_and_sizes_the_scratch(monkeypatch, m, wg_ok, want):
     calls, buffers = [], []
@@ -110,6 +111,10 @@ def test_launch_w4a16_picks_the_kernel_and_sizes_the_scratch(monkeypatch, m, wg_
         xprep=Recorder("xprep", calls), launch=Recorder("wg", calls),
         grid=(blocks, splits), threads=512, shared=99, cps=cps, nt=nt, name="wg"))
 
+    monkeypatch.setattr(cuda_tiled, "tiled_plan", lambda n, k, m, bf16, device: cuda_tiled.TiledPlan(
+        launch=Recorder("tiled", calls), finish=Recorder("finish", calls), grid=(8 * 4, 32), splits=4, cps=16,
+        name="tiled"))
+
     def scratch(nbytes):
         buffers.append(nbytes)
         return object(), 1000 * len(buffers)
@@ -119,6 +124,11 @@ def test_launch_w4a16_picks_the_kernel_and_sizes_the_scratch(monkeypatch, m, wg_
     assert [c[0] for c in calls] == want and all(c[4] == 77 for c in calls)
     if want == ["mma"]:
         assert calls[0][5] == args + (m, n, k) and not buffers
+        return
+    if want[0] == "tiled":  # the 4 splits' FP32 sums, added up by the finish kernel
+        assert buffers == [4 * 4 * m * n] and calls[0][1:4] == ((32, 32), 256, cuda_tiled.TILED_SHARED)
+        assert calls[0][5] == (11, 12, 13, 14, 1000, 0, 16, m, n, k, 16)
+        assert calls[1][5] == (1000, 14, 0, 16, m, n, 4)
         return
     counters = 16  # a block column each, rounded up to 4
     assert blocks == 16 and splits == 8

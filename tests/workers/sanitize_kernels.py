@@ -2,13 +2,14 @@
 every mma.sync W4A16 variant once (ragged N, odd M, 1 warp and several), K split over clusters
 (sm_90+), the capped 4-warp kernels through ``linear`` where the plan takes them, the warpgroup
 kernel's split-K (two splits a cluster, or more through the workspace) and stream-K paths at
-several token-column counts (sm_90a), and quantize / dequantize / prepare / the FP4 x FP4 gemm on
+several token-column counts (sm_90a), the tiled kernel (w4a16_tiled.cu) with K split and not, and
+quantize / dequantize / prepare / the FP4 x FP4 gemm on
 ragged shapes in each format.
 The sanitizer's exit code says whether any access was out of bounds, raced or read uninitialized memory."""
 import torch
 
 import fp4cupy
-from fp4cupy import cuda_linear, mma_plan
+from fp4cupy import cuda_linear, cuda_tiled, mma_plan
 
 
 def weight(n: int, k: int):
@@ -61,6 +62,14 @@ def main() -> None:
             # two splits over a cluster at NT 48 and 24; split K through the workspace at NT 128 and 48;
             # stream-K at 64 and 96
             fp4cupy.linear(torch.randn(m, k, device="cuda", dtype=torch.bfloat16), weight(n, k))
+    for n, k, m in ((200, 64 * 37, 61), (1000, 64 * 9, 69)):  # the tiled kernel: ragged N and M, K split and not
+        pw = weight(n, k)
+        x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+        y = torch.empty(m, n, device="cuda", dtype=torch.float16)
+        p = cuda_tiled.tiled_plan(n, k, m, False, 0)
+        cuda_tiled.launch_tiled(p, m, n, k, stream, (pw.codes.data_ptr(), pw.scale_codes.data_ptr(), x.data_ptr(),
+                                                     y.data_ptr(), 0, pw.global_scale.data_ptr()),
+                                cuda_linear._torch_scratch(x))
     torch.cuda.synchronize()
 
 

@@ -1,0 +1,188 @@
+// w4a16_tiled.cu - y[M, N] = x[M, K] @ W^T * g (+ bias) for 33-128 tokens on sm_80+ GPUs
+// (mma.sync.m16n8k16; Hopper takes w4a16_wgmma.cu instead), W repacked by prepare.cu, x fp16 or
+// bf16, FP32 accumulation, y in x's type.
+//
+// A block is 8 warps over 256 rows of W (a pair of 16-row tiles a warp) and 64 tokens. Each chunk
+// of 64 K values, the block's x tile and its 16 row tiles' codes and scale codes, is copied into
+// shared memory (cp.async, a ring of TILED_STAGES chunks). x is read there by all 8 warps, so each
+// x byte crosses L2 once a 256 rows (w4a16.cu's warps split K and each reads x for its own rows),
+// and each 16-byte x read feeds four MMAs. Each warp decodes its tiles' chunk in registers once
+// (w4a16_decode.cuh: 8 codes -> one A fragment, times the block scale) and multiplies it with all
+// 8 token tiles. Lane 4g + q reads x[token 8j + g][16q .. 16q + 15] of the chunk (the repack's K
+// order), the two 16-byte halves at a position XORed with the token's parity, so that the eight
+// lanes of each quarter-warp read 8 distinct 16-byte columns (no bank conflicts).
+//
+// Grid: (token tiles of 64 times K splits of chunks_per_split chunks, the split varying fastest;
+// row blocks of 256), so that the blocks of one row block run side by side and read its weights
+// from memory once. With one split the block scales, adds the bias, rounds and stores y; with S
+// splits split s stores its FP32 sums in ws[s][M][N] and w4a16_tiled_finish adds them in split
+// order (deterministic), then scales, adds and rounds.
+#include "w4a16_decode.cuh"
+
+#define TILED_WARPS 8
+#define TILED_NT 8      // token tiles of 8 a block: 64 tokens
+#define TILED_RT 2      // row tiles of 16 a warp (a repack pair): each x fragment feeds two MMAs
+#define TILED_STAGES 3  // chunks in the ring, two in flight (H200: as fast as 6, and 52 KB fit any sm_80+)
+
+template <bool BF16>
+__device__ void w4a16_tiled_body(const uint4* __restrict__ wq, const unsigned short* __restrict__ sq,
+                                 const typename Act<BF16>::T* __restrict__ x, typename Act<BF16>::T* __restrict__ y,
+                                 float* __restrict__ ws, const typename Act<BF16>::T* __restrict__ bias,
+                                 const float* __restrict__ g_ptr, int m, int n, int k, int chunks_per_split) {
+    typedef typename Act<BF16>::T T;
+#if __CUDA_ARCH__ < 800
+    __trap();  // mma.m16n8k16 and cp.async need sm_80
+#else
+    // a stage: x (BM token rows of 128 bytes), the codes of the block's 8 RT row tiles (4 RT pairs
+    // of 1 KB, as in the repack), their scale codes (4 RT pairs of 128 bytes)
+    constexpr int NT = TILED_NT, RT = TILED_RT, STAGES = TILED_STAGES;
+    constexpr int BM = 8 * NT, TILES = TILED_WARPS * RT, X_BYTES = BM * 128, W_BYTES = TILES * 512;
+    constexpr int STAGE_BYTES = X_BYTES + W_BYTES + TILES * 64, THREADS = TILED_WARPS * 32;
+    extern __shared__ __align__(16) unsigned char smem[];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, q = lane & 3;
+    const int nchunks = k >> 6, splits = (nchunks + chunks_per_split - 1) / chunks_per_split;
+    const int split = blockIdx.x % splits, tok0 = blockIdx.x / splits * BM, row_block = blockIdx.y;
+    const int c_lo = split * chunks_per_split, c_hi = min(nchunks, c_lo + chunks_per_split);
+
+    // The copies of one chunk. x: 16-byte column u of token row r to (r, u ^ (r & 1)); tokens past
+    // M are zeros. Codes: 16-byte unit i (of 64 a pair) of pair i / 64; scale codes: unit i (of 8
+    // a pair) of pair i / 8. Pairs past the repack's (tiles are allocated in fours) are clamped.
+    const u32 base = (u32)__cvta_generic_to_shared(smem);
+    const int pairs = (n + 63) >> 6 << 1, pair0 = row_block * (TILES / 2);
+    auto copy_chunk = [&](int c) {
+        const u32 dst = base + (c % STAGES) * STAGE_BYTES;
+#pragma unroll
+        for (int it = 0; it < BM * 8 / THREADS; ++it) {
+            const int i = it * THREADS + threadIdx.x, r = i >> 3, u = i & 7, tok = tok0 + r;
+            const T* src = x + (i64)(tok < m ? tok : 0) * k + c * 64 + u * 8;
+            cp_async16(dst + r * 128 + ((u ^ (r & 1)) << 4), src, tok < m ? 16 : 0);
+        }
+#pragma unroll
+        for (int it = 0; it < RT; ++it) {
+            const int i = it * THREADS + threadIdx.x, pair = min(pair0 + (i >> 6), pairs - 1);
+            cp_async16(dst + X_BYTES + i * 16,
+                       reinterpret_cast<const char*>(wq) + ((i64)pair * nchunks + c) * 1024 + (i & 63) * 16);
+        }
+        if (threadIdx.x < TILES * 4) {
+            const int i = threadIdx.x, pair = min(pair0 + (i >> 3), pairs - 1);
+            cp_async16(dst + X_BYTES + W_BYTES + i * 16,
+                       reinterpret_cast<const char*>(sq) + ((i64)pair * nchunks + c) * 128 + (i & 7) * 16);
+        }
+    };
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) {
+        if (c_lo + s < c_hi) copy_chunk(c_lo + s);
+        cp_async_commit();
+    }
+
+    float acc[RT][NT][4];
+#pragma unroll
+    for (int r = 0; r < RT; ++r)
+#pragma unroll
+        for (int j = 0; j < NT; ++j) acc[r][j][0] = acc[r][j][1] = acc[r][j][2] = acc[r][j][3] = 0.0f;
+    // in a stage: this lane's x row of a token tile, the XOR of its 16-byte columns (the row's
+    // parity), its 16 bytes of the warp's first tile's codes and its scale codes (rows g, g + 8)
+    const int x_lane = g * 128, x_swz = g & 1;
+    const int w_lane = X_BYTES + warp * RT * 512 + lane * 16;
+    const int s_lane = X_BYTES + W_BYTES + warp * RT * 64 + (q * 8 + g) * 2;
+
+    auto compute = [&](int c) {
+        const unsigned char* stage = smem + (c % STAGES) * STAGE_BYTES;
+        uint4 w[RT];
+        u32 s_lo[RT], s_hi[RT];
+#pragma unroll
+        for (int r = 0; r < RT; ++r) {
+            w[r] = *reinterpret_cast<const uint4*>(stage + w_lane + r * 512);
+            const u32 s = *reinterpret_cast<const unsigned short*>(stage + s_lane + r * 64);
+            s_lo[r] = scale_pair<BF16>(s & 0xFFu), s_hi[r] = scale_pair<BF16>(s >> 8);
+        }
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {  // K steps 2h and 2h + 1 use x's 16-byte column 2q + h
+            u32 a[RT][2][4];
+#pragma unroll
+            for (int r = 0; r < RT; ++r)
+#pragma unroll
+                for (int t = 0; t < 2; ++t) {
+                    const u32 word = h ? (t ? w[r].w : w[r].z) : (t ? w[r].y : w[r].x);
+                    if (BF16) decode_bf16(word, a[r][t]); else decode_f16(word, a[r][t]);
+                    a[r][t][0] = mul2<BF16>(a[r][t][0], s_lo[r]), a[r][t][1] = mul2<BF16>(a[r][t][1], s_hi[r]);
+                    a[r][t][2] = mul2<BF16>(a[r][t][2], s_lo[r]), a[r][t][3] = mul2<BF16>(a[r][t][3], s_hi[r]);
+                }
+            const unsigned char* col = stage + x_lane + (((2 * q + h) ^ x_swz) << 4);
+#pragma unroll
+            for (int j = 0; j < NT; ++j) {
+                const uint4 xb = *reinterpret_cast<const uint4*>(col + j * 1024);
+#pragma unroll
+                for (int r = 0; r < RT; ++r) {
+                    mma<BF16>(acc[r][j], a[r][0], xb.x, xb.y);
+                    mma<BF16>(acc[r][j], a[r][1], xb.z, xb.w);
+                }
+            }
+        }
+    };
+    for (int c = c_lo; c < c_hi; ++c) {
+        cp_async_wait<STAGES - 2>();  // this thread's copies of chunk c
+        __syncthreads();               // everyone's, and chunk c - 1's slot is free again
+        if (c + STAGES - 1 < c_hi) copy_chunk(c + STAGES - 1);
+        cp_async_commit();
+        compute(c);
+    }
+    cp_async_wait<0>();
+
+    // accumulator e of row tile r, token tile j: row (tile) * 16 + g + 8 (e >> 1), token 8j + 2q + (e & 1)
+    const float gs = *g_ptr * 16384.0f;
+#pragma unroll
+    for (int r = 0; r < RT; ++r)
+#pragma unroll
+        for (int j = 0; j < NT; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int row = ((row_block * TILED_WARPS + warp) * RT + r) * 16 + g + 8 * (e >> 1);
+                const int tok = tok0 + 8 * j + 2 * q + (e & 1);
+                if (row >= n || tok >= m) continue;
+                if (splits > 1) {
+                    ws[((i64)split * m + tok) * n + row] = acc[r][j][e];
+                } else {
+                    float v = acc[r][j][e] * gs;
+                    if (bias) v += to_float(bias[row]);
+                    y[(i64)tok * n + row] = from_float<T>(v);
+                }
+            }
+#endif
+}
+
+// y[tok][row] = round(sum over the S splits of ws[s][tok][row], in split order, * g * 2^14 + bias)
+template <bool BF16>
+__device__ void w4a16_tiled_finish_body(const float* __restrict__ ws, typename Act<BF16>::T* __restrict__ y,
+                                        const typename Act<BF16>::T* __restrict__ bias, const float* __restrict__ g_ptr,
+                                        int m, int n, int splits) {
+    const i64 total = (i64)m * n;
+    const float gs = *g_ptr * 16384.0f;
+    for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < total; i += (i64)gridDim.x * blockDim.x) {
+        float v = 0.0f;
+        for (int s = 0; s < splits; ++s) v += ws[s * total + i];
+        v *= gs;
+        if (bias) v += to_float(bias[i % n]);
+        y[i] = from_float<typename Act<BF16>::T>(v);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(TILED_WARPS * 32, 2)
+w4a16_tiled_f16(const uint4* wq, const unsigned short* sq, const __half* x, __half* y, float* ws, const __half* bias,
+                const float* g, int m, int n, int k, int cps) {
+    w4a16_tiled_body<false>(wq, sq, x, y, ws, bias, g, m, n, k, cps);
+}
+extern "C" __global__ void __launch_bounds__(TILED_WARPS * 32, 2)
+w4a16_tiled_bf16(const uint4* wq, const unsigned short* sq, const __nv_bfloat16* x, __nv_bfloat16* y, float* ws,
+                 const __nv_bfloat16* bias, const float* g, int m, int n, int k, int cps) {
+    w4a16_tiled_body<true>(wq, sq, x, y, ws, bias, g, m, n, k, cps);
+}
+
+extern "C" __global__ void w4a16_tiled_finish_f16(const float* ws, __half* y, const __half* bias, const float* g,
+                                                  int m, int n, int splits) {
+    w4a16_tiled_finish_body<false>(ws, y, bias, g, m, n, splits);
+}
+extern "C" __global__ void w4a16_tiled_finish_bf16(const float* ws, __nv_bfloat16* y, const __nv_bfloat16* bias,
+                                                   const float* g, int m, int n, int splits) {
+    w4a16_tiled_finish_body<true>(ws, y, bias, g, m, n, splits);
+}
