@@ -10,26 +10,13 @@ from fp4cupy import cuda_linear, cuda_wgmma, mma_plan, prepared
 
 pytestmark = pytest.mark.gpu
 torch = pytest.importorskip("torch")
-TOL = {torch.float16: 1e-3, torch.bfloat16: 8e-3}
+from gpu_reference import TOL, gen, reference, rel  # noqa: E402
 SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (28672, 8192), (8192, 28672)]
 
 
 @pytest.fixture(autouse=True)
 def _poisoned_outputs(poison):
     """linear's output starts as 0xAB bytes."""
-
-
-def rel(a, b):
-    return float(torch.linalg.norm(a.double() - b) / torch.linalg.norm(b))
-
-
-def gen(seed):
-    return torch.Generator(device="cuda").manual_seed(seed)
-
-
-def reference(x, w, bias=None):
-    y = x.double() @ fp4cupy.dequantize(w).double().T
-    return y if bias is None else y + bias.double()
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
