@@ -14,7 +14,7 @@ TILED_ROWS, TILED_TOKENS = 256, 64  # a block's tile: keep in step with w4a16_ti
 TILED_THREADS = 256
 TILED_STAGES = 3                    # chunks in a block's ring, as in the kernel
 TILED_SHARED = TILED_STAGES * (TILED_TOKENS * 128 + TILED_ROWS // 16 * (512 + 64))  # x, codes, scale codes
-MIN_CHUNKS_A_SPLIT = 8              # a K split covers at least 8 chunks of 64
+MIN_CHUNKS_A_SPLIT = 8              # chunks of 64 a K split, or 4 where a block a SM at most runs
 _SIGNATURE = "PPPPPPPiiii"          # codes, scale codes, x, y, ws, bias, g, m, n, k, chunks a split
 _FINISH_SIGNATURE = "PPPPiii"       # ws, y, bias, g, m, n, splits
 
@@ -33,11 +33,17 @@ class TiledPlan:
         return f"TiledPlan({self.name}, grid={self.grid}, splits={self.splits}, chunks a split={self.cps})"
 
 
-def tiled_splits(blocks: int, nchunks: int, resident: int) -> tuple[int, int]:
-    """(splits, chunks a split): as many splits as keep the grid within the blocks that run at once
-    (``resident``), each at least MIN_CHUNKS_A_SPLIT chunks; one where the grid fills them already."""
-    splits = max(1, min(resident // max(blocks, 1), nchunks // MIN_CHUNKS_A_SPLIT))
-    cps = -(-nchunks // splits)
+def tiled_splits(blocks: int, nchunks: int, resident: int, sms: int) -> tuple[int, int]:
+    """(splits, chunks a split): the most splits, a power of two, that keep the grid within the
+    blocks that run at once (``resident``) with MIN_CHUNKS_A_SPLIT chunks a split or more, or
+    within one block a SM with half that. H200, fp16, S in 1-16 timed on eight shapes at 33-128
+    tokens (RESULTS.md, session 20): 1.4% off the best S in geomean, at most 7% (the first clause
+    alone: 3.1%, at most 27%); the second takes 2048x4096 at 33-64 tokens from 8 splits to 16
+    (12.6 -> 9.9 us). 3, 6 and 12 splits were slower than the better power of two beside them in
+    all 60 cases."""
+    most = max(1, min(resident // blocks, nchunks // MIN_CHUNKS_A_SPLIT),
+               min(sms // blocks, nchunks // (MIN_CHUNKS_A_SPLIT // 2)))
+    cps = -(-nchunks // (1 << (most.bit_length() - 1)))
     return -(-nchunks // cps), cps
 
 
@@ -55,8 +61,9 @@ def tiled_plan(n: int, k: int, m: int, bf16: bool, device: int) -> TiledPlan:
     at the blocks a SM the driver reports (two on an H200, H100 or A100)."""
     launch = runtime.launcher("w4a16_tiled.cu", kernel_name(bf16), device, _SIGNATURE).allow_shared(TILED_SHARED)
     row_blocks, token_tiles = -(-n // TILED_ROWS), -(-m // TILED_TOKENS)
-    resident = (launch.max_active_blocks(TILED_THREADS, TILED_SHARED) or 1) * _sm_count(device)
-    splits, cps = tiled_splits(row_blocks * token_tiles, k // 64, resident)
+    sms = _sm_count(device)
+    resident = (launch.max_active_blocks(TILED_THREADS, TILED_SHARED) or 1) * sms
+    splits, cps = tiled_splits(row_blocks * token_tiles, k // 64, resident, sms)
     finish = runtime.launcher("w4a16_tiled.cu", finish_kernel_name(bf16), device, _FINISH_SIGNATURE)
     return TiledPlan(launch=launch, finish=finish, grid=(token_tiles * splits, row_blocks), splits=splits, cps=cps,
                      name=launch.name)

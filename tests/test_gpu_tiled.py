@@ -55,7 +55,7 @@ def test_split_or_not(n, k, m, dtype):
     x = torch.randn(m, k, device="cuda", generator=g).to(dtype)
     want = reference(x, pw.weight)
     p = cuda_tiled.tiled_plan(n, k, m, dtype == torch.bfloat16, 0)
-    assert (p.splits > 1) == (k // 64 >= 2 * cuda_tiled.MIN_CHUNKS_A_SPLIT), p
+    assert p.splits > 1, p  # 2-8 blocks of 256 rows x 64 tokens leave most SMs idle
     one = cuda_tiled.TiledPlan(launch=p.launch, finish=p.finish, grid=(p.grid[0] // p.splits, p.grid[1]), splits=1,
                                cps=k // 64, name=p.name)
     outs = []
