@@ -33,8 +33,8 @@ __device__ void w4a16_tiled_body(const uint4* __restrict__ wq, const unsigned sh
 #if __CUDA_ARCH__ < 800
     __trap();  // mma.m16n8k16 and cp.async need sm_80
 #else
-    // a stage: x (BM token rows of 128 bytes), the codes of the block's 8 RT row tiles (4 RT pairs
-    // of 1 KB, as in the repack), their scale codes (4 RT pairs of 128 bytes)
+    // a stage: x (BM token rows of 128 bytes), the codes of the block's 16 row tiles (8 pairs of
+    // 1 KB, as in the repack), their scale codes (8 pairs of 128 bytes)
     constexpr int NT = TILED_NT, RT = TILED_RT, STAGES = TILED_STAGES;
     constexpr int BM = 8 * NT, TILES = TILED_WARPS * RT, X_BYTES = BM * 128, W_BYTES = TILES * 512;
     constexpr int STAGE_BYTES = X_BYTES + W_BYTES + TILES * 64, THREADS = TILED_WARPS * 32;
@@ -45,8 +45,9 @@ __device__ void w4a16_tiled_body(const uint4* __restrict__ wq, const unsigned sh
     const int c_lo = split * chunks_per_split, c_hi = min(nchunks, c_lo + chunks_per_split);
 
     // The copies of one chunk. x: 16-byte column u of token row r to (r, u ^ (r & 1)); tokens past
-    // M are zeros. Codes: 16-byte unit i (of 64 a pair) of pair i / 64; scale codes: unit i (of 8
-    // a pair) of pair i / 8. Pairs past the repack's (tiles are allocated in fours) are clamped.
+    // M are zeros. Codes: 16-byte unit i (of 64 a pair) of pair i / 64, RT units a thread (16 tiles
+    // x 512 bytes over 256 threads); scale codes: unit i (of 8 a pair) of pair i / 8. Pairs past the
+    // repack's (tiles are allocated in fours) are clamped.
     const u32 base = (u32)__cvta_generic_to_shared(smem);
     const int pairs = (n + 63) >> 6 << 1, pair0 = row_block * (TILES / 2);
     auto copy_chunk = [&](int c) {
