@@ -121,10 +121,14 @@ def _info():
     import fp4cupy
     from fp4cupy import runtime
 
+    from fp4cupy.cuda_linear import w4a16_paths
+
     cc = runtime.compute_capability()
+    target = runtime.target_for(cc) if cc else ""
     print(f"fp4cupy {fp4cupy.version()}")
-    print(f"GPU compute capability: {cc}" + (f", target {runtime.target_for(cc)}" if cc else " (none: CPU reference)"))
+    print(f"GPU compute capability: {cc}" + (f", target {target}" if cc else " (none: CPU reference)"))
     print(f"FP4 hardware: {fp4cupy.has_hardware_acceleration()}")
+    print(f"linear (W4A16): {w4a16_paths(cc, target)}")
     print(f"kernels: {runtime.KERNEL_DIR}\ncache:   {runtime.cache_dir()}")
 
 

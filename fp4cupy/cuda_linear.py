@@ -97,6 +97,18 @@ def uses_warpgroup_kernel(m: int, n: int, k: int, device: int) -> bool:
 TILED_MIN_M = 33
 
 
+def w4a16_paths(cc: tuple[int, int] | None, target: str = "") -> str:
+    """Which kernels ``linear`` runs, by token count, on a GPU of compute capability ``cc`` compiled
+    for ``target`` (what ``fp4cupy info`` prints)."""
+    if cc is None:
+        return "the CPU reference (exact, numpy or torch)"
+    if tuple(cc) < MMA_MIN_CC:
+        return "dequantize + cuBLAS (the W4A16 kernels need sm_80)"
+    middle = (f"warpgroup-MMA {WG_ANY_WEIGHT_M}-{MMA_MAX_M} (from {WG_MIN_M} on large weights)" if target == "sm_90a"
+              else f"tiled mma.sync {TILED_MIN_M}-{MMA_MAX_M}")
+    return f"mma.sync 1-{TILED_MIN_M - 1} tokens, {middle}, dequantize + cuBLAS above {MMA_MAX_M}"
+
+
 def launch_w4a16(m: int, n: int, k: int, bf16: bool, device: int, stream: int, args: tuple, scratch) -> None:
     """Queue the W4A16 kernels for ``m`` (1..MMA_MAX_M) tokens on ``stream``. ``args``: the raw
     pointers (codes, scale codes, x, y, bias or 0, global scale). Where ``uses_warpgroup_kernel``

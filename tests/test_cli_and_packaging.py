@@ -28,6 +28,21 @@ def test_cli_entry_point_runs():
     assert bad.returncode == 2 and "shape must look like" in bad.stderr
 
 
+@pytest.mark.parametrize("cc,target,want", [
+    (None, "", "CPU reference"), ((7, 5), "sm_75", "dequantize + cuBLAS (the W4A16 kernels need sm_80)"),
+    ((8, 9), "sm_89", "mma.sync 1-32 tokens, tiled mma.sync 33-128, dequantize + cuBLAS above 128"),
+    ((9, 0), "sm_90a", "mma.sync 1-32 tokens, warpgroup-MMA 33-128 (from 17 on large weights), dequantize + cuBLAS above 128"),
+    ((12, 0), "sm_120a", "tiled mma.sync 33-128")])
+def test_info_says_which_kernels_linear_runs(cc, target, want, capsys, monkeypatch):
+    from fp4cupy import cuda_linear, runtime
+
+    assert want in cuda_linear.w4a16_paths(cc, target)
+    monkeypatch.setattr(runtime, "compute_capability", lambda device=None: cc)
+    monkeypatch.setattr(runtime, "target_for", lambda c: target)
+    assert cli.main(["info"]) in (0, None)
+    assert f"linear (W4A16): {cuda_linear.w4a16_paths(cc, target)}" in capsys.readouterr().out
+
+
 def test_readme_commands_are_the_ones_ci_runs():
     readme = (ROOT / "README.md").read_text()
     ci = (ROOT / ".ci" / "run").read_text()
