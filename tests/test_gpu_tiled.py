@@ -37,7 +37,7 @@ def test_benchmark_shapes(n, k, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m", [33, 47, 100, 128])
 def test_ragged_n_batch_dims_and_bias(m, dtype):
-    """N = 200 (a partial row tile, a partial block of 128 rows), two leading dims, a bias."""
+    """N = 200 (a partial row tile, a partial block of 256 rows), two leading dims, a bias."""
     pw, g = weight(200, 640, m)
     x = torch.randn(2, m // 2, 640, device="cuda", generator=g).to(dtype)
     bias = torch.randn(200, device="cuda", generator=g).to(dtype)
@@ -71,7 +71,7 @@ def test_split_or_not(n, k, m, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_one_hot_rows_read_back_the_weight_exactly(dtype):
     """x = rows of the identity: y = deq(W) columns exactly (one product, one rounding), with one
-    and two token tiles of 64 and K split in two (96 rows leave the grid mostly idle)."""
+    and two token tiles of 64 and K split (96 rows leave the grid mostly idle)."""
     pw, _ = weight(96, 1024, 7)
     eye = torch.eye(1024, device="cuda", dtype=dtype)
     for rows in (slice(0, 33), slice(100, 164), slice(3, 131)):
