@@ -100,7 +100,7 @@ def kernel_used(n, k, m, bf16):
     if cuda_linear.uses_warpgroup_kernel(m, n, k, 0):
         p = cuda_wgmma.wg_plan(n, k, m, bf16, 0)
         return f"{p.name} grid {p.grid[0]}x{p.grid[1]}"
-    if m >= cuda_linear.TILED_MIN_M:
+    if cuda_linear.uses_tiled_kernel(m, n, k):
         p = cuda_tiled.tiled_plan(n, k, m, bf16, 0)
         return f"{p.name} grid {p.grid[0]}x{p.grid[1]}"
     return mma_plan.plan(n, k, m, bf16, 0).name

@@ -6,10 +6,12 @@ against cuBLAS fp16/bf16 and the kernels it stands beside, in one run on this ca
 Each candidate is a CUDA graph of 30 calls over three rotating weights, replayed alternately with
 cuBLAS F.linear (timing.graph_compare); the table gives cuBLAS's time and each candidate's speed-up
 over it (median of the pairs):
-- package: what fp4cupy.linear runs on this card (on sm_90a the warpgroup kernel from 33 tokens);
+- package: what fp4cupy.linear runs on this card (on sm_90a the warpgroup kernel from 33 tokens
+  but on small weights);
 - tiled: w4a16_tiled.cu with the K splits of ``cuda_tiled.tiled_plan``;
 - mma.sync: ``mma_plan.plan``'s kernel (w4a16.cu), what sm_80-89 ran before the tiled kernel.
-On a GPU without the warpgroup kernel "package" is the tiled kernel from TILED_MIN_M tokens.
+On a GPU without the warpgroup kernel "package" is the tiled or the mma.sync kernel
+(``cuda_linear.uses_tiled_kernel``).
 """
 from __future__ import annotations
 
@@ -83,7 +85,7 @@ def tiled_error(x, pw, n, k, ref):
 def package_kernel(n, k, m, bf16):
     if cuda_linear.uses_warpgroup_kernel(m, n, k, 0):
         return "warpgroup"
-    return "tiled" if m >= cuda_linear.TILED_MIN_M else "mma.sync"
+    return "tiled" if cuda_linear.uses_tiled_kernel(m, n, k) else "mma.sync"
 
 
 def main():

@@ -3,10 +3,11 @@ is in cuda_gemm.py.
 
 Up to 16 tokens, one launch of an mma.sync kernel chosen by ``mma_plan.plan()`` from (M bucket,
 N, K) and the GPU's occupancy, K split over thread block clusters for few-row weights on sm_90+;
-on sm_90a, the warpgroup-MMA kernel (w4a16_wgmma.cu, ``cuda_wgmma``) from 33 tokens, and from 17
-on large weights (``uses_warpgroup_kernel``); elsewhere (Ampere, Ada, Blackwell) the tiled mma.sync
-kernel (w4a16_tiled.cu, ``cuda_tiled``) from TILED_MIN_M tokens up to ``MMA_MAX_M``. The weight must be
-``prepare``d (repacked once, prepare.cu). Past ``MMA_MAX_M`` tokens, on GPUs older than sm_80, or
+on sm_90a, the warpgroup-MMA kernel (w4a16_wgmma.cu, ``cuda_wgmma``) from 33 tokens on all but
+small weights, and from 17 on large ones (``uses_warpgroup_kernel``); elsewhere (Ampere, Ada,
+Blackwell, and small weights on sm_90a) the tiled mma.sync kernel (w4a16_tiled.cu, ``cuda_tiled``)
+from 33 tokens, 65 on the smallest weights (``uses_tiled_kernel``), up to ``MMA_MAX_M``. The
+weight must be ``prepare``d (repacked once, prepare.cu). Past ``MMA_MAX_M`` tokens, on GPUs older than sm_80, or
 for weights the kernel does not take, W is dequantized and cuBLAS multiplies.
 """
 from __future__ import annotations
@@ -63,15 +64,18 @@ def unrepack(codes, scale_codes, n: int, k: int, gs: int):
 
 # ----------------------------------------------------------------------------- linear
 # The warpgroup-MMA kernel (w4a16_wgmma.cu, sm_90a) for WG_MIN_M..MMA_MAX_M tokens: from
-# WG_ANY_WEIGHT_M for every weight; from WG_MIN_M for weights of more than WG_MIN_WEIGHTS values,
-# but twice that where plan()'s one-tile grid runs 1.5-2 blocks a SM (N of 24-32 rows a SM). H200,
-# 17-32 tokens, warpgroup time over mma.sync time (benchmarks/RESULTS.md, session 13): 0.38-0.97
-# on 19 of the 24 shapes the rule gives it (1024x32768 0.38, 5120x13824 0.65, 5120x4096 0.82,
-# 28672x8192 0.83), 0.97-1.06 on five (14336x4096, 13824x5120, 8192x3072, 12288x2048, 16384x2048);
-# 1.02-1.21 on the five where it keeps mma.sync (4096 rows, K 4096-8192).
+# WG_MID_M tokens for weights of more than WG_MIN_WEIGHTS values; from WG_MIN_M for weights of
+# more than twice that, but four times that where plan()'s one-tile grid runs 1.5-2 blocks a SM (N
+# of 24-32 rows a SM). H200, 17-32 tokens, warpgroup time over mma.sync time (benchmarks/RESULTS.md,
+# session 13): 0.38-0.97 on 19 of the 24 shapes the rule gives it (1024x32768 0.38, 5120x13824
+# 0.65, 5120x4096 0.82, 28672x8192 0.83), 0.97-1.06 on five (14336x4096, 13824x5120, 8192x3072,
+# 12288x2048, 16384x2048); 1.02-1.21 on the five where it keeps mma.sync (4096 rows, K 4096-8192).
+# 33-128 tokens (session 21): on weights of 512x4096 to 2048x4096 and 1024x8192 (at most 8 Mi
+# values) the tiled kernel (or mma.sync, below) ran 0.96-1.39x faster, 1.13x in geomean; from
+# 2048x8192 and 3072x4096 (12 Mi) up the warpgroup kernel won but for 1024x14336 at 33-64 tokens.
 WG_MIN_M = 17
-WG_ANY_WEIGHT_M = 33
-WG_MIN_WEIGHTS = 1 << 24
+WG_MID_M = 33
+WG_MIN_WEIGHTS = 1 << 23
 
 
 @functools.lru_cache(maxsize=None)
@@ -84,17 +88,28 @@ def uses_warpgroup_kernel(m: int, n: int, k: int, device: int) -> bool:
     """Whether ``launch_w4a16`` takes w4a16_wgmma.cu for ``m`` tokens and an [n, k] weight on ``device``."""
     if m < WG_MIN_M or not _wg_ok(device):
         return False
-    if m >= WG_ANY_WEIGHT_M:
-        return True
-    if n * k <= WG_MIN_WEIGHTS:
+    if m >= WG_MID_M:
+        return n * k > WG_MIN_WEIGHTS
+    if n * k <= 2 * WG_MIN_WEIGHTS:
         return False
-    sms = _sm_count(device)  # plan()'s one-tile grid at 1.5-2 blocks a SM holds its own up to 2x the weights
-    return n * k > 2 * WG_MIN_WEIGHTS or not 24 * sms <= n < 2 * TILE_ROWS * sms
+    sms = _sm_count(device)  # plan()'s one-tile grid at 1.5-2 blocks a SM holds its own up to 4x the weights
+    return n * k > 4 * WG_MIN_WEIGHTS or not 24 * sms <= n < 2 * TILE_ROWS * sms
 
 
-# The tiled mma.sync kernel (w4a16_tiled.cu) from this many tokens where the warpgroup kernel is not
-# taken. Below it, ``plan``'s kernels (x read by each warp for its own rows, K split over warps).
+# The tiled mma.sync kernel (w4a16_tiled.cu) from TILED_MIN_M tokens where the warpgroup kernel is
+# not taken, but on weights of at most TILED_SMALL_WEIGHTS values from TILED_SMALL_MIN_M (past one
+# token tile); below, ``plan``'s kernels (x read by each warp for its own rows, K split over
+# warps). H200, 33-64 tokens, tiled time over mma.sync time (session 21): 0.72-0.76 on 2048x2048,
+# 0.93-1.0 on 512x4096, 0.94 (33 tokens) and 1.05-1.06 on 1024x4096; 0.96-0.97 on 2048x4096.
 TILED_MIN_M = 33
+TILED_SMALL_MIN_M = 65
+TILED_SMALL_WEIGHTS = 1 << 22
+
+
+def uses_tiled_kernel(m: int, n: int, k: int) -> bool:
+    """Whether ``launch_w4a16`` takes w4a16_tiled.cu for ``m`` tokens and an [n, k] weight where
+    ``uses_warpgroup_kernel`` says no."""
+    return m >= TILED_MIN_M and (m >= TILED_SMALL_MIN_M or n * k > TILED_SMALL_WEIGHTS)
 
 
 def w4a16_paths(cc: tuple[int, int] | None, target: str = "") -> str:
@@ -104,22 +119,25 @@ def w4a16_paths(cc: tuple[int, int] | None, target: str = "") -> str:
         return "the CPU reference (exact, numpy or torch)"
     if tuple(cc) < MMA_MIN_CC:
         return "dequantize + cuBLAS (the W4A16 kernels need sm_80)"
-    middle = (f"warpgroup-MMA {WG_ANY_WEIGHT_M}-{MMA_MAX_M} (from {WG_MIN_M} on large weights)" if target == "sm_90a"
-              else f"tiled mma.sync {TILED_MIN_M}-{MMA_MAX_M}")
+    tiled = (f"tiled mma.sync {TILED_MIN_M}-{MMA_MAX_M} (from {TILED_SMALL_MIN_M} on weights of "
+             f"<= {TILED_SMALL_WEIGHTS >> 20} Mi values)")
+    middle = (f"warpgroup-MMA {WG_MID_M}-{MMA_MAX_M} on weights of > {WG_MIN_WEIGHTS >> 20} Mi values (from "
+              f"{WG_MIN_M} on large weights), else {tiled}" if target == "sm_90a" else tiled)
     return f"mma.sync 1-{TILED_MIN_M - 1} tokens, {middle}, dequantize + cuBLAS above {MMA_MAX_M}"
 
 
 def launch_w4a16(m: int, n: int, k: int, bf16: bool, device: int, stream: int, args: tuple, scratch) -> None:
     """Queue the W4A16 kernels for ``m`` (1..MMA_MAX_M) tokens on ``stream``. ``args``: the raw
     pointers (codes, scale codes, x, y, bias or 0, global scale). Where ``uses_warpgroup_kernel``
-    says yes, w4a16_wgmma.cu (``cuda_wgmma``); else from TILED_MIN_M tokens w4a16_tiled.cu
-    (``cuda_tiled``); else one mma.sync launch from ``plan``. The scratch of the first two (the
+    says yes, w4a16_wgmma.cu (``cuda_wgmma``); else where ``uses_tiled_kernel`` does,
+    w4a16_tiled.cu (``cuda_tiled``); else one mma.sync launch from ``plan``. The scratch of the
+    first two (the
     warpgroup kernel's reordered x and partial sums, ``WgPlan.workspace``; the tiled kernel's K
     splits' sums) comes from ``scratch(nbytes)`` -> (buffer, pointer), held until the launches are
     queued (the allocators reuse it in stream order, after them)."""
     if uses_warpgroup_kernel(m, n, k, device):
         cuda_wgmma.launch_wg(cuda_wgmma.wg_plan(n, k, m, bf16, device), m, n, k, stream, args, scratch)
-    elif m >= TILED_MIN_M:
+    elif uses_tiled_kernel(m, n, k):
         cuda_tiled.launch_tiled(cuda_tiled.tiled_plan(n, k, m, bf16, device), m, n, k, stream, args, scratch)
     else:
         p = plan(n, k, m, bf16, device)

@@ -14,8 +14,10 @@ DTYPES = [torch.float16, torch.bfloat16]
 
 @pytest.fixture(autouse=True)
 def no_warpgroup(poison, monkeypatch):
-    """linear's output starts as 0xAB bytes, and no call takes w4a16_wgmma.cu."""
+    """linear's output starts as 0xAB bytes, no call takes w4a16_wgmma.cu, and small weights take
+    the tiled kernel from 33 tokens too."""
     monkeypatch.setattr(cuda_linear, "_wg_ok", lambda device: False)
+    monkeypatch.setattr(cuda_linear, "TILED_SMALL_WEIGHTS", 0)
 
 
 def weight(n, k, seed, fmt="nvfp4"):

@@ -140,7 +140,7 @@ def test_launch_w4a16_picks_the_kernel_and_sizes_the_scratch(monkeypatch, m, wg_
     assert calls[1][5] == (11, 12, 1000, 14, 2000, 0, 16, m, n, k, cps)
 
 
-def test_warpgroup_kernel_from_17_tokens_on_large_weights_and_from_33_on_all(monkeypatch):
+def test_warpgroup_kernel_from_17_tokens_on_large_weights_and_from_33_on_all_but_small(monkeypatch):
     uses = cuda_linear.uses_warpgroup_kernel
     fake_gpu(monkeypatch, 132)  # the mma.sync plan takes one-tile blocks at 17-32 tokens below 4224 rows
     monkeypatch.setattr(cuda_linear, "_wg_ok", lambda device: True)
@@ -150,11 +150,31 @@ def test_warpgroup_kernel_from_17_tokens_on_large_weights_and_from_33_on_all(mon
     assert not uses(17, 8192, 2048, 0) and not uses(17, 4096, 4096, 0)  # 16 Mi values: not above
     assert not uses(32, 4160, 4096, 0) and not uses(24, 4096, 8192, 0) and not uses(17, 4160, 8064, 0)
     assert uses(17, 3168, 8192, 0) == (3168 * 8192 > 2 ** 25) and not uses(17, 3168, 8000, 0)
-    assert uses(33, 4096, 4096, 0) and uses(33, 64, 64, 0) and uses(128, 64, 64, 0)
+    assert uses(33, 4096, 4096, 0) and uses(33, 3072, 4096, 0) and uses(128, 2048, 4097, 0)
+    assert not uses(33, 2048, 4096, 0) and not uses(128, 1024, 8192, 0) and not uses(64, 64, 64, 0)  # 8 Mi values
     assert [mma_plan.plan(n, 4096, 24, False, 0).name[:9] for n in (4160, 4224)] == ["w4a16_rt1", "w4a16_rt2"]
     monkeypatch.setattr(cuda_linear, "_wg_ok", lambda device: False)  # off sm_90a: never
     assert not any(uses(m, 28672, 8192, 0) for m in (17, 33, 128))
     mma_plan.plan.cache_clear()
+
+
+@pytest.mark.parametrize("wg_ok", [False, True])
+def test_tiled_kernel_from_33_tokens_or_65_on_small_weights(monkeypatch, wg_ok):
+    """Where the warpgroup kernel is not taken: mma.sync below 33 tokens, and below 65 on weights of
+    at most 4 Mi values; the tiled kernel above."""
+    calls = []
+    monkeypatch.setattr(cuda_linear, "_wg_ok", lambda device: wg_ok)
+    monkeypatch.setattr(cuda_linear, "plan", lambda n, k, m, bf16, device: mma_plan.Plan(
+        Recorder("mma", calls), grid=(7, 1), threads=256, shared=1024, name="mma"))
+    monkeypatch.setattr(cuda_tiled, "tiled_plan", lambda n, k, m, bf16, device: cuda_tiled.TiledPlan(
+        launch=Recorder("tiled", calls), finish=None, grid=(1, 8), splits=1, cps=k // 64, name="tiled"))
+    for m, n, k, want in [(32, 1024, 8192, "mma"), (33, 1024, 8192, "tiled"), (33, 1025, 4096, "tiled"),
+                          (33, 2048, 2048, "mma"), (64, 1024, 4096, "mma"), (65, 2048, 2048, "tiled"),
+                          (128, 64, 64, "tiled")]:
+        assert cuda_linear.uses_tiled_kernel(m, n, k) == (want == "tiled"), (m, n, k)
+        calls.clear()
+        cuda_linear.launch_w4a16(m, n, k, False, 0, 77, (11, 12, 13, 14, 0, 16), lambda nbytes: (None, 0))
+        assert [c[0] for c in calls] == [want], (m, n, k)
 
 
 def test_warpgroup_token_tile_is_the_least_that_holds_the_tokens():
@@ -171,6 +191,7 @@ def test_stream_k_launch_sizes_flags_and_partial_slots(monkeypatch, n, blocks, z
     calls, buffers = [], []
     k, m = 8192, 128
     monkeypatch.setattr(cuda_linear, "_wg_ok", lambda device: True)
+    monkeypatch.setattr(cuda_linear, "WG_MIN_WEIGHTS", 0)  # 1000 rows too
     monkeypatch.setattr(cuda_wgmma, "wg_plan", lambda n, k, m, bf16, device: cuda_wgmma.WgPlan(
         xprep=Recorder("xprep", calls), launch=Recorder("wg", calls),
         grid=(blocks, 1), threads=512, shared=99, cps=0, nt=128, name="wg"))

@@ -55,8 +55,8 @@ def main() -> None:
     a, b = fp4cupy.quantize(torch.randn(70, 192, device="cuda")), fp4cupy.quantize(torch.randn(192, 96, device="cuda"))
     fp4cupy.gemm(a, b)
     fp4cupy.gemm(a, fp4cupy.quantize(torch.randn(90, 192, device="cuda")), trans_b=True)
-    if cuda_linear.uses_warpgroup_kernel(64, 64, 64, 0):
-        cuda_linear.WG_MIN_WEIGHTS = 0  # 17-32 tokens through it on small weights too
+    if cuda_linear._wg_ok(0):
+        cuda_linear.WG_MIN_WEIGHTS = 0  # small weights through the warpgroup kernel too
         for n, k, m in ((1000, 512, 33), (4096, 1024, 128), (28672, 256, 64), (1000, 640, 20), (28672, 256, 90),
                         (1000, 64 * 13, 40)):
             # two splits over a cluster at NT 48 and 24; split K through the workspace at NT 128 and 48;
