@@ -1,8 +1,8 @@
-"""The launches of kernels_cu/w4a16_tiled.cu: W4A16 for 33-128 tokens on sm_80+ GPUs that do not
-take the warpgroup kernel (Ampere, Ada, Blackwell). A block is 8 warps over 256 weight rows and 64
-tokens; each chunk of x and of the block's weights is staged in shared memory once for all its
-warps; K is split over blocks (their FP32 sums added in split order by a second kernel) where the
-grid would leave SMs idle."""
+"""The launches of kernels_cu/w4a16_tiled.cu: W4A16 for 33-128 tokens on sm_80+ GPUs where the
+warpgroup kernel is not taken (Ampere, Ada, Blackwell; small weights on Hopper). A block is 8 warps
+over 256 weight rows and 64 tokens; each chunk of x and of the block's weights is staged in shared
+memory once for all its warps; K is split over blocks (their FP32 sums added in split order by a
+second kernel, a programmatic dependent on sm_90+) where the grid would leave SMs idle."""
 from __future__ import annotations
 
 import functools
@@ -76,4 +76,5 @@ def launch_tiled(p: TiledPlan, m: int, n: int, k: int, stream: int, args: tuple,
     ws_buf, ws = scratch(4 * p.splits * m * n) if p.splits > 1 else (None, 0)
     p.launch(p.grid, TILED_THREADS, TILED_SHARED, stream, codes, scale_codes, x, y, ws, bias, g, m, n, k, p.cps)
     if p.splits > 1:
-        p.finish(min(-(-m * n // 256), 4096), 256, 0, stream, ws, y, bias, g, m, n, p.splits)
+        # a programmatic dependent (sm_90+): scheduled as the main kernel's blocks end, it waits for their sums
+        p.finish.after(min(-(-m * n // 256), 4096), 256, 0, stream, ws, y, bias, g, m, n, p.splits)

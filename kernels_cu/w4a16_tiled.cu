@@ -1,6 +1,6 @@
 // w4a16_tiled.cu - y[M, N] = x[M, K] @ W^T * g (+ bias) for 33-128 tokens on sm_80+ GPUs
-// (mma.sync.m16n8k16; Hopper takes w4a16_wgmma.cu instead), W repacked by prepare.cu, x fp16 or
-// bf16, FP32 accumulation, y in x's type.
+// (mma.sync.m16n8k16; Hopper takes w4a16_wgmma.cu but for weights of at most 8 Mi values), W
+// repacked by prepare.cu, x fp16 or bf16, FP32 accumulation, y in x's type.
 //
 // A block is 8 warps over 256 rows of W (a pair of 16-row tiles a warp) and 64 tokens. Each chunk
 // of 64 K values, the block's x tile and its 16 row tiles' codes and scale codes, is copied into
@@ -16,7 +16,8 @@
 // row blocks of 256), so that the blocks of one row block run side by side and read its weights
 // from memory once. With one split the block scales, adds the bias, rounds and stores y; with S
 // splits split s stores its FP32 sums in ws[s][M][N] and w4a16_tiled_finish adds them in split
-// order (deterministic), then scales, adds and rounds.
+// order (deterministic), then scales, adds and rounds; on sm_90+ it is launched as a programmatic
+// dependent, so its launch overlaps the main kernel's end.
 #include "w4a16_decode.cuh"
 
 #define TILED_WARPS 8
@@ -129,6 +130,7 @@ __device__ void w4a16_tiled_body(const uint4* __restrict__ wq, const unsigned sh
         compute(c);
     }
     cp_async_wait<0>();
+    launch_dependents();  // the finish kernel's blocks may be scheduled (sm_90+); they wait for y's sums
 
     // accumulator e of row tile r, token tile j: row (tile) * 16 + g + 8 (e >> 1), token 8j + 2q + (e & 1)
     const float gs = *g_ptr * 16384.0f;
@@ -157,6 +159,7 @@ template <bool BF16>
 __device__ void w4a16_tiled_finish_body(const float* __restrict__ ws, typename Act<BF16>::T* __restrict__ y,
                                         const typename Act<BF16>::T* __restrict__ bias, const float* __restrict__ g_ptr,
                                         int m, int n, int splits) {
+    grid_dependency_wait();  // launched as a programmatic dependent of the main kernel (sm_90+)
     const i64 total = (i64)m * n;
     const float gs = *g_ptr * 16384.0f;
     for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < total; i += (i64)gridDim.x * blockDim.x) {

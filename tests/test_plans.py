@@ -96,8 +96,8 @@ class Recorder:
 
 
 @pytest.mark.parametrize("m,wg_ok,want", [(1, True, ["mma"]), (17, True, ["mma"]), (32, True, ["mma"]),
-                                          (32, False, ["mma"]), (33, False, ["tiled", "finish"]),
-                                          (128, False, ["tiled", "finish"]), (33, True, ["xprep", "wg+after"]),
+                                          (32, False, ["mma"]), (33, False, ["tiled", "finish+after"]),
+                                          (128, False, ["tiled", "finish+after"]), (33, True, ["xprep", "wg+after"]),
                                           (65, True, ["xprep", "wg+after"]), (128, True, ["xprep", "wg+after"])])
 def test_launch_w4a16_picks_the_kernel_and_sizes_the_scratch(monkeypatch, m, wg_ok, want):
     calls, buffers = [], []
