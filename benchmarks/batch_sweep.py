@@ -54,6 +54,11 @@ def main():
     print("\n| M | kernels (by shape, in the order above) |\n|---|---|")
     for m in ms:
         print(f"| {m} | " + "; ".join(cell[n, k, m]["path"] for n, k in shapes) + " |")
+    alts = [m for m in ms if any(cell[n, k, m]["alt"] != "-" for n, k in shapes)]
+    if alts:
+        print("\n| M | the other paths (by shape, in the order above) |\n|---|---|")
+        for m in alts:
+            print(f"| {m} | " + "; ".join(cell[n, k, m]["alt"] for n, k in shapes) + " |")
 
 
 if __name__ == "__main__":

@@ -50,6 +50,9 @@ def linear_rows(dtype=torch.float16, shapes=SHAPES, ms=MS):
             if m == 128:  # the other paths, to place the M thresholds
                 alt = ", ".join(f"{name} {other_path_ratio(x, dense, prep, **overrides):.2f}x" for name, overrides in
                                 OTHER_PATHS)
+            elif m > cuda_linear.MMA_MAX_M and cuda_linear.kernels_take(m, n, k, 0):  # slices: against what they replace
+                name, overrides = OTHER_PATHS[-1]
+                alt = f"{name} {other_path_ratio(x, dense, prep, **overrides):.2f}x"
             wbytes = n * k // 2 + n * k // 16
             rows.append(dict(n=n, k=k, m=m, ours=r["ours_ms"], peer=r["peer_ms"], ratio=r["ratio"], lo=r["lo"],
                              hi=r["hi"], gbs=wbytes / r["ours_ms"] / 1e6, mb=wbytes / 1e6, path=path, alt=alt))
@@ -79,7 +82,7 @@ def read_bytes_fn(prep):
 # the paths linear takes without the warpgroup kernel (sm_80-89, sm_100+): the tiled kernel, the
 # mma.sync kernels below it, and past MMA_MAX_M tokens dequantize + cuBLAS
 OTHER_PATHS = (("tiled", dict(WG_MIN_M=10**9)), ("mma.sync", dict(WG_MIN_M=10**9, TILED_MIN_M=10**9)),
-               ("dequantize+cuBLAS", dict(MMA_MAX_M=0)))
+               ("dequantize+cuBLAS", dict(MMA_MAX_M=0, SLICED_MAX_M=0)))
 
 
 def other_path_ratio(x, dense, prep, **overrides):
@@ -95,8 +98,11 @@ def other_path_ratio(x, dense, prep, **overrides):
 
 
 def kernel_used(n, k, m, bf16):
-    if m > cuda_linear.MMA_MAX_M:
+    if not cuda_linear.kernels_take(m, n, k, 0):
         return "dequantize+cuBLAS"
+    if m > cuda_linear.MMA_MAX_M:
+        pieces = -(-m // cuda_linear.MMA_MAX_M)
+        return f"{pieces} slices of {kernel_used(n, k, -(-m // pieces), bf16)}"
     if cuda_linear.uses_warpgroup_kernel(m, n, k, 0):
         p = cuda_wgmma.wg_plan(n, k, m, bf16, 0)
         return f"{p.name} grid {p.grid[0]}x{p.grid[1]}"

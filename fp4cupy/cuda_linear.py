@@ -6,9 +6,10 @@ N, K) and the GPU's occupancy, K split over thread block clusters for few-row we
 on sm_90a, the warpgroup-MMA kernel (w4a16_wgmma.cu, ``cuda_wgmma``) from 33 tokens on all but
 small weights, and from 17 on large ones (``uses_warpgroup_kernel``); elsewhere (Ampere, Ada,
 Blackwell, and small weights on sm_90a) the tiled mma.sync kernel (w4a16_tiled.cu, ``cuda_tiled``)
-from 33 tokens, 65 on the smallest weights (``uses_tiled_kernel``), up to ``MMA_MAX_M``. The
-weight must be ``prepare``d (repacked once, prepare.cu). Past ``MMA_MAX_M`` tokens, on GPUs older than sm_80, or
-for weights the kernel does not take, W is dequantized and cuBLAS multiplies.
+from 33 tokens, 65 on the smallest weights (``uses_tiled_kernel``), up to ``MMA_MAX_M``; on sm_90a
+up to ``SLICED_MAX_M`` tokens on large weights, in slices (``kernels_take``). The weight must be
+``prepare``d (repacked once, prepare.cu). Past those tokens, on GPUs older than sm_80, or for
+weights the kernel does not take, W is dequantized and cuBLAS multiplies.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from .mma_plan import TILE_ROWS, plan
 from .prepared import PAIR, PreparedWeight
 from .tensor import FP4Tensor
 
-MMA_MAX_M = 128           # larger batches: dequantize + cuBLAS (see benchmarks/RESULTS.md)
+MMA_MAX_M = 128           # tokens a launch; larger batches: dequantize + cuBLAS (see benchmarks/RESULTS.md)
 MMA_MIN_CC = (8, 0)       # mma.m16n8k16
 TILE_PAD = 4              # row tiles are allocated in multiples of the largest RT
 
@@ -112,6 +113,22 @@ def uses_tiled_kernel(m: int, n: int, k: int) -> bool:
     return m >= TILED_MIN_M and (m >= TILED_SMALL_MIN_M or n * k > TILED_SMALL_WEIGHTS)
 
 
+# On sm_90a, SLICED_MAX_M tokens at most in slices of at most MMA_MAX_M (each the warpgroup
+# kernel) on weights of more than SLICED_MIN_WEIGHTS values, instead of dequantize + cuBLAS. H200,
+# fp16, speed-up over cuBLAS, slices against dequantize + cuBLAS (RESULTS.md, session 21): 129-256
+# tokens 0.62-0.81x against 0.43-0.55x on the four gemm.py shapes of 56-224 Mi values; 6144x4096
+# (24 Mi) 0.48-0.58x against 0.47-0.54x, 4096x4096 0.47-0.50x against 0.51-0.64x. At 384 tokens
+# (three slices) 0.57-0.71x against 0.61-0.62x; at 512, 0.54-0.70x against 0.68-0.69x.
+SLICED_MAX_M = 256
+SLICED_MIN_WEIGHTS = 1 << 25
+
+
+def kernels_take(m: int, n: int, k: int, device: int) -> bool:
+    """Whether ``launch_w4a16`` takes ``m`` tokens and an [n, k] weight on ``device`` (a GPU of
+    sm_80+); else dequantize + cuBLAS."""
+    return 0 < m <= MMA_MAX_M or (m <= SLICED_MAX_M and n * k > SLICED_MIN_WEIGHTS and _wg_ok(device))
+
+
 def w4a16_paths(cc: tuple[int, int] | None, target: str = "") -> str:
     """Which kernels ``linear`` runs, by token count, on a GPU of compute capability ``cc`` compiled
     for ``target`` (what ``fp4cupy info`` prints)."""
@@ -121,21 +138,31 @@ def w4a16_paths(cc: tuple[int, int] | None, target: str = "") -> str:
         return "dequantize + cuBLAS (the W4A16 kernels need sm_80)"
     tiled = (f"tiled mma.sync {TILED_MIN_M}-{MMA_MAX_M} (from {TILED_SMALL_MIN_M} on weights of "
              f"<= {TILED_SMALL_WEIGHTS >> 20} Mi values)")
-    middle = (f"warpgroup-MMA {WG_MID_M}-{MMA_MAX_M} on weights of > {WG_MIN_WEIGHTS >> 20} Mi values (from "
-              f"{WG_MIN_M} on large weights), else {tiled}" if target == "sm_90a" else tiled)
-    return f"mma.sync 1-{TILED_MIN_M - 1} tokens, {middle}, dequantize + cuBLAS above {MMA_MAX_M}"
+    if target != "sm_90a":
+        return f"mma.sync 1-{TILED_MIN_M - 1} tokens, {tiled}, dequantize + cuBLAS above {MMA_MAX_M}"
+    return (f"mma.sync 1-{TILED_MIN_M - 1} tokens, warpgroup-MMA {WG_MID_M}-{MMA_MAX_M} on weights of > "
+            f"{WG_MIN_WEIGHTS >> 20} Mi values (from {WG_MIN_M} on large weights), else {tiled}; "
+            f"{MMA_MAX_M + 1}-{SLICED_MAX_M} in slices of warpgroup-MMA on weights of > {SLICED_MIN_WEIGHTS >> 20} "
+            f"Mi values, else dequantize + cuBLAS above {MMA_MAX_M}")
 
 
 def launch_w4a16(m: int, n: int, k: int, bf16: bool, device: int, stream: int, args: tuple, scratch) -> None:
-    """Queue the W4A16 kernels for ``m`` (1..MMA_MAX_M) tokens on ``stream``. ``args``: the raw
-    pointers (codes, scale codes, x, y, bias or 0, global scale). Where ``uses_warpgroup_kernel``
-    says yes, w4a16_wgmma.cu (``cuda_wgmma``); else where ``uses_tiled_kernel`` does,
-    w4a16_tiled.cu (``cuda_tiled``); else one mma.sync launch from ``plan``. The scratch of the
-    first two (the
+    """Queue the W4A16 kernels for ``m`` tokens (where ``kernels_take``) on ``stream``. ``args``:
+    the raw pointers (codes, scale codes, x, y, bias or 0, global scale). Past MMA_MAX_M tokens,
+    equal slices of at most MMA_MAX_M, each queued as below (y's slices need not be 16-byte
+    aligned: the kernels store y an element at a time). Where ``uses_warpgroup_kernel`` says yes,
+    w4a16_wgmma.cu (``cuda_wgmma``); else where ``uses_tiled_kernel`` does, w4a16_tiled.cu
+    (``cuda_tiled``); else one mma.sync launch from ``plan``. The scratch of the first two (the
     warpgroup kernel's reordered x and partial sums, ``WgPlan.workspace``; the tiled kernel's K
     splits' sums) comes from ``scratch(nbytes)`` -> (buffer, pointer), held until the launches are
     queued (the allocators reuse it in stream order, after them)."""
-    if uses_warpgroup_kernel(m, n, k, device):
+    if m > MMA_MAX_M:
+        codes, scale_codes, x, y, bias, g = args
+        step = -(-m // -(-m // MMA_MAX_M))
+        for t0 in range(0, m, step):  # 2-byte x and y: token t starts at byte 2 t K of x, 2 t N of y
+            launch_w4a16(min(step, m - t0), n, k, bf16, device, stream,
+                         (codes, scale_codes, x + 2 * t0 * k, y + 2 * t0 * n, bias, g), scratch)
+    elif uses_warpgroup_kernel(m, n, k, device):
         cuda_wgmma.launch_wg(cuda_wgmma.wg_plan(n, k, m, bf16, device), m, n, k, stream, args, scratch)
     elif uses_tiled_kernel(m, n, k):
         cuda_tiled.launch_tiled(cuda_tiled.tiled_plan(n, k, m, bf16, device), m, n, k, stream, args, scratch)
@@ -153,7 +180,7 @@ def _mma_ok(device: int) -> bool:
 def linear_repacked(x, codes, scale_codes, global_scale, n: int, bias=None):
     """The host-lean W4A16 path for torch tensors, from the repacked weight alone (codes uint8
     [T/2, K/64, 2, 32, 16], scale codes, global scale float32 [] on the GPU): y, or None when a
-    precondition fails (fp16/bf16 contiguous x on the weight's device, at most MMA_MAX_M tokens,
+    precondition fails (fp16/bf16 contiguous x on the weight's device, tokens that ``kernels_take``,
     bias of x's dtype and length N) and the caller must take another path."""
     t = _torch_names()
     half = t["half"]
@@ -165,13 +192,18 @@ def linear_repacked(x, codes, scale_codes, global_scale, n: int, bias=None):
                                                            or bias.get_device() != dev or bias.numel() != n))):
         return None
     m = x.numel() // k
-    if not 0 < m <= MMA_MAX_M or not _mma_ok(dev):
+    if not _mma_ok(dev) or not (0 < m <= MMA_MAX_M or kernels_take(m, n, k, dev)):
         return None
-    y = x.new_empty(*shape[:-1], n)  # ints, not a torch.Size: ~1 us less
+    y = _new_output(x, shape[:-1], n)
     args = (codes.data_ptr(), scale_codes.data_ptr(), x.data_ptr(), y.data_ptr(),
             0 if bias is None else bias.data_ptr(), global_scale.data_ptr())
     launch_w4a16(m, n, k, x.dtype is half[1], dev, _torch_stream_ptr(t["torch"], dev), args, _torch_scratch(x))
     return y
+
+
+def _new_output(x, lead, n: int):
+    """linear_repacked's y [*lead, n], uninitialized (the tests' poison fixture fills it)."""
+    return x.new_empty(*lead, n)  # ints, not a torch.Size: ~1 us less
 
 
 def _torch_scratch(like):
@@ -197,7 +229,8 @@ def linear(x, pw: PreparedWeight, bias=None):
     dtype = arrays.dtype_name(x)
     lead = tuple(x.shape[:-1])
     m = math.prod(lead)
-    if pw.path != "mma" or dtype not in ("float16", "bfloat16") or m > MMA_MAX_M or m == 0 or not _mma_ok(lib.device):
+    if (pw.path != "mma" or dtype not in ("float16", "bfloat16") or not _mma_ok(lib.device)
+            or not kernels_take(m, n, k, lib.device)):
         return _linear_dequantized(x, w, bias, lib)
     x2 = lib.contiguous_aligned(x.reshape(m, k))
     y = lib.empty((m, n), dtype)

@@ -28,8 +28,9 @@ def rng(request):
 @pytest.fixture
 def poison(monkeypatch):
     """Every buffer fp4cupy allocates on the GPU starts as 0xAB bytes (0-d ones as NaN), so an
-    element a kernel fails to write shows up."""
-    from fp4cupy import cuda_ops
+    element a kernel fails to write shows up: those of cuda_ops._Lib and the y of the host-lean
+    torch path (cuda_linear._new_output)."""
+    from fp4cupy import cuda_linear, cuda_ops
 
     real = cuda_ops._Lib.empty
 
@@ -44,3 +45,13 @@ def poison(monkeypatch):
         return out
 
     monkeypatch.setattr(cuda_ops._Lib, "empty", poisoned)
+    real_output = cuda_linear._new_output
+
+    def poisoned_output(x, lead, n):  # the host-lean torch path's y
+        import torch
+
+        y = real_output(x, lead, n)
+        y.view(torch.uint8).fill_(0xAB)
+        return y
+
+    monkeypatch.setattr(cuda_linear, "_new_output", poisoned_output)

@@ -33,7 +33,8 @@ def test_cli_entry_point_runs():
     ((8, 9), "sm_89", "mma.sync 1-32 tokens, tiled mma.sync 33-128 (from 65 on weights of <= 4 Mi values), "
                       "dequantize + cuBLAS above 128"),
     ((9, 0), "sm_90a", "mma.sync 1-32 tokens, warpgroup-MMA 33-128 on weights of > 8 Mi values (from 17 on large "
-                       "weights), else tiled mma.sync 33-128 (from 65 on weights of <= 4 Mi values), dequantize"),
+                       "weights), else tiled mma.sync 33-128 (from 65 on weights of <= 4 Mi values); 129-256 in "
+                       "slices of warpgroup-MMA on weights of > 32 Mi values, else dequantize + cuBLAS above 128"),
     ((12, 0), "sm_120a", "tiled mma.sync 33-128")])
 def test_info_says_which_kernels_linear_runs(cc, target, want, capsys, monkeypatch):
     from fp4cupy import cuda_linear, runtime

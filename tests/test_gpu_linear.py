@@ -45,6 +45,37 @@ def test_odd_m_ragged_n_batch_dims_and_bias(m, dtype):
     assert rel(fp4cupy.linear(x, w, bias), reference(x, w, bias)) <= TOL[dtype]  # unprepared: repacked per call
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_129_to_256_tokens_in_slices_on_large_weights(dtype):
+    """Past 128 tokens on sm_90a a weight of more than 32 Mi values runs in slices of at most 128
+    tokens through the warpgroup kernel (elsewhere dequantize + cuBLAS): each slice of y matches,
+    through torch (the host-lean path, batch dims, a bias) and CuPy."""
+    n, k = 8192, 4160  # 34 Mi values
+    g = gen(n + k)
+    w = fp4cupy.quantize(torch.randn(n, k, device="cuda", generator=g))
+    pw = fp4cupy.prepare(w)
+    bias = torch.randn(n, device="cuda", generator=g).to(dtype)
+    for m, lead in ((129, (129,)), (200, (2, 100)), (256, (256,))):
+        assert cuda_linear.kernels_take(m, n, k, 0) == cuda_linear._wg_ok(0)
+        x = torch.randn(*lead, k, device="cuda", generator=g).to(dtype)
+        y, want = fp4cupy.linear(x, pw, bias).reshape(m, n), reference(x, w, bias).reshape(m, n)
+        half = -(-m // 2)  # two slices: [0, half), [half, m)
+        assert rel(y[:half], want[:half]) <= TOL[dtype] and rel(y[half:], want[half:]) <= TOL[dtype], m
+    if dtype is torch.float16:  # CuPy arrays: fp4cupy.linear's own path
+        cupy = pytest.importorskip("cupy")
+        rs = cupy.random.RandomState(3)
+        wc = fp4cupy.quantize(rs.standard_normal((n, k), dtype=cupy.float32))
+        xc = rs.standard_normal((200, k), dtype=cupy.float32).astype(cupy.float16)
+        yc = fp4cupy.linear(xc, fp4cupy.prepare(wc))
+        want = xc.astype(cupy.float64) @ fp4cupy.dequantize(wc).astype(cupy.float64).T
+        assert isinstance(yc, cupy.ndarray) and float(cupy.linalg.norm(yc - want) / cupy.linalg.norm(want)) <= TOL[dtype]
+
+
+def test_poison_reaches_the_host_lean_output():
+    y = cuda_linear._new_output(torch.empty(3, 64, device="cuda", dtype=torch.float16), (3,), 5)
+    assert y.shape == (3, 5) and bool((y.view(torch.uint8) == 0xAB).all())
+
+
 @pytest.mark.parametrize("m,dtype,rows_a_block,want", [
     (1, torch.float16, 32, "w4a16_rt2_nt1_u1_w4_f16"), (7, torch.float16, 32, "w4a16_rt2_nt1_u1_w4_f16"),
     (16, torch.float16, 16, "w4a16_rt1_nt2_u1_w4_f16"),

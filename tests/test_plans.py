@@ -177,6 +177,27 @@ def test_tiled_kernel_from_33_tokens_or_65_on_small_weights(monkeypatch, wg_ok):
         assert [c[0] for c in calls] == [want], (m, n, k)
 
 
+def test_129_to_256_tokens_in_slices_on_large_weights_on_sm90a(monkeypatch):
+    """Past 128 tokens on sm_90a: equal slices of at most 128 tokens (x and y offset by 2 bytes a
+    value), each through the warpgroup kernel, on weights of more than 32 Mi values only."""
+    calls = []
+    monkeypatch.setattr(cuda_linear, "_wg_ok", lambda device: True)
+    monkeypatch.setattr(cuda_wgmma, "wg_plan", lambda n, k, m, bf16, device: (m, n, k))
+    monkeypatch.setattr(cuda_wgmma, "launch_wg", lambda p, m, n, k, stream, args, scratch: calls.append((p, m, args)))
+    take = cuda_linear.kernels_take
+    assert take(256, 8192, 4097, 0) and take(129, 28672, 8192, 0) and take(128, 64, 64, 0)
+    assert not take(257, 28672, 8192, 0) and not take(200, 8192, 4096, 0) and not take(0, 64, 64, 0)  # 32 Mi: not above
+    n, k = 14336, 4096
+    cuda_linear.launch_w4a16(201, n, k, True, 0, 77, (11, 12, 1000, 2000, 0, 16), lambda nbytes: (None, 0))
+    assert [(c[0], c[1]) for c in calls] == [((101, n, k), 101), ((100, n, k), 100)]
+    assert calls[0][2] == (11, 12, 1000, 2000, 0, 16) and calls[1][2] == (11, 12, 1000 + 2 * 101 * k, 2000 + 2 * 101 * n, 0, 16)
+    calls.clear()
+    cuda_linear.launch_w4a16(256, n, k, False, 0, 77, (11, 12, 1000, 2000, 0, 16), lambda nbytes: (None, 0))
+    assert [c[1] for c in calls] == [128, 128]
+    monkeypatch.setattr(cuda_linear, "_wg_ok", lambda device: False)  # off sm_90a: dequantize + cuBLAS
+    assert not take(129, 28672, 8192, 0) and take(128, 28672, 8192, 0)
+
+
 def test_warpgroup_token_tile_is_the_least_that_holds_the_tokens():
     tiles = cuda_wgmma.WG_TOKEN_TILES
     assert tiles == tuple(sorted(tiles)) and tiles[-1] == cuda_linear.MMA_MAX_M and all(t % 8 == 0 for t in tiles)
