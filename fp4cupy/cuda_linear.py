@@ -116,9 +116,9 @@ def uses_tiled_kernel(m: int, n: int, k: int) -> bool:
 # On sm_90a, SLICED_MAX_M tokens at most in slices of at most MMA_MAX_M (each the warpgroup
 # kernel) on weights of more than SLICED_MIN_WEIGHTS values, instead of dequantize + cuBLAS. H200,
 # fp16, speed-up over cuBLAS, slices against dequantize + cuBLAS (RESULTS.md, session 21): 129-256
-# tokens 0.62-0.81x against 0.43-0.55x on the four gemm.py shapes of 56-224 Mi values; 6144x4096
-# (24 Mi) 0.48-0.58x against 0.47-0.54x, 4096x4096 0.47-0.50x against 0.51-0.64x. At 384 tokens
-# (three slices) 0.57-0.71x against 0.61-0.62x; at 512, 0.54-0.70x against 0.68-0.69x.
+# tokens 0.63-0.81x against 0.43-0.55x on seven shapes of 56-224 Mi values; 6144x4096 (24 Mi)
+# 0.48-0.58x against 0.47-0.54x, 4096x4096 0.47-0.50x against 0.51-0.64x. Past 256 tokens they led
+# only on the 224 Mi weights (384 tokens: 0.69-0.71x against 0.63x; 512: a tie).
 SLICED_MAX_M = 256
 SLICED_MIN_WEIGHTS = 1 << 25
 
@@ -126,7 +126,7 @@ SLICED_MIN_WEIGHTS = 1 << 25
 def kernels_take(m: int, n: int, k: int, device: int) -> bool:
     """Whether ``launch_w4a16`` takes ``m`` tokens and an [n, k] weight on ``device`` (a GPU of
     sm_80+); else dequantize + cuBLAS."""
-    return 0 < m <= MMA_MAX_M or (m <= SLICED_MAX_M and n * k > SLICED_MIN_WEIGHTS and _wg_ok(device))
+    return 0 < m and (m <= MMA_MAX_M or (m <= SLICED_MAX_M and n * k > SLICED_MIN_WEIGHTS and _wg_ok(device)))
 
 
 def w4a16_paths(cc: tuple[int, int] | None, target: str = "") -> str:
@@ -192,7 +192,7 @@ def linear_repacked(x, codes, scale_codes, global_scale, n: int, bias=None):
                                                            or bias.get_device() != dev or bias.numel() != n))):
         return None
     m = x.numel() // k
-    if not _mma_ok(dev) or not (0 < m <= MMA_MAX_M or kernels_take(m, n, k, dev)):
+    if not _mma_ok(dev) or not kernels_take(m, n, k, dev):
         return None
     y = _new_output(x, shape[:-1], n)
     args = (codes.data_ptr(), scale_codes.data_ptr(), x.data_ptr(), y.data_ptr(),

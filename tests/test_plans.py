@@ -186,7 +186,8 @@ def test_129_to_256_tokens_in_slices_on_large_weights_on_sm90a(monkeypatch):
     monkeypatch.setattr(cuda_wgmma, "launch_wg", lambda p, m, n, k, stream, args, scratch: calls.append((p, m, args)))
     take = cuda_linear.kernels_take
     assert take(256, 8192, 4097, 0) and take(129, 28672, 8192, 0) and take(128, 64, 64, 0)
-    assert not take(257, 28672, 8192, 0) and not take(200, 8192, 4096, 0) and not take(0, 64, 64, 0)  # 32 Mi: not above
+    assert not take(257, 28672, 8192, 0) and not take(200, 8192, 4096, 0)  # 32 Mi: not above
+    assert not take(0, 64, 64, 0) and not take(0, 28672, 8192, 0)
     n, k = 14336, 4096
     cuda_linear.launch_w4a16(201, n, k, True, 0, 77, (11, 12, 1000, 2000, 0, 16), lambda nbytes: (None, 0))
     assert [(c[0], c[1]) for c in calls] == [((101, n, k), 101), ((100, n, k), 100)]
