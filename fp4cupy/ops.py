@@ -50,8 +50,9 @@ def output_dtype(dtype) -> str:
     return name
 
 
-def check_float_input(x, what="x"):
-    """Return ``x`` as an array; TypeError for non-float dtypes, ValueError for 0-d or empty arrays."""
+def check_float_input(x, what="x", verb="quantize"):
+    """Return ``x`` as an array; TypeError for non-float dtypes, ValueError for 0-d or empty arrays
+    (an empty one has "nothing to ``verb``")."""
     x = arrays.as_array(x)
     name = arrays.dtype_name(x)
     if name not in arrays.FLOAT_DTYPES:
@@ -59,7 +60,7 @@ def check_float_input(x, what="x"):
     if x.ndim == 0:
         raise ValueError(f"{what} must have at least one dimension (quantization runs along the last); got a 0-d array")
     if math.prod(x.shape) == 0:
-        raise ValueError(f"{what} is empty (shape {tuple(x.shape)}); nothing to quantize")
+        raise ValueError(f"{what} is empty (shape {tuple(x.shape)}); nothing to {verb}")
     return x
 
 
@@ -196,7 +197,7 @@ def linear(x, w, bias=None):
     wt = pw.weight if pw is not None else w
     if not isinstance(wt, FP4Tensor) or len(wt.shape) != 2:
         raise TypeError(f"linear: w must be a 2-D FP4Tensor weight [N, K] or prepare(W); got {_describe(w)}")
-    x = check_float_input(x)
+    x = check_float_input(x, verb="multiply")
     if x.shape[-1] != wt.shape[1]:
         raise ValueError(f"linear: x has K={x.shape[-1]} but w is {wt.shape} ([N, K])")
     if arrays.device_of(x) != wt.device:

@@ -31,6 +31,9 @@ def test_zero_dim_and_empty_raise():
         fp4cupy.quantize(np.float32(1.0))
     with pytest.raises(ValueError, match="empty"):
         fp4cupy.quantize(np.zeros((0, 16), np.float32))
+    w = fp4cupy.quantize(np.ones((8, 16), np.float32))
+    with pytest.raises(ValueError, match=r"x is empty \(shape \(2, 0, 16\)\); nothing to multiply"):
+        fp4cupy.linear(np.zeros((2, 0, 16), np.float16), w)
 
 
 def test_last_dim_not_multiple_names_the_multiple():
