@@ -101,8 +101,8 @@ def kernel_used(n, k, m, bf16):
     if not cuda_linear.kernels_take(m, n, k, 0):
         return "dequantize+cuBLAS"
     if m > cuda_linear.MMA_MAX_M:
-        pieces = -(-m // cuda_linear.MMA_MAX_M)
-        return f"{pieces} slices of {kernel_used(n, k, -(-m // pieces), bf16)}"
+        slices = cuda_linear.token_slices(m)
+        return f"{len(slices)} slices of {kernel_used(n, k, slices[0][1], bf16)}"
     if cuda_linear.uses_warpgroup_kernel(m, n, k, 0):
         p = cuda_wgmma.wg_plan(n, k, m, bf16, 0)
         return f"{p.name} grid {p.grid[0]}x{p.grid[1]}"

@@ -129,6 +129,13 @@ def kernels_take(m: int, n: int, k: int, device: int) -> bool:
     return 0 < m and (m <= MMA_MAX_M or (m <= SLICED_MAX_M and n * k > SLICED_MIN_WEIGHTS and _wg_ok(device)))
 
 
+def token_slices(m: int) -> list[tuple[int, int]]:
+    """(first token, tokens) of the equal slices of at most MMA_MAX_M that ``launch_w4a16`` cuts
+    ``m`` tokens into."""
+    step = -(-m // -(-m // MMA_MAX_M))
+    return [(t0, min(step, m - t0)) for t0 in range(0, m, step)]
+
+
 def w4a16_paths(cc: tuple[int, int] | None, target: str = "") -> str:
     """Which kernels ``linear`` runs, by token count, on a GPU of compute capability ``cc`` compiled
     for ``target`` (what ``fp4cupy info`` prints)."""
@@ -158,9 +165,8 @@ def launch_w4a16(m: int, n: int, k: int, bf16: bool, device: int, stream: int, a
     queued (the allocators reuse it in stream order, after them)."""
     if m > MMA_MAX_M:
         codes, scale_codes, x, y, bias, g = args
-        step = -(-m // -(-m // MMA_MAX_M))
-        for t0 in range(0, m, step):  # 2-byte x and y: token t starts at byte 2 t K of x, 2 t N of y
-            launch_w4a16(min(step, m - t0), n, k, bf16, device, stream,
+        for t0, tokens in token_slices(m):  # 2-byte x and y: token t starts at byte 2 t K of x, 2 t N of y
+            launch_w4a16(tokens, n, k, bf16, device, stream,
                          (codes, scale_codes, x + 2 * t0 * k, y + 2 * t0 * n, bias, g), scratch)
     elif uses_warpgroup_kernel(m, n, k, device):
         cuda_wgmma.launch_wg(cuda_wgmma.wg_plan(n, k, m, bf16, device), m, n, k, stream, args, scratch)

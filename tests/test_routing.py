@@ -106,5 +106,7 @@ def test_129_to_256_tokens_in_slices_on_large_weights_on_sm90a(monkeypatch):
     calls.clear()
     cuda_linear.launch_w4a16(256, n, k, False, 0, 77, (11, 12, 1000, 2000, 0, 16), lambda nbytes: (None, 0))
     assert [c[1] for c in calls] == [128, 128]
+    assert cuda_linear.token_slices(129) == [(0, 65), (65, 64)] and cuda_linear.token_slices(384) == [
+        (0, 128), (128, 128), (256, 128)]
     monkeypatch.setattr(cuda_linear, "_wg_ok", lambda device: False)  # off sm_90a: dequantize + cuBLAS
     assert not take(129, 28672, 8192, 0) and take(128, 28672, 8192, 0)
