@@ -187,7 +187,8 @@ def linear_repacked(x, codes, scale_codes, global_scale, n: int, bias=None):
     """The host-lean W4A16 path for torch tensors, from the repacked weight alone (codes uint8
     [T/2, K/64, 2, 32, 16], scale codes, global scale float32 [] on the GPU): y, or None when a
     precondition fails (fp16/bf16 contiguous x on the weight's device, tokens that ``kernels_take``,
-    bias of x's dtype and length N) and the caller must take another path."""
+    bias of x's dtype and length N) and the caller must take another path. No tokens: an empty y.
+    """
     t = _torch_names()
     half = t["half"]
     k = codes.shape[1] * 64
@@ -198,9 +199,11 @@ def linear_repacked(x, codes, scale_codes, global_scale, n: int, bias=None):
                                                            or bias.get_device() != dev or bias.numel() != n))):
         return None
     m = x.numel() // k
+    y = _new_output(x, shape[:-1], n)
+    if m == 0:
+        return y  # no tokens: an empty y, as torch's F.linear gives
     if not _mma_ok(dev) or not kernels_take(m, n, k, dev):
         return None
-    y = _new_output(x, shape[:-1], n)
     args = (codes.data_ptr(), scale_codes.data_ptr(), x.data_ptr(), y.data_ptr(),
             0 if bias is None else bias.data_ptr(), global_scale.data_ptr())
     launch_w4a16(m, n, k, x.dtype is half[1], dev, _torch_stream_ptr(t["torch"], dev), args, _torch_scratch(x))
@@ -243,10 +246,16 @@ def linear(x, pw: PreparedWeight, bias=None):
     if bias is not None:
         bias = lib.cast(bias, dtype) if arrays.dtype_name(bias) != dtype else bias
         bias = bias.contiguous() if lib.torch else lib.mod.ascontiguousarray(bias)
-    args = (lib.ptr(pw.codes), lib.ptr(pw.scale_codes), lib.ptr(x2), lib.ptr(y), 0 if bias is None else lib.ptr(bias),
-            lib.ptr(pw.global_scale))
-    launch_w4a16(m, n, k, dtype == "bfloat16", lib.device, lib.stream.ptr, args, lib.scratch)
+    launch_w4a16(m, n, k, dtype == "bfloat16", lib.device, lib.stream.ptr, kernel_args(pw, x2, y, bias), lib.scratch)
     return y.reshape(lead + (n,))
+
+
+def kernel_args(pw: PreparedWeight, x, y, bias=None) -> tuple:
+    """``launch_w4a16``'s raw pointers (codes, scale codes, x, y, bias or 0, global scale) for a
+    PreparedWeight and x, y (and bias) of its array library."""
+    def ptr(a) -> int:
+        return a.data_ptr() if arrays.is_torch(a) else a.data.ptr
+    return (ptr(pw.codes), ptr(pw.scale_codes), ptr(x), ptr(y), 0 if bias is None else ptr(bias), ptr(pw.global_scale))
 
 
 def _linear_dequantized(x, w: FP4Tensor, bias, lib: _Lib):

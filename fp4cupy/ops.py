@@ -50,17 +50,17 @@ def output_dtype(dtype) -> str:
     return name
 
 
-def check_float_input(x, what="x", verb="quantize"):
-    """Return ``x`` as an array; TypeError for non-float dtypes, ValueError for 0-d or empty arrays
-    (an empty one has "nothing to ``verb``")."""
+def check_float_input(x, what="x", empty_ok=False):
+    """Return ``x`` as an array; TypeError for non-float dtypes, ValueError for 0-d arrays and, unless
+    ``empty_ok``, for empty ones."""
     x = arrays.as_array(x)
     name = arrays.dtype_name(x)
     if name not in arrays.FLOAT_DTYPES:
         raise TypeError(f"{what} must be float16, bfloat16, float32 or float64; got dtype {name}")
     if x.ndim == 0:
         raise ValueError(f"{what} must have at least one dimension (quantization runs along the last); got a 0-d array")
-    if math.prod(x.shape) == 0:
-        raise ValueError(f"{what} is empty (shape {tuple(x.shape)}); nothing to {verb}")
+    if not empty_ok and math.prod(x.shape) == 0:
+        raise ValueError(f"{what} is empty (shape {tuple(x.shape)}); nothing to quantize")
     return x
 
 
@@ -187,7 +187,8 @@ def linear(x, w, bias=None):
 
     Accumulates in float32 and returns x's dtype, library and device. On CUDA with fp16/bf16 x this
     is the W4A16 tensor-core kernel; pass ``prepare(W)`` (once) so each call skips the repack. On
-    the CPU it is exact up to float32 accumulation order.
+    the CPU it is exact up to float32 accumulation order. x with no tokens (a leading dim of 0, as
+    for an MoE expert no token chose) gives an empty y, as torch's F.linear does.
     """
     pw = w if isinstance(w, PreparedWeight) else None
     if pw is not None and pw.path == "mma" and arrays.is_torch(x) and arrays.is_torch(pw.codes):
@@ -197,11 +198,14 @@ def linear(x, w, bias=None):
     wt = pw.weight if pw is not None else w
     if not isinstance(wt, FP4Tensor) or len(wt.shape) != 2:
         raise TypeError(f"linear: w must be a 2-D FP4Tensor weight [N, K] or prepare(W); got {_describe(w)}")
-    x = check_float_input(x, verb="multiply")
+    x = check_float_input(x, empty_ok=True)
     if x.shape[-1] != wt.shape[1]:
         raise ValueError(f"linear: x has K={x.shape[-1]} but w is {wt.shape} ([N, K])")
     if arrays.device_of(x) != wt.device:
         raise ValueError(f"linear: x is on {arrays.device_of(x)} but w on {wt.device}; move w with w.to(...)")
+    if math.prod(x.shape) == 0:  # no tokens: no kernel runs
+        empty = np.zeros(tuple(x.shape[:-1]) + (wt.shape[0],), arrays.to_numpy(x).dtype)
+        return arrays.numpy_to(empty, arrays.library_of(x), arrays.device_of(x))
     if arrays.is_cuda(x):
         return _cuda_linear().linear(x, pw if pw is not None else prepare(wt), bias)
     xn = arrays.to_numpy(x)

@@ -31,9 +31,20 @@ def test_zero_dim_and_empty_raise():
         fp4cupy.quantize(np.float32(1.0))
     with pytest.raises(ValueError, match="empty"):
         fp4cupy.quantize(np.zeros((0, 16), np.float32))
-    w = fp4cupy.quantize(np.ones((8, 16), np.float32))
-    with pytest.raises(ValueError, match=r"x is empty \(shape \(2, 0, 16\)\); nothing to multiply"):
-        fp4cupy.linear(np.zeros((2, 0, 16), np.float16), w)
+    with pytest.raises(ValueError, match="0-d"):
+        fp4cupy.linear(np.float16(1.0), fp4cupy.quantize(np.ones((8, 16), np.float32)))
+
+
+@pytest.mark.parametrize("library", ["numpy", "torch"])
+def test_linear_of_no_tokens_is_empty_like_f_linear(library):
+    """An MoE expert that no token chose gets x [0, K]: y [0, N] in x's dtype, as torch's F.linear."""
+    x, w = np.zeros((2, 0, 16), np.float16), np.ones((8, 16), np.float32)
+    if library == "torch":
+        torch = pytest.importorskip("torch")
+        x, w = torch.from_numpy(x), torch.from_numpy(w)
+    y = fp4cupy.linear(x, fp4cupy.quantize(w), np.ones(8, np.float16) if library == "numpy" else None)
+    assert y.shape == (2, 0, 8) and fp4cupy.arrays.dtype_name(y) == "float16"
+    assert fp4cupy.arrays.library_of(y) == library
 
 
 def test_last_dim_not_multiple_names_the_multiple():

@@ -62,8 +62,10 @@ def test_129_to_256_tokens_in_slices_on_large_weights(dtype):
         half = -(-m // 2)  # two slices: [0, half), [half, m)
         assert rel(y[:half], want[:half]) <= TOL[dtype] and rel(y[half:], want[half:]) <= TOL[dtype], m
     assert not cuda_linear.kernels_take(0, n, k, 0)
-    with pytest.raises(ValueError, match="empty"):  # no tokens: the same error on every path and weight
-        fp4cupy.linear(torch.empty(2, 0, k, device="cuda", dtype=dtype), pw)
+    for x in (torch.empty(2, 0, k, device="cuda", dtype=dtype), torch.empty(0, k, device="cuda", dtype=dtype)):
+        for weight in (pw, w):  # no tokens: an empty y on the host-lean path and the dequantizing one
+            y = fp4cupy.linear(x, weight, bias)
+            assert y.shape == x.shape[:-1] + (n,) and y.dtype == dtype and y.is_cuda
     if dtype is torch.float16:  # CuPy arrays: fp4cupy.linear's own path
         cupy = pytest.importorskip("cupy")
         rs = cupy.random.RandomState(3)
@@ -72,6 +74,8 @@ def test_129_to_256_tokens_in_slices_on_large_weights(dtype):
         yc = fp4cupy.linear(xc, fp4cupy.prepare(wc))
         want = xc.astype(cupy.float64) @ fp4cupy.dequantize(wc).astype(cupy.float64).T
         assert isinstance(yc, cupy.ndarray) and float(cupy.linalg.norm(yc - want) / cupy.linalg.norm(want)) <= TOL[dtype]
+        empty = fp4cupy.linear(xc[:0], fp4cupy.prepare(wc))
+        assert isinstance(empty, cupy.ndarray) and empty.shape == (0, n) and empty.dtype == cupy.float16
 
 
 def test_poison_reaches_the_host_lean_output():
@@ -132,8 +136,7 @@ def test_k_split_over_a_cluster(nt, dtype):
             outs = []
             for _ in range(2):
                 y = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
-                p.launch(p.grid, p.threads, p.shared, stream, pw.codes.data_ptr(), pw.scale_codes.data_ptr(),
-                         x.data_ptr(), y.data_ptr(), bias.data_ptr(), pw.global_scale.data_ptr(), m, n, k)
+                p.launch(p.grid, p.threads, p.shared, stream, *cuda_linear.kernel_args(pw, x, y, bias), m, n, k)
                 outs.append(y)
             torch.cuda.synchronize()
             assert rel(outs[0], reference(x, pw.weight, bias)) <= TOL[dtype], (splits, m, warps)
@@ -187,8 +190,7 @@ def test_every_kernel_variant(variant, dtype):
         y = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
         p = mma_plan.make_plan(n, m, variant, warps, dtype == torch.bfloat16, 0)
         p.launch(p.grid, p.threads, p.shared, torch.cuda.current_stream().cuda_stream,
-                 pw.codes.data_ptr(), pw.scale_codes.data_ptr(), x.data_ptr(), y.data_ptr(), 0,
-                 pw.global_scale.data_ptr(), m, n, k)
+                 *cuda_linear.kernel_args(pw, x, y), m, n, k)
         torch.cuda.synchronize()
         assert rel(y, reference(x, pw.weight)) <= TOL[dtype], (m, warps)
 

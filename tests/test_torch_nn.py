@@ -33,6 +33,18 @@ def test_from_float_equals_dequantized_linear(fmt, gs, bias):
     assert "fmt=" + fmt in repr(layer) and "smaller than bf16" in repr(layer)
 
 
+def test_a_batch_of_no_tokens_runs_forward_and_backward_like_nn_linear():
+    """An MoE expert that no token chose: y [0, N], and backward gives x an empty gradient and the
+    bias a zero one, as torch.nn.Linear does."""
+    lin = torch.nn.Linear(64, 24)
+    layer = fp4cupy.NVFP4Linear.from_float(lin)
+    x = torch.randn(0, 64, requires_grad=True)
+    y = layer(x)
+    assert y.shape == lin(x).shape == (0, 24)
+    y.sum().backward()
+    assert x.grad.shape == (0, 64) and torch.equal(layer.bias.grad, torch.zeros(24))
+
+
 def test_seed_constructor_and_state_dict_round_trip():
     torch.manual_seed(1)
     layer = fp4cupy.NVFP4LinearLayer(64, 32, group_size=16).from_float(torch.nn.Linear(64, 32))
