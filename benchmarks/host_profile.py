@@ -53,8 +53,7 @@ def linear_parts(calls: int = 20000):
     y = x.new_empty(1, 256)
     p = mma_plan.plan(256, 256, 1, False, 0)
     stream = cuda_ops._torch_stream_ptr(torch, 0)
-    args = (pw.codes.data_ptr(), pw.scale_codes.data_ptr(), x.data_ptr(), y.data_ptr(), 0,
-            pw.global_scale.data_ptr())
+    args = cuda_linear.kernel_args(pw, x, y)
     block = p.launch._block()
     parts = {
         "fp4cupy.linear": lambda: fp4cupy.linear(x, pw),

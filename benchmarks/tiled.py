@@ -32,10 +32,6 @@ SHAPES = ((4096, 4096), (14336, 4096), (4096, 14336), (28672, 8192), (8192, 2867
 MS = (33, 64, 96, 128)
 
 
-def raw_args(pw, x, y):
-    return (pw.codes.data_ptr(), pw.scale_codes.data_ptr(), x.data_ptr(), y.data_ptr(), 0, pw.global_scale.data_ptr())
-
-
 def candidates(x, prep, n, k):
     """name -> call i, for the kernels this script compares."""
     m, bf16 = x.shape[0], x.dtype == torch.bfloat16
@@ -44,12 +40,13 @@ def candidates(x, prep, n, k):
     p = cuda_tiled.tiled_plan(n, k, m, bf16, 0)
 
     def tiled(i):
-        cuda_tiled.launch_tiled(p, m, n, k, torch.cuda.current_stream().cuda_stream, raw_args(prep[i % 3], x, y), scratch)
+        args = cuda_linear.kernel_args(prep[i % 3], x, y)
+        cuda_tiled.launch_tiled(p, m, n, k, torch.cuda.current_stream().cuda_stream, args, scratch)
 
     def mma_sync(i):
         q = mma_plan.plan(n, k, m, bf16, 0)
-        q.launch(q.grid, q.threads, q.shared, torch.cuda.current_stream().cuda_stream, *raw_args(prep[i % 3], x, y),
-                 m, n, k)
+        args = cuda_linear.kernel_args(prep[i % 3], x, y)
+        q.launch(q.grid, q.threads, q.shared, torch.cuda.current_stream().cuda_stream, *args, m, n, k)
 
     return {"package": lambda i: fp4cupy.linear(x, prep[i % 3]), "tiled": tiled, "mma.sync": mma_sync}
 
@@ -77,7 +74,7 @@ def tiled_error(x, pw, n, k, ref):
     m = x.shape[0]
     y = torch.empty(m, n, device="cuda", dtype=x.dtype)
     p = cuda_tiled.tiled_plan(n, k, m, x.dtype == torch.bfloat16, 0)
-    cuda_tiled.launch_tiled(p, m, n, k, torch.cuda.current_stream().cuda_stream, raw_args(pw, x, y),
+    cuda_tiled.launch_tiled(p, m, n, k, torch.cuda.current_stream().cuda_stream, cuda_linear.kernel_args(pw, x, y),
                             cuda_linear._torch_scratch(x))
     return float(torch.linalg.norm(y.double() - ref) / torch.linalg.norm(ref))
 

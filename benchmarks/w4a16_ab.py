@@ -63,8 +63,7 @@ def wg_fn(source: str | None, prepared, x, y):
 
     def fn(i):
         pw = prepared[i % 3]
-        args = (pw.codes.data_ptr(), pw.scale_codes.data_ptr(), x.data_ptr(), y.data_ptr(), 0,
-                pw.global_scale.data_ptr())
+        args = cuda_linear.kernel_args(pw, x, y)
         reuse = iter(list(held))
 
         def scratch(nbytes):

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import fp4cupy  # noqa: E402
-from fp4cupy import mma_plan  # noqa: E402
+from fp4cupy import cuda_linear, mma_plan  # noqa: E402
 from timing import capture, card, time_ms  # noqa: E402
 
 SHAPES = ((28672, 8192), (8192, 28672), (14336, 4096), (4096, 14336), (4096, 4096))
@@ -34,9 +34,8 @@ def plan_fn(pws, x, y, p):
 
     def fn(i):
         pw = pws[i % len(pws)]
-        p.launch(p.grid, p.threads, p.shared, torch.cuda.current_stream().cuda_stream, pw.codes.data_ptr(),
-                 pw.scale_codes.data_ptr(), x.data_ptr(), y.data_ptr(), 0, pw.global_scale.data_ptr(),
-                 m, n, k)
+        p.launch(p.grid, p.threads, p.shared, torch.cuda.current_stream().cuda_stream,
+                 *cuda_linear.kernel_args(pw, x, y), m, n, k)
     return fn
 
 

@@ -63,8 +63,8 @@ def test_split_or_not(n, k, m, dtype):
     outs = []
     for q in (p, p, one):
         y = torch.empty(m, n, device="cuda", dtype=dtype).fill_(float("nan"))
-        args = (pw.codes.data_ptr(), pw.scale_codes.data_ptr(), x.data_ptr(), y.data_ptr(), 0, pw.global_scale.data_ptr())
-        cuda_tiled.launch_tiled(q, m, n, k, torch.cuda.current_stream().cuda_stream, args, cuda_linear._torch_scratch(x))
+        cuda_tiled.launch_tiled(q, m, n, k, torch.cuda.current_stream().cuda_stream, cuda_linear.kernel_args(pw, x, y),
+                                cuda_linear._torch_scratch(x))
         assert rel(y, want) <= TOL[dtype], q
         outs.append(y)
     assert torch.equal(outs[0], outs[1])

@@ -28,8 +28,7 @@ def main() -> None:
                 x = torch.randn(m, k, device="cuda").to(dtype)
                 y = torch.empty(m, n, device="cuda", dtype=dtype)
                 p = mma_plan.make_plan(n, m, variant, warps, dtype == torch.bfloat16, 0)
-                p.launch(p.grid, p.threads, p.shared, stream, pw.codes.data_ptr(), pw.scale_codes.data_ptr(),
-                         x.data_ptr(), y.data_ptr(), 0, pw.global_scale.data_ptr(), m, n, k)
+                p.launch(p.grid, p.threads, p.shared, stream, *cuda_linear.kernel_args(pw, x, y), m, n, k)
     if torch.cuda.get_device_capability() >= (9, 0):  # K split over clusters: distributed shared memory
         n, k = 1000, 64 * 37
         pw = weight(n, k)
@@ -39,8 +38,7 @@ def main() -> None:
                 x = torch.randn(m, k, device="cuda", dtype=torch.float16)
                 y = torch.empty(m, n, device="cuda", dtype=torch.float16)
                 p = mma_plan.make_plan(n, m, variant, 4, False, 0, splits)
-                p.launch(p.grid, p.threads, p.shared, stream, pw.codes.data_ptr(), pw.scale_codes.data_ptr(),
-                         x.data_ptr(), y.data_ptr(), 0, pw.global_scale.data_ptr(), m, n, k)
+                p.launch(p.grid, p.threads, p.shared, stream, *cuda_linear.kernel_args(pw, x, y), m, n, k)
     sms = cuda_linear._sm_count(0)
     for m, dtype, rows_a_block in ((1, torch.float16, 32), (11, torch.bfloat16, 32), (13, torch.float16, 16)):
         pw = weight((7 * sms - 1) * rows_a_block - 8, 256)  # the capped kernels fill ~99% of a wave
@@ -67,9 +65,7 @@ def main() -> None:
         x = torch.randn(m, k, device="cuda", dtype=torch.float16)
         y = torch.empty(m, n, device="cuda", dtype=torch.float16)
         p = cuda_tiled.tiled_plan(n, k, m, False, 0)
-        cuda_tiled.launch_tiled(p, m, n, k, stream, (pw.codes.data_ptr(), pw.scale_codes.data_ptr(), x.data_ptr(),
-                                                     y.data_ptr(), 0, pw.global_scale.data_ptr()),
-                                cuda_linear._torch_scratch(x))
+        cuda_tiled.launch_tiled(p, m, n, k, stream, cuda_linear.kernel_args(pw, x, y), cuda_linear._torch_scratch(x))
     torch.cuda.synchronize()
 
 
