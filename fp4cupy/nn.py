@@ -230,9 +230,10 @@ def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 class QuantizationReport(list):
-    """One dict per nn.Linear met: name, shape, bytes_before, bytes_after, rel_error (Frobenius error
-    of the dequantized weight), 'global_scale_shared_with' (the fused siblings, see fused.py) and,
-    where left alone, 'skipped' with the reason. ``.model`` is the quantized model."""
+    """One dict per nn.Linear met, and per MoE experts' weight stack (shape [E, out, in], experts.py):
+    name, shape, bytes_before, bytes_after, rel_error (Frobenius error of the dequantized weight),
+    'global_scale_shared_with' (the fused siblings, see fused.py) and, where left alone, 'skipped'
+    with the reason. ``.model`` is the quantized model."""
 
     def __init__(self, entries, model):
         super().__init__(entries)
@@ -243,7 +244,11 @@ class QuantizationReport(list):
         before, after = sum(e["bytes_before"] for e in self), sum(e["bytes_after"] for e in self)
         worst = max((e["rel_error"] for e in done), default=0.0)
         shared = sum("global_scale_shared_with" in e for e in done)
-        return (f"{len(done)} of {len(self)} Linear layers quantized; linear weights {before / 2**20:.1f} MiB -> "
+        layers, stacks = ([e for e in self if len(e["shape"]) == d] for d in (2, 3))
+        what = f"{sum('skipped' not in e for e in layers)} of {len(layers)} Linear layers"
+        if stacks:
+            what += f" and {sum('skipped' not in e for e in stacks)} of {len(stacks)} MoE expert weight stacks"
+        return (f"{what} quantized; linear weights {before / 2**20:.1f} MiB -> "
                 f"{after / 2**20:.1f} MiB; worst relative weight error {worst:.4f}"
                 + (f"; {shared} layers share a global scale with their fused siblings" if shared else ""))
 
@@ -251,7 +256,8 @@ class QuantizationReport(list):
 def quantize_model(model: nn.Module, fmt: str = "nvfp4", group_size: int = 16, replace_linear: bool = True,
                    skip=("lm_head", "embed"), inplace: bool = True, progress: bool = True,
                    fused=FUSED_SIBLINGS, scale_mode: str | None = None) -> QuantizationReport:
-    """Replace every ``nn.Linear`` of ``model`` by an ``NVFP4Linear`` (in place, or in a deep copy with
+    """Replace every ``nn.Linear`` of ``model`` by an ``NVFP4Linear``, and every transformers MoE
+    experts module of 3-D weights by an ``NVFP4Experts`` (in place, or in a deep copy with
     ``inplace=False``; the result is ``report.model``) and return the per-layer report.
 
     skip:  names or glob patterns: a plain name matches any layer whose qualified name contains it
@@ -269,14 +275,7 @@ def quantize_model(model: nn.Module, fmt: str = "nvfp4", group_size: int = 16, r
         model = copy.deepcopy(model)
     tied = _tied(model)
     linears = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, nn.Linear)]
-    bar = linears
-    if progress:
-        try:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(linears, desc=f"quantizing to {fmt}", unit="layer")
-        except ImportError:
-            pass
+    bar = _progress(linears, progress, f"quantizing to {fmt}", "layer")
     skipped = {name: _skip_reason(name, lin, skip, tied, group_size) for name, lin in linears}
     shared = {}  # name -> (global scale, the group's names)
     if get_format(fmt).global_scale:
@@ -303,7 +302,48 @@ def quantize_model(model: nn.Module, fmt: str = "nvfp4", group_size: int = 16, r
         entries.append(entry)
         if replace_linear:
             replace_module(model, name, layer)
+    entries += _quantize_experts(model, fmt, group_size, replace_linear, skip, scale_mode, progress)
     return QuantizationReport(entries, model)
+
+
+def _progress(items, on: bool, desc: str, unit: str):
+    """``items``, with a tqdm bar when ``on`` and tqdm is installed."""
+    if on and items:
+        try:
+            from tqdm.auto import tqdm
+
+            return tqdm(items, desc=desc, unit=unit)
+        except ImportError:
+            pass
+    return items
+
+
+def _quantize_experts(model, fmt, group_size, replace, skip, scale_mode, progress) -> list[dict]:
+    """quantize_model's part for transformers' MoE experts of 3-D weights (experts.py): an entry a
+    projection (shape [E, out, in])."""
+    from .experts import NVFP4Experts, expert_weights, is_experts, quantized_experts
+
+    entries = []
+    blocks = [(n, m) for n, m in model.named_modules() if is_experts(m)]
+    for name, mod in _progress(blocks, progress, f"quantizing experts to {fmt}", "block"):
+        weights = {w: expert_weights(mod, w) for w in ("gate_up_proj" if mod.has_gate else "up_proj", "down_proj")}
+        base = [dict(name=f"{name}.{w}", shape=tuple(t.shape), bytes_before=t.numel() * t.element_size())
+                for w, t in weights.items()]
+        why = _skip_reason(name, None, skip, (), group_size) or next(
+            (f"in_features={t.shape[2]} is not a multiple of group_size={group_size}" for t in weights.values()
+             if t.shape[2] % group_size), None)
+        if why:
+            entries += [dict(e, skipped=why, bytes_after=e["bytes_before"], rel_error=0.0) for e in base]
+            continue
+        up, down = quantized_experts(mod, fmt, group_size, scale_mode)
+        for e, w, layers in zip(base, weights.values(), (up, down)):
+            diff = sum(float(torch.linalg.norm(layer.fp4_weight().dequantize().float() - w[i].float())) ** 2
+                       for i, layer in enumerate(layers))
+            err = diff ** 0.5 / max(float(torch.linalg.norm(w.float())), 1e-30)
+            entries.append(dict(e, bytes_after=sum(layer.weight_nbytes() for layer in layers), rel_error=err))
+        if replace:
+            replace_module(model, name, NVFP4Experts.around(mod, up, down))
+    return entries
 
 
 def _skip_reason(name, lin, skip, tied, group_size):
@@ -311,6 +351,8 @@ def _skip_reason(name, lin, skip, tied, group_size):
         wild = any(c in pat for c in "*?[")
         if (fnmatch.fnmatch(name, pat) if wild else pat in name):
             return f"matches skip {pat!r}"
+    if lin is None:
+        return None
     if id(lin.weight) in tied:
         return "tied weight"
     if lin.in_features % group_size:

@@ -1,0 +1,130 @@
+"""The experts of a transformers mixture-of-experts block as FP4 layers.
+
+transformers 5 holds a MoE block's experts as one module of 3-D weights, not as nn.Linear layers:
+``gate_up_proj`` (or ``up_proj`` without a gate) [E, out, in] and ``down_proj`` [E, hidden,
+intermediate] ([E, in, out] where ``is_transposed``), with optional ``*_bias`` [E, out]. A quantizer
+that swaps nn.Linear layers leaves those, most of a MoE model's weights, in 16 bits.
+``NVFP4Experts`` holds each expert's two projections as ``NVFP4Linear`` layers (gate and up as one
+matrix, so they share one global scale, as vLLM fuses them) and runs each expert's routed tokens
+through them: the W4A16 kernel on a GPU, exact up to float32 accumulation order on the CPU. The
+block's own gating (``_apply_gate``: SwiGLU, gpt-oss's clamped form, interleaved gate/up),
+activation and post-expert norm are those of the original module, kept as ``source`` without its
+weights.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .nn import NVFP4Linear
+from .ops import quantize
+
+_FLAGS = ("has_gate", "has_bias", "is_transposed")  # set by transformers' @use_experts_implementation
+
+
+def is_experts(module: nn.Module) -> bool:
+    """Whether ``module`` is a transformers experts module of 3-D weights that NVFP4Experts takes."""
+    if not all(hasattr(module, f) for f in _FLAGS) or not hasattr(module, "_apply_gate"):
+        return False
+    names = _weight_names(module)
+    return all(isinstance(getattr(module, n, None), nn.Parameter) and getattr(module, n).dim() == 3 for n in names)
+
+
+def _check(module: nn.Module) -> None:
+    if not is_experts(module):
+        raise TypeError("NVFP4Experts takes a transformers experts module of 3-D weights (gate_up_proj or up_proj, "
+                        f"down_proj; @use_experts_implementation); got {type(module).__name__}")
+
+
+def _weight_names(module: nn.Module) -> tuple[str, str]:
+    return ("gate_up_proj" if module.has_gate else "up_proj"), "down_proj"
+
+
+def expert_weights(module: nn.Module, name: str) -> torch.Tensor:
+    """``module``'s 3-D weight ``name`` as [E, out, in] (a view)."""
+    w = getattr(module, name).detach()
+    return w.transpose(1, 2) if module.is_transposed else w
+
+
+def quantized_experts(experts: nn.Module, fmt: str = "nvfp4", group_size: int = 16,
+                      scale_mode: str | None = None) -> tuple[list[NVFP4Linear], list[NVFP4Linear]]:
+    """(up, down): each expert's projections as NVFP4Linear layers (DESIGN.md section 1's recipe,
+    one global scale an expert and projection; the biases copied); ``experts`` is left as it is."""
+    _check(experts)
+    layers = []
+    for name in _weight_names(experts):
+        w = expert_weights(experts, name)
+        bias = getattr(experts, name + "_bias").detach() if experts.has_bias else [None] * w.shape[0]
+        layers.append([NVFP4Linear.from_fp4(quantize(w[e].contiguous(), fmt, group_size, scale_mode=scale_mode), bias[e])
+                       for e in range(w.shape[0])])
+    return layers[0], layers[1]
+
+
+class NVFP4Experts(nn.Module):
+    """A transformers experts module with FP4 weights: ``up[e]`` (gate and up, or up) and ``down[e]``
+    are expert e's NVFP4Linear layers; ``source`` is the original module without its weights (its
+    gating, activation and flags). Called as the original: ``(hidden_states [T, H], top_k_index
+    [T, k], top_k_weights [T, k]) -> [T, H]``, each token's experts' outputs weighted and added
+    in hidden_states' dtype, as transformers' eager experts do."""
+
+    def __init__(self, source: nn.Module, up: list[NVFP4Linear], down: list[NVFP4Linear]):
+        super().__init__()
+        self.up, self.down, self.source = nn.ModuleList(up), nn.ModuleList(down), source
+
+    @classmethod
+    def from_float(cls, experts: nn.Module, fmt: str = "nvfp4", group_size: int = 16,
+                   scale_mode: str | None = None) -> NVFP4Experts:
+        """Quantize each expert's weights (``quantized_experts``) and take them, and the biases, out
+        of ``experts``, which becomes ``source``."""
+        return cls.around(experts, *quantized_experts(experts, fmt, group_size, scale_mode))
+
+    @classmethod
+    def around(cls, experts: nn.Module, up: list[NVFP4Linear], down: list[NVFP4Linear]) -> NVFP4Experts:
+        """The module of ``up`` and ``down`` (made from ``experts``' weights), ``experts`` stripped of them."""
+        _strip(experts)
+        return cls(experts, up, down)
+
+    @classmethod
+    def empty_like(cls, experts: nn.Module, fmt: str = "nvfp4", group_size: int = 16) -> NVFP4Experts:
+        """Zero FP4 layers of ``experts``' shapes (to load a state dict into), ``experts`` stripped."""
+        _check(experts)
+        layers = []
+        for name in _weight_names(experts):
+            w = expert_weights(experts, name)
+            layers.append([NVFP4Linear(w.shape[2], w.shape[1], group_size, experts.has_bias, fmt, device=w.device,
+                                       dtype=w.dtype) for _ in range(w.shape[0])])
+        return cls.around(experts, *layers)
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+        source, n = self.source, len(self.down)
+        out = torch.zeros_like(hidden_states)
+        with torch.no_grad():  # [E + 1, k, T]: index E is expert parallelism's "not on this rank"
+            chosen = nn.functional.one_hot(top_k_index, n + 1).permute(2, 1, 0)
+            hit = torch.greater(chosen.sum(dim=(-1, -2)), 0).nonzero().flatten().tolist()
+        for e in hit:
+            if e == n:
+                continue
+            slot, token = torch.where(chosen[e])
+            h = self.up[e](hidden_states[token])
+            h = source._apply_gate(h) if source.has_gate else source.act_fn(h)
+            h = self.down[e](h)
+            if getattr(source, "has_post_expert_norm", False):
+                h = source.post_expert_norm(h)
+            out.index_add_(0, token, (h * top_k_weights[token, slot, None]).to(out.dtype))
+        return out
+
+    def weight_nbytes(self) -> int:
+        return sum(layer.weight_nbytes() for layer in (*self.up, *self.down))
+
+    def extra_repr(self) -> str:
+        first = self.up[0]
+        return (f"experts={len(self.down)}, fmt={first.fmt}, group_size={first.group_size}, "
+                f"weights={self.weight_nbytes() / 2**20:.2f} MiB")
+
+
+def _strip(experts: nn.Module) -> None:
+    """Drop the weights and biases NVFP4Experts now holds."""
+    for name in _weight_names(experts):
+        for key in (name, name + "_bias"):
+            if key in experts._parameters:
+                del experts._parameters[key]

@@ -1,0 +1,119 @@
+"""MoE experts (transformers 5's 3-D expert weights) as FP4 layers, on the CPU: NVFP4Experts against
+the original module running the dequantized weights, whole-model quantization, save and load."""
+import copy
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+import fp4cupy  # noqa: E402
+from fp4cupy.experts import NVFP4Experts, expert_weights, is_experts  # noqa: E402
+
+TINY = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)
+
+
+def experts_module(kind: str):
+    """A random float32 experts module: Mixtral (SwiGLU, [gate; up]) or gpt-oss (biases, weights
+    stored [E, in, out], interleaved gate/up, clamped gate)."""
+    torch.manual_seed(0)
+    if kind == "mixtral":
+        from transformers.models.mixtral.modeling_mixtral import MixtralExperts
+
+        m = MixtralExperts(transformers.MixtralConfig(**TINY))
+    else:
+        from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
+
+        m = GptOssExperts(transformers.GptOssConfig(**TINY))
+    for p in m.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    m.config._experts_implementation = "eager"
+    return m
+
+
+def dequantized_copy(original, fp4: NVFP4Experts):
+    """``original`` with its weights replaced by fp4's dequantized ones (its own layout, biases kept)."""
+    ref = copy.deepcopy(original)
+    for name, layers in zip(("gate_up_proj" if ref.has_gate else "up_proj", "down_proj"), (fp4.up, fp4.down)):
+        w = torch.stack([layer.fp4_weight().dequantize() for layer in layers])
+        getattr(ref, name).data = w.transpose(1, 2).contiguous() if ref.is_transposed else w
+    return ref
+
+
+def routing(tokens, experts, k, seed, unused=()):
+    g = torch.Generator().manual_seed(seed)
+    allowed = torch.tensor([e for e in range(experts) if e not in unused])
+    index = torch.stack([allowed[torch.randperm(len(allowed), generator=g)[:k]] for _ in range(tokens)])
+    return index, torch.softmax(torch.randn(tokens, k, generator=g), -1)
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "gpt_oss"])
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+def test_experts_equal_the_original_module_on_dequantized_weights(kind, fmt):
+    """Each token's experts through the FP4 layers = the transformers module on deq(W), to float32
+    rounding; an expert no token chose is skipped."""
+    original = experts_module(kind)
+    assert is_experts(original)
+    fp4 = NVFP4Experts.from_float(copy.deepcopy(original), fmt, 32 if fmt == "mxfp4" else 16)
+    ref = dequantized_copy(original, fp4)
+    x = torch.randn(9, 64)
+    index, weights = routing(9, 4, 2, 1, unused=(3,))
+    with torch.no_grad():
+        want, got = ref(x, index, weights), fp4(x, index, weights)
+    assert got.shape == x.shape and got.dtype == x.dtype
+    assert float((got - want).norm() / want.norm()) < 1e-5
+    with pytest.raises(TypeError, match="3-D weights"):
+        NVFP4Experts.from_float(torch.nn.Linear(64, 64))
+
+
+def test_the_weights_leave_the_source_and_their_error_is_the_recipes():
+    original = experts_module("gpt_oss")
+    w = expert_weights(original, "gate_up_proj").clone()
+    fp4 = NVFP4Experts.from_float(original)
+    assert not hasattr(fp4.source, "gate_up_proj") and not hasattr(fp4.source, "down_proj_bias")
+    assert [n for n, _ in fp4.named_parameters()] == [f"{p}.{e}.bias" for p in ("up", "down") for e in range(4)]
+    for e in range(4):
+        assert torch.equal(fp4.up[e].fp4_weight().data, fp4cupy.quantize(w[e]).data)
+
+
+def tiny_mixtral():
+    torch.manual_seed(0)
+    return transformers.MixtralForCausalLM(transformers.MixtralConfig(**TINY)).eval()
+
+
+def test_quantize_model_takes_the_experts_and_the_model_still_generates(tmp_path):
+    model = tiny_mixtral()
+    ids = torch.randint(0, 96, (2, 10))
+    with torch.no_grad():
+        before = model(ids).logits
+    measured = fp4cupy.quantize_model(model, replace_linear=False, progress=False)
+    assert is_experts(model.model.layers[0].mlp.experts)  # measuring leaves the model alone
+    report = fp4cupy.quantize_model(model, progress=False)
+    assert [e["rel_error"] for e in report] == [e["rel_error"] for e in measured]
+    stacks = [e for e in report if len(e["shape"]) == 3]
+    assert [e["name"] for e in stacks][:2] == ["model.layers.0.mlp.experts.gate_up_proj",
+                                               "model.layers.0.mlp.experts.down_proj"]
+    assert stacks[0]["shape"] == (4, 192, 64) and all(0.05 < e["rel_error"] < 0.15 for e in stacks)
+    assert "and 4 of 4 MoE expert weight stacks quantized" in str(report)
+    assert isinstance(model.model.layers[1].mlp.experts, NVFP4Experts)
+    with torch.no_grad():
+        after = model(ids).logits
+    assert float((after - before).norm() / before.norm()) < 0.3
+    model.generate(ids[:1], max_new_tokens=3, do_sample=False)
+
+    fp4cupy.save(model, tmp_path / "m.safetensors")  # into a fresh float model: experts rebuilt as FP4
+    fresh = fp4cupy.load(tmp_path / "m.safetensors", tiny_mixtral())
+    assert isinstance(fresh.model.layers[0].mlp.experts, NVFP4Experts)
+    with torch.no_grad():
+        assert torch.equal(fresh(ids).logits, after)
+    with pytest.raises(NotImplementedError, match="MoE experts"):
+        fp4cupy.export(model, tmp_path / "out")
+
+
+def test_skip_patterns_and_group_sizes_leave_experts_alone():
+    report = fp4cupy.quantize_model(tiny_mixtral(), skip=("lm_head", "embed", "*.experts"), progress=False)
+    assert all(e["skipped"] == "matches skip '*.experts'" for e in report if len(e["shape"]) == 3)
+    assert "and 0 of 4 MoE expert weight stacks" in str(report)
+    report = fp4cupy.quantize_model(tiny_mixtral(), group_size=64, progress=False)  # intermediate 96
+    down = [e for e in report if e["name"].endswith("experts.down_proj")]
+    assert down and all("in_features=96 is not a multiple of group_size=64" in e["skipped"] for e in down)

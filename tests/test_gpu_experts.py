@@ -1,0 +1,57 @@
+"""MoE experts as FP4 layers on CUDA (run on a GPU: pytest -m gpu): each expert's projections run
+the W4A16 kernel; the block against the transformers module on the dequantized weights."""
+import copy
+
+import pytest
+
+pytestmark = pytest.mark.gpu
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+import fp4cupy  # noqa: E402
+from fp4cupy.experts import NVFP4Experts  # noqa: E402
+from test_experts import TINY, dequantized_copy, routing  # noqa: E402
+
+SIZES = dict(TINY, hidden_size=512, intermediate_size=768, num_local_experts=8)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float16, 3e-3), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("kind", ["mixtral", "gpt_oss"])
+def test_experts_on_cuda_match_the_original_on_dequantized_weights(kind, dtype, tol):
+    """fp16/bf16 tokens through the W4A16 kernel (the up and down projections each round to the
+    dtype) against the float32 module on deq(W); 40 tokens, so experts get 0 to ~20 each."""
+    torch.manual_seed(0)
+    if kind == "mixtral":
+        from transformers.models.mixtral.modeling_mixtral import MixtralExperts as Experts
+
+        config = transformers.MixtralConfig(**SIZES)
+    else:
+        from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts as Experts
+
+        config = transformers.GptOssConfig(**SIZES)
+    config._experts_implementation = "eager"
+    original = Experts(config).cuda()
+    for p in original.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    fp4 = NVFP4Experts.from_float(copy.deepcopy(original).to(dtype))
+    assert fp4.up[0].weight is None and fp4.up[0].codes.is_cuda  # held as the kernel's repack
+    ref = dequantized_copy(original, fp4)
+    x = torch.randn(40, 512, device="cuda")
+    index, weights = (t.cuda() for t in routing(40, 8, 2, 2, unused=(5,)))
+    with torch.no_grad():
+        want = ref(x.to(dtype).float(), index, weights).double()
+        got = fp4(x.to(dtype), index, weights.to(dtype))
+    assert got.dtype == dtype and got.is_cuda
+    assert float((got.double() - want).norm() / want.norm()) <= tol
+
+
+def test_a_quantized_mixtral_generates_on_cuda_like_on_the_cpu():
+    torch.manual_seed(0)
+    model = transformers.MixtralForCausalLM(transformers.MixtralConfig(**TINY)).eval()
+    fp4cupy.quantize_model(model, progress=False)
+    ids = torch.randint(0, 96, (1, 8))
+    with torch.no_grad():
+        cpu = model(ids).logits
+        gpu = model.cuda()(ids.cuda()).logits
+    assert isinstance(model.model.layers[0].mlp.experts, NVFP4Experts)
+    assert float((gpu.cpu() - cpu).norm() / cpu.norm()) < 1e-5  # float32: the same products, another order
+    model.generate(ids.cuda(), max_new_tokens=4, do_sample=False)
