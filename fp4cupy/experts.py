@@ -55,8 +55,8 @@ def quantized_experts(experts: nn.Module, fmt: str = "nvfp4", group_size: int = 
     for name in _weight_names(experts):
         w = expert_weights(experts, name)
         bias = getattr(experts, name + "_bias").detach() if experts.has_bias else [None] * w.shape[0]
-        layers.append([NVFP4Linear.from_fp4(quantize(w[e].contiguous(), fmt, group_size, scale_mode=scale_mode), bias[e])
-                       for e in range(w.shape[0])])
+        quantized = (quantize(w[e].contiguous(), fmt, group_size, scale_mode=scale_mode) for e in range(w.shape[0]))
+        layers.append([NVFP4Linear.from_fp4(t, b) for t, b in zip(quantized, bias)])
     return layers[0], layers[1]
 
 
@@ -128,3 +128,28 @@ def _strip(experts: nn.Module) -> None:
         for key in (name, name + "_bias"):
             if key in experts._parameters:
                 del experts._parameters[key]
+
+
+def checkpoint_layers(model: nn.Module, name: str, module: nn.Module) -> dict[str, tuple[str, int, int, int]]:
+    """The per-expert matrices ``model``'s checkpoint holds for its experts module ``name`` (float
+    or NVFP4Experts): {checkpoint layer name: ("up" or "down", expert, first row, rows)} (rows of
+    NVFP4Experts' layers: gate and up are rows of "up"). NotImplementedError where the checkpoint
+    keeps 3-D weights (gpt-oss) or stores them transposed."""
+    from .checkpoint_names import expert_layers
+
+    source = module.source if isinstance(module, NVFP4Experts) else module
+    if source.is_transposed:
+        raise NotImplementedError(f"{name}: experts stored [E, in, out] ({type(source).__name__}) are not written "
+                                  "or read as per-expert layers")
+    up_name, down_name = _weight_names(source)
+    if isinstance(module, NVFP4Experts):
+        shapes = {up_name: (len(module.up), module.up[0].out_features),
+                  down_name: (len(module.down), module.down[0].out_features)}
+    else:
+        shapes = {w: tuple(expert_weights(source, w).shape[:2]) for w in (up_name, down_name)}
+    layers = expert_layers(model, name, shapes)
+    if not layers:
+        raise NotImplementedError(f"{name}: {type(source).__name__} checkpoints keep 3-D expert weights; only "
+                                  "per-expert layers (experts.N.gate_proj, experts.N.w1, ...) are written and read")
+    return {k: ("up" if w == up_name else "down", e, r0, rows) for k, (w, e, r0, rows) in layers.items()}
+

@@ -3,6 +3,11 @@
     fp4cupy.export(model, "out/", format="modelopt" | "compressed-tensors" | "nvfp4")
     fp4cupy.import_checkpoint(model, "out/")      # NVFP4Linear layers filled bit-exactly
 
+Tensors are named as the model's checkpoint names them (transformers' save_pretrained names,
+checkpoint_names.py): a MoE block's NVFP4Experts is written as one layer an expert and projection
+(``experts.{e}.gate_proj`` / ``up_proj`` / ``down_proj``, Mixtral's ``block_sparse_moe.experts.{e}.w1`` /
+``w3`` / ``w2``), gate and up with the same global scale, and read back from them.
+
 Per quantized linear layer ``p`` (N x K, group 16; W = weight, g = fp4cupy's decode global scale):
 
 | format | packed E2M1 codes | block scales | global scale |
@@ -30,8 +35,10 @@ import torch
 from torch import nn
 
 from . import __version__
-from .experts import NVFP4Experts
+from .checkpoint_names import checkpoint_name, checkpoint_tensors
+from .experts import NVFP4Experts, checkpoint_layers, is_experts
 from .nn import NVFP4Linear, replace_module
+from .tensor import FP4Tensor
 
 FORMATS = ("nvfp4", "modelopt", "compressed-tensors")
 # Per layout: the tensor names of the codes, the block scales, the global scale and the static
@@ -105,9 +112,9 @@ def _layout(format: str, layers: dict) -> str:
                      f"this model has {sorted(f'{f} group {g}' for f, g in kinds)}")
 
 
-def _layer_tensors(name: str, m: NVFP4Linear, layout_key: str, input_amax: float | None = None) -> dict:
+def _layer_tensors(name: str, w: FP4Tensor, bias, layout_key: str, input_amax: float | None = None) -> dict:
+    """The checkpoint tensors of layer ``name``: weight ``w`` [N, K] and ``bias`` (or None)."""
     layout = LAYOUTS[layout_key]
-    w = m.fp4_weight()
     data, scales = w.data.detach().cpu(), w.scales.detach().cpu()
 
     def global_scale(g: float) -> torch.Tensor:
@@ -117,11 +124,11 @@ def _layer_tensors(name: str, m: NVFP4Linear, layout_key: str, input_amax: float
 
     out = {layout["codes"]: data, layout["scales"]: scales.view(torch.float8_e4m3fn) if layout["fp8_scales"] else scales}
     if layout["g"]:
-        out[layout["g"]] = global_scale(float(m.weight_global_scale))
+        out[layout["g"]] = global_scale(float(w.global_scale))
     if input_amax is not None and layout_key != "nvfp4":  # W4A4: the activation's decode global scale (amax / 2688)
         out[layout["act"]] = global_scale(float(np.float32(max(input_amax, 1e-30)) / np.float32(2688.0)))
-    if m.bias is not None:
-        out["bias"] = m.bias.detach().cpu()
+    if bias is not None:
+        out["bias"] = bias.detach().cpu()
     return {f"{name}.{k}": v.contiguous() for k, v in out.items()}
 
 
@@ -146,7 +153,7 @@ def _quant_config(layout_key: str, group_size: int, ignore: list, w4a4: bool = F
 
 def export(model: nn.Module, out_dir, format: str = "nvfp4", source_dir=None, shard_bytes: int = SHARD_BYTES,
            input_amax: dict | None = None) -> Path:
-    """Write ``model`` (with NVFP4Linear layers) to ``out_dir`` as sharded safetensors in ``format``,
+    """Write ``model`` (with NVFP4Linear layers, NVFP4Experts) to ``out_dir`` as sharded safetensors in ``format``,
     plus config.json with its quantization_config (and hf_quant_config.json for modelopt). Tensors
     are converted and written one shard at a time. Tokenizer files are copied from ``source_dir``.
     ``input_amax`` (from ``calibrate``) makes a W4A4 modelopt / compressed-tensors checkpoint with
@@ -156,17 +163,19 @@ def export(model: nn.Module, out_dir, format: str = "nvfp4", source_dir=None, sh
 
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}; got {format!r}")
-    moe = [n for n, m in model.named_modules() if isinstance(m, NVFP4Experts)]
-    if moe:  # each checkpoint format names experts its own way (experts.N.w1, experts.N.gate_proj, ...)
-        raise NotImplementedError(f"export does not write MoE experts yet ({moe[0]}, ...); fp4cupy.save keeps them")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, NVFP4Linear)}
-    if not layers:
+    experts = {n: m for n, m in model.named_modules() if isinstance(m, NVFP4Experts)}
+    expert_layers = {n: checkpoint_layers(model, n, m) for n, m in experts.items()}  # before any file is written
+    if experts and input_amax:
+        raise NotImplementedError("W4A4 export (input_amax) of MoE experts is not supported: export weight-only")
+    inside = tuple(n + "." for n in experts)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, NVFP4Linear) and not n.startswith(inside)}
+    if not layers and not experts:
         raise ValueError("the model has no NVFP4Linear layers: quantize it first (fp4cupy.quantize_model)")
-    layout = _layout(format, layers)
+    layout = _layout(format, {n: m for n, m in model.named_modules() if isinstance(m, NVFP4Linear)})
     if input_amax and not LAYOUTS[layout]["act"]:
         raise ValueError(f"input_amax makes W4A4 NVFP4 checkpoints; {layout} has no static activation scale")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     pending, shards, size = {}, [], 0
 
     def flush():
@@ -185,20 +194,29 @@ def export(model: nn.Module, out_dir, format: str = "nvfp4", source_dir=None, sh
         if size >= shard_bytes:
             flush()
 
-    seen = set()
-    for key, value in model.state_dict().items():
-        layer = key.rpartition(".")[0]
-        if layer in layers:  # weight, weight_scale, weight_global_scale, bias: written together, converted
-            if layer not in seen:
-                seen.add(layer)
-                add(_layer_tensors(layer, layers[layer], layout, (input_amax or {}).get(layer)))
-            continue
+    # FP4 layers: weight, weight_scale, weight_global_scale, bias written together, converted; other
+    # tensors as they are. All under the checkpoint's names (checkpoint_names.py).
+    for name, m in layers.items():
+        add(_layer_tensors(checkpoint_name(model, name + ".weight").removesuffix(".weight"), m.fp4_weight(), m.bias,
+                           layout, (input_amax or {}).get(name)))
+    for name, m in experts.items():
+        for ckpt, (proj, e, r0, rows) in expert_layers[name].items():
+            layer = getattr(m, proj)[e]
+            w = layer.fp4_weight()
+            part = FP4Tensor(w.data[r0:r0 + rows], w.scales[r0:r0 + rows], w.global_scale, (rows, w.shape[1]), w.fmt,
+                             w.group_size)
+            add(_layer_tensors(ckpt, part, None if layer.bias is None else layer.bias[r0:r0 + rows], layout))
+    fp4 = tuple(n + "." for n in (*layers, *experts))
+    rest = {k: v for k, v in model.state_dict().items() if not k.startswith(fp4)}
+    for key, value in checkpoint_tensors(model, rest).items():
         add({key: value.detach().cpu().contiguous().clone()})
     flush()
     weight_map = {k: name for name, keys in shards for k in keys}
     (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
-    ignore = sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear))
-    qcfg = _quant_config(layout, next(iter(layers.values())).group_size, ignore,
+    ignore = sorted(checkpoint_name(model, n + ".weight").removesuffix(".weight") for n, m in model.named_modules()
+                    if isinstance(m, nn.Linear))
+    some = next(m for m in model.modules() if isinstance(m, NVFP4Linear))
+    qcfg = _quant_config(layout, some.group_size, ignore,
                          w4a4=bool(input_amax) and format != "nvfp4")
     cfg = model.config.to_dict() if hasattr(model, "config") and hasattr(model.config, "to_dict") else {}
     cfg["quantization_config"] = qcfg
@@ -229,7 +247,8 @@ def detect_format(keys) -> str:
 
 def import_checkpoint(model: nn.Module, src_dir, strict: bool = True) -> nn.Module:
     """Load a checkpoint written in any of FORMATS into ``model``: the Linear layers it quantized become
-    NVFP4Linear with the stored codes and scales, read one shard at a time."""
+    NVFP4Linear, and experts modules whose per-expert layers it quantized NVFP4Experts, with the
+    stored codes and scales, read one shard at a time."""
     from safetensors import safe_open
 
     src = Path(src_dir)
@@ -243,9 +262,31 @@ def import_checkpoint(model: nn.Module, src_dir, strict: bool = True) -> nn.Modu
     layout = LAYOUTS[detect_format(keys)]
     codes_key, scale2 = layout["codes"], layout["g"]
     fmt, group = ("nvfp4", 16) if scale2 else ("mxfp4", 32)
+    experts = {n: m for n, m in model.named_modules() if isinstance(m, NVFP4Experts) or is_experts(m)}
+    inside = tuple(n + "." for n in experts)
+    # the model's tensor name of each checkpoint name (they differ where transformers renames)
+    names = {checkpoint_name(model, k, v): k for k, v in model.state_dict().items() if not k.startswith(inside)}
     quantized = sorted({k.rsplit(".", 1)[0] for k in keys if k.endswith("." + (scale2 or codes_key))})
-    for name in quantized:
-        cur = model.get_submodule(name)
+    per_expert, why = {}, []  # checkpoint layer -> (experts module, "up" or "down", expert, first row, rows)
+    for name, m in experts.items():
+        try:
+            per_expert.update({c: (name, *spec) for c, spec in checkpoint_layers(model, name, m).items()})
+        except NotImplementedError as e:
+            why.append(str(e))
+    for name in {per_expert[q][0] for q in quantized if q in per_expert}:
+        cur = experts[name]
+        if not isinstance(cur, NVFP4Experts):
+            replace_module(model, name, NVFP4Experts.empty_like(cur, fmt, group))
+        elif (cur.up[0].fmt, cur.up[0].group_size) != (fmt, group):
+            raise ValueError(f"{name} is {cur.up[0].fmt} group {cur.up[0].group_size} but the checkpoint holds {fmt} "
+                             f"group {group}: import into a float model")
+    layer_names = {q: names.get(q + ".weight", q + ".weight").removesuffix(".weight") for q in quantized
+                   if q not in per_expert}  # checkpoint layer -> the model's NVFP4Linear
+    for name in layer_names.values():
+        try:
+            cur = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"the checkpoint's layer {name} is not in the model" + (f" ({why[0]})" if why else ""))
         if isinstance(cur, NVFP4Linear) and (cur.fmt, cur.group_size) != (fmt, group):
             raise ValueError(f"{name} is {cur.fmt} group {cur.group_size} but the checkpoint holds {fmt} group "
                              f"{group}: import into a float model")
@@ -253,26 +294,45 @@ def import_checkpoint(model: nn.Module, src_dir, strict: bool = True) -> nn.Modu
             layer = NVFP4Linear(cur.in_features, cur.out_features, group, cur.bias is not None, fmt,
                                 device=cur.weight.device, dtype=cur.weight.dtype)
             replace_module(model, name, layer)
-    state = {}
+    state, pieces = {}, {}  # pieces: (layer, leaf) -> [(first row, tensor)] of the FP4 layers
     for f in files:
         with safe_open(str(f), "pt") as h:
             for k in h.keys():
                 layer, _, leaf = k.rpartition(".")
-                t = h.get_tensor(k)
-                if layer in quantized:
-                    if leaf == codes_key:
-                        state[f"{layer}.weight"] = t.view(torch.uint8)
-                        if not scale2:  # MXFP4: no global scale
-                            state[f"{layer}.weight_global_scale"] = torch.tensor(1.0)
-                    elif leaf == layout["scales"]:
-                        state[f"{layer}.weight_scale"] = t.view(torch.uint8)
-                    elif leaf == scale2:
-                        g = float(t.reshape(-1)[0])
-                        g = float(np.float32(1.0) / np.float32(g)) if layout["inverse"] else g
-                        state[f"{layer}.weight_global_scale"] = torch.tensor(g, dtype=torch.float32)
-                    elif leaf == "bias":
-                        state[k] = t
-                    continue  # input_scale and other calibration tensors are not used by weight-only layers
-                state[k] = t
+                if layer in per_expert:  # rows of an expert's layer
+                    name, proj, e, r0, _ = per_expert[layer]
+                    pieces.setdefault((f"{name}.{proj}.{e}", leaf), []).append((r0, h.get_tensor(k)))
+                elif layer in layer_names:
+                    pieces.setdefault((layer_names[layer], leaf), []).append((0, h.get_tensor(k)))
+                else:
+                    state[names.get(k, k)] = h.get_tensor(k)
+    state.update(_fp4_state(pieces, layout))
     model.load_state_dict(state, strict=strict)
     return model
+
+
+def _fp4_state(pieces: dict, layout: dict) -> dict:
+    """The state entries of NVFP4Linear layers from the tensors a checkpoint holds for them, in rows
+    (an expert's gate and up are rows of one layer): {(layer, leaf): [(first row, tensor)]} ->
+    weight, weight_scale, weight_global_scale and bias of each layer. Its rows must share one
+    global scale; input_scale and other calibration tensors are not used by weight-only layers."""
+    state = {}
+    for (layer, leaf), parts in pieces.items():
+        parts = [t for _, t in sorted(parts, key=lambda p: p[0])]
+        if leaf == layout["codes"]:
+            state[f"{layer}.weight"] = torch.cat(parts).view(torch.uint8)
+            if not layout["g"]:
+                state[f"{layer}.weight_global_scale"] = torch.tensor(1.0)
+        elif leaf == layout["scales"]:
+            state[f"{layer}.weight_scale"] = torch.cat(parts).view(torch.uint8)
+        elif leaf == layout["g"]:
+            gs = {float(t.reshape(-1)[0]) for t in parts}
+            if len(gs) > 1:
+                raise ValueError(f"{layer}: its gate and up rows hold global scales {sorted(gs)}; fp4cupy runs them "
+                                 "as one matrix with one scale")
+            g = gs.pop()
+            g = float(np.float32(1.0) / np.float32(g)) if layout["inverse"] else g
+            state[f"{layer}.weight_global_scale"] = torch.tensor(g, dtype=torch.float32)
+        elif leaf == "bias":
+            state[f"{layer}.bias"] = torch.cat(parts)
+    return state

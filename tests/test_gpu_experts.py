@@ -44,7 +44,7 @@ def test_experts_on_cuda_match_the_original_on_dequantized_weights(kind, dtype, 
     assert float((got.double() - want).norm() / want.norm()) <= tol
 
 
-def test_a_quantized_mixtral_generates_on_cuda_like_on_the_cpu():
+def test_a_quantized_mixtral_generates_on_cuda_like_on_the_cpu(tmp_path):
     torch.manual_seed(0)
     model = transformers.MixtralForCausalLM(transformers.MixtralConfig(**TINY)).eval()
     fp4cupy.quantize_model(model, progress=False)
@@ -55,3 +55,8 @@ def test_a_quantized_mixtral_generates_on_cuda_like_on_the_cpu():
     assert isinstance(model.model.layers[0].mlp.experts, NVFP4Experts)
     assert float((gpu.cpu() - cpu).norm() / cpu.norm()) < 1e-5  # float32: the same products, another order
     model.generate(ids.cuda(), max_new_tokens=4, do_sample=False)
+    out = fp4cupy.export(model, tmp_path / "out", "modelopt")  # experts held as the repack: decoded for the file
+    back = fp4cupy.import_checkpoint(transformers.MixtralForCausalLM(transformers.MixtralConfig(**TINY)), out)
+    for name, t in model.cpu().state_dict().items():
+        assert torch.equal(back.state_dict()[name], t), name
+
