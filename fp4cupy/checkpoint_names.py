@@ -30,14 +30,15 @@ def expert_layers(model, name: str, projections: dict[str, tuple[int, int]]) -> 
     expert, first row, rows)}. {} where the checkpoint keeps the 3-D weights."""
     out = {}
     for wname, (experts, rows) in projections.items():
-        index = torch.arange(experts * rows, dtype=torch.float64).reshape(experts, rows, 1)
-        reverted = _revert(model, {f"{name}.{wname}": index})
+        # [E, rows, 2]: row r of expert e holds e * rows + r (two columns: no conversion squeezes them away)
+        index = torch.arange(experts * rows, dtype=torch.float64).reshape(experts, rows, 1).expand(-1, -1, 2)
+        reverted = _revert(model, {f"{name}.{wname}": index.contiguous()})
         if f"{name}.{wname}" in reverted:
             return {}
         for key, t in reverted.items():
             first = int(t.reshape(-1)[0])
-            if not key.endswith(".weight") or t.dim() != 2 or not torch.equal(t.reshape(-1), first + torch.arange(
-                    t.shape[0], dtype=torch.float64)):
+            if not key.endswith(".weight") or t.dim() != 2 or t.shape[1] != 2 or not torch.equal(
+                    t[:, 0], first + torch.arange(t.shape[0], dtype=torch.float64)):
                 raise NotImplementedError(f"{name}.{wname}: the checkpoint holds {key} {tuple(t.shape)}, "
                                           "not rows of one expert")
             out[key.removesuffix(".weight")] = (wname, first // rows, first % rows, t.shape[0])
