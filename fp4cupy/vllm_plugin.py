@@ -177,6 +177,11 @@ if QuantizationConfig is not None:
         def get_quant_method(self, layer, prefix):
             if isinstance(layer, LinearBase):
                 return UnquantizedLinearMethod() if self.is_skipped(prefix) else FP4CupyLinearMethod(self)
+            if hasattr(layer, "moe_config") and not self.is_skipped(prefix):  # FusedMoE / RoutedExperts
+                raise NotImplementedError(
+                    f"fp4cupy's vLLM plugin runs Linear layers; {prefix} holds MoE experts. Load a modelopt or "
+                    "compressed-tensors export without quantization='nvfp4' / 'fp4cupy': vLLM's own NVFP4 and "
+                    "MXFP4 MoE methods read its per-expert layers")
             return None
 
     class FP4CupyAliasConfig(FP4CupyConfig):
