@@ -7,6 +7,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
+pytest.importorskip("transformers.integrations.moe", reason="transformers 5's 3-D experts")
 import fp4cupy  # noqa: E402
 from fp4cupy.experts import NVFP4Experts, expert_weights, is_experts  # noqa: E402
 
