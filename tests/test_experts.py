@@ -2,7 +2,6 @@
 the original module running the dequantized weights, whole-model quantization, save and load."""
 import copy
 
-import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -10,6 +9,7 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("transformers.integrations.moe", reason="transformers 5's 3-D experts")
 import fp4cupy  # noqa: E402
 from fp4cupy.experts import NVFP4Experts, expert_weights, is_experts  # noqa: E402
+from test_interop import assert_imported_as_exported  # noqa: E402
 
 TINY = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)
@@ -149,17 +149,7 @@ def test_export_writes_experts_under_the_checkpoint_names_and_imports_back_bit_e
     float_model = make()  # what save_pretrained names its tensors: each of ours is one of those, or of its layer
     saved = set(transformers.core_model_loading.revert_weight_conversion(float_model, float_model.state_dict()))
     assert all(k in saved or k.rpartition(".")[0] + ".weight" in saved for k in keys)
-    fresh = fp4cupy.import_checkpoint(make(), out)
-    back = fresh.state_dict()
-    assert set(back) == set(model.state_dict())
-    for name, want in model.state_dict().items():
-        if format == "compressed-tensors" and name.endswith("weight_global_scale"):  # 1/g: may come back 1 ulp off
-            assert abs(float(back[name]) - float(want)) <= float(np.spacing(np.float32(want))), name
-        else:
-            assert torch.equal(back[name], want), name
-    ids = torch.randint(0, 96, (1, 7))
-    with torch.no_grad():
-        torch.testing.assert_close(fresh(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-6)
+    assert_imported_as_exported(fp4cupy.import_checkpoint(make(), out), model, format)
 
 
 def test_import_refuses_gate_and_up_of_different_global_scales(tmp_path):

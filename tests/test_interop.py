@@ -26,14 +26,19 @@ def test_export_import_round_trips_bit_exactly(tmp_path, fmt):
     assert len(list(out.glob("model-*.safetensors"))) > 1
     cfg = json.loads((out / "config.json").read_text())["quantization_config"]
     assert "lm_head" in cfg["ignore"]
-    back = fp4cupy.import_checkpoint(tiny(seed=99), out)
+    assert_imported_as_exported(fp4cupy.import_checkpoint(tiny(seed=99), out), model, fmt)
+
+
+def assert_imported_as_exported(back, model, fmt):
+    """``back`` (imported from ``model``'s ``fmt`` export) holds the same tensors and gives its logits."""
+    state = back.state_dict()
+    assert set(state) == set(model.state_dict())
     for k, v in model.state_dict().items():
-        got = back.state_dict()[k]
         if fmt == "compressed-tensors" and k.endswith("weight_global_scale"):
             # stored as 1/g: when no float32 c has RN(1/c) == g, g comes back 1 ulp off
-            assert abs(float(got) - float(v)) <= float(np.spacing(np.float32(v))), k
+            assert abs(float(state[k]) - float(v)) <= float(np.spacing(np.float32(v))), k
         else:
-            assert torch.equal(got, v), k
+            assert torch.equal(state[k], v), k
     ids = torch.randint(0, 96, (1, 7))
     with torch.no_grad():
         torch.testing.assert_close(back(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-6)
