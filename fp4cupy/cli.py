@@ -95,7 +95,8 @@ def main(argv=None) -> int:
 
 
 def quantize_checkpoint(src, out, export_format, group_size, skip, device="cpu", fmt="nvfp4", scale_mode=None) -> int:
-    """``fp4cupy quantize``: load ``src`` whole, quantize its Linear layers, export; 2 on bad input."""
+    """``fp4cupy quantize``: load ``src`` whole, quantize its Linear layers and MoE experts, export;
+    2 on bad input (or a model whose experts no checkpoint format here holds)."""
     from pathlib import Path
 
     if not (Path(src) / "config.json").is_file():
@@ -110,7 +111,7 @@ def quantize_checkpoint(src, out, export_format, group_size, skip, device="cpu",
         model = transformers.AutoModelForCausalLM.from_pretrained(src).to(device).eval()
         report = fp4cupy.quantize_model(model, fmt, group_size=group_size, skip=tuple(skip), scale_mode=scale_mode)
         fp4cupy.export(model, out, format=export_format, source_dir=src)
-    except (OSError, ValueError, ImportError) as e:
+    except (OSError, ValueError, ImportError, NotImplementedError) as e:
         print(f"fp4cupy quantize: {e}", file=sys.stderr)
         return 2
     print(f"{report}; wrote {export_format} checkpoint to {out}")
