@@ -37,6 +37,7 @@ from torch import nn
 from . import __version__
 from .checkpoint_names import checkpoint_name, checkpoint_tensors
 from .experts import NVFP4Experts, checkpoint_layers, is_experts
+from .gpt_oss import import_gpt_oss, is_gpt_oss
 from .nn import NVFP4Linear, replace_module
 from .tensor import FP4Tensor
 
@@ -248,7 +249,8 @@ def detect_format(keys) -> str:
 def import_checkpoint(model: nn.Module, src_dir, strict: bool = True) -> nn.Module:
     """Load a checkpoint written in any of FORMATS into ``model``: the Linear layers it quantized become
     NVFP4Linear, and experts modules whose per-expert layers it quantized NVFP4Experts, with the
-    stored codes and scales, read one shard at a time."""
+    stored codes and scales, read one shard at a time. A gpt-oss checkpoint (OpenAI's MXFP4 experts,
+    gpt_oss.py) loads into a transformers gpt-oss model, its experts as MXFP4 NVFP4Experts."""
     from safetensors import safe_open
 
     src = Path(src_dir)
@@ -259,6 +261,8 @@ def import_checkpoint(model: nn.Module, src_dir, strict: bool = True) -> nn.Modu
     for f in files:
         with safe_open(str(f), "pt") as h:
             keys.update({k: f for k in h.keys()})
+    if is_gpt_oss(keys):  # OpenAI's MXFP4 experts (gpt_oss.py)
+        return import_gpt_oss(model, _tensors(files), strict)
     layout = LAYOUTS[detect_format(keys)]
     codes_key, scale2 = layout["codes"], layout["g"]
     fmt, group = ("nvfp4", 16) if scale2 else ("mxfp4", 32)
@@ -309,6 +313,16 @@ def import_checkpoint(model: nn.Module, src_dir, strict: bool = True) -> nn.Modu
     state.update(_fp4_state(pieces, layout))
     model.load_state_dict(state, strict=strict)
     return model
+
+
+def _tensors(files):
+    """(name, tensor) of every tensor in ``files``, a file open at a time."""
+    from safetensors import safe_open
+
+    for f in files:
+        with safe_open(str(f), "pt") as h:
+            for k in h.keys():
+                yield k, h.get_tensor(k)
 
 
 def _fp4_state(pieces: dict, layout: dict) -> dict:

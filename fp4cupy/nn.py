@@ -177,7 +177,15 @@ class NVFP4Linear(nn.Module):
                                         fmt, self.group_size, self.out_features)
 
     def _apply(self, fn, recurse=True):
+        # .half() / .to(dtype) cast floating buffers: the global scales stay float32 (rounded, every
+        # weight would decode off the recipe), only their device follows
+        scales = {k: self._buffers[k] for k in ("weight_global_scale", "kernel_global_scale")
+                  if self._buffers.get(k) is not None}
+        self._buffers.update(dict.fromkeys(scales))
         out = super()._apply(fn, recurse)
+        for k, t in scales.items():
+            moved = fn(t)
+            self._buffers[k] = moved if moved.dtype == torch.float32 else t.to(moved.device)
         if self.weight is None and not self.codes.is_cuda:
             self._materialize()  # the repack left the GPU: the CPU keeps the canonical form
         elif (self.weight is not None and self.weight.is_cuda and self.no_repack_on != self.weight.device

@@ -60,3 +60,22 @@ def test_a_quantized_mixtral_generates_on_cuda_like_on_the_cpu(tmp_path):
     for name, t in model.cpu().state_dict().items():
         assert torch.equal(back.state_dict()[name], t), name
 
+
+
+def test_a_gpt_oss_checkpoint_runs_its_mxfp4_experts_through_the_kernel(tmp_path):
+    """OpenAI's MXFP4 experts imported bit for bit, then on CUDA in bf16: each expert runs as the
+    NVFP4 twin's repack (the W4A16 kernel); logits near the float32 CPU model's."""
+    from test_gpt_oss import tiny_gpt_oss, write_gpt_oss
+
+    model = tiny_gpt_oss()
+    fp4cupy.quantize_model(model, "mxfp4", 32, skip=("self_attn", "lm_head", "embed"), progress=False)
+    write_gpt_oss(model, tmp_path / "ckpt")
+    back = fp4cupy.import_checkpoint(tiny_gpt_oss(seed=1), tmp_path / "ckpt")
+    ids = torch.randint(0, 96, (2, 9))
+    with torch.no_grad():
+        want = back(ids).logits.double()
+        back = back.to(torch.bfloat16).cuda()
+        experts = back.model.layers[0].mlp.experts
+        assert experts.up[0].codes is not None and experts.up[0].codes.is_cuda  # the repack: the kernel's path
+        got = back(ids.cuda()).logits.double().cpu()
+    assert float((got - want).norm() / want.norm()) < 3e-2

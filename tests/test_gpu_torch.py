@@ -32,6 +32,18 @@ def test_layer_on_cuda_matches_reference(dtype, tol):
     assert rel(cpu(x.float()), reference(cpu, x.float())) <= 1e-5
 
 
+@pytest.mark.parametrize("fmt,group", [("nvfp4", 16), ("mxfp4", 32)])
+def test_a_cast_after_quantizing_keeps_the_float32_global_scale(fmt, group):
+    """layer.to(bf16) after quantizing: the kernel still reads a float32 global scale (MXFP4: the
+    NVFP4 twin's), and the output matches the reference."""
+    torch.manual_seed(3)
+    layer = fp4cupy.NVFP4Linear.from_float(torch.nn.Linear(512, 384, device="cuda"), group, fmt).to(torch.bfloat16)
+    assert layer.weight_global_scale.dtype == torch.float32
+    assert layer.kernel_global_scale is None or layer.kernel_global_scale.dtype == torch.float32
+    x = torch.randn(3, 512, device="cuda", dtype=torch.bfloat16)
+    assert rel(layer(x), reference(layer, x)) <= 8e-3
+
+
 def test_compile_fullgraph_and_cuda_graph_give_the_eager_result():
     layer, x = layer_and_input()
     eager = layer(x)

@@ -45,6 +45,17 @@ def test_a_batch_of_no_tokens_runs_forward_and_backward_like_nn_linear():
     assert x.grad.shape == (0, 64) and torch.equal(layer.bias.grad, torch.zeros(24))
 
 
+@pytest.mark.parametrize("cast", [lambda m: m.to(torch.bfloat16), lambda m: m.half(), lambda m: m.double()])
+def test_a_dtype_cast_keeps_the_global_scale_float32(cast):
+    """model.half() / .to(bf16) cast the bias like nn.Linear's, not the FP32 global scale (decoded
+    weights would leave the recipe)."""
+    layer = fp4cupy.NVFP4Linear.from_float(torch.nn.Linear(64, 24))
+    g, w = layer.weight_global_scale.clone(), layer.fp4_weight().dequantize()
+    cast(layer)
+    assert layer.weight_global_scale.dtype == torch.float32 and torch.equal(layer.weight_global_scale, g)
+    assert layer.bias.dtype != torch.float32 and torch.equal(layer.fp4_weight().dequantize(), w)
+
+
 def test_seed_constructor_and_state_dict_round_trip():
     torch.manual_seed(1)
     layer = fp4cupy.NVFP4LinearLayer(64, 32, group_size=16).from_float(torch.nn.Linear(64, 32))

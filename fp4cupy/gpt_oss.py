@@ -1,0 +1,64 @@
+"""gpt-oss checkpoints: MoE experts in OpenAI's MXFP4 layout, read into NVFP4Experts bit for bit.
+
+gpt-oss ships its experts (and only them) as MXFP4 (``quantization_config.quant_method = "mxfp4"``,
+read by transformers' Mxfp4 quantizer and vLLM's mxfp4 method); every other tensor is bf16. Per
+MoE block ``P`` (``model.layers.N.mlp.experts``) and projection ``p`` (``gate_up_proj``, ``down_proj``):
+
+    P.p_blocks  uint8 [E, rows, K/32, 16]  E2M1 codes, two a byte, element 2i in the low nibble
+    P.p_scales  uint8 [E, rows, K/32]      E8M0 exponents (2^(s - 127)), one a block of 32
+    P.p_bias    bf16  [E, rows]
+
+with rows the output features (gate_up_proj's interleaved gate and up) and K the input features:
+expert e's weight is exactly the FP4Tensor (blocks[e] as [rows, K/2], scales[e], global scale 1)
+of fp4cupy's MXFP4 format, so the import copies bytes and decodes nothing.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+PROJECTIONS = {"gate_up_proj": "up", "down_proj": "down"}
+
+
+def is_gpt_oss(keys) -> bool:
+    """Whether checkpoint tensor names ``keys`` hold experts in OpenAI's MXFP4 layout."""
+    return any(k.endswith(("gate_up_proj_blocks", "down_proj_blocks")) for k in keys)
+
+
+def import_gpt_oss(model: nn.Module, tensors, strict: bool = True) -> nn.Module:
+    """Load a gpt-oss checkpoint, ``tensors`` (name, tensor) pairs, into ``model`` (a transformers
+    gpt-oss model): its experts modules become NVFP4Experts (MXFP4, group 32) holding the stored
+    codes and exponents; other tensors load as they are."""
+    from .experts import NVFP4Experts
+    from .nn import replace_module
+
+    state, blocks = {}, {}  # blocks: (experts module, projection) -> {"blocks" / "scales" / "bias": tensor}
+    for key, t in tensors:
+        prefix, _, leaf = key.rpartition(".")
+        proj, _, part = leaf.rpartition("_")
+        if proj in PROJECTIONS and part in ("blocks", "scales", "bias"):
+            blocks.setdefault((prefix, proj), {})[part] = t
+        else:
+            state[key] = t
+    for name in sorted({prefix for prefix, _ in blocks}):
+        current = model.get_submodule(name)
+        if not isinstance(current, NVFP4Experts):
+            current = NVFP4Experts.empty_like(current, "mxfp4", 32)
+            replace_module(model, name, current)
+        elif (current.up[0].fmt, current.up[0].group_size) != ("mxfp4", 32):
+            raise ValueError(f"{name} is {current.up[0].fmt} group {current.up[0].group_size}; the checkpoint holds "
+                             "mxfp4 group 32: import into a float model")
+    for (name, proj), parts in blocks.items():
+        if "blocks" not in parts or "scales" not in parts:
+            raise ValueError(f"{name}.{proj}: the checkpoint has {sorted(parts)}, not both blocks and scales")
+        codes, scales = parts["blocks"], parts["scales"]
+        experts, rows = scales.shape[:2]
+        for e in range(experts):
+            layer = f"{name}.{PROJECTIONS[proj]}.{e}"
+            state[f"{layer}.weight"] = codes[e].reshape(rows, -1).view(torch.uint8)
+            state[f"{layer}.weight_scale"] = scales[e].view(torch.uint8)
+            state[f"{layer}.weight_global_scale"] = torch.tensor(1.0)
+            if "bias" in parts:
+                state[f"{layer}.bias"] = parts["bias"][e]
+    model.load_state_dict(state, strict=strict)
+    return model
