@@ -97,20 +97,26 @@ class NVFP4Experts(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
         source, n = self.source, len(self.down)
+        k = top_k_index.shape[-1]
+        # (token, slot) pairs sorted by expert: one host sync for the counts (transformers' eager loop
+        # syncs once an expert hit, ~0.5 ms each on an H200); index n is expert parallelism's "not here"
+        flat = top_k_index.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=n + 1).tolist()
+        token, weight = order // k, top_k_weights.reshape(-1)[order]
+        x = hidden_states[token]
         out = torch.zeros_like(hidden_states)
-        with torch.no_grad():  # [E + 1, k, T]: index E is expert parallelism's "not on this rank"
-            chosen = nn.functional.one_hot(top_k_index, n + 1).permute(2, 1, 0)
-            hit = torch.greater(chosen.sum(dim=(-1, -2)), 0).nonzero().flatten().tolist()
-        for e in hit:
-            if e == n:
-                continue
-            slot, token = torch.where(chosen[e])
-            h = self.up[e](hidden_states[token])
-            h = source._apply_gate(h) if source.has_gate else source.act_fn(h)
-            h = self.down[e](h)
-            if getattr(source, "has_post_expert_norm", False):
-                h = source.post_expert_norm(h)
-            out.index_add_(0, token, (h * top_k_weights[token, slot, None]).to(out.dtype))
+        start = 0
+        for e, count in enumerate(counts[:n]):
+            if count:
+                rows = slice(start, start + count)
+                h = self.up[e](x[rows])
+                h = source._apply_gate(h) if source.has_gate else source.act_fn(h)
+                h = self.down[e](h)
+                if getattr(source, "has_post_expert_norm", False):
+                    h = source.post_expert_norm(h)
+                out.index_add_(0, token[rows], (h * weight[rows, None]).to(out.dtype))  # experts in order, as eager
+            start += count
         return out
 
     def weight_nbytes(self) -> int:

@@ -1,0 +1,90 @@
+"""A MoE block's experts: fp4cupy's NVFP4Experts against transformers' bf16 experts, in this run on this card.
+
+    PYTHONPATH=$PWD python3 benchmarks/moe.py [--tokens 1,4,16,64,256]
+
+Mixtral-8x7B's experts (8 of 14336 x 4096, top-2; random bf16 weights, no download) and Qwen3-30B-A3B's
+(128 of 768 x 2048, top-8). One call = the experts module's forward for T tokens with random routing,
+host work included (transformers' experts loop syncs once a call to list the experts hit), timed with
+CUDA events, alternating with the peer: transformers' eager loop on the bf16 weights, and its
+grouped_mm implementation where this transformers has one. Prints the speed-up over each.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import fp4cupy  # noqa: E402
+from fp4cupy.experts import NVFP4Experts  # noqa: E402
+from timing import card, compare  # noqa: E402
+
+MODELS = {"Mixtral-8x7B": ("mixtral", dict(hidden_size=4096, intermediate_size=14336, num_local_experts=8,
+                                           num_experts_per_tok=2)),
+          "Qwen3-30B-A3B": ("qwen3_moe", dict(hidden_size=2048, moe_intermediate_size=768, num_experts=128,
+                                              num_experts_per_tok=8))}
+
+
+def experts_module(kind: str, sizes: dict):
+    import transformers
+
+    if kind == "mixtral":
+        from transformers.models.mixtral.modeling_mixtral import MixtralExperts as Experts
+
+        config = transformers.MixtralConfig(**sizes)
+    else:
+        from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts as Experts
+
+        config = transformers.Qwen3MoeConfig(**sizes)
+    config._experts_implementation = "eager"
+    with torch.device("cuda"):
+        m = Experts(config).to(torch.bfloat16)
+    for p in m.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    return m, config
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", default="1,4,16,64,256")
+    args = ap.parse_args()
+    tokens = [int(t) for t in args.tokens.split(",")]
+    torch.manual_seed(0)
+    print(f"\n## benchmarks/moe.py on {card()} (torch {torch.__version__}, fp4cupy {fp4cupy.version()})\n")
+    print("| experts | tokens | fp4cupy ms | bf16 eager ms | speed-up | bf16 grouped_mm ms | speed-up | rel. error |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, (kind, sizes) in MODELS.items():
+        dense, config = experts_module(kind, sizes)
+        fp4 = NVFP4Experts.from_float(copy.deepcopy(dense))
+        experts, k = dense.down_proj.shape[0], sizes["num_experts_per_tok"]
+        for t in tokens:
+            x = torch.randn(t, sizes["hidden_size"], device="cuda", dtype=torch.bfloat16)
+            index = torch.stack([torch.randperm(experts, device="cuda")[:k] for _ in range(t)])
+            weights = torch.softmax(torch.randn(t, k, device="cuda"), -1).to(torch.bfloat16)
+            with torch.no_grad():
+                ref = dense(x, index, weights).double()
+                err = float((fp4(x, index, weights).double() - ref).norm() / ref.norm())
+                eager = compare(lambda: dense(x, index, weights), lambda: fp4(x, index, weights), pairs=7, inner=3)
+                grouped = "-", "-"
+                try:
+                    config._experts_implementation = "grouped_mm"
+                    dense(x, index, weights)
+                    r = compare(lambda: dense(x, index, weights), lambda: fp4(x, index, weights), pairs=7, inner=3)
+                    grouped = f"{r['peer_ms']:.3f}", f"{r['ratio']:.2f}x"
+                except Exception as e:  # noqa: BLE001 (no grouped_mm in this transformers / torch)
+                    grouped = type(e).__name__, "-"
+                finally:
+                    config._experts_implementation = "eager"
+            print(f"| {name} | {t} | {eager['ours_ms']:.3f} | {eager['peer_ms']:.3f} | {eager['ratio']:.2f}x "
+                  f"| {grouped[0]} | {grouped[1]} | {err:.1e} |", flush=True)
+        del dense, fp4
+        torch.cuda.empty_cache()
+    print("\nrel. error: fp4cupy's output against the bf16 experts on the unquantized weights (Frobenius), the "
+          "quantization error, not a kernel check.")
+
+
+if __name__ == "__main__":
+    main()
