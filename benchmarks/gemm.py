@@ -124,8 +124,15 @@ def host_overhead_us(calls=3000):
     pw = fp4cupy.prepare(fp4cupy.quantize(torch.randn(256, 256, device="cuda")))
     x = torch.randn(1, 256, device="cuda", dtype=torch.float16)
     w16 = torch.randn(256, 256, device="cuda", dtype=torch.float16)
+    layer = fp4cupy.NVFP4Linear.from_float(torch.nn.Linear(256, 256, bias=False, device="cuda"))
+    with torch.no_grad():
+        layer_us = host_us(lambda: layer(x), calls)
     return {"fp4cupy.linear (prepared W, M=1, 256x256)": host_us(lambda: fp4cupy.linear(x, pw), calls),
-            "torch F.linear fp16 (same shape)": host_us(lambda: F.linear(x, w16), calls)}
+            "torch F.linear fp16 (same shape)": host_us(lambda: F.linear(x, w16), calls),
+            "NVFP4Linear layer, no grad (same shape)": layer_us,
+            "NVFP4Linear layer through the fp4cupy::linear op": host_us(
+                lambda: torch.ops.fp4cupy.linear(x, None, None, layer.weight_global_scale, layer.codes,
+                                                 layer.scale_codes, None, "nvfp4", 16, 256), calls)}
 
 
 def main(quick=False):

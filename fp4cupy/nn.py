@@ -173,6 +173,14 @@ class NVFP4Linear(nn.Module):
         g, fmt = self.weight_global_scale, self.fmt
         if self.kernel_global_scale is not None:  # the repack of an MXFP4 weight's NVFP4 twin
             g, fmt = self.kernel_global_scale, "nvfp4"
+        if (self.codes is not None and x.is_cuda and not torch.compiler.is_compiling()
+                and not (torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)))):
+            # no gradient to track and not traced: the op's own first step, without its dispatch
+            from . import cuda_linear
+
+            y = cuda_linear.linear_repacked(x, self.codes, self.scale_codes, g, self.out_features, bias)
+            if y is not None:
+                return y
         return torch.ops.fp4cupy.linear(x, self.weight, self.weight_scale, g, self.codes, self.scale_codes, bias,
                                         fmt, self.group_size, self.out_features)
 

@@ -32,6 +32,20 @@ def test_layer_on_cuda_matches_reference(dtype, tol):
     assert rel(cpu(x.float()), reference(cpu, x.float())) <= 1e-5
 
 
+def test_the_layer_without_gradients_skips_the_op_dispatch_and_gives_its_result(monkeypatch):
+    """No gradient to track: forward calls the repacked path itself; with one, the fp4cupy::linear op
+    (autograd); the same bits either way."""
+    layer, x = layer_and_input()
+    calls = []
+    real = torch.ops.fp4cupy.linear
+    monkeypatch.setattr(torch.ops.fp4cupy, "linear", lambda *a: calls.append(1) or real(*a))
+    with torch.no_grad():
+        fast = layer(x)
+    assert not calls
+    tracked = layer(x.clone().requires_grad_())
+    assert calls and torch.equal(fast, tracked.detach())
+
+
 @pytest.mark.parametrize("fmt,group", [("nvfp4", 16), ("mxfp4", 32)])
 def test_a_cast_after_quantizing_keeps_the_float32_global_scale(fmt, group):
     """layer.to(bf16) after quantizing: the kernel still reads a float32 global scale (MXFP4: the
