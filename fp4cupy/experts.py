@@ -26,7 +26,7 @@ def is_experts(module: nn.Module) -> bool:
     """Whether ``module`` is a transformers experts module of 3-D weights that NVFP4Experts takes."""
     if not all(hasattr(module, f) for f in _FLAGS) or not hasattr(module, "_apply_gate"):
         return False
-    names = _weight_names(module)
+    names = weight_names(module)
     return all(isinstance(getattr(module, n, None), nn.Parameter) and getattr(module, n).dim() == 3 for n in names)
 
 
@@ -36,7 +36,8 @@ def _check(module: nn.Module) -> None:
                         f"down_proj; @use_experts_implementation); got {type(module).__name__}")
 
 
-def _weight_names(module: nn.Module) -> tuple[str, str]:
+def weight_names(module: nn.Module) -> tuple[str, str]:
+    """The names of an experts module's two 3-D weights: (gate_up_proj or up_proj, down_proj)."""
     return ("gate_up_proj" if module.has_gate else "up_proj"), "down_proj"
 
 
@@ -52,7 +53,7 @@ def quantized_experts(experts: nn.Module, fmt: str = "nvfp4", group_size: int = 
     one global scale an expert and projection; the biases copied); ``experts`` is left as it is."""
     _check(experts)
     layers = []
-    for name in _weight_names(experts):
+    for name in weight_names(experts):
         w = expert_weights(experts, name)
         bias = getattr(experts, name + "_bias").detach() if experts.has_bias else [None] * w.shape[0]
         quantized = (quantize(w[e].contiguous(), fmt, group_size, scale_mode=scale_mode) for e in range(w.shape[0]))
@@ -89,7 +90,7 @@ class NVFP4Experts(nn.Module):
         """Zero FP4 layers of ``experts``' shapes (to load a state dict into), ``experts`` stripped."""
         _check(experts)
         layers = []
-        for name in _weight_names(experts):
+        for name in weight_names(experts):
             w = expert_weights(experts, name)
             layers.append([NVFP4Linear(w.shape[2], w.shape[1], group_size, experts.has_bias, fmt, device=w.device,
                                        dtype=w.dtype) for _ in range(w.shape[0])])
@@ -130,7 +131,7 @@ class NVFP4Experts(nn.Module):
 
 def _strip(experts: nn.Module) -> None:
     """Drop the weights and biases NVFP4Experts now holds."""
-    for name in _weight_names(experts):
+    for name in weight_names(experts):
         for key in (name, name + "_bias"):
             if key in experts._parameters:
                 del experts._parameters[key]
@@ -147,7 +148,7 @@ def checkpoint_layers(model: nn.Module, name: str, module: nn.Module) -> dict[st
     if source.is_transposed:
         raise NotImplementedError(f"{name}: experts stored [E, in, out] ({type(source).__name__}) are not written "
                                   "or read as per-expert layers")
-    up_name, down_name = _weight_names(source)
+    up_name, down_name = weight_names(source)
     if isinstance(module, NVFP4Experts):
         shapes = {up_name: (len(module.up), module.up[0].out_features),
                   down_name: (len(module.down), module.down[0].out_features)}

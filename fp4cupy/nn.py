@@ -337,12 +337,12 @@ def _progress(items, on: bool, desc: str, unit: str):
 def _quantize_experts(model, fmt, group_size, replace, skip, scale_mode, progress) -> list[dict]:
     """quantize_model's part for transformers' MoE experts of 3-D weights (experts.py): an entry a
     projection (shape [E, out, in])."""
-    from .experts import NVFP4Experts, expert_weights, is_experts, quantized_experts
+    from .experts import NVFP4Experts, expert_weights, is_experts, quantized_experts, weight_names
 
     entries = []
     blocks = [(n, m) for n, m in model.named_modules() if is_experts(m)]
     for name, mod in _progress(blocks, progress, f"quantizing experts to {fmt}", "block"):
-        weights = {w: expert_weights(mod, w) for w in ("gate_up_proj" if mod.has_gate else "up_proj", "down_proj")}
+        weights = {w: expert_weights(mod, w) for w in weight_names(mod)}
         base = [dict(name=f"{name}.{w}", shape=tuple(t.shape), bytes_before=t.numel() * t.element_size())
                 for w, t in weights.items()]
         why = _skip_reason(name, None, skip, (), group_size) or next(
@@ -352,10 +352,11 @@ def _quantize_experts(model, fmt, group_size, replace, skip, scale_mode, progres
             entries += [dict(e, skipped=why, bytes_after=e["bytes_before"], rel_error=0.0) for e in base]
             continue
         up, down = quantized_experts(mod, fmt, group_size, scale_mode)
-        for e, w, layers in zip(base, weights.values(), (up, down)):
+        for e, w, layers in zip(base, weights.values(), (up, down)):  # an expert at a time: no float copy of w
             diff = sum(float(torch.linalg.norm(layer.fp4_weight().dequantize().float() - w[i].float())) ** 2
                        for i, layer in enumerate(layers))
-            err = diff ** 0.5 / max(float(torch.linalg.norm(w.float())), 1e-30)
+            norm = sum(float(torch.linalg.norm(w[i].float())) ** 2 for i in range(len(layers)))
+            err = (diff / max(norm, 1e-60)) ** 0.5
             entries.append(dict(e, bytes_after=sum(layer.weight_nbytes() for layer in layers), rel_error=err))
         if replace:
             replace_module(model, name, NVFP4Experts.around(mod, up, down))
