@@ -75,7 +75,7 @@ def main(argv=None) -> int:
     q = sub.add_parser("quantize", help="quantize a Hugging Face checkpoint directory into another")
     q.add_argument("src", help="a transformers model directory (config.json + weights)")
     q.add_argument("out", help="the directory to write")
-    q.add_argument("--export", choices=("modelopt", "compressed-tensors", "nvfp4"), default="nvfp4")
+    q.add_argument("--export", choices=("modelopt", "compressed-tensors", "nvfp4", "gpt-oss"), default="nvfp4")
     q.add_argument("--fmt", choices=("nvfp4", "mxfp4"), default="nvfp4")
     q.add_argument("--group-size", type=int, default=None, help="default: 16 for nvfp4, 32 for mxfp4")
     q.add_argument("--scale-mode", choices=("floor", "rceil", "round"), default=None,

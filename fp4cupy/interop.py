@@ -1,6 +1,6 @@
 """Export and import quantized checkpoints in the layouts other tools read, shard by shard.
 
-    fp4cupy.export(model, "out/", format="modelopt" | "compressed-tensors" | "nvfp4")
+    fp4cupy.export(model, "out/", format="modelopt" | "compressed-tensors" | "nvfp4" | "gpt-oss")
     fp4cupy.import_checkpoint(model, "out/")      # NVFP4Linear layers filled bit-exactly
 
 Tensors are named as the model's checkpoint names them (transformers' save_pretrained names,
@@ -37,11 +37,12 @@ from torch import nn
 from . import __version__
 from .checkpoint_names import checkpoint_name, checkpoint_tensors
 from .experts import NVFP4Experts, checkpoint_layers, is_experts
+from .gpt_oss import export_tensors as gpt_oss_tensors
 from .gpt_oss import import_gpt_oss, is_gpt_oss
 from .nn import NVFP4Linear, replace_module
 from .tensor import FP4Tensor
 
-FORMATS = ("nvfp4", "modelopt", "compressed-tensors")
+FORMATS = ("nvfp4", "modelopt", "compressed-tensors")  # a layer at a time; export also writes "gpt-oss"
 # Per layout: the tensor names of the codes, the block scales, the global scale and the static
 # activation scale (W4A4); whether block scales are stored as float8_e4m3fn (else uint8 bits); and
 # whether global scales are stored inverted (1/g, as a one-element vector: compressed-tensors).
@@ -159,22 +160,18 @@ def export(model: nn.Module, out_dir, format: str = "nvfp4", source_dir=None, sh
     are converted and written one shard at a time. Tokenizer files are copied from ``source_dir``.
     ``input_amax`` (from ``calibrate``) makes a W4A4 modelopt / compressed-tensors checkpoint with
     static activation global scales (input_scale / input_global_scale). A model whose layers are all
-    MXFP4 with group 32 writes compressed-tensors' mxfp4-pack-quantized (weight-only)."""
+    MXFP4 with group 32 writes compressed-tensors' mxfp4-pack-quantized (weight-only). "gpt-oss":
+    a gpt-oss model with MXFP4 experts only, in OpenAI's layout (gpt_oss.py), as gpt-oss ships."""
     from safetensors.torch import save_file
 
-    if format not in FORMATS:
-        raise ValueError(f"format must be one of {FORMATS}; got {format!r}")
-    experts = {n: m for n, m in model.named_modules() if isinstance(m, NVFP4Experts)}
-    expert_layers = {n: checkpoint_layers(model, n, m) for n, m in experts.items()}  # before any file is written
-    if experts and input_amax:
-        raise NotImplementedError("W4A4 export (input_amax) of MoE experts is not supported: export weight-only")
-    inside = tuple(n + "." for n in experts)
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, NVFP4Linear) and not n.startswith(inside)}
-    if not layers and not experts:
-        raise ValueError("the model has no NVFP4Linear layers: quantize it first (fp4cupy.quantize_model)")
-    layout = _layout(format, {n: m for n, m in model.named_modules() if isinstance(m, NVFP4Linear)})
-    if input_amax and not LAYOUTS[layout]["act"]:
-        raise ValueError(f"input_amax makes W4A4 NVFP4 checkpoints; {layout} has no static activation scale")
+    if format not in (*FORMATS, "gpt-oss"):
+        raise ValueError(f"format must be one of {(*FORMATS, 'gpt-oss')}; got {format!r}")
+    if format == "gpt-oss":
+        if input_amax:
+            raise ValueError("the gpt-oss layout is weight-only: no input_amax")
+        tensors, qcfg = gpt_oss_tensors(model)
+    else:
+        tensors, qcfg = _layer_tensors_to_write(model, format, input_amax)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     pending, shards, size = {}, [], 0
@@ -187,38 +184,15 @@ def export(model: nn.Module, out_dir, format: str = "nvfp4", source_dir=None, sh
             shards.append((name, list(pending)))
             pending, size = {}, 0
 
-    def add(tensors):
-        nonlocal size
-        for k, v in tensors.items():
+    for group in tensors:
+        for k, v in group.items():
             pending[k] = v
             size += v.numel() * v.element_size()
         if size >= shard_bytes:
             flush()
-
-    # FP4 layers: weight, weight_scale, weight_global_scale, bias written together, converted; other
-    # tensors as they are. All under the checkpoint's names (checkpoint_names.py).
-    for name, m in layers.items():
-        add(_layer_tensors(checkpoint_name(model, name + ".weight").removesuffix(".weight"), m.fp4_weight(), m.bias,
-                           layout, (input_amax or {}).get(name)))
-    for name, m in experts.items():
-        for ckpt, (proj, e, r0, rows) in expert_layers[name].items():
-            layer = getattr(m, proj)[e]
-            w = layer.fp4_weight()
-            part = FP4Tensor(w.data[r0:r0 + rows], w.scales[r0:r0 + rows], w.global_scale, (rows, w.shape[1]), w.fmt,
-                             w.group_size)
-            add(_layer_tensors(ckpt, part, None if layer.bias is None else layer.bias[r0:r0 + rows], layout))
-    fp4 = tuple(n + "." for n in (*layers, *experts))
-    rest = {k: v for k, v in model.state_dict().items() if not k.startswith(fp4)}
-    for key, value in checkpoint_tensors(model, rest).items():
-        add({key: value.detach().cpu().contiguous().clone()})
     flush()
     weight_map = {k: name for name, keys in shards for k in keys}
     (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
-    ignore = sorted(checkpoint_name(model, n + ".weight").removesuffix(".weight") for n, m in model.named_modules()
-                    if isinstance(m, nn.Linear))
-    some = next(m for m in model.modules() if isinstance(m, NVFP4Linear))
-    qcfg = _quant_config(layout, some.group_size, ignore,
-                         w4a4=bool(input_amax) and format != "nvfp4")
     cfg = model.config.to_dict() if hasattr(model, "config") and hasattr(model.config, "to_dict") else {}
     cfg["quantization_config"] = qcfg
     (out / "config.json").write_text(json.dumps(cfg, indent=2, default=str))
@@ -230,6 +204,46 @@ def export(model: nn.Module, out_dir, format: str = "nvfp4", source_dir=None, sh
         if source_dir is not None and (Path(source_dir) / f).is_file():
             shutil.copy2(Path(source_dir) / f, out / f)
     return out
+
+
+def _layer_tensors_to_write(model: nn.Module, format: str, input_amax: dict | None):
+    """(the tensors to write, dict a group, and the quantization_config) of ``model`` in ``format``
+    (not gpt-oss); the checks run before the first tensor is made."""
+    experts = {n: m for n, m in model.named_modules() if isinstance(m, NVFP4Experts)}
+    expert_layers = {n: checkpoint_layers(model, n, m) for n, m in experts.items()}  # before any file is written
+    if experts and input_amax:
+        raise NotImplementedError("W4A4 export (input_amax) of MoE experts is not supported: export weight-only")
+    inside = tuple(n + "." for n in experts)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, NVFP4Linear) and not n.startswith(inside)}
+    if not layers and not experts:
+        raise ValueError("the model has no NVFP4Linear layers: quantize it first (fp4cupy.quantize_model)")
+    layout = _layout(format, {n: m for n, m in model.named_modules() if isinstance(m, NVFP4Linear)})
+    if input_amax and not LAYOUTS[layout]["act"]:
+        raise ValueError(f"input_amax makes W4A4 NVFP4 checkpoints; {layout} has no static activation scale")
+    ignore = sorted(checkpoint_name(model, n + ".weight").removesuffix(".weight") for n, m in model.named_modules()
+                    if isinstance(m, nn.Linear))
+    some = next(m for m in model.modules() if isinstance(m, NVFP4Linear))
+    qcfg = _quant_config(layout, some.group_size, ignore, w4a4=bool(input_amax) and format != "nvfp4")
+
+    def tensors():
+        # FP4 layers: weight, weight_scale, weight_global_scale, bias written together, converted;
+        # other tensors as they are. All under the checkpoint's names (checkpoint_names.py).
+        for name, m in layers.items():
+            yield _layer_tensors(checkpoint_name(model, name + ".weight").removesuffix(".weight"), m.fp4_weight(),
+                                 m.bias, layout, (input_amax or {}).get(name))
+        for name, m in experts.items():
+            for ckpt, (proj, e, r0, rows) in expert_layers[name].items():
+                layer = getattr(m, proj)[e]
+                w = layer.fp4_weight()
+                part = FP4Tensor(w.data[r0:r0 + rows], w.scales[r0:r0 + rows], w.global_scale, (rows, w.shape[1]),
+                                 w.fmt, w.group_size)
+                yield _layer_tensors(ckpt, part, None if layer.bias is None else layer.bias[r0:r0 + rows], layout)
+        fp4 = tuple(n + "." for n in (*layers, *experts))
+        rest = {k: v for k, v in model.state_dict().items() if not k.startswith(fp4)}
+        for key, value in checkpoint_tensors(model, rest).items():
+            yield {key: value.detach().cpu().contiguous().clone()}
+
+    return tensors(), qcfg
 
 
 def detect_format(keys) -> str:

@@ -76,3 +76,42 @@ def test_a_quantized_model_does_not_take_a_gpt_oss_checkpoint(tmp_path):
     fp4cupy.quantize_model(nvfp4, progress=False)
     with pytest.raises(ValueError, match="is nvfp4 group 16; the checkpoint holds mxfp4 group 32"):
         fp4cupy.import_checkpoint(nvfp4, tmp_path / "ckpt")
+
+
+def test_export_writes_the_gpt_oss_layout_that_transformers_and_fp4cupy_read(tmp_path):
+    """fp4cupy.export(format="gpt-oss") writes what the reference writer above writes, tensor for
+    tensor; transformers reads it as gpt-oss MXFP4 and the import gives the model back."""
+    from safetensors.torch import load_file
+
+    model = tiny_gpt_oss()
+    fp4cupy.quantize_model(model, "mxfp4", 32, skip=("self_attn", "lm_head", "embed"), progress=False)
+    out = fp4cupy.export(model, tmp_path / "export", "gpt-oss", shard_bytes=50_000)
+    write_gpt_oss(model, tmp_path / "reference")
+    ours = {k: v for f in out.glob("*.safetensors") for k, v in load_file(str(f)).items()}
+    want = load_file(str(tmp_path / "reference" / "model.safetensors"))
+    assert len(list(out.glob("*.safetensors"))) > 1 and set(ours) == set(want)
+    assert all(torch.equal(ours[k], want[k]) for k in want)
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["quant_method"] == "mxfp4"
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(
+        out, quantization_config=transformers.Mxfp4Config(dequantize=True), dtype=torch.float32)
+    assert torch.equal(theirs.model.layers[1].mlp.experts.down_proj[3].T,
+                       model.model.layers[1].mlp.experts.down[3].fp4_weight().dequantize())
+    back = fp4cupy.import_checkpoint(tiny_gpt_oss(seed=2), out)
+    for name, t in model.state_dict().items():
+        assert torch.equal(back.state_dict()[name], t), name
+
+
+def test_export_to_the_gpt_oss_layout_refuses_what_it_cannot_hold(tmp_path):
+    everything = tiny_gpt_oss()
+    fp4cupy.quantize_model(everything, "mxfp4", 32, progress=False)  # attention too
+    with pytest.raises(ValueError, match="8 quantized Linear layers: quantize with"):
+        fp4cupy.export(everything, tmp_path / "a", "gpt-oss")
+    nvfp4 = tiny_gpt_oss()
+    fp4cupy.quantize_model(nvfp4, skip=("self_attn", "lm_head", "embed"), progress=False)
+    with pytest.raises(ValueError, match=r"experts \[\('nvfp4', 16\)\]"):
+        fp4cupy.export(nvfp4, tmp_path / "b", "gpt-oss")
+    mixtral = transformers.MixtralForCausalLM(transformers.MixtralConfig(**dict(CONFIG, head_dim=None)))
+    fp4cupy.quantize_model(mixtral, "mxfp4", 32, progress=False)
+    with pytest.raises(ValueError, match="model_type 'gpt_oss'"):
+        fp4cupy.export(mixtral, tmp_path / "c", "gpt-oss")
+    assert not (tmp_path / "a").exists()  # the checks run before anything is written
