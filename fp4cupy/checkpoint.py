@@ -64,12 +64,10 @@ def load(path, model: nn.Module | None = None, device="cpu", strict: bool = True
         meta = f.metadata() or {}
     layers, experts = (json.loads(meta.get(key, "{}")) for key in (META_LAYERS, META_EXPERTS))
     if experts:
-        from .experts import NVFP4Experts
+        from .experts import prepare_to_load
 
         for name, spec in experts.items():
-            current = model.get_submodule(name)
-            if not isinstance(current, NVFP4Experts):
-                replace_module(model, name, NVFP4Experts.empty_like(current, spec["fmt"], spec["group_size"]))
+            prepare_to_load(model, name, spec["fmt"], spec["group_size"])
     for name, spec in layers.items():
         current = model.get_submodule(name)
         if isinstance(current, NVFP4Linear):

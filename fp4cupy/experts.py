@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .nn import NVFP4Linear
+from .nn import NVFP4Linear, replace_module
 from .ops import quantize
 
 _FLAGS = ("has_gate", "has_bias", "is_transposed")  # set by transformers' @use_experts_implementation
@@ -127,6 +127,18 @@ class NVFP4Experts(nn.Module):
         first = self.up[0]
         return (f"experts={len(self.down)}, fmt={first.fmt}, group_size={first.group_size}, "
                 f"weights={self.weight_nbytes() / 2**20:.2f} MiB")
+
+
+def prepare_to_load(model: nn.Module, name: str, fmt: str, group_size: int) -> None:
+    """Make ``model``'s experts module ``name`` an NVFP4Experts of ``fmt`` / ``group_size`` that a
+    checkpoint can load into (zero layers in place of a float module's weights); ValueError where
+    it already holds another format."""
+    current = model.get_submodule(name)
+    if not isinstance(current, NVFP4Experts):
+        replace_module(model, name, NVFP4Experts.empty_like(current, fmt, group_size))
+    elif (current.up[0].fmt, current.up[0].group_size) != (fmt, group_size):
+        raise ValueError(f"{name} is {current.up[0].fmt} group {current.up[0].group_size} but the checkpoint holds "
+                         f"{fmt} group {group_size}: import into a float model")
 
 
 def _strip(experts: nn.Module) -> None:

@@ -32,8 +32,7 @@ def import_gpt_oss(model: nn.Module, tensors, strict: bool = True) -> nn.Module:
     """Load a gpt-oss checkpoint, ``tensors`` (name, tensor) pairs, into ``model`` (a transformers
     gpt-oss model): its experts modules become NVFP4Experts (MXFP4, group 32) holding the stored
     codes and exponents; other tensors load as they are."""
-    from .experts import NVFP4Experts
-    from .nn import replace_module
+    from .experts import prepare_to_load
 
     state, blocks = {}, {}  # blocks: (experts module, projection) -> {"blocks" / "scales" / "bias": tensor}
     for key, t in tensors:
@@ -44,13 +43,7 @@ def import_gpt_oss(model: nn.Module, tensors, strict: bool = True) -> nn.Module:
         else:
             state[key] = t
     for name in sorted({prefix for prefix, _ in blocks}):
-        current = model.get_submodule(name)
-        if not isinstance(current, NVFP4Experts):
-            current = NVFP4Experts.empty_like(current, "mxfp4", 32)
-            replace_module(model, name, current)
-        elif (current.up[0].fmt, current.up[0].group_size) != ("mxfp4", 32):
-            raise ValueError(f"{name} is {current.up[0].fmt} group {current.up[0].group_size}; the checkpoint holds "
-                             "mxfp4 group 32: import into a float model")
+        prepare_to_load(model, name, "mxfp4", 32)
     for (name, proj), parts in blocks.items():
         if "blocks" not in parts or "scales" not in parts:
             raise ValueError(f"{name}.{proj}: the checkpoint has {sorted(parts)}, not both blocks and scales")

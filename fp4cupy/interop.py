@@ -36,7 +36,7 @@ from torch import nn
 
 from . import __version__
 from .checkpoint_names import checkpoint_name, checkpoint_tensors
-from .experts import NVFP4Experts, checkpoint_layers, is_experts
+from .experts import NVFP4Experts, checkpoint_layers, is_experts, prepare_to_load
 from .gpt_oss import export_tensors as gpt_oss_tensors
 from .gpt_oss import import_gpt_oss, is_gpt_oss
 from .nn import NVFP4Linear, replace_module
@@ -292,12 +292,7 @@ def import_checkpoint(model: nn.Module, src_dir, strict: bool = True) -> nn.Modu
         except NotImplementedError as e:
             why.append(str(e))
     for name in {per_expert[q][0] for q in quantized if q in per_expert}:
-        cur = experts[name]
-        if not isinstance(cur, NVFP4Experts):
-            replace_module(model, name, NVFP4Experts.empty_like(cur, fmt, group))
-        elif (cur.up[0].fmt, cur.up[0].group_size) != (fmt, group):
-            raise ValueError(f"{name} is {cur.up[0].fmt} group {cur.up[0].group_size} but the checkpoint holds {fmt} "
-                             f"group {group}: import into a float model")
+        prepare_to_load(model, name, fmt, group)
     layer_names = {q: names.get(q + ".weight", q + ".weight").removesuffix(".weight") for q in quantized
                    if q not in per_expert}  # checkpoint layer -> the model's NVFP4Linear
     for name in layer_names.values():

@@ -74,7 +74,7 @@ def test_a_quantized_model_does_not_take_a_gpt_oss_checkpoint(tmp_path):
     write_gpt_oss(model, tmp_path / "ckpt")
     nvfp4 = tiny_gpt_oss()
     fp4cupy.quantize_model(nvfp4, progress=False)
-    with pytest.raises(ValueError, match="is nvfp4 group 16; the checkpoint holds mxfp4 group 32"):
+    with pytest.raises(ValueError, match="is nvfp4 group 16 but the checkpoint holds mxfp4 group 32"):
         fp4cupy.import_checkpoint(nvfp4, tmp_path / "ckpt")
 
 
