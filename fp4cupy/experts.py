@@ -20,6 +20,12 @@ from .nn import NVFP4Linear, replace_module
 from .ops import quantize
 
 _FLAGS = ("has_gate", "has_bias", "is_transposed")  # set by transformers' @use_experts_implementation
+# Rows an expert on average (tokens * k / experts) up to which CUDA runs the experts as two grouped
+# launches (cuda_grouped.py; no host sync) instead of a loop over the experts hit (one sync, a
+# launch an expert and projection: ~0.1 ms of host time each). H200, bf16, grouped over loop
+# (benchmarks/moe.py, session 23): Mixtral-8x7B 1.7-4.1x up to 16 rows, 2.4x at 32, 1.9x at 64,
+# 0.83x at 128; Qwen3-30B-A3B (128 experts) 4.3-44x from 0.06 to 64 rows.
+GROUPED_MAX_ROWS = 64
 
 
 def is_experts(module: nn.Module) -> bool:
@@ -65,8 +71,12 @@ class NVFP4Experts(nn.Module):
     """A transformers experts module with FP4 weights: ``up[e]`` (gate and up, or up) and ``down[e]``
     are expert e's NVFP4Linear layers; ``source`` is the original module without its weights (its
     gating, activation and flags). Called as the original: ``(hidden_states [T, H], top_k_index
-    [T, k], top_k_weights [T, k]) -> [T, H]``, each token's experts' outputs weighted and added
-    in hidden_states' dtype, as transformers' eager experts do."""
+    [T, k], top_k_weights [T, k]) -> [T, H]``, each token's experts' outputs weighted in
+    hidden_states' dtype and added. On CUDA, up to GROUPED_MAX_ROWS rows an expert on average (fp16/bf16, no
+    gradient to track): one grouped launch a projection over every expert (cuda_grouped.py), the
+    slots added in float32 and rounded once, no host sync (a CUDA graph can hold it). Else a loop
+    over the experts hit (one host sync), added in the dtype in expert order, as transformers'
+    eager experts do."""
 
     def __init__(self, source: nn.Module, up: list[NVFP4Linear], down: list[NVFP4Linear]):
         super().__init__()
@@ -97,8 +107,10 @@ class NVFP4Experts(nn.Module):
         return cls.around(experts, *layers)
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
-        source, n = self.source, len(self.down)
-        k = top_k_index.shape[-1]
+        tables = self._grouped_tables(hidden_states, top_k_index.shape[-1])
+        if tables is not None:
+            return self._forward_grouped(hidden_states, top_k_index, top_k_weights, *tables)
+        n, k = len(self.down), top_k_index.shape[-1]
         # (token, slot) pairs sorted by expert: one host sync for the counts (transformers' eager loop
         # syncs once an expert hit, ~0.5 ms each on an H200); index n is expert parallelism's "not here"
         flat = top_k_index.reshape(-1)
@@ -111,14 +123,65 @@ class NVFP4Experts(nn.Module):
         for e, count in enumerate(counts[:n]):
             if count:
                 rows = slice(start, start + count)
-                h = self.up[e](x[rows])
-                h = source._apply_gate(h) if source.has_gate else source.act_fn(h)
-                h = self.down[e](h)
-                if getattr(source, "has_post_expert_norm", False):
-                    h = source.post_expert_norm(h)
+                h = self._finish(self.down[e](self._activate(self.up[e](x[rows]))))
                 out.index_add_(0, token[rows], (h * weight[rows, None]).to(out.dtype))  # experts in order, as eager
             start += count
         return out
+
+    def _activate(self, h: torch.Tensor) -> torch.Tensor:
+        """The block's gating (gate and up) or activation (up alone), as the original module's."""
+        return self.source._apply_gate(h) if self.source.has_gate else self.source.act_fn(h)
+
+    def _finish(self, h: torch.Tensor) -> torch.Tensor:
+        """The post-expert norm where the block has one."""
+        return self.source.post_expert_norm(h) if getattr(self.source, "has_post_expert_norm", False) else h
+
+    def _grouped_tables(self, x: torch.Tensor, k: int):
+        """(up table, down table, expert ids 0..E) for ``cuda_grouped.grouped_linear`` where this
+        call takes the grouped launch: fp16/bf16 CUDA tokens, k experts each, at most
+        GROUPED_MAX_ROWS rows an expert on average,
+        no gradient to track, not traced, every layer held as the W4A16 repack; else None.
+        Rebuilt when any NVFP4Linear's buffers changed since (they hold raw pointers)."""
+        if (not x.is_cuda or x.dtype not in (torch.float16, torch.bfloat16)
+                or x.shape[0] * k > GROUPED_MAX_ROWS * len(self.down)
+                or torch.compiler.is_compiling()
+                or (torch.is_grad_enabled() and (x.requires_grad or self.source.has_bias))):
+            return None
+        cache = self.__dict__.setdefault("_grouped_cache", {})
+        generation = NVFP4Linear.buffers_generation
+        entry = cache.get(x.dtype)
+        if entry is None or entry[0] != generation:
+            from . import cuda_grouped
+
+            up, down = (cuda_grouped.expert_table(list(layers), x.dtype) for layers in (self.up, self.down))
+            tables = None if up is None or down is None else (
+                up[0], down[0], torch.arange(len(self.down) + 1, device=up[0].device), (up[1], down[1]))
+            entry = cache[x.dtype] = (generation, tables)
+        tables = entry[1]
+        return None if tables is None or tables[0].device != x.device else tables[:3]
+
+    def _forward_grouped(self, x, top_k_index, top_k_weights, up, down, ids):
+        """forward in two grouped launches (cuda_grouped.py) and no host sync: each token's experts'
+        outputs weighted in x's dtype, added in float32 in slot order, rounded once."""
+        from . import cuda_grouped
+
+        tokens, k = top_k_index.shape
+        sorted_experts, order = torch.sort(top_k_index.reshape(-1).long(), stable=True)
+        offsets = torch.searchsorted(sorted_experts, ids, out_int32=True)  # expert e's first row; n: past the last
+        token = order // k
+        h = cuda_grouped.grouped_linear(x[token], up, sorted_experts, offsets, self.up[0].out_features, tokens)
+        h = self._activate(h).contiguous()
+        # rows of experts not here stay 0
+        h = cuda_grouped.grouped_linear(h, down, sorted_experts, offsets, self.down[0].out_features, tokens, True)
+        h = (self._finish(h) * top_k_weights.reshape(-1)[order, None]).to(x.dtype)
+        out = torch.empty_like(h)
+        out[order] = h
+        return out.view(tokens, k, h.shape[1]).sum(1)
+
+    def __getstate__(self):  # the launch tables point at these layers' buffers: a copy builds its own
+        state = super().__getstate__()
+        state.pop("_grouped_cache", None)
+        return state
 
     def weight_nbytes(self) -> int:
         return sum(layer.weight_nbytes() for layer in (*self.up, *self.down))

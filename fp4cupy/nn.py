@@ -48,6 +48,10 @@ class NVFP4Linear(nn.Module):
     layer to fill from a state dict; ``NVFP4Linear.from_float(linear)`` quantizes an ``nn.Linear``.
     """
 
+    # counts every repack, materialize and move of any layer: who keeps raw pointers to layers'
+    # buffers (NVFP4Experts' grouped launch table) rebuilds them when it changed
+    buffers_generation = 0
+
     def __init__(self, in_features: int, out_features: int, group_size: int = 16, bias: bool = True,
                  fmt: str = "nvfp4", device=None, dtype=None):
         super().__init__()
@@ -151,6 +155,7 @@ class NVFP4Linear(nn.Module):
             else:  # moves to the same device need not ask again
                 self.no_repack_on = self.weight.device
         self.codes, self.scale_codes, self.kernel_global_scale = codes, scale_codes, kernel_g
+        NVFP4Linear.buffers_generation += 1
 
     def _materialize(self) -> None:
         """Canonical buffers back from the repack (before loading into them, or on leaving the GPU)."""
@@ -167,6 +172,7 @@ class NVFP4Linear(nn.Module):
                 g = self.kernel_global_scale
                 self.weight_scale = scales if g is None else mxfp4_scales_from_nvfp4(scales, g)
             self.codes = self.scale_codes = self.kernel_global_scale = None
+            NVFP4Linear.buffers_generation += 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
@@ -199,7 +205,12 @@ class NVFP4Linear(nn.Module):
         elif (self.weight is not None and self.weight.is_cuda and self.no_repack_on != self.weight.device
               and (self.codes is None or self.codes.device != self.weight.device)):
             self.refresh_repack()
+        NVFP4Linear.buffers_generation += 1
         return out
+
+    def __setstate__(self, state):  # copy.deepcopy, pickle: new buffers
+        super().__setstate__(state)
+        NVFP4Linear.buffers_generation += 1
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)

@@ -202,7 +202,7 @@ class Launcher:
     conversion. ``signature`` uses struct codes: P pointer, q int64, i int32, f float32.
 
         launch = Launcher("w4a16.cu", "w4a16_rt1_nt1_u2_f16", 0, "PPPPPPiii")
-        launch((grid_x, grid_y), threads, shared_bytes, stream_ptr, *args)
+        launch((grid_x, grid_y), threads, shared_bytes, stream_ptr, *args)  # or (x, y, z), or x
         launch.after((grid_x, grid_y), threads, shared_bytes, stream_ptr, *args)  # see after()
     """
 
@@ -262,8 +262,8 @@ class Launcher:
     def __call__(self, grid, threads: int, shared: int, stream_ptr: int, *args):
         block = getattr(self._local, "block", None) or self._block()
         struct.pack_into(self._fmt, block[0], 0, *args)
-        gx, gy = (grid, 1) if isinstance(grid, int) else grid
-        self._on_device(self._launch, self._ptr, gx, gy, 1, threads, 1, 1, shared, stream_ptr, block[2], 0)
+        gx, gy, gz = (grid, 1, 1) if isinstance(grid, int) else (*grid, 1) if len(grid) == 2 else grid
+        self._on_device(self._launch, self._ptr, gx, gy, gz, threads, 1, 1, shared, stream_ptr, block[2], 0)
 
     def _on_device(self, fn, *args):
         """``fn(*args)`` with this launcher's device current."""

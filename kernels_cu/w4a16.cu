@@ -17,6 +17,7 @@
 // split), each block taking a contiguous run of chunks; then every block of the cluster adds up a
 // share of the outputs over the S blocks' sums in split order, read through distributed shared
 // memory (deterministic; no workspace, no second launch). For grids of fewer blocks than SMs.
+// <w4a16_grouped_nt{NT}_{f16,bf16}>: every expert of a MoE block in one launch (see below).
 #include "w4a16_decode.cuh"
 
 __device__ __forceinline__ uint4 load_stream(const uint4* p) {  // read once: keep it out of L1
@@ -203,6 +204,43 @@ __device__ void w4a16_body(const uint4* __restrict__ wq, const unsigned short* _
 #endif
 }
 
+// Grouped (a MoE block's experts): x's rows sorted by expert, expert e's the rows offsets[e] ..
+// offsets[e + 1] - 1, its weight, scale codes, global scale and bias (or 0) at table[4e .. 4e + 3].
+// Grid: y = row tiles, z = experts, or, where x has fewer rows than there are experts
+// (by_row), rows: block z then runs the expert whose first row z is (expert_of_row[z]), others
+// leave at once. Each block takes all of its expert's rows, 8 * NT at a time, so the grid needs no
+// count from the host. Rows of experts >= experts (another rank's) are neither read nor written.
+template <bool BF16, int NT, int U>
+__device__ void w4a16_grouped(const u64* __restrict__ table, const i64* __restrict__ expert_of_row,
+                              const int* __restrict__ offsets, const typename Act<BF16>::T* x,
+                              typename Act<BF16>::T* y, int experts, int by_row, int n, int k) {
+    int e = blockIdx.z;
+    if (by_row) {
+        e = (int)expert_of_row[blockIdx.z];
+        if (e >= experts || offsets[e] != (int)blockIdx.z) return;
+    }
+    const int lo = offsets[e], m = offsets[e + 1] - lo;
+    const u64* w = table + 4 * e;
+    typedef typename Act<BF16>::T T;
+    for (int t0 = 0; t0 < m; t0 += 8 * NT) {
+        if (t0) __syncthreads();  // the last tile's reduction has read the shared sums
+        w4a16_body<BF16, 1, NT, U>(reinterpret_cast<const uint4*>(w[0]), reinterpret_cast<const unsigned short*>(w[1]),
+                                   x + (i64)(lo + t0) * k, y + (i64)(lo + t0) * n, reinterpret_cast<const T*>(w[3]),
+                                   reinterpret_cast<const float*>(w[2]), m - t0, n, k);
+    }
+}
+#define W4A16_GROUPED(NT, U, W)                                                                              \
+    extern "C" __global__ void __launch_bounds__(32 * W, min_blocks(1, NT, U, W)) w4a16_grouped_nt##NT##_f16(  \
+        const u64* table, const i64* expert_of_row, const int* offsets, const __half* x, __half* y, int experts, \
+        int by_row, int n, int k) {                                                                         \
+        w4a16_grouped<false, NT, U>(table, expert_of_row, offsets, x, y, experts, by_row, n, k);            \
+    }                                                                                                        \
+    extern "C" __global__ void __launch_bounds__(32 * W, min_blocks(1, NT, U, W)) w4a16_grouped_nt##NT##_bf16( \
+        const u64* table, const i64* expert_of_row, const int* offsets, const __nv_bfloat16* x,              \
+        __nv_bfloat16* y, int experts, int by_row, int n, int k) {                                          \
+        w4a16_grouped<true, NT, U>(table, expert_of_row, offsets, x, y, experts, by_row, n, k);             \
+    }
+
 // Clusters of S blocks along x for the split-K kernels (none for S = 1, or before sm_90)
 #define W4A16_CLUSTER_1
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -253,3 +291,8 @@ W4A16_SPLIT(1, 2, 2, 8)
 W4A16_SPLIT(1, 4, 1, 2)
 W4A16_SPLIT(1, 4, 1, 4)
 W4A16_SPLIT(1, 4, 1, 8)
+// grouped: keep in step with cuda_grouped.VARIANTS
+W4A16_GROUPED(1, 2, 4)
+W4A16_GROUPED(2, 1, 4)
+W4A16_GROUPED(4, 1, 16)
+W4A16_GROUPED(8, 1, 16)

@@ -68,6 +68,30 @@ def test_experts_equal_the_original_module_on_dequantized_weights(kind, fmt):
         NVFP4Experts.from_float(torch.nn.Linear(64, 64))
 
 
+def test_the_grouped_path_orders_and_weights_rows_as_the_loop(monkeypatch):
+    """NVFP4Experts' grouped forward (CUDA: rows sorted by expert, two launches, no host sync) on the
+    CPU, with a stand-in for the launch that runs each expert's rows through its layer: equal to the
+    loop, an expert chosen twice by a token and an expert-parallel "not here" index (4) included."""
+    from fp4cupy import cuda_grouped
+
+    def launch(x, layers, expert_of_row, offsets, n, tokens, zero_rows=False):
+        assert torch.equal(expert_of_row, expert_of_row.sort().values) and offsets.dtype == torch.int32
+        y = torch.zeros(len(x), n) if zero_rows else torch.full((len(x), n), float("nan"))  # not written: NaN
+        for e, layer in enumerate(layers):
+            y[offsets[e]:offsets[e + 1]] = layer(x[offsets[e]:offsets[e + 1]])
+        return y
+
+    monkeypatch.setattr(cuda_grouped, "grouped_linear", launch)
+    fp4 = NVFP4Experts.from_float(experts_module("mixtral"))
+    index, weights = routing(9, 4, 2, 5)
+    index[2, 1], index[5] = 4, 3
+    x = torch.randn(9, 64)
+    with torch.no_grad():
+        want = fp4(x, index, weights)  # the loop, on the CPU
+        got = fp4._forward_grouped(x, index, weights, list(fp4.up), list(fp4.down), torch.arange(5))
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
 def test_the_weights_leave_the_source_and_their_error_is_the_recipes():
     original = experts_module("gpt_oss")
     w = expert_weights(original, "gate_up_proj").clone()

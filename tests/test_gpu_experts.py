@@ -1,6 +1,8 @@
 """MoE experts as FP4 layers on CUDA (run on a GPU: pytest -m gpu): each expert's projections run
-the W4A16 kernel; the block against the transformers module on the dequantized weights."""
+the W4A16 kernel, in one grouped launch a projection up to GROUPED_MAX_ROWS rows an expert on average
+(cuda_grouped.py), else a launch an expert; the block against the transformers module on the dequantized weights."""
 import copy
+import gc
 
 import pytest
 
@@ -8,17 +10,30 @@ pytestmark = pytest.mark.gpu
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 import fp4cupy  # noqa: E402
-from fp4cupy.experts import NVFP4Experts  # noqa: E402
+from fp4cupy import cuda_grouped  # noqa: E402
+from fp4cupy.experts import GROUPED_MAX_ROWS, NVFP4Experts  # noqa: E402
+from fp4cupy.nn import NVFP4Linear  # noqa: E402
 from test_experts import TINY, dequantized_copy, routing  # noqa: E402
 
 SIZES = dict(TINY, hidden_size=512, intermediate_size=768, num_local_experts=8)
 
 
+def grouped_calls(monkeypatch) -> list:
+    """Counts NVFP4Experts' grouped launches."""
+    calls, launch = [], cuda_grouped.grouped_linear
+    monkeypatch.setattr(cuda_grouped, "grouped_linear", lambda *a, **kw: calls.append(1) or launch(*a, **kw))
+    return calls
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float16, 3e-3), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("kind", ["mixtral", "gpt_oss"])
-def test_experts_on_cuda_match_the_original_on_dequantized_weights(kind, dtype, tol):
+@pytest.mark.parametrize("tokens", [3, 40, 300])
+def test_experts_on_cuda_match_the_original_on_dequantized_weights(kind, dtype, tol, tokens, monkeypatch):
     """fp16/bf16 tokens through the W4A16 kernel (the up and down projections each round to the
-    dtype) against the float32 module on deq(W); 40 tokens, so experts get 0 to ~20 each."""
+    dtype) against the float32 module on deq(W). 3 tokens: 6 rows, fewer than the 8 experts (the
+    grouped grid over rows); 40: experts get 0 to ~20 rows (over experts); 300: 75 rows an expert
+    on average, the loop."""
+    calls = grouped_calls(monkeypatch)
     torch.manual_seed(0)
     if kind == "mixtral":
         from transformers.models.mixtral.modeling_mixtral import MixtralExperts as Experts
@@ -35,13 +50,97 @@ def test_experts_on_cuda_match_the_original_on_dequantized_weights(kind, dtype, 
     fp4 = NVFP4Experts.from_float(copy.deepcopy(original).to(dtype))
     assert fp4.up[0].weight is None and fp4.up[0].codes.is_cuda  # held as the kernel's repack
     ref = dequantized_copy(original, fp4)
-    x = torch.randn(40, 512, device="cuda")
-    index, weights = (t.cuda() for t in routing(40, 8, 2, 2, unused=(5,)))
+    x = torch.randn(tokens, 512, device="cuda")
+    index, weights = (t.cuda() for t in routing(tokens, 8, 2, 2, unused=(5,)))
     with torch.no_grad():
         want = ref(x.to(dtype).float(), index, weights).double()
         got = fp4(x.to(dtype), index, weights.to(dtype))
     assert got.dtype == dtype and got.is_cuda
     assert float((got.double() - want).norm() / want.norm()) <= tol
+    assert len(calls) == (2 if tokens * 2 <= GROUPED_MAX_ROWS * 8 else 0)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float16, 1e-3), (torch.bfloat16, 8e-3)])
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+def test_grouped_launch_rows_match_each_experts_float64_product(dtype, tol, fmt):
+    """cuda_grouped.grouped_linear against x_r @ deq(W_e)^T + b_e in float64, row by row, for 5 experts
+    of 200 rows (not a multiple of the 16-row tile), some with biases: an expert with more rows than
+    a pass (picked twice by tokens), one with none, rows of expert 5 (another rank's: zero), in both
+    grids (over experts, and over rows with 4 rows for 5 experts)."""
+    torch.manual_seed(1)
+    n, k, gs = 200, 64 * 5, 32 if fmt == "mxfp4" else 16
+    layers = [NVFP4Linear.from_fp4(fp4cupy.quantize(torch.randn(n, k, device="cuda"), fmt, gs),
+                                   torch.randn(n, device="cuda") if e % 2 else None) for e in range(5)]
+    table, _held = cuda_grouped.expert_table(layers, dtype)
+    ids = torch.arange(6, device="cuda")
+    for experts_of_rows, tokens in (([0] * 19 + [1] * 3 + [3] * 7 + [4] + [5] * 2, 8), ([1, 2, 4, 5], 4)):
+        expert_of_row = torch.tensor(experts_of_rows, device="cuda")
+        offsets = torch.searchsorted(expert_of_row, ids, out_int32=True)
+        x = torch.randn(len(experts_of_rows), k, device="cuda").to(dtype)
+        y = cuda_grouped.grouped_linear(x, table, expert_of_row, offsets, n, tokens, zero_rows=True)
+        assert y.dtype == dtype and y.shape == (len(experts_of_rows), n)
+        for e in range(6):
+            rows = expert_of_row == e
+            if e == 5:
+                assert torch.equal(y[rows], torch.zeros_like(y[rows]))
+                continue
+            w = layers[e].fp4_weight().dequantize().double()
+            want = x[rows].double() @ w.T + (0 if layers[e].bias is None else layers[e].bias.detach().double())
+            err = float((y[rows].double() - want).norm() / want.norm()) if rows.any() else 0.0
+            assert err <= tol, (e, err)
+
+
+def qwen3_experts(dtype=torch.bfloat16):
+    """A random Qwen3-MoE experts module (16 experts of 256 x 128, top-4) quantized on CUDA, and its config."""
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
+
+    config = transformers.Qwen3MoeConfig(hidden_size=128, moe_intermediate_size=256, num_experts=16,
+                                         num_experts_per_tok=4)
+    config._experts_implementation = "eager"
+    original = Qwen3MoeExperts(config).cuda().to(dtype)
+    for p in original.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    return NVFP4Experts.from_float(original)
+
+
+def test_a_cuda_graph_holds_the_grouped_experts():
+    """The grouped path reads no count back: captured once, a graph replays new routings, equal to
+    eager calls bit for bit."""
+    torch.manual_seed(2)
+    fp4 = qwen3_experts()
+    x = torch.randn(6, 128, device="cuda", dtype=torch.bfloat16)
+    index = torch.stack([torch.randperm(16, device="cuda")[:4] for _ in range(6)])
+    weights = torch.softmax(torch.randn(6, 4, device="cuda"), -1).to(torch.bfloat16)
+    with torch.no_grad():
+        fp4(x, index, weights)  # compile and build the tables outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = fp4(x, index, weights)
+        for seed in range(3):
+            torch.manual_seed(10 + seed)
+            x.copy_(torch.randn_like(x))
+            index.copy_(torch.stack([torch.randperm(16, device="cuda")[:4] for _ in range(6)]))
+            graph.replay()
+            assert torch.equal(out, fp4(x, index, weights))
+
+
+def test_the_grouped_launch_follows_the_layers_buffers():
+    """The launch table holds raw pointers: a deep copy (the original freed) and a loaded state dict
+    run their own weights."""
+    torch.manual_seed(3)
+    fp4, other = qwen3_experts(), qwen3_experts()
+    x = torch.randn(5, 128, device="cuda", dtype=torch.bfloat16)
+    index = torch.stack([torch.randperm(16, device="cuda")[:4] for _ in range(5)])
+    weights = torch.softmax(torch.randn(5, 4, device="cuda"), -1).to(torch.bfloat16)
+    with torch.no_grad():
+        want, want_other = fp4(x, index, weights), other(x, index, weights)
+        copied = copy.deepcopy(fp4)
+        del fp4
+        gc.collect()
+        torch.cuda.empty_cache()
+        assert torch.equal(copied(x, index, weights), want)
+        copied.load_state_dict(other.state_dict())
+        assert torch.equal(copied(x, index, weights), want_other)
 
 
 def test_a_quantized_mixtral_generates_on_cuda_like_on_the_cpu(tmp_path):

@@ -2,14 +2,16 @@
 every mma.sync W4A16 variant once (ragged N, odd M, 1 warp and several), K split over clusters
 (sm_90+), the capped 4-warp kernels through ``linear`` where the plan takes them, the warpgroup
 kernel's split-K (two splits a cluster, or more through the workspace) and stream-K paths at
-several token-column counts (sm_90a), the tiled kernel (w4a16_tiled.cu) with K split and not, and
+several token-column counts (sm_90a), the tiled kernel (w4a16_tiled.cu) with K split and not, the
+grouped MoE kernels (each pass width, several passes, rows of no expert, both grids), and
 quantize / dequantize / prepare / the FP4 x FP4 gemm on
 ragged shapes in each format.
 The sanitizer's exit code says whether any access was out of bounds, raced or read uninitialized memory."""
 import torch
 
 import fp4cupy
-from fp4cupy import cuda_linear, cuda_tiled, mma_plan
+from fp4cupy import cuda_grouped, cuda_linear, cuda_tiled, mma_plan
+from fp4cupy.nn import NVFP4Linear
 
 
 def weight(n: int, k: int):
@@ -66,6 +68,17 @@ def main() -> None:
         y = torch.empty(m, n, device="cuda", dtype=torch.float16)
         p = cuda_tiled.tiled_plan(n, k, m, False, 0)
         cuda_tiled.launch_tiled(p, m, n, k, stream, cuda_linear.kernel_args(pw, x, y), cuda_linear._torch_scratch(x))
+    layers = [NVFP4Linear.from_fp4(fp4cupy.quantize(torch.randn(200, 64 * 5, device="cuda")),
+                                   torch.randn(200, device="cuda") if e else None) for e in range(3)]
+    for dtype in (torch.float16, torch.bfloat16):
+        table, _held = cuda_grouped.expert_table(layers, dtype)
+        # passes of 8, 16, 32 and 64 tokens; expert 3 is another rank's; 2 rows for 3 experts: over rows
+        for experts_of_rows, tokens in (([0] * 9 + [2] * 2 + [3], 1), ([1, 3], 2), ([0] * 20 + [1] * 30, 9),
+                                        ([0] + [2] * 70, 17), ([1] * 65 + [3] * 3, 40)):
+            expert_of_row = torch.tensor(experts_of_rows, device="cuda")
+            offsets = torch.searchsorted(expert_of_row, torch.arange(4, device="cuda"), out_int32=True)
+            x = torch.randn(len(experts_of_rows), 64 * 5, device="cuda").to(dtype)
+            cuda_grouped.grouped_linear(x, table, expert_of_row, offsets, 200, tokens, zero_rows=True)
     torch.cuda.synchronize()
 
 

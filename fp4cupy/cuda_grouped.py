@@ -1,0 +1,75 @@
+"""Every expert of a MoE block in one W4A16 launch (kernels_cu/w4a16.cu, ``w4a16_grouped_*``).
+
+x's rows sorted by expert; expert e's rows ``offsets[e] .. offsets[e + 1] - 1`` are multiplied by
+expert e's repacked weight (``expert_table``), FP32 accumulation on the tensor cores, y in x's
+dtype: the same arithmetic as ``linear`` on each expert's rows (the mma.sync kernel, one row tile
+a block, all the K chunks in one block). The host reads no count back: the grid is (1, row tiles,
+experts), or (1, row tiles, rows) when x has fewer rows than there are experts, and each block
+takes all of its expert's rows, 8 * NT at a time. So there is no sync, and a CUDA graph can hold
+the call. Rows of experts >= E (expert parallelism's "not here") are neither read nor written.
+"""
+from __future__ import annotations
+
+import math
+
+from .cuda_ops import _torch_names, _torch_stream_ptr
+from .mma_plan import TILE_ROWS, token_tiles
+from .runtime import launcher
+
+# NT (token tiles of 8 a pass) -> (U chunks a pipeline step, most warps the kernel is built for):
+# w4a16.cu's W4A16_GROUPED list; every launch runs WARPS warps a block
+VARIANTS = {1: (2, 4), 2: (1, 4), 4: (1, 16), 8: (1, 16)}
+WARPS = 4
+_SIGNATURE = "PPPPPiiii"  # table, expert of row, offsets, x, y, experts, by_row, n, k
+
+
+def expert_table(layers, dtype):
+    """(table int64 [E, 4] on the layers' GPU: each layer's codes, scale codes, global scale and
+    bias (0 for none) pointers, the tensors it points at) for NVFP4Linear ``layers`` held as the
+    W4A16 repack, biases in ``dtype``; None when one of them is not (the caller loops instead).
+    The second element keeps cast biases alive as long as the table."""
+    torch = _torch_names()["torch"]
+    device = layers[0].codes.device if layers[0].codes is not None else None
+    if device is None or any(layer.codes is None or layer.codes.device != device for layer in layers):
+        return None
+    rows, held = [], []
+    for layer in layers:
+        g = layer.kernel_global_scale if layer.kernel_global_scale is not None else layer.weight_global_scale
+        bias = None if layer.bias is None else layer.bias.detach().to(dtype).contiguous()
+        held += [layer.codes, layer.scale_codes, g] + ([bias] if bias is not None else [])
+        rows.append([layer.codes.data_ptr(), layer.scale_codes.data_ptr(), g.data_ptr(),
+                     0 if bias is None else bias.data_ptr()])
+    return torch.tensor(rows, dtype=torch.int64).to(device), held
+
+
+def pass_tokens(tokens: int, rows: int, experts: int) -> int:
+    """Tokens a block multiplies in one pass (8 * NT) for ``rows`` rows of ``tokens`` tokens over
+    ``experts`` experts: past the mean rows an expert by two standard deviations (uniform routing),
+    at most ``tokens`` (an expert's most rows when each token picks distinct experts) and 64. An
+    expert with more rows takes more passes, each reading its weight again."""
+    mean = rows / max(experts, 1)
+    return 8 * token_tiles(max(1, min(tokens, 64, math.ceil(mean + 2 * math.sqrt(mean)))))
+
+
+def grouped_linear(x, table, expert_of_row, offsets, n: int, tokens: int, zero_rows: bool = False):
+    """y [rows, n] = each row of x [rows, K] (fp16/bf16, contiguous, sorted by expert) @ its expert's
+    W^T * g (+ bias). ``expert_of_row`` int64 [rows] (sorted), ``offsets`` int32 [E + 1] (expert e's
+    first row; rows from offsets[E] on belong to no expert here), ``tokens``: the call's tokens (an
+    expert's most rows, which picks the pass width). ``zero_rows``: y starts as zeros, so the rows
+    of no expert here read 0 (else they are left unwritten)."""
+    t = _torch_names()
+    rows, k = x.shape
+    experts = table.shape[0]
+    y = x.new_zeros(rows, n) if zero_rows else x.new_empty(rows, n)
+    if rows == 0:
+        return y
+    nt = token_tiles(pass_tokens(tokens, rows, experts))
+    bf16 = x.dtype is t["half"][1]
+    name = f"w4a16_grouped_nt{nt}_{'bf16' if bf16 else 'f16'}"
+    dev = x.get_device()
+    launch = launcher("w4a16.cu", name, dev, _SIGNATURE)
+    by_row = rows < experts
+    grid = (1, -(-n // TILE_ROWS), rows if by_row else experts)
+    launch(grid, 32 * WARPS, WARPS * nt * 512, _torch_stream_ptr(t["torch"], dev), table.data_ptr(),
+           expert_of_row.data_ptr(), offsets.data_ptr(), x.data_ptr(), y.data_ptr(), experts, int(by_row), n, k)
+    return y
