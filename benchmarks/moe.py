@@ -1,6 +1,6 @@
 """A MoE block's experts: fp4cupy's NVFP4Experts against transformers' bf16 experts, in this run on this card.
 
-    PYTHONPATH=$PWD python3 benchmarks/moe.py [--tokens 1,4,16,64,256,1024]
+    PYTHONPATH=$PWD python3 benchmarks/moe.py [--tokens 1,4,16,64,256,1024,2048]
 
 Mixtral-8x7B's experts (8 of 14336 x 4096, top-2; random bf16 weights, no download) and Qwen3-30B-A3B's
 (128 of 768 x 2048, top-8). One call = the experts module's forward for T tokens with random routing,
@@ -113,7 +113,7 @@ def rows(name: str, kind: str, sizes: dict, tokens: list[int]) -> None:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tokens", default="1,4,16,64,256,1024")
+    ap.add_argument("--tokens", default="1,4,16,64,256,1024,2048")
     args = ap.parse_args()
     tokens = [int(t) for t in args.tokens.split(",")]
     torch.manual_seed(0)

@@ -1,36 +1,46 @@
-"""Every expert of a MoE block in one W4A16 launch (kernels_cu/w4a16.cu, ``w4a16_grouped_*``).
+"""Every expert of a MoE block in one W4A16 launch (kernels_cu/w4a16.cu ``w4a16_grouped_*``,
+w4a16_tiled.cu ``w4a16_tiled_grouped_*``).
 
 x's rows sorted by expert; expert e's rows ``offsets[e] .. offsets[e + 1] - 1`` are multiplied by
 expert e's repacked weight (``expert_table``), FP32 accumulation on the tensor cores, y in x's
-dtype: the same arithmetic as ``linear`` on each expert's rows (the mma.sync kernel, one row tile
-a block, all the K chunks in one block). The host reads no count back: the grid is (1, row tiles,
-experts), or (1, row tiles, rows) when x has fewer rows than there are experts, and each block
-takes all of its expert's rows, 8 * NT at a time. So there is no sync, and a CUDA graph can hold
-the call. Rows of experts >= E (expert parallelism's "not here") are neither read nor written.
+dtype: the same arithmetic as ``linear`` on each expert's rows. Few rows an expert: the mma.sync
+kernel, a block one 16-row tile and 8 * NT rows a pass, its warps splitting K; more (a pass of
+TILED_MIN_PASS or more): the tiled kernel, a block 256 weight rows and 64 rows of x a pass, staged
+in shared memory. The host reads no count back: the grid is (1, row tiles, experts), or (1, row
+tiles, rows) when x has fewer rows than there are experts, and each block takes all of its
+expert's rows, a pass at a time. So there is no sync, and a CUDA graph can hold the call. Rows of
+experts >= E (expert parallelism's "not here") are neither read nor written.
 """
 from __future__ import annotations
 
 import math
 
+import functools
+
 from .cuda_ops import _torch_names, _torch_stream_ptr
+from .cuda_linear import _mma_ok
+from .cuda_tiled import TILED_ROWS, TILED_SHARED, TILED_THREADS
 from .mma_plan import TILE_ROWS, token_tiles
 from .runtime import launcher
 
 # NT (token tiles of 8 a pass) -> (U chunks a pipeline step, most warps the kernel is built for):
 # w4a16.cu's W4A16_GROUPED list; every launch runs WARPS warps a block
-VARIANTS = {1: (2, 4), 2: (1, 4), 4: (1, 16), 8: (1, 16)}
+# (passes of 64 take the tiled kernel)
+VARIANTS = {1: (2, 4), 2: (1, 4), 4: (1, 16)}
 WARPS = 4
+TILED_MIN_PASS = 33  # pass widths (pass_tokens) from which the tiled kernel runs
 _SIGNATURE = "PPPPPiiii"  # table, expert of row, offsets, x, y, experts, by_row, n, k
 
 
 def expert_table(layers, dtype):
     """(table int64 [E, 4] on the layers' GPU: each layer's codes, scale codes, global scale and
     bias (0 for none) pointers, the tensors it points at) for NVFP4Linear ``layers`` held as the
-    W4A16 repack, biases in ``dtype``; None when one of them is not (the caller loops instead).
+    W4A16 repack on a GPU of sm_80+, biases in ``dtype``; else None (the caller loops instead).
     The second element keeps cast biases alive as long as the table."""
     torch = _torch_names()["torch"]
     device = layers[0].codes.device if layers[0].codes is not None else None
-    if device is None or any(layer.codes is None or layer.codes.device != device for layer in layers):
+    if (device is None or any(layer.codes is None or layer.codes.device != device for layer in layers)
+            or not _mma_ok(device.index)):
         return None
     rows, held = [], []
     for layer in layers:
@@ -63,13 +73,22 @@ def grouped_linear(x, table, expert_of_row, offsets, n: int, tokens: int, zero_r
     y = x.new_zeros(rows, n) if zero_rows else x.new_empty(rows, n)
     if rows == 0:
         return y
-    nt = token_tiles(pass_tokens(tokens, rows, experts))
-    bf16 = x.dtype is t["half"][1]
-    name = f"w4a16_grouped_nt{nt}_{'bf16' if bf16 else 'f16'}"
+    width = pass_tokens(tokens, rows, experts)
+    sfx = "bf16" if x.dtype is t["half"][1] else "f16"
     dev = x.get_device()
-    launch = launcher("w4a16.cu", name, dev, _SIGNATURE)
+    if width >= TILED_MIN_PASS:
+        launch, threads, shared, tile = _tiled_launcher(sfx, dev), TILED_THREADS, TILED_SHARED, TILED_ROWS
+    else:
+        nt = token_tiles(width)
+        launch = launcher("w4a16.cu", f"w4a16_grouped_nt{nt}_{sfx}", dev, _SIGNATURE)
+        threads, shared, tile = 32 * WARPS, WARPS * nt * 512, TILE_ROWS
     by_row = rows < experts
-    grid = (1, -(-n // TILE_ROWS), rows if by_row else experts)
-    launch(grid, 32 * WARPS, WARPS * nt * 512, _torch_stream_ptr(t["torch"], dev), table.data_ptr(),
-           expert_of_row.data_ptr(), offsets.data_ptr(), x.data_ptr(), y.data_ptr(), experts, int(by_row), n, k)
+    launch((1, -(-n // tile), rows if by_row else experts), threads, shared, _torch_stream_ptr(t["torch"], dev),
+           table.data_ptr(), expert_of_row.data_ptr(), offsets.data_ptr(), x.data_ptr(), y.data_ptr(), experts,
+           int(by_row), n, k)
     return y
+
+
+@functools.lru_cache(maxsize=None)
+def _tiled_launcher(sfx: str, device: int):
+    return launcher("w4a16_tiled.cu", f"w4a16_tiled_grouped_{sfx}", device, _SIGNATURE).allow_shared(TILED_SHARED)

@@ -23,9 +23,9 @@ _FLAGS = ("has_gate", "has_bias", "is_transposed")  # set by transformers' @use_
 # Rows an expert on average (tokens * k / experts) up to which CUDA runs the experts as two grouped
 # launches (cuda_grouped.py; no host sync) instead of a loop over the experts hit (one sync, a
 # launch an expert and projection: ~0.1 ms of host time each). H200, bf16, grouped over loop
-# (benchmarks/moe.py, session 23): Mixtral-8x7B 1.7-4.1x up to 16 rows, 2.4x at 32, 1.9x at 64,
-# 0.83x at 128; Qwen3-30B-A3B (128 experts) 4.3-44x from 0.06 to 64 rows.
-GROUPED_MAX_ROWS = 64
+# (benchmarks/moe.py, session 23): Mixtral-8x7B 1.8-3.6x up to 16 rows, 1.3-1.8x at 64-256, 1.5x
+# at 512; Qwen3-30B-A3B (128 experts) 4-45x from 0.06 to 128 rows. Not measured past 512.
+GROUPED_MAX_ROWS = 512
 
 
 def is_experts(module: nn.Module) -> bool:

@@ -204,26 +204,20 @@ __device__ void w4a16_body(const uint4* __restrict__ wq, const unsigned short* _
 #endif
 }
 
-// Grouped (a MoE block's experts): x's rows sorted by expert, expert e's the rows offsets[e] ..
-// offsets[e + 1] - 1, its weight, scale codes, global scale and bias (or 0) at table[4e .. 4e + 3].
-// Grid: y = row tiles, z = experts, or, where x has fewer rows than there are experts
-// (by_row), rows: block z then runs the expert whose first row z is (expert_of_row[z]), others
-// leave at once. Each block takes all of its expert's rows, 8 * NT at a time, so the grid needs no
-// count from the host. Rows of experts >= experts (another rank's) are neither read nor written.
+// Grouped (a MoE block's experts; grouped_expert in w4a16_decode.cuh): grid (1, row tiles,
+// experts or rows). Each block takes all of its expert's rows, 8 * NT at a time, so the grid needs
+// no count from the host.
 template <bool BF16, int NT, int U>
 __device__ void w4a16_grouped(const u64* __restrict__ table, const i64* __restrict__ expert_of_row,
                               const int* __restrict__ offsets, const typename Act<BF16>::T* x,
                               typename Act<BF16>::T* y, int experts, int by_row, int n, int k) {
-    int e = blockIdx.z;
-    if (by_row) {
-        e = (int)expert_of_row[blockIdx.z];
-        if (e >= experts || offsets[e] != (int)blockIdx.z) return;
-    }
+    typedef typename Act<BF16>::T T;
+    const int e = grouped_expert(expert_of_row, offsets, experts, by_row);
+    if (e < 0) return;
     const int lo = offsets[e], m = offsets[e + 1] - lo;
     const u64* w = table + 4 * e;
-    typedef typename Act<BF16>::T T;
     for (int t0 = 0; t0 < m; t0 += 8 * NT) {
-        if (t0) __syncthreads();  // the last tile's reduction has read the shared sums
+        if (t0) __syncthreads();  // the last pass's reduction has read the shared sums
         w4a16_body<BF16, 1, NT, U>(reinterpret_cast<const uint4*>(w[0]), reinterpret_cast<const unsigned short*>(w[1]),
                                    x + (i64)(lo + t0) * k, y + (i64)(lo + t0) * n, reinterpret_cast<const T*>(w[3]),
                                    reinterpret_cast<const float*>(w[2]), m - t0, n, k);
@@ -295,4 +289,3 @@ W4A16_SPLIT(1, 4, 1, 8)
 W4A16_GROUPED(1, 2, 4)
 W4A16_GROUPED(2, 1, 4)
 W4A16_GROUPED(4, 1, 16)
-W4A16_GROUPED(8, 1, 16)

@@ -1,4 +1,4 @@
-// w4a16_decode.cuh - the in-register decode shared by the W4A16 kernels (w4a16.cu, w4a16_wgmma.cu):
+// w4a16_decode.cuh - the in-register decode shared by the W4A16 kernels (w4a16.cu, w4a16_wgmma.cu, w4a16_tiled.cu):
 // 8 repacked E2M1 codes -> the 4 A registers of one m16n8k16 fragment (see prepare.cu for the
 // nibble order), the block-scale multiply that makes them e2m1 * s * 2^-14 exactly, and where a
 // tile's chunk lies in the repack.
@@ -57,4 +57,16 @@ template <bool BF16> __device__ __forceinline__ void mma(float (&c)[4], const u3
     else
         asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
                      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3]) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// The grouped launches (a MoE block's experts: w4a16.cu, w4a16_tiled.cu). x's rows are sorted by
+// expert, expert e's the rows offsets[e] .. offsets[e + 1] - 1, its weight, scale codes, global
+// scale and bias (or 0) at table[4e .. 4e + 3]. Grid z = experts, or, where x has fewer rows than
+// there are experts (by_row), rows: block z then runs the expert whose first row z is, the others
+// none. Returns the expert of this block, or -1; rows of experts >= experts (another rank's) are
+// neither read nor written.
+__device__ __forceinline__ int grouped_expert(const i64* expert_of_row, const int* offsets, int experts, int by_row) {
+    if (!by_row) return blockIdx.z;
+    const int e = (int)expert_of_row[blockIdx.z];
+    return e < experts && offsets[e] == (int)blockIdx.z ? e : -1;
 }

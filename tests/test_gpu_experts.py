@@ -27,12 +27,12 @@ def grouped_calls(monkeypatch) -> list:
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float16, 3e-3), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("kind", ["mixtral", "gpt_oss"])
-@pytest.mark.parametrize("tokens", [3, 40, 300])
+@pytest.mark.parametrize("tokens", [3, 40, 300, 2100])
 def test_experts_on_cuda_match_the_original_on_dequantized_weights(kind, dtype, tol, tokens, monkeypatch):
     """fp16/bf16 tokens through the W4A16 kernel (the up and down projections each round to the
     dtype) against the float32 module on deq(W). 3 tokens: 6 rows, fewer than the 8 experts (the
     grouped grid over rows); 40: experts get 0 to ~20 rows (over experts); 300: 75 rows an expert
-    on average, the loop."""
+    on average (the tiled kernel); 2100: 525, the loop."""
     calls = grouped_calls(monkeypatch)
     torch.manual_seed(0)
     if kind == "mixtral":
@@ -66,14 +66,16 @@ def test_grouped_launch_rows_match_each_experts_float64_product(dtype, tol, fmt)
     """cuda_grouped.grouped_linear against x_r @ deq(W_e)^T + b_e in float64, row by row, for 5 experts
     of 200 rows (not a multiple of the 16-row tile), some with biases: an expert with more rows than
     a pass (picked twice by tokens), one with none, rows of expert 5 (another rank's: zero), in both
-    grids (over experts, and over rows with 4 rows for 5 experts)."""
+    grids (over experts, and over rows with 4 rows for 5 experts), and 173 rows through the tiled
+    kernel (two passes of 64 for expert 0)."""
     torch.manual_seed(1)
     n, k, gs = 200, 64 * 5, 32 if fmt == "mxfp4" else 16
     layers = [NVFP4Linear.from_fp4(fp4cupy.quantize(torch.randn(n, k, device="cuda"), fmt, gs),
                                    torch.randn(n, device="cuda") if e % 2 else None) for e in range(5)]
     table, _held = cuda_grouped.expert_table(layers, dtype)
     ids = torch.arange(6, device="cuda")
-    for experts_of_rows, tokens in (([0] * 19 + [1] * 3 + [3] * 7 + [4] + [5] * 2, 8), ([1, 2, 4, 5], 4)):
+    for experts_of_rows, tokens in (([0] * 19 + [1] * 3 + [3] * 7 + [4] + [5] * 2, 8), ([1, 2, 4, 5], 4),
+                                    ([0] * 100 + [2] * 70 + [5] * 3, 64)):  # passes of 64: the tiled kernel
         expert_of_row = torch.tensor(experts_of_rows, device="cuda")
         offsets = torch.searchsorted(expert_of_row, ids, out_int32=True)
         x = torch.randn(len(experts_of_rows), k, device="cuda").to(dtype)

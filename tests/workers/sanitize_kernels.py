@@ -72,7 +72,8 @@ def main() -> None:
                                    torch.randn(200, device="cuda") if e else None) for e in range(3)]
     for dtype in (torch.float16, torch.bfloat16):
         table, _held = cuda_grouped.expert_table(layers, dtype)
-        # passes of 8, 16, 32 and 64 tokens; expert 3 is another rank's; 2 rows for 3 experts: over rows
+        # passes of 8, 16, 32 and 64 tokens (the tiled kernel); expert 3 is another rank's; 2 rows for 3
+        # experts: over rows
         for experts_of_rows, tokens in (([0] * 9 + [2] * 2 + [3], 1), ([1, 3], 2), ([0] * 20 + [1] * 30, 9),
                                         ([0] + [2] * 70, 17), ([1] * 65 + [3] * 3, 40)):
             expert_of_row = torch.tensor(experts_of_rows, device="cuda")
