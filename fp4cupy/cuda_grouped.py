@@ -10,6 +10,9 @@ in shared memory. The host reads no count back: the grid is (1, row tiles, exper
 tiles, rows) when x has fewer rows than there are experts, and each block takes all of its
 expert's rows, a pass at a time. So there is no sync, and a CUDA graph can hold the call. Rows of
 experts >= E (expert parallelism's "not here") are neither read nor written.
+
+``route`` (kernels_cu/moe_route.cu) sorts a block's (token, slot) pairs into those rows and
+``combine`` adds each token's weighted rows back, each one launch.
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ import math
 import functools
 
 from .cuda_ops import _torch_names, _torch_stream_ptr
-from .cuda_linear import _mma_ok
+from . import cuda_linear
 from .cuda_tiled import TILED_ROWS, TILED_SHARED, TILED_THREADS
 from .mma_plan import TILE_ROWS, token_tiles
 from .runtime import launcher
@@ -30,6 +33,7 @@ VARIANTS = {1: (2, 4), 2: (1, 4), 4: (1, 16)}
 WARPS = 4
 TILED_MIN_PASS = 33  # pass widths (pass_tokens) from which the tiled kernel runs
 _SIGNATURE = "PPPPPiiii"  # table, expert of row, offsets, x, y, experts, by_row, n, k
+ROUTE_THREADS = 1024
 
 
 def expert_table(layers, dtype):
@@ -40,7 +44,7 @@ def expert_table(layers, dtype):
     torch = _torch_names()["torch"]
     device = layers[0].codes.device if layers[0].codes is not None else None
     if (device is None or any(layer.codes is None or layer.codes.device != device for layer in layers)
-            or not _mma_ok(device.index)):
+            or not cuda_linear._mma_ok(device.index)):
         return None
     rows, held = [], []
     for layer in layers:
@@ -61,16 +65,53 @@ def pass_tokens(tokens: int, rows: int, experts: int) -> int:
     return 8 * token_tiles(max(1, min(tokens, 64, math.ceil(mean + 2 * math.sqrt(mean)))))
 
 
-def grouped_linear(x, table, expert_of_row, offsets, n: int, tokens: int, zero_rows: bool = False):
+def route(index, experts: int):
+    """(expert_of_row int64 [S], token_of_row int64 [S], offsets int32 [E + 1], row_of_slot int32
+    [S]) for ``index`` int64 [T, k] on the GPU, S = T k slots, slot s = token s // k's (s % k)-th
+    expert: the slots as rows sorted by expert (within an expert in no set order), expert e's rows
+    from offsets[e], and offsets[E] the rows of experts here (index values >= E: another rank's,
+    after them). One launch, no sync."""
+    t = _torch_names()
+    slots, k = index.numel(), index.shape[-1]
+    longs = index.new_empty(2 * slots)
+    ints = index.new_empty(experts + 1 + slots, dtype=t["torch"].int32)
+    dev = index.get_device()
+    launcher("moe_route.cu", "moe_route", dev, "PiiiPPPP")(
+        1, ROUTE_THREADS, 4 * (experts + 1 + ROUTE_THREADS), _torch_stream_ptr(t["torch"], dev), index.data_ptr(),
+        slots, k, experts, longs.data_ptr(), longs.data_ptr() + 8 * slots, ints.data_ptr(),
+        ints.data_ptr() + 4 * (experts + 1))
+    return longs[:slots], longs[slots:], ints[:experts + 1], ints[experts + 1:]
+
+
+def combine(h, row_of_slot, index, weights, experts: int):
+    """out [T, H] in h's dtype: out[t] = sum over j of round(h[row_of_slot[t k + j]] * weights[t, j])
+    in float32, in slot order, rounded once; slots whose index is >= ``experts`` are skipped. h [S, H]
+    fp16/bf16 rows (``route``'s order), index int64 [T, k], weights [T, k]. One launch."""
+    t = _torch_names()
+    torch = t["torch"]
+    tokens, k = weights.shape
+    hidden = h.shape[1]
+    if weights.dtype not in (torch.float32, h.dtype):
+        weights = weights.float()
+    weights, h = weights.contiguous(), h.contiguous()
+    out = cuda_linear._new_output(h, (tokens,), hidden)
+    sfx = t["suffix"]
+    dev = h.get_device()
+    launcher("moe_route.cu", f"moe_combine_{sfx[h.dtype]}_{sfx[weights.dtype]}", dev, "PPPPPiiii")(
+        max(1, min(-(-tokens * hidden // 256), 8192)), 256, 0, _torch_stream_ptr(torch, dev), h.data_ptr(),
+        row_of_slot.data_ptr(), index.data_ptr(), weights.data_ptr(), out.data_ptr(), tokens, k, hidden, experts)
+    return out
+
+
+def grouped_linear(x, table, expert_of_row, offsets, n: int, tokens: int):
     """y [rows, n] = each row of x [rows, K] (fp16/bf16, contiguous, sorted by expert) @ its expert's
     W^T * g (+ bias). ``expert_of_row`` int64 [rows] (sorted), ``offsets`` int32 [E + 1] (expert e's
-    first row; rows from offsets[E] on belong to no expert here), ``tokens``: the call's tokens (an
-    expert's most rows, which picks the pass width). ``zero_rows``: y starts as zeros, so the rows
-    of no expert here read 0 (else they are left unwritten)."""
+    first row; rows from offsets[E] on belong to no expert here and are left unwritten),
+    ``tokens``: the call's tokens (an expert's most rows, which picks the pass width)."""
     t = _torch_names()
     rows, k = x.shape
     experts = table.shape[0]
-    y = x.new_zeros(rows, n) if zero_rows else x.new_empty(rows, n)
+    y = cuda_linear._new_output(x, (rows,), n)
     if rows == 0:
         return y
     width = pass_tokens(tokens, rows, experts)

@@ -22,10 +22,11 @@ from .ops import quantize
 _FLAGS = ("has_gate", "has_bias", "is_transposed")  # set by transformers' @use_experts_implementation
 # Rows an expert on average (tokens * k / experts) up to which CUDA runs the experts as two grouped
 # launches (cuda_grouped.py; no host sync) instead of a loop over the experts hit (one sync, a
-# launch an expert and projection: ~0.1 ms of host time each). H200, bf16, grouped over loop
-# (benchmarks/moe.py, session 23): Mixtral-8x7B 1.8-3.6x up to 16 rows, 1.3-1.8x at 64-256, 1.5x
-# at 512; Qwen3-30B-A3B (128 experts) 4-45x from 0.06 to 128 rows. Not measured past 512.
-GROUPED_MAX_ROWS = 512
+# launch an expert and projection: ~0.1 ms of host time each). H200, bf16, grouped over loop, two
+# runs (benchmarks/moe.py, session 23): Mixtral-8x7B (8 experts, top-2) 1.7-3.6x up to 4 rows,
+# 1.9-2.3x at 16, 1.1-1.3x at 64, 1.8x at 128, 1.04-1.8x at 256, 0.83-1.5x at 512; Qwen3-30B-A3B
+# (128 experts, top-8) 4-45x from 0.06 to 128 rows.
+GROUPED_MAX_ROWS = 256
 
 
 def is_experts(module: nn.Module) -> bool:
@@ -137,11 +138,10 @@ class NVFP4Experts(nn.Module):
         return self.source.post_expert_norm(h) if getattr(self.source, "has_post_expert_norm", False) else h
 
     def _grouped_tables(self, x: torch.Tensor, k: int):
-        """(up table, down table, expert ids 0..E) for ``cuda_grouped.grouped_linear`` where this
-        call takes the grouped launch: fp16/bf16 CUDA tokens, k experts each, at most
-        GROUPED_MAX_ROWS rows an expert on average,
-        no gradient to track, not traced, every layer held as the W4A16 repack; else None.
-        Rebuilt when any NVFP4Linear's buffers changed since (they hold raw pointers)."""
+        """(up table, down table) for ``cuda_grouped.grouped_linear`` where this call takes the
+        grouped launches: fp16/bf16 CUDA tokens, k experts each, at most GROUPED_MAX_ROWS rows an
+        expert on average, no gradient to track, not traced, every layer held as the W4A16 repack;
+        else None. Rebuilt when any NVFP4Linear's buffers changed since (they hold raw pointers)."""
         if (not x.is_cuda or x.dtype not in (torch.float16, torch.bfloat16)
                 or x.shape[0] * k > GROUPED_MAX_ROWS * len(self.down)
                 or torch.compiler.is_compiling()
@@ -154,29 +154,24 @@ class NVFP4Experts(nn.Module):
             from . import cuda_grouped
 
             up, down = (cuda_grouped.expert_table(list(layers), x.dtype) for layers in (self.up, self.down))
-            tables = None if up is None or down is None else (
-                up[0], down[0], torch.arange(len(self.down) + 1, device=up[0].device), (up[1], down[1]))
-            entry = cache[x.dtype] = (generation, tables)
+            entry = cache[x.dtype] = (generation, None if up is None or down is None else (up, down))
         tables = entry[1]
-        return None if tables is None or tables[0].device != x.device else tables[:3]
+        return None if tables is None or tables[0][0].device != x.device else (tables[0][0], tables[1][0])
 
-    def _forward_grouped(self, x, top_k_index, top_k_weights, up, down, ids):
-        """forward in two grouped launches (cuda_grouped.py) and no host sync: each token's experts'
-        outputs weighted in x's dtype, added in float32 in slot order, rounded once."""
+    def _forward_grouped(self, x, top_k_index, top_k_weights, up, down):
+        """forward in four launches of fp4cupy's (cuda_grouped.py: route, two grouped W4A16, combine)
+        and the block's gating, with no host sync: each token's experts' outputs weighted in x's
+        dtype, added in float32 in slot order, rounded once."""
         from . import cuda_grouped
 
-        tokens, k = top_k_index.shape
-        sorted_experts, order = torch.sort(top_k_index.reshape(-1).long(), stable=True)
-        offsets = torch.searchsorted(sorted_experts, ids, out_int32=True)  # expert e's first row; n: past the last
-        token = order // k
-        h = cuda_grouped.grouped_linear(x[token], up, sorted_experts, offsets, self.up[0].out_features, tokens)
+        experts = len(self.down)
+        index = top_k_index.long().contiguous()
+        expert_of_row, token_of_row, offsets, row_of_slot = cuda_grouped.route(index, experts)
+        tokens = index.shape[0]
+        h = cuda_grouped.grouped_linear(x[token_of_row], up, expert_of_row, offsets, self.up[0].out_features, tokens)
         h = self._activate(h).contiguous()
-        # rows of experts not here stay 0
-        h = cuda_grouped.grouped_linear(h, down, sorted_experts, offsets, self.down[0].out_features, tokens, True)
-        h = (self._finish(h) * top_k_weights.reshape(-1)[order, None]).to(x.dtype)
-        out = torch.empty_like(h)
-        out[order] = h
-        return out.view(tokens, k, h.shape[1]).sum(1)
+        h = cuda_grouped.grouped_linear(h, down, expert_of_row, offsets, self.down[0].out_features, tokens)
+        return cuda_grouped.combine(self._finish(h), row_of_slot, index, top_k_weights, experts)
 
     def __getstate__(self):  # the launch tables point at these layers' buffers: a copy builds its own
         state = super().__getstate__()

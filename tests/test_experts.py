@@ -68,27 +68,51 @@ def test_experts_equal_the_original_module_on_dequantized_weights(kind, fmt):
         NVFP4Experts.from_float(torch.nn.Linear(64, 64))
 
 
+def route_reference(index, experts):
+    """cuda_grouped.route's outputs in torch (rows of an expert in slot order)."""
+    flat = index.reshape(-1).clamp(max=experts)
+    expert_of_row, order = torch.sort(flat, stable=True)
+    offsets = torch.searchsorted(expert_of_row, torch.arange(experts + 1, device=index.device), out_int32=True)
+    row_of_slot = torch.empty_like(order, dtype=torch.int32)
+    row_of_slot[order] = torch.arange(len(order), dtype=torch.int32, device=index.device)
+    return expert_of_row, order // index.shape[-1], offsets, row_of_slot
+
+
+def combine_reference(h, row_of_slot, index, weights, experts):
+    """cuda_grouped.combine in torch: each slot's row times its weight, rounded to h's dtype; the
+    slots added in float32 one after another, rounded once; another rank's slots skipped."""
+    contrib = (h[row_of_slot.long()] * weights.reshape(-1, 1)).to(h.dtype).float()
+    contrib[index.reshape(-1) >= experts] = 0
+    contrib = contrib.view(*weights.shape, -1)
+    acc = torch.zeros_like(contrib[:, 0])
+    for j in range(weights.shape[1]):
+        acc += contrib[:, j]
+    return acc.to(h.dtype)
+
+
 def test_the_grouped_path_orders_and_weights_rows_as_the_loop(monkeypatch):
-    """NVFP4Experts' grouped forward (CUDA: rows sorted by expert, two launches, no host sync) on the
-    CPU, with a stand-in for the launch that runs each expert's rows through its layer: equal to the
-    loop, an expert chosen twice by a token and an expert-parallel "not here" index (4) included."""
+    """NVFP4Experts' grouped forward (CUDA: route, two grouped launches, combine; no host sync) on
+    the CPU, with torch stand-ins for the kernels (each expert's rows through its layer): equal to
+    the loop, an expert chosen twice by a token and an expert-parallel "not here" index (4) included."""
     from fp4cupy import cuda_grouped
 
-    def launch(x, layers, expert_of_row, offsets, n, tokens, zero_rows=False):
+    def launch(x, layers, expert_of_row, offsets, n, tokens):
         assert torch.equal(expert_of_row, expert_of_row.sort().values) and offsets.dtype == torch.int32
-        y = torch.zeros(len(x), n) if zero_rows else torch.full((len(x), n), float("nan"))  # not written: NaN
+        y = torch.full((len(x), n), float("nan"))  # rows of no expert here: not written
         for e, layer in enumerate(layers):
             y[offsets[e]:offsets[e + 1]] = layer(x[offsets[e]:offsets[e + 1]])
         return y
 
     monkeypatch.setattr(cuda_grouped, "grouped_linear", launch)
+    monkeypatch.setattr(cuda_grouped, "route", route_reference)
+    monkeypatch.setattr(cuda_grouped, "combine", combine_reference)
     fp4 = NVFP4Experts.from_float(experts_module("mixtral"))
     index, weights = routing(9, 4, 2, 5)
     index[2, 1], index[5] = 4, 3
     x = torch.randn(9, 64)
     with torch.no_grad():
         want = fp4(x, index, weights)  # the loop, on the CPU
-        got = fp4._forward_grouped(x, index, weights, list(fp4.up), list(fp4.down), torch.arange(5))
+        got = fp4._forward_grouped(x, index, weights, list(fp4.up), list(fp4.down))
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
 
 

@@ -13,7 +13,7 @@ import fp4cupy  # noqa: E402
 from fp4cupy import cuda_grouped  # noqa: E402
 from fp4cupy.experts import GROUPED_MAX_ROWS, NVFP4Experts  # noqa: E402
 from fp4cupy.nn import NVFP4Linear  # noqa: E402
-from test_experts import TINY, dequantized_copy, routing  # noqa: E402
+from test_experts import TINY, combine_reference, dequantized_copy, route_reference, routing  # noqa: E402
 
 SIZES = dict(TINY, hidden_size=512, intermediate_size=768, num_local_experts=8)
 
@@ -27,12 +27,12 @@ def grouped_calls(monkeypatch) -> list:
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float16, 3e-3), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("kind", ["mixtral", "gpt_oss"])
-@pytest.mark.parametrize("tokens", [3, 40, 300, 2100])
+@pytest.mark.parametrize("tokens", [3, 40, 300, 1100])
 def test_experts_on_cuda_match_the_original_on_dequantized_weights(kind, dtype, tol, tokens, monkeypatch):
     """fp16/bf16 tokens through the W4A16 kernel (the up and down projections each round to the
     dtype) against the float32 module on deq(W). 3 tokens: 6 rows, fewer than the 8 experts (the
     grouped grid over rows); 40: experts get 0 to ~20 rows (over experts); 300: 75 rows an expert
-    on average (the tiled kernel); 2100: 525, the loop."""
+    on average (the tiled kernel); 1100: 275, the loop."""
     calls = grouped_calls(monkeypatch)
     torch.manual_seed(0)
     if kind == "mixtral":
@@ -62,10 +62,10 @@ def test_experts_on_cuda_match_the_original_on_dequantized_weights(kind, dtype, 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float16, 1e-3), (torch.bfloat16, 8e-3)])
 @pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
-def test_grouped_launch_rows_match_each_experts_float64_product(dtype, tol, fmt):
+def test_grouped_launch_rows_match_each_experts_float64_product(dtype, tol, fmt, poison):
     """cuda_grouped.grouped_linear against x_r @ deq(W_e)^T + b_e in float64, row by row, for 5 experts
     of 200 rows (not a multiple of the 16-row tile), some with biases: an expert with more rows than
-    a pass (picked twice by tokens), one with none, rows of expert 5 (another rank's: zero), in both
+    a pass (picked twice by tokens), one with none, rows of expert 5 (another rank's), in both
     grids (over experts, and over rows with 4 rows for 5 experts), and 173 rows through the tiled
     kernel (two passes of 64 for expert 0)."""
     torch.manual_seed(1)
@@ -79,17 +79,36 @@ def test_grouped_launch_rows_match_each_experts_float64_product(dtype, tol, fmt)
         expert_of_row = torch.tensor(experts_of_rows, device="cuda")
         offsets = torch.searchsorted(expert_of_row, ids, out_int32=True)
         x = torch.randn(len(experts_of_rows), k, device="cuda").to(dtype)
-        y = cuda_grouped.grouped_linear(x, table, expert_of_row, offsets, n, tokens, zero_rows=True)
-        assert y.dtype == dtype and y.shape == (len(experts_of_rows), n)
-        for e in range(6):
+        y = cuda_grouped.grouped_linear(x, table, expert_of_row, offsets, n, tokens)  # poisoned: 0xAB bytes
+        for e in range(5):
             rows = expert_of_row == e
-            if e == 5:
-                assert torch.equal(y[rows], torch.zeros_like(y[rows]))
-                continue
             w = layers[e].fp4_weight().dequantize().double()
             want = x[rows].double() @ w.T + (0 if layers[e].bias is None else layers[e].bias.detach().double())
             err = float((y[rows].double() - want).norm() / want.norm()) if rows.any() else 0.0
             assert err <= tol, (e, err)
+
+
+def test_route_sorts_slots_by_expert_and_combine_adds_them_back(poison):
+    """cuda_grouped.route against torch's stable sort (offsets and the experts' row order equal; each
+    slot's row holds its expert and token: the order within an expert is free) on 300 tokens x 8 of
+    40 experts, some slots another rank's (40, 57); combine against its torch reference bit for
+    bit, weights float32 and in h's dtype."""
+    torch.manual_seed(4)
+    tokens, k, experts, hidden = 300, 8, 40, 96
+    index = torch.randint(0, experts, (tokens, k), device="cuda")
+    index[::7, 3], index[5, 0] = experts, 57
+    expert_of_row, token_of_row, offsets, row_of_slot = cuda_grouped.route(index, experts)
+    want_experts, _, want_offsets, _ = route_reference(index, experts)
+    assert torch.equal(offsets, want_offsets) and torch.equal(expert_of_row, want_experts)
+    slots = torch.arange(tokens * k, device="cuda")
+    assert torch.equal(torch.sort(row_of_slot.long()).values, slots)  # a permutation
+    assert torch.equal(expert_of_row[row_of_slot.long()], index.reshape(-1).clamp(max=experts))
+    assert torch.equal(token_of_row[row_of_slot.long()], slots // k)
+    for dtype in (torch.float16, torch.bfloat16):
+        h = torch.randn(tokens * k, hidden, device="cuda").to(dtype)
+        for weights in (torch.rand(tokens, k, device="cuda"), torch.rand(tokens, k, device="cuda").to(dtype)):
+            got = cuda_grouped.combine(h, row_of_slot, index, weights, experts)
+            assert torch.equal(got, combine_reference(h, row_of_slot, index, weights, experts)), (dtype, weights.dtype)
 
 
 def qwen3_experts(dtype=torch.bfloat16):

@@ -3,7 +3,8 @@ every mma.sync W4A16 variant once (ragged N, odd M, 1 warp and several), K split
 (sm_90+), the capped 4-warp kernels through ``linear`` where the plan takes them, the warpgroup
 kernel's split-K (two splits a cluster, or more through the workspace) and stream-K paths at
 several token-column counts (sm_90a), the tiled kernel (w4a16_tiled.cu) with K split and not, the
-grouped MoE kernels (each pass width, several passes, rows of no expert, both grids), and
+grouped MoE kernels (each pass width, several passes, rows of no expert, both grids) with their
+route and combine kernels, and
 quantize / dequantize / prepare / the FP4 x FP4 gemm on
 ragged shapes in each format.
 The sanitizer's exit code says whether any access was out of bounds, raced or read uninitialized memory."""
@@ -79,7 +80,12 @@ def main() -> None:
             expert_of_row = torch.tensor(experts_of_rows, device="cuda")
             offsets = torch.searchsorted(expert_of_row, torch.arange(4, device="cuda"), out_int32=True)
             x = torch.randn(len(experts_of_rows), 64 * 5, device="cuda").to(dtype)
-            cuda_grouped.grouped_linear(x, table, expert_of_row, offsets, 200, tokens, zero_rows=True)
+            cuda_grouped.grouped_linear(x, table, expert_of_row, offsets, 200, tokens)
+    index = torch.randint(0, 40, (300, 8), device="cuda")
+    index[::7, 3] = 40  # another rank's
+    _, _, _, row_of_slot = cuda_grouped.route(index, 40)
+    h = torch.randn(300 * 8, 96, device="cuda", dtype=torch.bfloat16)
+    cuda_grouped.combine(h, row_of_slot, index, torch.rand(300, 8, device="cuda"), 40)
     torch.cuda.synchronize()
 
 
