@@ -230,3 +230,32 @@ def checkpoint_layers(model: nn.Module, name: str, module: nn.Module) -> dict[st
                                   "per-expert layers (experts.N.gate_proj, experts.N.w1, ...) are written and read")
     return {k: ("up" if w == up_name else "down", e, r0, rows) for k, (w, e, r0, rows) in layers.items()}
 
+
+class FloatExperts:
+    """import_checkpoint's float experts: the rows of per-expert float layers (experts.N.gate_proj
+    ...) written into the model's 3-D weights and biases, in a copy of each."""
+
+    def __init__(self, model: nn.Module):
+        self.model, self.tensors, self.rows = model, {}, {}
+
+    def add(self, name: str, proj: str, e: int, r0: int, rows: int, leaf: str, t: torch.Tensor) -> None:
+        module = self.model.get_submodule(name)
+        if isinstance(module, NVFP4Experts):
+            raise ValueError(f"{name} holds FP4 experts but the checkpoint keeps them in float: import into a float "
+                             "model")
+        if leaf not in ("weight", "bias"):
+            return  # not a float layer's tensor
+        key = f"{name}.{weight_names(module)[proj == 'down']}" + ("_bias" if leaf == "bias" else "")
+        if key not in self.tensors:
+            self.tensors[key] = torch.empty_like(getattr(module, key.rpartition(".")[2]), device="cpu")
+        self.tensors[key][e, r0:r0 + rows] = t
+        self.rows[key] = self.rows.get(key, 0) + rows
+
+    def state(self, strict: bool) -> dict:
+        """{the model's 3-D tensor name: its tensor}; with ``strict``, ValueError where the checkpoint
+        left rows of one out."""
+        for key, t in self.tensors.items():
+            if strict and self.rows[key] != t.shape[0] * t.shape[1]:
+                raise ValueError(f"{key}: the checkpoint holds {self.rows[key]} of its {t.shape[0] * t.shape[1]} "
+                                 "expert rows")
+        return self.tensors

@@ -36,7 +36,7 @@ from torch import nn
 
 from . import __version__
 from .checkpoint_names import checkpoint_name, checkpoint_tensors
-from .experts import NVFP4Experts, checkpoint_layers, is_experts, prepare_to_load
+from .experts import FloatExperts, NVFP4Experts, checkpoint_layers, is_experts, prepare_to_load
 from .gpt_oss import export_tensors as gpt_oss_tensors
 from .gpt_oss import import_gpt_oss, is_gpt_oss
 from .nn import NVFP4Linear, replace_module
@@ -263,7 +263,8 @@ def detect_format(keys) -> str:
 def import_checkpoint(model: nn.Module, src_dir, strict: bool = True) -> nn.Module:
     """Load a checkpoint written in any of FORMATS into ``model``: the Linear layers it quantized become
     NVFP4Linear, and experts modules whose per-expert layers it quantized NVFP4Experts, with the
-    stored codes and scales, read one shard at a time. A gpt-oss checkpoint (OpenAI's MXFP4 experts,
+    stored codes and scales, read one shard at a time; per-expert layers it keeps in float are
+    stacked back into the model's 3-D experts. A gpt-oss checkpoint (OpenAI's MXFP4 experts,
     gpt_oss.py) loads into a transformers gpt-oss model, its experts as MXFP4 NVFP4Experts."""
     from safetensors import safe_open
 
@@ -285,6 +286,7 @@ def import_checkpoint(model: nn.Module, src_dir, strict: bool = True) -> nn.Modu
     # the model's tensor name of each checkpoint name (they differ where transformers renames)
     names = {checkpoint_name(model, k, v): k for k, v in model.state_dict().items() if not k.startswith(inside)}
     quantized = sorted({k.rsplit(".", 1)[0] for k in keys if k.endswith("." + (scale2 or codes_key))})
+    quantized_layers = set(quantized)
     per_expert, why = {}, []  # checkpoint layer -> (experts module, "up" or "down", expert, first row, rows)
     for name, m in experts.items():
         try:
@@ -293,6 +295,7 @@ def import_checkpoint(model: nn.Module, src_dir, strict: bool = True) -> nn.Modu
             why.append(str(e))
     for name in {per_expert[q][0] for q in quantized if q in per_expert}:
         prepare_to_load(model, name, fmt, group)
+    float_experts = FloatExperts(model)  # experts the checkpoint keeps in float, per-expert layers
     layer_names = {q: names.get(q + ".weight", q + ".weight").removesuffix(".weight") for q in quantized
                    if q not in per_expert}  # checkpoint layer -> the model's NVFP4Linear
     for name in layer_names.values():
@@ -312,7 +315,9 @@ def import_checkpoint(model: nn.Module, src_dir, strict: bool = True) -> nn.Modu
         with safe_open(str(f), "pt") as h:
             for k in h.keys():
                 layer, _, leaf = k.rpartition(".")
-                if layer in per_expert:  # rows of an expert's layer
+                if layer in per_expert and layer not in quantized_layers:  # float rows of an expert
+                    float_experts.add(*per_expert[layer], leaf, h.get_tensor(k))
+                elif layer in per_expert:  # FP4 rows of an expert's layer
                     name, proj, e, r0, _ = per_expert[layer]
                     pieces.setdefault((f"{name}.{proj}.{e}", leaf), []).append((r0, h.get_tensor(k)))
                 elif layer in layer_names:
@@ -320,6 +325,7 @@ def import_checkpoint(model: nn.Module, src_dir, strict: bool = True) -> nn.Modu
                 else:
                     state[names.get(k, k)] = h.get_tensor(k)
     state.update(_fp4_state(pieces, layout))
+    state.update(float_experts.state(strict))
     model.load_state_dict(state, strict=strict)
     return model
 

@@ -200,6 +200,26 @@ def test_export_writes_experts_under_the_checkpoint_names_and_imports_back_bit_e
     assert_imported_as_exported(fp4cupy.import_checkpoint(make(), out), model, format)
 
 
+@pytest.mark.parametrize("make", [tiny_mixtral, tiny_qwen3_moe])
+@pytest.mark.parametrize("format,fmt", [("compressed-tensors", "nvfp4"), ("modelopt", "nvfp4"), ("nvfp4", "nvfp4"),
+                                        ("compressed-tensors", "mxfp4")])
+def test_a_checkpoint_with_float_experts_imports_back(make, format, fmt, tmp_path):
+    """Experts left in float (skip "*.experts") while the other Linear layers are quantized: the
+    export holds their per-expert float layers, and the import stacks them back into the model's
+    3-D experts, bit for bit."""
+    model = make()
+    fp4cupy.quantize_model(model, fmt, 32 if fmt == "mxfp4" else 16, skip=("lm_head", "embed", "*.experts"),
+                           progress=False)
+    out = fp4cupy.export(model, tmp_path / "out", format)
+    back = fp4cupy.import_checkpoint(make(), out)
+    assert is_experts(back.model.layers[1].mlp.experts)
+    assert_imported_as_exported(back, model, format)
+    if format == "modelopt":  # into FP4 experts: refused, with what to do
+        quantized = fp4cupy.quantize_model(make(), progress=False).model
+        with pytest.raises(ValueError, match="holds FP4 experts but the checkpoint keeps them in float"):
+            fp4cupy.import_checkpoint(quantized, out)
+
+
 def test_import_refuses_gate_and_up_of_different_global_scales(tmp_path):
     from safetensors.torch import load_file, save_file
 
