@@ -204,24 +204,18 @@ __device__ void w4a16_body(const uint4* __restrict__ wq, const unsigned short* _
 #endif
 }
 
-// Grouped (a MoE block's experts; grouped_expert in w4a16_decode.cuh): grid (1, row tiles,
-// experts or rows). Each block takes all of its expert's rows, 8 * NT at a time, so the grid needs
-// no count from the host.
+// Grouped (a MoE block's experts; grouped_passes in w4a16_decode.cuh): grid (1, row tiles,
+// experts or rows), each block all of its expert's rows, 8 * NT at a time, so the grid needs no
+// count from the host.
 template <bool BF16, int NT, int U>
-__device__ void w4a16_grouped(const u64* __restrict__ table, const i64* __restrict__ expert_of_row,
-                              const int* __restrict__ offsets, const typename Act<BF16>::T* x,
-                              typename Act<BF16>::T* y, int experts, int by_row, int n, int k) {
-    typedef typename Act<BF16>::T T;
-    const int e = grouped_expert(expert_of_row, offsets, experts, by_row);
-    if (e < 0) return;
-    const int lo = offsets[e], m = offsets[e + 1] - lo;
-    const u64* w = table + 4 * e;
-    for (int t0 = 0; t0 < m; t0 += 8 * NT) {
-        if (t0) __syncthreads();  // the last pass's reduction has read the shared sums
-        w4a16_body<BF16, 1, NT, U>(reinterpret_cast<const uint4*>(w[0]), reinterpret_cast<const unsigned short*>(w[1]),
-                                   x + (i64)(lo + t0) * k, y + (i64)(lo + t0) * n, reinterpret_cast<const T*>(w[3]),
-                                   reinterpret_cast<const float*>(w[2]), m - t0, n, k);
-    }
+__device__ void w4a16_grouped(const u64* table, const i64* expert_of_row, const int* offsets,
+                              const typename Act<BF16>::T* x, typename Act<BF16>::T* y, int experts, int by_row, int n,
+                              int k) {
+    grouped_passes(table, expert_of_row, offsets, x, y, experts, by_row, n, k, 8 * NT,
+                   [&](const uint4* wq, const unsigned short* sq, const typename Act<BF16>::T* xs,
+                       typename Act<BF16>::T* ys, const typename Act<BF16>::T* bias, const float* g, int m) {
+                       w4a16_body<BF16, 1, NT, U>(wq, sq, xs, ys, bias, g, m, n, k);
+                   });
 }
 #define W4A16_GROUPED(NT, U, W)                                                                              \
     extern "C" __global__ void __launch_bounds__(32 * W, min_blocks(1, NT, U, W)) w4a16_grouped_nt##NT##_f16(  \

@@ -63,10 +63,20 @@ template <bool BF16> __device__ __forceinline__ void mma(float (&c)[4], const u3
 // expert, expert e's the rows offsets[e] .. offsets[e + 1] - 1, its weight, scale codes, global
 // scale and bias (or 0) at table[4e .. 4e + 3]. Grid z = experts, or, where x has fewer rows than
 // there are experts (by_row), rows: block z then runs the expert whose first row z is, the others
-// none. Returns the expert of this block, or -1; rows of experts >= experts (another rank's) are
-// neither read nor written.
-__device__ __forceinline__ int grouped_expert(const i64* expert_of_row, const int* offsets, int experts, int by_row) {
-    if (!by_row) return blockIdx.z;
-    const int e = (int)expert_of_row[blockIdx.z];
-    return e < experts && offsets[e] == (int)blockIdx.z ? e : -1;
+// none. The block's expert's rows go to pass(wq, sq, x, y, bias, g, rows) ``width`` at a time (a
+// kernel body for at most ``width`` rows); rows of experts >= experts (another rank's) are neither
+// read nor written.
+template <typename T, typename Pass>
+__device__ __forceinline__ void grouped_passes(const u64* __restrict__ table, const i64* __restrict__ expert_of_row,
+                                               const int* __restrict__ offsets, const T* x, T* y, int experts,
+                                               int by_row, int n, int k, int width, Pass pass) {
+    const int e = by_row ? (int)expert_of_row[blockIdx.z] : (int)blockIdx.z;
+    if (e >= experts || (by_row && offsets[e] != (int)blockIdx.z)) return;
+    const int lo = offsets[e], m = offsets[e + 1] - lo;
+    const u64* w = table + 4 * e;
+    for (int t0 = 0; t0 < m; t0 += width) {
+        if (t0) __syncthreads();  // the last pass is done with shared memory
+        pass(reinterpret_cast<const uint4*>(w[0]), reinterpret_cast<const unsigned short*>(w[1]), x + (i64)(lo + t0) * k,
+             y + (i64)(lo + t0) * n, reinterpret_cast<const T*>(w[3]), reinterpret_cast<const float*>(w[2]), m - t0);
+    }
 }

@@ -18,7 +18,7 @@
 // splits split s stores its FP32 sums in ws[s][M][N] and w4a16_tiled_finish adds them in split
 // order (deterministic), then scales, adds and rounds; on sm_90+ it is launched as a programmatic
 // dependent, so its launch overlaps the main kernel's end.
-// w4a16_tiled_grouped_{f16,bf16}: a MoE block's experts in one launch (grouped_expert in
+// w4a16_tiled_grouped_{f16,bf16}: a MoE block's experts in one launch (grouped_passes in
 // w4a16_decode.cuh), grid (1, row blocks, experts or rows), each block all of its expert's rows, 64
 // at a time, K not split.
 #include "w4a16_decode.cuh"
@@ -186,21 +186,14 @@ w4a16_tiled_bf16(const uint4* wq, const unsigned short* sq, const __nv_bfloat16*
 }
 
 template <bool BF16>
-__device__ void w4a16_tiled_grouped(const u64* __restrict__ table, const i64* __restrict__ expert_of_row,
-                                    const int* __restrict__ offsets, const typename Act<BF16>::T* x,
-                                    typename Act<BF16>::T* y, int experts, int by_row, int n, int k) {
-    typedef typename Act<BF16>::T T;
-    const int e = grouped_expert(expert_of_row, offsets, experts, by_row);
-    if (e < 0) return;
-    const int lo = offsets[e], m = offsets[e + 1] - lo;
-    const u64* w = table + 4 * e;
-    for (int t0 = 0; t0 < m; t0 += 8 * TILED_NT) {
-        if (t0) __syncthreads();  // every warp is done with the last pass's ring
-        w4a16_tiled_body<BF16>(reinterpret_cast<const uint4*>(w[0]), reinterpret_cast<const unsigned short*>(w[1]),
-                               x + (i64)(lo + t0) * k, y + (i64)(lo + t0) * n, nullptr,
-                               reinterpret_cast<const T*>(w[3]), reinterpret_cast<const float*>(w[2]), m - t0, n, k,
-                               k >> 6);
-    }
+__device__ void w4a16_tiled_grouped(const u64* table, const i64* expert_of_row, const int* offsets,
+                                    const typename Act<BF16>::T* x, typename Act<BF16>::T* y, int experts, int by_row,
+                                    int n, int k) {
+    grouped_passes(table, expert_of_row, offsets, x, y, experts, by_row, n, k, 8 * TILED_NT,
+                   [&](const uint4* wq, const unsigned short* sq, const typename Act<BF16>::T* xs,
+                       typename Act<BF16>::T* ys, const typename Act<BF16>::T* bias, const float* g, int m) {
+                       w4a16_tiled_body<BF16>(wq, sq, xs, ys, nullptr, bias, g, m, n, k, k >> 6);  // K not split
+                   });
 }
 extern "C" __global__ void __launch_bounds__(TILED_WARPS * 32, 2)
 w4a16_tiled_grouped_f16(const u64* table, const i64* expert_of_row, const int* offsets, const __half* x, __half* y,
