@@ -16,12 +16,11 @@ experts >= E (expert parallelism's "not here") are neither read nor written.
 """
 from __future__ import annotations
 
+import functools
 import math
 
-import functools
-
-from .cuda_ops import _torch_names, _torch_stream_ptr
 from . import cuda_linear
+from .cuda_ops import _torch_names, _torch_stream_ptr
 from .cuda_tiled import TILED_ROWS, TILED_SHARED, TILED_THREADS
 from .mma_plan import TILE_ROWS, token_tiles
 from .runtime import launcher
@@ -39,21 +38,28 @@ ROUTE_THREADS = 1024
 def expert_table(layers, dtype):
     """(table int64 [E, 4] on the layers' GPU: each layer's codes, scale codes, global scale and
     bias (0 for none) pointers, the tensors it points at) for NVFP4Linear ``layers`` held as the
-    W4A16 repack on a GPU of sm_80+, biases in ``dtype``; else None (the caller loops instead).
-    The second element keeps cast biases alive as long as the table."""
+    W4A16 repack on a GPU of sm_80+, with biases (if any) of ``dtype``; else None (the caller
+    loops instead). The second element keeps the tensors alive as long as the table."""
     torch = _torch_names()["torch"]
     device = layers[0].codes.device if layers[0].codes is not None else None
-    if (device is None or any(layer.codes is None or layer.codes.device != device for layer in layers)
-            or not cuda_linear._mma_ok(device.index)):
+    if device is None or not all(_held(layer, device, dtype) for layer in layers):
+        return None
+    if not cuda_linear._mma_ok(device.index):
         return None
     rows, held = [], []
     for layer in layers:
         g = layer.kernel_global_scale if layer.kernel_global_scale is not None else layer.weight_global_scale
-        bias = None if layer.bias is None else layer.bias.detach().to(dtype).contiguous()
-        held += [layer.codes, layer.scale_codes, g] + ([bias] if bias is not None else [])
+        held += [layer.codes, layer.scale_codes, g] + ([layer.bias] if layer.bias is not None else [])
         rows.append([layer.codes.data_ptr(), layer.scale_codes.data_ptr(), g.data_ptr(),
-                     0 if bias is None else bias.data_ptr()])
+                     0 if layer.bias is None else layer.bias.data_ptr()])
     return torch.tensor(rows, dtype=torch.int64).to(device), held
+
+
+def _held(layer, device, dtype) -> bool:
+    """Whether ``layer`` is held as the repack on ``device``, its bias (if any) contiguous, of ``dtype``."""
+    bias = layer.bias
+    return (layer.codes is not None and layer.codes.device == device
+            and (bias is None or (bias.dtype == dtype and bias.is_contiguous())))
 
 
 def pass_tokens(tokens: int, rows: int, experts: int) -> int:

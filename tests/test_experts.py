@@ -116,6 +116,28 @@ def test_the_grouped_path_orders_and_weights_rows_as_the_loop(monkeypatch):
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
 
 
+def test_the_grouped_launch_table_takes_repacked_layers_with_biases_of_the_dtype(monkeypatch):
+    """cuda_grouped.expert_table (the pointers the grouped kernels read) on stand-in layers: every
+    layer held as the repack on one device, biases of x's dtype; else None, and NVFP4Experts loops."""
+    from types import SimpleNamespace
+
+    from fp4cupy import cuda_grouped
+
+    monkeypatch.setattr(cuda_grouped.cuda_linear, "_mma_ok", lambda device: True)
+
+    def layer(bias_dtype=torch.bfloat16, codes=True):
+        return SimpleNamespace(codes=torch.zeros(4, dtype=torch.uint8) if codes else None,
+                               scale_codes=torch.zeros(2, dtype=torch.uint8), kernel_global_scale=None,
+                               weight_global_scale=torch.ones(()),
+                               bias=None if bias_dtype is None else torch.zeros(3, dtype=bias_dtype))
+    layers = [layer(), layer(None)]
+    table, held = cuda_grouped.expert_table(layers, torch.bfloat16)
+    assert table.shape == (2, 4) and table[0, 0] == layers[0].codes.data_ptr() and table[1, 3] == 0
+    assert table[0, 3] == layers[0].bias.data_ptr() and table[0, 2] == layers[0].weight_global_scale.data_ptr()
+    assert cuda_grouped.expert_table([layer(), layer(torch.float32)], torch.bfloat16) is None
+    assert cuda_grouped.expert_table([layer(), layer(codes=False)], torch.bfloat16) is None
+
+
 def test_the_weights_leave_the_source_and_their_error_is_the_recipes():
     original = experts_module("gpt_oss")
     w = expert_weights(original, "gate_up_proj").clone()
