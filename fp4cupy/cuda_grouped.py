@@ -25,11 +25,7 @@ from .cuda_tiled import TILED_ROWS, TILED_SHARED, TILED_THREADS
 from .mma_plan import TILE_ROWS, token_tiles
 from .runtime import launcher
 
-# NT (token tiles of 8 a pass) -> (U chunks a pipeline step, most warps the kernel is built for):
-# w4a16.cu's W4A16_GROUPED list; every launch runs WARPS warps a block
-# (passes of 64 take the tiled kernel)
-VARIANTS = {1: (2, 4), 2: (1, 4), 4: (1, 16)}
-WARPS = 4
+WARPS = 4  # warps a block of w4a16.cu's grouped kernels (NT = 1, 2, 4 token tiles a pass; 64 rows: tiled)
 TILED_MIN_PASS = 33  # pass widths (pass_tokens) from which the tiled kernel runs
 _SIGNATURE = "PPPPPiiii"  # table, expert of row, offsets, x, y, experts, by_row, n, k
 ROUTE_THREADS = 1024

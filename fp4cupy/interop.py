@@ -285,8 +285,7 @@ def import_checkpoint(model: nn.Module, src_dir, strict: bool = True) -> nn.Modu
     inside = tuple(n + "." for n in experts)
     # the model's tensor name of each checkpoint name (they differ where transformers renames)
     names = {checkpoint_name(model, k, v): k for k, v in model.state_dict().items() if not k.startswith(inside)}
-    quantized = sorted({k.rsplit(".", 1)[0] for k in keys if k.endswith("." + (scale2 or codes_key))})
-    quantized_layers = set(quantized)
+    quantized = {k.rsplit(".", 1)[0] for k in keys if k.endswith("." + (scale2 or codes_key))}
     per_expert, why = {}, []  # checkpoint layer -> (experts module, "up" or "down", expert, first row, rows)
     for name, m in experts.items():
         try:
@@ -296,7 +295,7 @@ def import_checkpoint(model: nn.Module, src_dir, strict: bool = True) -> nn.Modu
     for name in {per_expert[q][0] for q in quantized if q in per_expert}:
         prepare_to_load(model, name, fmt, group)
     float_experts = FloatExperts(model)  # experts the checkpoint keeps in float, per-expert layers
-    layer_names = {q: names.get(q + ".weight", q + ".weight").removesuffix(".weight") for q in quantized
+    layer_names = {q: names.get(q + ".weight", q + ".weight").removesuffix(".weight") for q in sorted(quantized)
                    if q not in per_expert}  # checkpoint layer -> the model's NVFP4Linear
     for name in layer_names.values():
         try:
@@ -315,7 +314,7 @@ def import_checkpoint(model: nn.Module, src_dir, strict: bool = True) -> nn.Modu
         with safe_open(str(f), "pt") as h:
             for k in h.keys():
                 layer, _, leaf = k.rpartition(".")
-                if layer in per_expert and layer not in quantized_layers:  # float rows of an expert
+                if layer in per_expert and layer not in quantized:  # float rows of an expert
                     float_experts.add(*per_expert[layer], leaf, h.get_tensor(k))
                 elif layer in per_expert:  # FP4 rows of an expert's layer
                     name, proj, e, r0, _ = per_expert[layer]

@@ -279,7 +279,7 @@ W4A16_SPLIT(1, 2, 2, 8)
 W4A16_SPLIT(1, 4, 1, 2)
 W4A16_SPLIT(1, 4, 1, 4)
 W4A16_SPLIT(1, 4, 1, 8)
-// grouped: keep in step with cuda_grouped.VARIANTS
+// grouped (NT, U, most warps): passes of 8, 16 and 32 rows (cuda_grouped.pass_tokens; 64: the tiled kernel)
 W4A16_GROUPED(1, 2, 4)
 W4A16_GROUPED(2, 1, 4)
 W4A16_GROUPED(4, 1, 16)
