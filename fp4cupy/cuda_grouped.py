@@ -31,11 +31,13 @@ _SIGNATURE = "PPPPPiiii"  # table, expert of row, offsets, x, y, experts, by_row
 ROUTE_THREADS = 1024
 
 
-def expert_table(layers, dtype):
+def expert_table(layers, dtype, reuse=None):
     """(table int64 [E, 4] on the layers' GPU: each layer's codes, scale codes, global scale and
-    bias (0 for none) pointers, the tensors it points at) for NVFP4Linear ``layers`` held as the
-    W4A16 repack on a GPU of sm_80+, with biases (if any) of ``dtype``; else None (the caller
-    loops instead). The second element keeps the tensors alive as long as the table."""
+    bias (0 for none) pointers, the tensors it points at, the pointers as a host list) for
+    NVFP4Linear ``layers`` held as the W4A16 repack on a GPU of sm_80+, with biases (if any) of
+    ``dtype``; else None (the caller loops instead). The second element keeps the tensors alive as
+    long as the table. ``reuse``: a table returned before, returned again where every pointer is the
+    same (no upload, so a CUDA graph capture can ask again)."""
     torch = _torch_names()["torch"]
     device = layers[0].codes.device if layers[0].codes is not None else None
     if device is None or not all(_held(layer, device, dtype) for layer in layers):
@@ -48,7 +50,9 @@ def expert_table(layers, dtype):
         held += [layer.codes, layer.scale_codes, g] + ([layer.bias] if layer.bias is not None else [])
         rows.append([layer.codes.data_ptr(), layer.scale_codes.data_ptr(), g.data_ptr(),
                      0 if layer.bias is None else layer.bias.data_ptr()])
-    return torch.tensor(rows, dtype=torch.int64).to(device), held
+    if reuse is not None and reuse[2] == rows and reuse[0].device == device:
+        return reuse
+    return torch.tensor(rows, dtype=torch.int64).to(device), held, rows
 
 
 def _held(layer, device, dtype) -> bool:

@@ -140,23 +140,34 @@ class NVFP4Experts(nn.Module):
     def _grouped_tables(self, x: torch.Tensor, k: int):
         """(up table, down table) for ``cuda_grouped.grouped_linear`` where this call takes the
         grouped launches: fp16/bf16 CUDA tokens, k experts each, at most GROUPED_MAX_ROWS rows an
-        expert on average, no gradient to track, not traced, every layer held as the W4A16 repack;
-        else None. Rebuilt when any NVFP4Linear's buffers changed since (they hold raw pointers)."""
+        expert on average (any number while a CUDA graph captures), no gradient to track, not
+        traced, every layer held as the W4A16 repack; else None."""
         if (not x.is_cuda or x.dtype not in (torch.float16, torch.bfloat16)
-                or x.shape[0] * k > GROUPED_MAX_ROWS * len(self.down)
+                or (x.shape[0] * k > GROUPED_MAX_ROWS * len(self.down)
+                    and not torch.cuda.is_current_stream_capturing())  # the loop's host sync cannot be captured
                 or torch.compiler.is_compiling()
                 or (torch.is_grad_enabled() and (x.requires_grad or self.source.has_bias))):
             return None
+        tables = self.grouped_tables(x.dtype)
+        return None if tables is None or tables[0].device != x.device else tables
+
+    def grouped_tables(self, dtype: torch.dtype):
+        """(up table, down table) of the layers' pointers for tokens of ``dtype`` (cuda_grouped.
+        expert_table), or None where they are not all held as the W4A16 repack on one GPU. Asked
+        again when any NVFP4Linear's buffers changed since (the tables hold raw pointers), and
+        uploaded again only where this module's pointers did change: build them once before a CUDA
+        graph captures the block."""
         cache = self.__dict__.setdefault("_grouped_cache", {})
         generation = NVFP4Linear.buffers_generation
-        entry = cache.get(x.dtype)
+        entry = cache.get(dtype)
         if entry is None or entry[0] != generation:
             from . import cuda_grouped
 
-            up, down = (cuda_grouped.expert_table(list(layers), x.dtype) for layers in (self.up, self.down))
-            entry = cache[x.dtype] = (generation, None if up is None or down is None else (up, down))
-        tables = entry[1]
-        return None if tables is None or tables[0][0].device != x.device else (tables[0][0], tables[1][0])
+            before = entry[1] if entry is not None else (None, None)
+            entry = cache[dtype] = (generation, tuple(cuda_grouped.expert_table(list(layers), dtype, reuse)
+                                                      for layers, reuse in zip((self.up, self.down), before)))
+        up, down = entry[1]
+        return None if up is None or down is None else (up[0], down[0])
 
     def _forward_grouped(self, x, top_k_index, top_k_weights, up, down):
         """forward in four launches of fp4cupy's (cuda_grouped.py: route, two grouped W4A16, combine)

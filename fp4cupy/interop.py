@@ -206,6 +206,31 @@ def export(model: nn.Module, out_dir, format: str = "nvfp4", source_dir=None, sh
     return out
 
 
+def _float_matmul(module: nn.Module) -> bool:
+    """Whether ``module`` multiplies by a float weight matrix of its own that a reader could take for
+    a linear layer to quantize: nn.Linear, or a MoE router (transformers 5's TopKRouter holds a bare
+    2-D ``weight``; vLLM builds a linear layer for it). Its name goes in the ignore list."""
+    weight = getattr(module, "weight", None)
+    return isinstance(module, nn.Linear) or (
+        not isinstance(module, (nn.Embedding, NVFP4Linear)) and isinstance(weight, nn.Parameter) and weight.dim() == 2
+        and weight.is_floating_point())
+
+
+def _float_experts(model: nn.Module) -> list:
+    """The checkpoint names of ``model``'s experts modules left in float (``experts.{e}.*`` layers
+    under them): a reader's MoE layer of that name is not quantized."""
+    out = []
+    for name, module in model.named_modules():
+        if is_experts(module):
+            try:
+                layers = checkpoint_layers(model, name, module)
+            except NotImplementedError:  # kept as 3-D weights under the module's own name
+                out.append(name)
+                continue
+            out += sorted({key.rsplit(f".{e}.", 1)[0] for key, (_, e, _, _) in layers.items()})
+    return out
+
+
 def _layer_tensors_to_write(model: nn.Module, format: str, input_amax: dict | None):
     """(the tensors to write, dict a group, and the quantization_config) of ``model`` in ``format``
     (not gpt-oss); the checks run before the first tensor is made."""
@@ -221,7 +246,7 @@ def _layer_tensors_to_write(model: nn.Module, format: str, input_amax: dict | No
     if input_amax and not LAYOUTS[layout]["act"]:
         raise ValueError(f"input_amax makes W4A4 NVFP4 checkpoints; {layout} has no static activation scale")
     ignore = sorted(checkpoint_name(model, n + ".weight").removesuffix(".weight") for n, m in model.named_modules()
-                    if isinstance(m, nn.Linear))
+                    if _float_matmul(m)) + _float_experts(model)
     some = next(m for m in model.modules() if isinstance(m, NVFP4Linear))
     qcfg = _quant_config(layout, some.group_size, ignore, w4a4=bool(input_amax) and format != "nvfp4")
 

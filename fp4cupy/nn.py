@@ -289,7 +289,8 @@ def quantize_model(model: nn.Module, fmt: str = "nvfp4", group_size: int = 16, r
 
     skip:  names or glob patterns: a plain name matches any layer whose qualified name contains it
            ("lm_head"), a pattern is matched against the qualified name ("*.mlp.down_proj").
-           Layers with tied weights, or whose in_features is not a multiple of the group, are left alone.
+           Layers with tied weights, whose in_features is not a multiple of the group, or with fewer
+           than 16 outputs (routers and gates: GATE_MAX_OUT) are left alone.
     replace_linear=False only measures (the report) and leaves the model as it is.
     fused: sibling names whose layers vLLM runs as one matrix (q/k/v, gate/up, ...: fused.py); in
            NVFP4 each such group shares one global scale, amax of the group / (6 * 448), as
@@ -374,6 +375,11 @@ def _quantize_experts(model, fmt, group_size, replace, skip, scale_mode, progres
     return entries
 
 
+# nn.Linear layers with fewer outputs are routers and gates (a MoE router of few experts, Qwen2-MoE's
+# shared_expert_gate of 1): vLLM builds them unquantized, and their bytes are nothing to save
+GATE_MAX_OUT = 16
+
+
 def _skip_reason(name, lin, skip, tied, group_size):
     for pat in (skip,) if isinstance(skip, str) else skip or ():
         wild = any(c in pat for c in "*?[")
@@ -385,6 +391,8 @@ def _skip_reason(name, lin, skip, tied, group_size):
         return "tied weight"
     if lin.in_features % group_size:
         return f"in_features={lin.in_features} is not a multiple of group_size={group_size}"
+    if lin.out_features < GATE_MAX_OUT:
+        return f"out_features={lin.out_features}: a router or gate, kept in float (as vLLM and llm-compressor keep them)"
     return None
 
 

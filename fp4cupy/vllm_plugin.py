@@ -4,12 +4,17 @@
 
 Reads fp4cupy's own checkpoints (``quantization_config = {"quant_method": "nvfp4", "group_size": 16}``)
 and, when asked for ``nvfp4`` (or ``fp4cupy``), modelopt and compressed-tensors NVFP4 checkpoints and
-compressed-tensors MXFP4 ones (mxfp4-pack-quantized; see interop.py for the layouts). Each linear layer keeps the checkpoint's tensors as vLLM parameters (loaded by
-vLLM's own weight loaders, weight-loader v2), then ``process_weights_after_loading`` builds the
-layer's FP4Tensors (``shard_tensors``): one for a fused QKV or gate-up layer whose shards share a
-global scale (fused.py), else one per logical shard with its own scale, so it stays exact — and
-prepares the W4A16 layout on CUDA. ``apply`` is ``fp4cupy.linear`` per tensor: the tensor-core
-kernel on a GPU, the exact reference on the CPU. Importing this module needs no vLLM.
+compressed-tensors MXFP4 ones (mxfp4-pack-quantized; see interop.py for the layouts).
+
+Linear layers: vLLM's own weight loaders (weight-loader v2) fill the checkpoint's tensors as the
+layer's parameters; ``process_weights_after_loading`` makes them the layer's NVFP4Linear shards
+(``shard_tensors``): one for a fused QKV or gate-up layer whose shards share a global scale
+(fused.py), else one per logical shard with its own scale, so it stays exact. The parameters are
+then dropped: on CUDA a shard holds the W4A16 repack alone (4.5 bits a weight). ``apply`` runs
+each shard (the ``fp4cupy::linear`` op, which torch.compile and CUDA graphs take whole): the
+tensor-core kernel on a GPU, the exact reference on the CPU.
+
+MoE layers (vLLM's fused experts): ``vllm_moe.FP4CupyMoEMethod``. Importing this module needs no vLLM.
 """
 from __future__ import annotations
 
@@ -84,6 +89,13 @@ def tensors_a_layer(model) -> dict:
     return {name: len(m.fp4_shards) for name, m in model.named_modules() if hasattr(m, "fp4_shards")}
 
 
+def moe_methods_a_layer(model) -> dict:
+    """{MoE layer name: the class of the method that runs its experts} for a vLLM model. In vLLM:
+    ``LLM(...).apply_model(moe_methods_a_layer)``."""
+    return {name: type(m.quant_method).__name__ for name, m in model.named_modules()
+            if hasattr(m, "moe_config") and hasattr(m, "quant_method")}
+
+
 try:  # the classes exist only where vLLM is installed (module level, so vLLM can pickle them)
     import torch
     from vllm.model_executor.layers.linear import (LinearBase, LinearMethodBase, UnquantizedLinearMethod,
@@ -95,7 +107,7 @@ except ImportError:  # fp4cupy never requires vLLM
     QuantizationConfig = None
 
 if QuantizationConfig is not None:
-    import fp4cupy
+    from .nn import NVFP4Linear
 
     @register_weight_loader_v2_supported_method
     class FP4CupyLinearMethod(LinearMethodBase):
@@ -132,10 +144,15 @@ if QuantizationConfig is not None:
                 fmt, g = "nvfp4", getattr(layer, self.names["g"]).data.float().cpu()
                 g = (1.0 / g if self.names["inverse"] else g).tolist()  # compressed-tensors stores 1/g: float32 here
             shards = shard_tensors(codes, scales, g, layer.fp4_partitions, self.config.group_size, fmt)
-            layer.fp4_shards = [fp4cupy.prepare(t) if codes.is_cuda else t for t in shards]  # the CPU: reference
+            # NVFP4Linear: on CUDA the W4A16 repack alone (4.5 bits a weight), the CPU the exact
+            # reference; a custom op that torch.compile and CUDA graphs take whole
+            layer.fp4_shards = [NVFP4Linear.from_fp4(t) for t in shards]
+            for key in ("codes", "scales", "g", "act"):  # the checkpoint's copy is not needed any more
+                if self.names[key] and hasattr(layer, self.names[key]):
+                    delattr(layer, self.names[key])
 
         def apply(self, layer, x, bias=None):
-            ys = [fp4cupy.linear(x, w) for w in layer.fp4_shards]
+            ys = [shard(x) for shard in layer.fp4_shards]
             y = ys[0] if len(ys) == 1 else torch.cat(ys, dim=-1)
             return y if bias is None else y + bias
 
@@ -178,10 +195,9 @@ if QuantizationConfig is not None:
             if isinstance(layer, LinearBase):
                 return UnquantizedLinearMethod() if self.is_skipped(prefix) else FP4CupyLinearMethod(self)
             if hasattr(layer, "moe_config") and not self.is_skipped(prefix):  # FusedMoE / RoutedExperts
-                raise NotImplementedError(
-                    f"fp4cupy's vLLM plugin runs Linear layers; {prefix} holds MoE experts. Load a modelopt or "
-                    "compressed-tensors export without quantization='nvfp4' / 'fp4cupy': vLLM's own NVFP4 and "
-                    "MXFP4 MoE methods read its per-expert layers")
+                from .vllm_moe import FP4CupyMoEMethod
+
+                return FP4CupyMoEMethod(self, layer.moe_config)
             return None
 
     class FP4CupyAliasConfig(FP4CupyConfig):

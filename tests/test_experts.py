@@ -118,7 +118,8 @@ def test_the_grouped_path_orders_and_weights_rows_as_the_loop(monkeypatch):
 
 def test_the_grouped_launch_table_takes_repacked_layers_with_biases_of_the_dtype(monkeypatch):
     """cuda_grouped.expert_table (the pointers the grouped kernels read) on stand-in layers: every
-    layer held as the repack on one device, biases of x's dtype; else None, and NVFP4Experts loops."""
+    layer held as the repack on one device, biases of x's dtype; else None, and NVFP4Experts loops.
+    Asked again with the same pointers, the table is the one it gave before."""
     from types import SimpleNamespace
 
     from fp4cupy import cuda_grouped
@@ -131,11 +132,16 @@ def test_the_grouped_launch_table_takes_repacked_layers_with_biases_of_the_dtype
                                weight_global_scale=torch.ones(()),
                                bias=None if bias_dtype is None else torch.zeros(3, dtype=bias_dtype))
     layers = [layer(), layer(None)]
-    table, held = cuda_grouped.expert_table(layers, torch.bfloat16)
+    table, held, _ = cuda_grouped.expert_table(layers, torch.bfloat16)
     assert table.shape == (2, 4) and table[0, 0] == layers[0].codes.data_ptr() and table[1, 3] == 0
     assert table[0, 3] == layers[0].bias.data_ptr() and table[0, 2] == layers[0].weight_global_scale.data_ptr()
     assert cuda_grouped.expert_table([layer(), layer(torch.float32)], torch.bfloat16) is None
     assert cuda_grouped.expert_table([layer(), layer(codes=False)], torch.bfloat16) is None
+    first = cuda_grouped.expert_table(layers, torch.bfloat16)
+    assert cuda_grouped.expert_table(layers, torch.bfloat16, first) is first  # the same pointers: no upload
+    layers[1].codes = torch.zeros(4, dtype=torch.uint8)
+    again = cuda_grouped.expert_table(layers, torch.bfloat16, first)
+    assert again is not first and again[0][1, 0] == layers[1].codes.data_ptr()
 
 
 def test_the_weights_leave_the_source_and_their_error_is_the_recipes():

@@ -71,8 +71,8 @@ def test_grouped_launch_rows_match_each_experts_float64_product(dtype, tol, fmt,
     torch.manual_seed(1)
     n, k, gs = 200, 64 * 5, 32 if fmt == "mxfp4" else 16
     layers = [NVFP4Linear.from_fp4(fp4cupy.quantize(torch.randn(n, k, device="cuda"), fmt, gs),
-                                   torch.randn(n, device="cuda") if e % 2 else None) for e in range(5)]
-    table, _held = cuda_grouped.expert_table(layers, dtype)
+                                   torch.randn(n, device="cuda", dtype=dtype) if e % 2 else None) for e in range(5)]
+    table, *_held = cuda_grouped.expert_table(layers, dtype)
     ids = torch.arange(6, device="cuda")
     for experts_of_rows, tokens in (([0] * 19 + [1] * 3 + [3] * 7 + [4] + [5] * 2, 8), ([1, 2, 4, 5], 4),
                                     ([0] * 100 + [2] * 70 + [5] * 3, 64)):  # passes of 64: the tiled kernel
@@ -199,3 +199,29 @@ def test_a_gpt_oss_checkpoint_runs_its_mxfp4_experts_through_the_kernel(tmp_path
         assert experts.up[0].codes is not None and experts.up[0].codes.is_cuda  # the repack: the kernel's path
         got = back(ids.cuda()).logits.double().cpu()
     assert float((got - want).norm() / want.norm()) < 3e-2
+
+
+def test_a_cuda_graph_captures_the_grouped_path_past_its_eager_row_limit(monkeypatch):
+    """While a graph captures, any number of rows an expert takes the grouped launches (the loop's
+    host sync cannot be captured), and tables built before the capture serve it though other layers
+    were repacked since (no upload while capturing): the replay equals the grouped path run eagerly."""
+    torch.manual_seed(4)
+    fp4 = qwen3_experts()
+    tokens = GROUPED_MAX_ROWS * 16 // 4 + 40  # rows an expert past what the eager grouped path takes
+    x = torch.randn(tokens, 128, device="cuda", dtype=torch.bfloat16)
+    index = torch.stack([torch.randperm(16, device="cuda")[:4] for _ in range(tokens)])
+    weights = torch.softmax(torch.randn(tokens, 4, device="cuda"), -1).to(torch.bfloat16)
+    calls = grouped_calls(monkeypatch)
+    with torch.no_grad():
+        assert fp4.grouped_tables(torch.bfloat16) is not None
+        fp4(x, index, weights)  # eager: the loop, which also compiles what it launches
+        assert calls == []
+        NVFP4Linear.from_float(torch.nn.Linear(128, 64, device="cuda"))  # another layer's repack
+        fp4(x[:8], index[:8], weights[:8])  # compile the grouped kernels outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = fp4(x, index, weights)
+        graph.replay()
+        monkeypatch.setattr("fp4cupy.experts.GROUPED_MAX_ROWS", 10**6)
+        assert torch.equal(out, fp4(x, index, weights))
+    assert len(calls) == 6  # two a grouped call: the small one, the capture, the last

@@ -203,7 +203,7 @@ def test_mxfp4_layer_runs_the_kernel_and_exports_its_e8m0_scales():
 
 def test_fused_siblings_on_cuda_share_a_scale_and_run_as_one_weight():
     """quantize_model on CUDA gives q/k/v the codes, scales and global scale of their concatenation
-    (the CPU reference's), and the vLLM plugin runs them as one prepared weight."""
+    (the CPU reference's), and the vLLM plugin runs them as one NVFP4Linear."""
     from fp4cupy import reference
     from fp4cupy.vllm_plugin import shard_tensors
 
@@ -222,9 +222,10 @@ def test_fused_siblings_on_cuda_share_a_scale_and_run_as_one_weight():
     assert torch.equal(codes.cpu(), torch.from_numpy(data)) and torch.equal(scale_codes.cpu(), torch.from_numpy(scales))
     merged = shard_tensors(codes, scale_codes, [w.global_scale for w in weights], list(parts), 16)
     assert len(merged) == 1 and merged[0].shape == (384, 512) and merged[0].data.is_cuda
-    pw = fp4cupy.prepare(merged[0])
+    shard = fp4cupy.NVFP4Linear.from_fp4(merged[0])  # as the plugin holds it: the repack alone
+    assert shard.weight is None and shard.codes.is_cuda
     for m in (1, 16):
         x = torch.randn(m, 512, device="cuda", dtype=torch.bfloat16)
         want = x.double() @ fp4cupy.dequantize(merged[0]).double().T
-        assert rel(fp4cupy.linear(x, pw), want) <= 8e-3
+        assert rel(shard(x), want) <= 8e-3
         assert rel(torch.cat([layer(x) for layer in layers], dim=-1), want) <= 8e-3

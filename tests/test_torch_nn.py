@@ -237,3 +237,12 @@ def test_fused_siblings_with_a_nonfinite_weight_raise_the_quantize_error():
         model.model.layers[0].self_attn.v_proj.weight[3, 5] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         fp4cupy.quantize_model(model, progress=False)
+
+
+def test_quantize_model_leaves_routers_and_gates_in_float():
+    """Layers of fewer than 16 outputs (a router of 8 experts, Qwen2-MoE's shared_expert_gate of 1)
+    stay nn.Linear, as vLLM builds them, and the report says why."""
+    model = torch.nn.Sequential(torch.nn.Linear(64, 8), torch.nn.Linear(64, 1), torch.nn.Linear(64, 16))
+    report = fp4cupy.quantize_model(model, progress=False)
+    assert [type(m).__name__ for m in model] == ["Linear", "Linear", "NVFP4Linear"]
+    assert [e.get("skipped", "")[:15] for e in report] == ["out_features=8:", "out_features=1:", ""]

@@ -69,10 +69,10 @@ def main() -> None:
         y = torch.empty(m, n, device="cuda", dtype=torch.float16)
         p = cuda_tiled.tiled_plan(n, k, m, False, 0)
         cuda_tiled.launch_tiled(p, m, n, k, stream, cuda_linear.kernel_args(pw, x, y), cuda_linear._torch_scratch(x))
-    layers = [NVFP4Linear.from_fp4(fp4cupy.quantize(torch.randn(200, 64 * 5, device="cuda")),
-                                   torch.randn(200, device="cuda") if e else None) for e in range(3)]
     for dtype in (torch.float16, torch.bfloat16):
-        table, _held = cuda_grouped.expert_table(layers, dtype)
+        layers = [NVFP4Linear.from_fp4(fp4cupy.quantize(torch.randn(200, 64 * 5, device="cuda")),
+                                       torch.randn(200, device="cuda", dtype=dtype) if e else None) for e in range(3)]
+        table, *_held = cuda_grouped.expert_table(layers, dtype)
         # passes of 8, 16, 32 and 64 tokens (the tiled kernel); expert 3 is another rank's; 2 rows for 3
         # experts: over rows
         for experts_of_rows, tokens in (([0] * 9 + [2] * 2 + [3], 1), ([1, 3], 2), ([0] * 20 + [1] * 30, 9),

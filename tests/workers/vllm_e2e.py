@@ -7,9 +7,10 @@ is loaded with LLM(model=dir, quantization="nvfp4", or "fp4cupy" for MXFP4) and 
 vLLM's tokens must equal transformers' with fp4cupy layers, and the first step's top log-probs
 agree to 1e-3. Exit code 0 only when every export passes.
 
-With --moe (run with VLLM_ENABLE_V1_MULTIPROCESSING=0, so the error reaches this process): a tiny
-Mixtral's export asked for quantization="nvfp4" stops with the plugin's message that MoE experts are
-not its layers (vLLM's own NVFP4 MoE methods read them; on the CPU they need Marlin, absent here)."""
+With --moe: tiny Mixtral and Qwen3-MoE models, their experts quantized by fp4cupy, exported in each
+format (and MXFP4 as compressed-tensors; and with the experts left in float), served by vLLM: the
+experts run through the plugin's MoE method (fp4cupy/vllm_moe.py; float experts through vLLM's own),
+and vLLM's tokens and log-probs must again equal transformers' with fp4cupy's layers."""
 import math
 import os
 import sys
@@ -49,6 +50,28 @@ def reference(model, tok):
             gen = model.generate(ids, max_new_tokens=NEW, do_sample=False, eos_token_id=None, pad_token_id=0)
         out.append((gen[0, ids.shape[1]:].tolist(), logp))
     return out
+
+
+def served_as(out, quantization: str, want, tag: str):
+    """(vLLM's LLM of checkpoint ``out``, the ways its greedy tokens and first-step log-probs differ
+    from ``want``'s (reference()), each starting with ``tag``); prints whether they match."""
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=str(out), quantization=quantization, dtype="float32", enforce_eager=True, max_model_len=64,
+              gpu_memory_utilization=0.2, seed=0)
+    res = llm.generate(PROMPTS, SamplingParams(max_tokens=NEW, temperature=0.0, logprobs=5, ignore_eos=True))
+    problems = []
+    for p, r, (tokens, logp) in zip(PROMPTS, res, want):
+        got = list(r.outputs[0].token_ids)
+        if got != tokens:
+            problems.append(f"{tag}: {p!r}: vLLM {got} != transformers {tokens}")
+        for tid, lp in r.outputs[0].logprobs[0].items():
+            ref = float(logp[tid])
+            if not math.isclose(lp.logprob, ref, rel_tol=1e-3, abs_tol=1e-3):
+                problems.append(f"{tag}: {p!r}: token {tid} logprob {lp.logprob:.6f} vs {ref:.6f}")
+    print(f"{tag}: {len(PROMPTS)} prompts, {NEW} tokens each, greedy tokens {'DIFFER' if problems else 'match'}",
+          flush=True)
+    return llm, problems
 
 
 def modelopt_declared(k: int, n: int, group: int) -> dict:
@@ -100,7 +123,6 @@ def main() -> int:
     import fp4cupy
     import transformers
     from fp4cupy import vllm_plugin
-    from vllm import LLM, SamplingParams
 
     failures = []
     with tempfile.TemporaryDirectory() as root:
@@ -123,20 +145,8 @@ def main() -> int:
                                  input_amax=amax if fmt.endswith("+act") else None)
             if fmt == "modelopt":
                 failures += check_modelopt_layout(out, "model.layers.0.self_attn.o_proj", 256, 256)
-            llm = LLM(model=str(out), quantization="fp4cupy" if "MXFP4" in fmt else "nvfp4", dtype="float32",
-                      enforce_eager=True, max_model_len=64, gpu_memory_utilization=0.2, seed=0)
-            res = llm.generate(PROMPTS, SamplingParams(max_tokens=NEW, temperature=0.0, logprobs=5, ignore_eos=True))
-            for p, r, (tokens, logp) in zip(PROMPTS, res, want):
-                got = list(r.outputs[0].token_ids)
-                if got != tokens:
-                    failures.append(f"{fmt}: {p!r}: vLLM {got} != transformers {tokens}")
-                first = r.outputs[0].logprobs[0]
-                for tid, lp in first.items():
-                    ref = float(logp[tid])
-                    if not math.isclose(lp.logprob, ref, rel_tol=1e-3, abs_tol=1e-3):
-                        failures.append(f"{fmt}: {p!r}: token {tid} logprob {lp.logprob:.6f} vs {ref:.6f}")
-            print(f"{fmt}: {len(PROMPTS)} prompts, {NEW} tokens each, greedy tokens "
-                  f"{'match' if not any(f.startswith(fmt + ':') for f in failures) else 'DIFFER'}", flush=True)
+            llm, problems = served_as(out, "fp4cupy" if "MXFP4" in fmt else "nvfp4", want, fmt)
+            failures += problems
             # a fused layer runs as one tensor where its shards share a global scale (fused.py), else one a shard
             counts = llm.apply_model(vllm_plugin.tensors_a_layer)[0]
             fused = {k: v for k, v in counts.items() if k.endswith(("qkv_proj", "gate_up_proj"))}
@@ -150,36 +160,69 @@ def main() -> int:
     return 1 if failures else 0
 
 
-def moe_refused() -> int:
-    import fp4cupy
-    import transformers
-    from vllm import LLM
+MOE_MODELS = ("Mixtral", "Qwen3Moe")
 
+
+def build_moe(arch: str, root: str):
+    """A tiny random MoE model of ``arch`` (Mixtral, Qwen3Moe, Qwen2Moe; 4 experts, 2 a token) saved in
+    ``root`` with build's tokenizer."""
+    import transformers
+
+    _, tok = build(os.path.join(root, "tok"))
+    common = dict(vocab_size=128, hidden_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=128, num_experts_per_tok=2, bos_token_id=121, eos_token_id=122,
+                  tie_word_embeddings=False)
+    if arch == "Mixtral":
+        cfg = transformers.MixtralConfig(intermediate_size=512, num_local_experts=4, **common)
+    elif arch == "Qwen3Moe":
+        cfg = transformers.Qwen3MoeConfig(intermediate_size=512, moe_intermediate_size=256, num_experts=4,
+                                          head_dim=64, norm_topk_prob=True, **common)
+    else:  # Qwen2-MoE: a shared expert beside the routed ones, and its sigmoid gate
+        cfg = transformers.Qwen2MoeConfig(intermediate_size=512, moe_intermediate_size=256, num_experts=4,
+                                          shared_expert_intermediate_size=512, **common)
+    torch.manual_seed(0)
+    model = getattr(transformers, f"{arch}ForCausalLM")(cfg).eval()
+    src = os.path.join(root, arch)
+    model.save_pretrained(src)
+    tok.save_pretrained(src)
+    return model, tok, src
+
+
+# (model, export format, quantize_model arguments, quantization= for vLLM, the method its MoE layers must run)
+MOE_RUNS = [(arch, fmt, {}, "nvfp4", "FP4CupyMoEMethod") for arch in MOE_MODELS
+            for fmt in ("nvfp4", "modelopt", "compressed-tensors")]
+MOE_RUNS += [("Qwen3Moe", "compressed-tensors", {"fmt": "mxfp4", "group_size": 32}, "fp4cupy", "FP4CupyMoEMethod"),
+             ("Mixtral", "modelopt", {"skip": ("lm_head", "embed", "*.experts")}, "nvfp4", "UnquantizedFusedMoEMethod"),
+             ("Qwen2Moe", "compressed-tensors", {}, "nvfp4", "FP4CupyMoEMethod")]
+
+
+def moe_served() -> int:
+    """fp4cupy's MoE exports served by vLLM: experts through the plugin's method (or, left in float,
+    through vLLM's own); greedy tokens equal transformers' with fp4cupy's layers, first-step
+    log-probs within 1e-3."""
+    import fp4cupy
+    from fp4cupy import vllm_plugin
+
+    os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # LLM.apply_model sends a function
+    failures = []
     with tempfile.TemporaryDirectory() as root:
-        _, tok = build(os.path.join(root, "tok"))
-        cfg = transformers.MixtralConfig(vocab_size=128, hidden_size=256, intermediate_size=512, num_hidden_layers=1,
-                                         num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
-                                         num_experts_per_tok=2, max_position_embeddings=128)
-        torch.manual_seed(0)
-        model = transformers.MixtralForCausalLM(cfg).eval()
-        fp4cupy.quantize_model(model, progress=False)
-        out = fp4cupy.export(model, os.path.join(root, "moe"), "compressed-tensors")
-        tok.save_pretrained(out)
-        try:
-            LLM(model=str(out), quantization="nvfp4", dtype="float32", enforce_eager=True, max_model_len=64,
-                gpu_memory_utilization=0.2)
-        except NotImplementedError as e:
-            if "holds MoE experts" in str(e):
-                print(f"MoE checkpoint with quantization='nvfp4': refused ({e})", flush=True)
-                return 0
-            print("FAIL MoE: another NotImplementedError:", e)
-            return 1
-        except Exception as e:  # noqa: BLE001 (what vLLM raised instead is the failure to report)
-            print(f"FAIL MoE: {type(e).__name__}: {e}")
-            return 1
-    print("FAIL MoE: vLLM loaded MoE experts through the plugin, which does not run them")
-    return 1
+        for i, (arch, fmt, how, quantization, method) in enumerate(MOE_RUNS):
+            model, tok, src = build_moe(arch, root)
+            fp4cupy.quantize_model(model, progress=False, **how)
+            want = reference(model, tok)
+            tag = f"{arch} {fmt} {how.get('fmt', 'nvfp4')}{' float experts' if 'skip' in how else ''}"
+            out = fp4cupy.export(model, os.path.join(root, f"export{i}"), format=fmt, source_dir=src)
+            llm, problems = served_as(out, quantization, want, tag)
+            failures += problems
+            methods = llm.apply_model(vllm_plugin.moe_methods_a_layer)[0]
+            if len(methods) != 2 or set(methods.values()) != {method}:
+                failures.append(f"{tag}: MoE layers run {methods}, not {method}")
+            print(f"{tag}: {len(methods)} MoE layers through {sorted(set(methods.values()))}", flush=True)
+            del llm
+    for f in failures:
+        print("FAIL", f)
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":
-    sys.exit(moe_refused() if "--moe" in sys.argv else main())
+    sys.exit(moe_served() if "--moe" in sys.argv else main())
