@@ -11,9 +11,12 @@ modelopt, llm-compressor and fp4cupy write them; else a ValueError, as vLLM's ow
 refuse them). The method's ``apply`` is NVFP4Experts' forward with vLLM's routing (``topk_ids``,
 ``topk_weights``) and vLLM's activation kernel: on CUDA two grouped W4A16 launches and fp4cupy's
 route and combine kernels (no host sync, CUDA graphs hold it); on the CPU the exact reference.
-Importing this module needs no vLLM; ``FP4CupyMoEMethod`` exists where vLLM does.
+Where vLLM traces the layer (its torch.compile on the CPU), ``apply`` is one opaque op,
+``fp4cupy::vllm_moe``. Importing this module needs no vLLM; ``FP4CupyMoEMethod`` exists where vLLM does.
 """
 from __future__ import annotations
+
+import weakref
 
 import numpy as np
 import torch
@@ -154,9 +157,29 @@ if FusedMoEMethodBase is not None:
             if stacked["w13"][0].is_cuda:  # the grouped launches' tables, before vLLM captures CUDA graphs
                 self.experts.grouped_tables(self.moe.in_dtype)
 
+            _LAYERS[layer.layer_name] = weakref.ref(layer)
+
         def get_fused_moe_quant_config(self, layer):
             return None  # no vLLM modular kernel: apply runs fp4cupy's
 
         def apply(self, layer, x, topk_weights, topk_ids, shared_experts=None, shared_experts_input=None):
+            if torch.compiler.is_compiling():  # vLLM on the CPU traces into the MoE layer: one opaque op
+                return torch.ops.fp4cupy.vllm_moe(x, topk_weights, topk_ids, layer.layer_name)
+            return self.run(layer, x, topk_weights, topk_ids)
+
+        def run(self, layer, x, topk_weights, topk_ids):
             ids = local_expert_ids(topk_ids, layer.expert_map, len(self.experts.down))
             return self.experts(x, ids, topk_weights)
+
+    # {layer name: weak reference to the loaded MoE layer}, for the op that stands for it in a traced
+    # graph (the loop over the experts hit reads counts back: not traceable)
+    _LAYERS = {}
+
+    @torch.library.custom_op("fp4cupy::vllm_moe", mutates_args=())
+    def _vllm_moe(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, layer_name: str) -> torch.Tensor:
+        layer = _LAYERS[layer_name]()
+        return layer.quant_method.run(layer, x, topk_weights, topk_ids)
+
+    @_vllm_moe.register_fake
+    def _(x, topk_weights, topk_ids, layer_name):
+        return torch.empty_like(x)

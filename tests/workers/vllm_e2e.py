@@ -52,12 +52,13 @@ def reference(model, tok):
     return out
 
 
-def served_as(out, quantization: str, want, tag: str):
+def served_as(out, quantization: str, want, tag: str, eager: bool = True):
     """(vLLM's LLM of checkpoint ``out``, the ways its greedy tokens and first-step log-probs differ
-    from ``want``'s (reference()), each starting with ``tag``); prints whether they match."""
+    from ``want``'s (reference()), each starting with ``tag``); prints whether they match. ``eager=False``:
+    vLLM's torch.compile of the model (on the CPU it traces into the MoE layers too)."""
     from vllm import LLM, SamplingParams
 
-    llm = LLM(model=str(out), quantization=quantization, dtype="float32", enforce_eager=True, max_model_len=64,
+    llm = LLM(model=str(out), quantization=quantization, dtype="float32", enforce_eager=eager, max_model_len=64,
               gpu_memory_utilization=0.2, seed=0)
     res = llm.generate(PROMPTS, SamplingParams(max_tokens=NEW, temperature=0.0, logprobs=5, ignore_eos=True))
     problems = []
@@ -188,12 +189,15 @@ def build_moe(arch: str, root: str):
     return model, tok, src
 
 
-# (model, export format, quantize_model arguments, quantization= for vLLM, the method its MoE layers must run)
-MOE_RUNS = [(arch, fmt, {}, "nvfp4", "FP4CupyMoEMethod") for arch in MOE_MODELS
+# (model, export format, quantize_model arguments, quantization= for vLLM, the method its MoE layers
+# must run, eager or vLLM's torch.compile)
+MOE_RUNS = [(arch, fmt, {}, "nvfp4", "FP4CupyMoEMethod", True) for arch in MOE_MODELS
             for fmt in ("nvfp4", "modelopt", "compressed-tensors")]
-MOE_RUNS += [("Qwen3Moe", "compressed-tensors", {"fmt": "mxfp4", "group_size": 32}, "fp4cupy", "FP4CupyMoEMethod"),
-             ("Mixtral", "modelopt", {"skip": ("lm_head", "embed", "*.experts")}, "nvfp4", "UnquantizedFusedMoEMethod"),
-             ("Qwen2Moe", "compressed-tensors", {}, "nvfp4", "FP4CupyMoEMethod")]
+MOE_RUNS += [("Qwen3Moe", "compressed-tensors", {"fmt": "mxfp4", "group_size": 32}, "fp4cupy", "FP4CupyMoEMethod", True),
+             ("Mixtral", "modelopt", {"skip": ("lm_head", "embed", "*.experts")}, "nvfp4", "UnquantizedFusedMoEMethod",
+              True),
+             ("Qwen2Moe", "compressed-tensors", {}, "nvfp4", "FP4CupyMoEMethod", True),
+             ("Mixtral", "modelopt", {}, "nvfp4", "FP4CupyMoEMethod", False)]
 
 
 def moe_served() -> int:
@@ -206,13 +210,14 @@ def moe_served() -> int:
     os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # LLM.apply_model sends a function
     failures = []
     with tempfile.TemporaryDirectory() as root:
-        for i, (arch, fmt, how, quantization, method) in enumerate(MOE_RUNS):
+        for i, (arch, fmt, how, quantization, method, eager) in enumerate(MOE_RUNS):
             model, tok, src = build_moe(arch, root)
             fp4cupy.quantize_model(model, progress=False, **how)
             want = reference(model, tok)
-            tag = f"{arch} {fmt} {how.get('fmt', 'nvfp4')}{' float experts' if 'skip' in how else ''}"
+            tag = (f"{arch} {fmt} {how.get('fmt', 'nvfp4')}{' float experts' if 'skip' in how else ''}"
+                   f"{'' if eager else ' torch.compile'}")
             out = fp4cupy.export(model, os.path.join(root, f"export{i}"), format=fmt, source_dir=src)
-            llm, problems = served_as(out, quantization, want, tag)
+            llm, problems = served_as(out, quantization, want, tag, eager)
             failures += problems
             methods = llm.apply_model(vllm_plugin.moe_methods_a_layer)[0]
             if len(methods) != 2 or set(methods.values()) != {method}:
