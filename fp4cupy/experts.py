@@ -13,6 +13,9 @@ weights.
 """
 from __future__ import annotations
 
+import itertools
+import weakref
+
 import torch
 from torch import nn
 
@@ -77,11 +80,18 @@ class NVFP4Experts(nn.Module):
     gradient to track): one grouped launch a projection over every expert (cuda_grouped.py), the
     slots added in float32 and rounded once, no host sync (a CUDA graph can hold it). Else a loop
     over the experts hit (one host sync), added in the dtype in expert order, as transformers'
-    eager experts do."""
+    eager experts do. Traced by torch.compile (no gradient to track): one op, ``fp4cupy::experts``,
+    that runs the same call."""
 
     def __init__(self, source: nn.Module, up: list[NVFP4Linear], down: list[NVFP4Linear]):
         super().__init__()
         self.up, self.down, self.source = nn.ModuleList(up), nn.ModuleList(down), source
+        self._register()
+
+    def _register(self) -> None:
+        """A key of this module for the op that stands for it in a traced graph."""
+        self.op_key = next(_KEYS)
+        _TRACED[self.op_key] = self
 
     @classmethod
     def from_float(cls, experts: nn.Module, fmt: str = "nvfp4", group_size: int = 16,
@@ -108,6 +118,16 @@ class NVFP4Experts(nn.Module):
         return cls.around(experts, *layers)
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+        if torch.compiler.is_compiling() and not self._tracks_grad(hidden_states):
+            # traced (torch.compile): one opaque op, so fullgraph holds the block (the loop reads
+            # counts back; the grouped launches read raw pointers); it runs the call below
+            return torch.ops.fp4cupy.experts(hidden_states, top_k_index, top_k_weights, self.op_key)
+        return self._call(hidden_states, top_k_index, top_k_weights)
+
+    def _tracks_grad(self, x: torch.Tensor) -> bool:
+        return torch.is_grad_enabled() and (x.requires_grad or self.source.has_bias)
+
+    def _call(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
         tables = self._grouped_tables(hidden_states, top_k_index.shape[-1])
         if tables is not None:
             return self._forward_grouped(hidden_states, top_k_index, top_k_weights, *tables)
@@ -145,8 +165,7 @@ class NVFP4Experts(nn.Module):
         if (not x.is_cuda or x.dtype not in (torch.float16, torch.bfloat16)
                 or (x.shape[0] * k > GROUPED_MAX_ROWS * len(self.down)
                     and not torch.cuda.is_current_stream_capturing())  # the loop's host sync cannot be captured
-                or torch.compiler.is_compiling()
-                or (torch.is_grad_enabled() and (x.requires_grad or self.source.has_bias))):
+                or torch.compiler.is_compiling() or self._tracks_grad(x)):
             return None
         tables = self.grouped_tables(x.dtype)
         return None if tables is None or tables[0].device != x.device else tables
@@ -189,6 +208,10 @@ class NVFP4Experts(nn.Module):
         state.pop("_grouped_cache", None)
         return state
 
+    def __setstate__(self, state):  # a copy (deepcopy, unpickle) has a key of its own
+        super().__setstate__(state)
+        self._register()
+
     def weight_nbytes(self) -> int:
         return sum(layer.weight_nbytes() for layer in (*self.up, *self.down))
 
@@ -196,6 +219,23 @@ class NVFP4Experts(nn.Module):
         first = self.up[0]
         return (f"experts={len(self.down)}, fmt={first.fmt}, group_size={first.group_size}, "
                 f"weights={self.weight_nbytes() / 2**20:.2f} MiB")
+
+
+# NVFP4Experts by op_key, for fp4cupy::experts (weak: the op keeps no module alive)
+_TRACED = weakref.WeakValueDictionary()
+_KEYS = itertools.count()
+
+
+@torch.library.custom_op("fp4cupy::experts", mutates_args=())
+def _experts_op(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                key: int) -> torch.Tensor:
+    """NVFP4Experts ``key``'s forward, as one op of a traced graph."""
+    return _TRACED[key]._call(hidden_states, top_k_index, top_k_weights)
+
+
+@_experts_op.register_fake
+def _(hidden_states, top_k_index, top_k_weights, key):
+    return torch.empty_like(hidden_states)
 
 
 def prepare_to_load(model: nn.Module, name: str, fmt: str, group_size: int) -> None:

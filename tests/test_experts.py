@@ -186,6 +186,25 @@ def test_quantize_model_takes_the_experts_and_the_model_still_generates(tmp_path
         assert torch.equal(fresh(ids).logits, after)
 
 
+def test_a_compiled_model_holds_the_experts_as_one_op():
+    """torch.compile(fullgraph=True) takes a quantized MoE model whole (its experts one op of the
+    graph, the loop behind it) with the eager logits; a deep copy runs its own layers."""
+    model = tiny_mixtral()
+    fp4cupy.quantize_model(model, progress=False)
+    ids = torch.randint(0, 96, (2, 7))
+    with torch.no_grad():
+        want = model(ids).logits
+        assert torch.equal(torch.compile(model, fullgraph=True, backend="aot_eager")(ids).logits, want)
+        copied = copy.deepcopy(model)
+        first = copied.model.layers[0].mlp.experts
+        assert first.op_key != model.model.layers[0].mlp.experts.op_key
+        first.down[0].weight_scale.zero_()  # the copy's own layer, not the original's
+        changed = copied(ids).logits
+        assert not torch.equal(changed, want)
+        torch._dynamo.reset()
+        assert torch.equal(torch.compile(copied, fullgraph=True, backend="aot_eager")(ids).logits, changed)
+
+
 def test_skip_patterns_and_group_sizes_leave_experts_alone():
     report = fp4cupy.quantize_model(tiny_mixtral(), skip=("lm_head", "embed", "*.experts"), progress=False)
     assert all(e["skipped"] == "matches skip '*.experts'" for e in report if len(e["shape"]) == 3)

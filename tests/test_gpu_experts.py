@@ -225,3 +225,21 @@ def test_a_cuda_graph_captures_the_grouped_path_past_its_eager_row_limit(monkeyp
         monkeypatch.setattr("fp4cupy.experts.GROUPED_MAX_ROWS", 10**6)
         assert torch.equal(out, fp4(x, index, weights))
     assert len(calls) == 6  # two a grouped call: the small one, the capture, the last
+
+
+def test_torch_compile_with_cuda_graphs_runs_the_grouped_experts(monkeypatch):
+    """torch.compile(fullgraph=True, mode="reduce-overhead") holds NVFP4Experts as one op
+    (fp4cupy::experts) whose grouped launches its CUDA graphs capture: equal to eager, bit for bit."""
+    torch.manual_seed(5)
+    fp4 = qwen3_experts()
+    x = torch.randn(6, 128, device="cuda", dtype=torch.bfloat16)
+    index = torch.stack([torch.randperm(16, device="cuda")[:4] for _ in range(6)])
+    weights = torch.softmax(torch.randn(6, 4, device="cuda"), -1).to(torch.bfloat16)
+    with torch.no_grad():
+        want = fp4(x, index, weights).clone()
+        calls = grouped_calls(monkeypatch)
+        compiled = torch.compile(fp4, fullgraph=True, mode="reduce-overhead")
+        for _ in range(4):
+            got = compiled(x, index, weights).clone()
+            assert torch.equal(got, want)
+    assert len(calls) >= 2  # the op ran the grouped launches (replays call no Python)
