@@ -124,14 +124,20 @@ def qwen3_experts(dtype=torch.bfloat16):
     return NVFP4Experts.from_float(original)
 
 
+def qwen3_tokens(tokens: int):
+    """bf16 tokens [tokens, 128] for qwen3_experts, each routed to 4 distinct of its 16 experts
+    (index [tokens, 4]), with softmax weights."""
+    x = torch.randn(tokens, 128, device="cuda", dtype=torch.bfloat16)
+    index = torch.stack([torch.randperm(16, device="cuda")[:4] for _ in range(tokens)])
+    return x, index, torch.softmax(torch.randn(tokens, 4, device="cuda"), -1).to(torch.bfloat16)
+
+
 def test_a_cuda_graph_holds_the_grouped_experts():
     """The grouped path reads no count back: captured once, a graph replays new routings, equal to
     eager calls bit for bit."""
     torch.manual_seed(2)
     fp4 = qwen3_experts()
-    x = torch.randn(6, 128, device="cuda", dtype=torch.bfloat16)
-    index = torch.stack([torch.randperm(16, device="cuda")[:4] for _ in range(6)])
-    weights = torch.softmax(torch.randn(6, 4, device="cuda"), -1).to(torch.bfloat16)
+    x, index, weights = qwen3_tokens(6)
     with torch.no_grad():
         fp4(x, index, weights)  # compile and build the tables outside the capture
         graph = torch.cuda.CUDAGraph()
@@ -140,7 +146,7 @@ def test_a_cuda_graph_holds_the_grouped_experts():
         for seed in range(3):
             torch.manual_seed(10 + seed)
             x.copy_(torch.randn_like(x))
-            index.copy_(torch.stack([torch.randperm(16, device="cuda")[:4] for _ in range(6)]))
+            index.copy_(qwen3_tokens(6)[1])
             graph.replay()
             assert torch.equal(out, fp4(x, index, weights))
 
@@ -150,9 +156,7 @@ def test_the_grouped_launch_follows_the_layers_buffers():
     run their own weights."""
     torch.manual_seed(3)
     fp4, other = qwen3_experts(), qwen3_experts()
-    x = torch.randn(5, 128, device="cuda", dtype=torch.bfloat16)
-    index = torch.stack([torch.randperm(16, device="cuda")[:4] for _ in range(5)])
-    weights = torch.softmax(torch.randn(5, 4, device="cuda"), -1).to(torch.bfloat16)
+    x, index, weights = qwen3_tokens(5)
     with torch.no_grad():
         want, want_other = fp4(x, index, weights), other(x, index, weights)
         copied = copy.deepcopy(fp4)
@@ -208,9 +212,7 @@ def test_a_cuda_graph_captures_the_grouped_path_past_its_eager_row_limit(monkeyp
     torch.manual_seed(4)
     fp4 = qwen3_experts()
     tokens = GROUPED_MAX_ROWS * 16 // 4 + 40  # rows an expert past what the eager grouped path takes
-    x = torch.randn(tokens, 128, device="cuda", dtype=torch.bfloat16)
-    index = torch.stack([torch.randperm(16, device="cuda")[:4] for _ in range(tokens)])
-    weights = torch.softmax(torch.randn(tokens, 4, device="cuda"), -1).to(torch.bfloat16)
+    x, index, weights = qwen3_tokens(tokens)
     calls = grouped_calls(monkeypatch)
     with torch.no_grad():
         assert fp4.grouped_tables(torch.bfloat16) is not None
@@ -232,9 +234,7 @@ def test_torch_compile_with_cuda_graphs_runs_the_grouped_experts(monkeypatch):
     (fp4cupy::experts) whose grouped launches its CUDA graphs capture: equal to eager, bit for bit."""
     torch.manual_seed(5)
     fp4 = qwen3_experts()
-    x = torch.randn(6, 128, device="cuda", dtype=torch.bfloat16)
-    index = torch.stack([torch.randperm(16, device="cuda")[:4] for _ in range(6)])
-    weights = torch.softmax(torch.randn(6, 4, device="cuda"), -1).to(torch.bfloat16)
+    x, index, weights = qwen3_tokens(6)
     with torch.no_grad():
         want = fp4(x, index, weights).clone()
         calls = grouped_calls(monkeypatch)
