@@ -63,9 +63,12 @@ template <bool BF16> __device__ __forceinline__ void mma(float (&c)[4], const u3
 // expert, expert e's the rows offsets[e] .. offsets[e + 1] - 1, its weight, scale codes, global
 // scale and bias (or 0) at table[4e .. 4e + 3]. Grid z = experts, or, where x has fewer rows than
 // there are experts (by_row), rows: block z then runs the expert whose first row z is, the others
-// none. The block's expert's rows go to pass(wq, sq, x, y, bias, g, rows) ``width`` at a time (a
-// kernel body for at most ``width`` rows); rows of experts >= experts (another rank's) are neither
-// read nor written.
+// none. Grid x: blocks that share an expert's rows, block x taking rows [x * width, (x + 1) * width)
+// of every gridDim.x * width (the bodies pick their rows by blockIdx.x: tok0 = blockIdx.x * width),
+// so an expert of many rows runs its passes side by side (and they read its weight through L2)
+// rather than one after another. The rows go to pass(wq, sq, x, y, bias, g, rows), a kernel body;
+// a block with no rows left returns. Rows of experts >= experts (another rank's) are neither read
+// nor written.
 template <typename T, typename Pass>
 __device__ __forceinline__ void grouped_passes(const u64* __restrict__ table, const i64* __restrict__ expert_of_row,
                                                const int* __restrict__ offsets, const T* x, T* y, int experts,
@@ -74,7 +77,8 @@ __device__ __forceinline__ void grouped_passes(const u64* __restrict__ table, co
     if (e >= experts || (by_row && offsets[e] != (int)blockIdx.z)) return;
     const int lo = offsets[e], m = offsets[e + 1] - lo;
     const u64* w = table + 4 * e;
-    for (int t0 = 0; t0 < m; t0 += width) {
+    const int step = (int)gridDim.x * width;
+    for (int t0 = 0; t0 + (int)blockIdx.x * width < m; t0 += step) {
         if (t0) __syncthreads();  // the last pass is done with shared memory
         pass(reinterpret_cast<const uint4*>(w[0]), reinterpret_cast<const unsigned short*>(w[1]), x + (i64)(lo + t0) * k,
              y + (i64)(lo + t0) * n, reinterpret_cast<const T*>(w[3]), reinterpret_cast<const float*>(w[2]), m - t0);

@@ -302,3 +302,11 @@ def test_transformers_reads_our_mxfp4_experts_export(make, tmp_path):
                 assert torch.equal(got, expert.fp4_weight().dequantize(dtype=torch.bfloat16)), (name, e)
                 checked += 1
     assert checked == 16
+
+
+def test_an_experts_passes_run_side_by_side_from_a_pass_of_rows_on_average():
+    from fp4cupy.cuda_grouped import pass_blocks
+
+    assert pass_blocks(16, 32, 8, 8) == 1  # 4 rows an expert: one block a pass
+    assert pass_blocks(1024, 2048, 8, 64) == 9  # 256 rows an expert: blocks for twice that
+    assert pass_blocks(100, 800, 1, 64) == 2  # never more than the call's tokens need

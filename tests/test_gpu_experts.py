@@ -67,7 +67,7 @@ def test_grouped_launch_rows_match_each_experts_float64_product(dtype, tol, fmt,
     of 200 rows (not a multiple of the 16-row tile), some with biases: an expert with more rows than
     a pass (picked twice by tokens), one with none, rows of expert 5 (another rank's), in both
     grids (over experts, and over rows with 4 rows for 5 experts), and 173 rows through the tiled
-    kernel (two passes of 64 for expert 0)."""
+    kernel (two passes of 64 for expert 0), and 370 rows whose passes run side by side (grid x = 4)."""
     torch.manual_seed(1)
     n, k, gs = 200, 64 * 5, 32 if fmt == "mxfp4" else 16
     layers = [NVFP4Linear.from_fp4(fp4cupy.quantize(torch.randn(n, k, device="cuda"), fmt, gs),
@@ -75,7 +75,8 @@ def test_grouped_launch_rows_match_each_experts_float64_product(dtype, tol, fmt,
     table, *_held = cuda_grouped.expert_table(layers, dtype)
     ids = torch.arange(6, device="cuda")
     for experts_of_rows, tokens in (([0] * 19 + [1] * 3 + [3] * 7 + [4] + [5] * 2, 8), ([1, 2, 4, 5], 4),
-                                    ([0] * 100 + [2] * 70 + [5] * 3, 64)):  # passes of 64: the tiled kernel
+                                    ([0] * 100 + [2] * 70 + [5] * 3, 64),  # passes of 64: the tiled kernel
+                                    ([0] * 200 + [1] * 130 + [2] * 40, 200)):  # 4 blocks share an expert's rows
         expert_of_row = torch.tensor(experts_of_rows, device="cuda")
         offsets = torch.searchsorted(expert_of_row, ids, out_int32=True)
         x = torch.randn(len(experts_of_rows), k, device="cuda").to(dtype)

@@ -76,7 +76,8 @@ def main() -> None:
         # passes of 8, 16, 32 and 64 tokens (the tiled kernel); expert 3 is another rank's; 2 rows for 3
         # experts: over rows
         for experts_of_rows, tokens in (([0] * 9 + [2] * 2 + [3], 1), ([1, 3], 2), ([0] * 20 + [1] * 30, 9),
-                                        ([0] + [2] * 70, 17), ([1] * 65 + [3] * 3, 40)):
+                                        ([0] + [2] * 70, 17), ([1] * 65 + [3] * 3, 40),
+                                        ([0] * 150 + [2] * 80, 150)):  # 3 blocks share an expert's rows
             expert_of_row = torch.tensor(experts_of_rows, device="cuda")
             offsets = torch.searchsorted(expert_of_row, torch.arange(4, device="cuda"), out_int32=True)
             x = torch.randn(len(experts_of_rows), 64 * 5, device="cuda").to(dtype)
