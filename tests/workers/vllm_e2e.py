@@ -75,6 +75,13 @@ def served_as(out, quantization: str, want, tag: str, eager: bool = True):
     return llm, problems
 
 
+def verdict(failures: list) -> int:
+    """Prints each failure; the exit code: 0 only where there is none."""
+    for f in failures:
+        print("FAIL", f)
+    return 1 if failures else 0
+
+
 def modelopt_declared(k: int, n: int, group: int) -> dict:
     """{name: (dtype, shape)} that the installed vLLM's modelopt NVFP4 weight scheme registers for an
     unfused [n, k] layer, read from its source (the register_params calls), not copied by hand."""
@@ -156,9 +163,7 @@ def main() -> int:
                 failures.append(f"{fmt}: fused layers run as {fused}, not {expect}")
             print(f"{fmt}: {len(fused)} fused layers, {sorted(set(fused.values()))} tensor(s) each", flush=True)
             del llm
-    for f in failures:
-        print("FAIL", f)
-    return 1 if failures else 0
+    return verdict(failures)
 
 
 MOE_MODELS = ("Mixtral", "Qwen3Moe")
@@ -224,9 +229,7 @@ def moe_served() -> int:
                 failures.append(f"{tag}: MoE layers run {methods}, not {method}")
             print(f"{tag}: {len(methods)} MoE layers through {sorted(set(methods.values()))}", flush=True)
             del llm
-    for f in failures:
-        print("FAIL", f)
-    return 1 if failures else 0
+    return verdict(failures)
 
 
 if __name__ == "__main__":
