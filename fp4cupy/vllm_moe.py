@@ -66,7 +66,7 @@ def experts_from_stacked(w13: tuple, w2: tuple, layout: str, group_size: int, ga
     names = LAYOUTS[layout]
     fmt = "nvfp4" if names["g"] else "mxfp4"
 
-    def layers(codes, scales, g, proj):
+    def layers(codes, scales, g):
         codes, scales = codes.view(torch.uint8), scales.view(torch.uint8)
         experts, rows, k = codes.shape[0], codes.shape[1], codes.shape[2] * 2
         out = []
@@ -85,7 +85,7 @@ def experts_from_stacked(w13: tuple, w2: tuple, layout: str, group_size: int, ga
             out.append(NVFP4Linear.from_fp4(t))
         return out
 
-    return NVFP4Experts(gating, layers(*w13, "up"), layers(*w2, "down"))
+    return NVFP4Experts(gating, layers(*w13), layers(*w2))
 
 
 def local_expert_ids(topk_ids: torch.Tensor, expert_map: torch.Tensor | None, experts: int) -> torch.Tensor:
@@ -156,7 +156,6 @@ if FusedMoEMethodBase is not None:
                         delattr(layer, f"{stem}_{self.names[key]}")
             if stacked["w13"][0].is_cuda:  # the grouped launches' tables, before vLLM captures CUDA graphs
                 self.experts.grouped_tables(self.moe.in_dtype)
-
             _LAYERS[layer.layer_name] = weakref.ref(layer)
 
         def get_fused_moe_quant_config(self, layer):
