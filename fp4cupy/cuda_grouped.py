@@ -138,11 +138,11 @@ def grouped_linear(x, table, expert_of_row, offsets, n: int, tokens: int):
     dev = x.get_device()
     if width >= TILED_MIN_PASS:
         launch, threads, shared, tile = _tiled_launcher(sfx, dev), TILED_THREADS, TILED_SHARED, TILED_ROWS
-        width = TILED_TOKENS
+        width = TILED_TOKENS  # the tiled kernel's pass
     else:
         nt = token_tiles(width)
         launch = launcher("w4a16.cu", f"w4a16_grouped_nt{nt}_{sfx}", dev, _SIGNATURE)
-        threads, shared, tile, width = 32 * WARPS, WARPS * nt * 512, TILE_ROWS, 8 * nt
+        threads, shared, tile = 32 * WARPS, WARPS * nt * 512, TILE_ROWS  # width is 8 * nt already
     by_row = rows < experts
     side = 1 if by_row else pass_blocks(tokens, rows, experts, width)
     launch((side, -(-n // tile), rows if by_row else experts), threads, shared, _torch_stream_ptr(t["torch"], dev),

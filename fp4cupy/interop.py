@@ -364,6 +364,18 @@ def _tensors(files):
                 yield k, h.get_tensor(k)
 
 
+def stored_global_scale(stored, layout: dict, what: str) -> float:
+    """The decode global scale g of rows whose checkpoint global scales are ``stored`` (floats, as
+    ``layout`` stores them: 1/g in float32 where it is ``inverse``); ValueError where they differ:
+    ``what``'s gate and up rows run as one matrix with one scale."""
+    values = sorted(set(stored))
+    if len(values) > 1:
+        raise ValueError(f"{what}: its gate and up rows hold global scales {values}; fp4cupy runs them as one "
+                         "matrix with one scale (quantize them with a shared one, as modelopt, llm-compressor and "
+                         "fp4cupy.quantize_model do)")
+    return float(np.float32(1.0) / np.float32(values[0])) if layout["inverse"] else values[0]
+
+
 def _fp4_state(pieces: dict, layout: dict) -> dict:
     """The state entries of NVFP4Linear layers from the tensors a checkpoint holds for them, in rows
     (an expert's gate and up are rows of one layer): {(layer, leaf): [(first row, tensor)]} ->
@@ -379,12 +391,7 @@ def _fp4_state(pieces: dict, layout: dict) -> dict:
         elif leaf == layout["scales"]:
             state[f"{layer}.weight_scale"] = torch.cat(parts).view(torch.uint8)
         elif leaf == layout["g"]:
-            gs = {float(t.reshape(-1)[0]) for t in parts}
-            if len(gs) > 1:
-                raise ValueError(f"{layer}: its gate and up rows hold global scales {sorted(gs)}; fp4cupy runs them "
-                                 "as one matrix with one scale")
-            g = gs.pop()
-            g = float(np.float32(1.0) / np.float32(g)) if layout["inverse"] else g
+            g = stored_global_scale([float(t.reshape(-1)[0]) for t in parts], layout, layer)
             state[f"{layer}.weight_global_scale"] = torch.tensor(g, dtype=torch.float32)
         elif leaf == "bias":
             state[f"{layer}.bias"] = torch.cat(parts)

@@ -18,12 +18,11 @@ from __future__ import annotations
 
 import weakref
 
-import numpy as np
 import torch
 from torch import nn
 
 from .experts import NVFP4Experts
-from .interop import LAYOUTS
+from .interop import LAYOUTS, stored_global_scale
 from .nn import NVFP4Linear
 from .tensor import FP4Tensor
 
@@ -49,13 +48,6 @@ class Gating(nn.Module):
         return out
 
 
-def param_names(layout: str) -> dict:
-    """{"codes", "scales", "g", "act": the stacked parameters' names without the w13_ / w2_ stem}
-    for a LAYOUTS key (None where the layout has no such tensor)."""
-    names = LAYOUTS[layout]
-    return {key: names[key] for key in ("codes", "scales", "g", "act")}
-
-
 def experts_from_stacked(w13: tuple, w2: tuple, layout: str, group_size: int, gating: nn.Module,
                          name: str = "experts") -> NVFP4Experts:
     """An NVFP4Experts of the stacked tensors vLLM loaded: ``w13`` = (codes uint8 [E, R, H/2], block
@@ -71,14 +63,7 @@ def experts_from_stacked(w13: tuple, w2: tuple, layout: str, group_size: int, ga
         experts, rows, k = codes.shape[0], codes.shape[1], codes.shape[2] * 2
         out = []
         for e in range(experts):
-            scale = 1.0
-            if g is not None:
-                gs = sorted({float(v) for v in g[e].reshape(-1).tolist()})
-                if len(gs) > 1:
-                    raise ValueError(f"{name}: expert {e}'s gate and up hold global scales {gs}; fp4cupy runs them "
-                                     "as one matrix with one scale (quantize them with a shared one, as modelopt, "
-                                     "llm-compressor and fp4cupy.quantize_model do)")
-                scale = float(np.float32(1.0) / np.float32(gs[0])) if names["inverse"] else gs[0]
+            scale = 1.0 if g is None else stored_global_scale(g[e].reshape(-1).tolist(), names, f"{name}: expert {e}")
             if codes.is_cuda:
                 scale = torch.tensor(scale, dtype=torch.float32, device=codes.device)
             t = FP4Tensor(codes[e].contiguous(), scales[e].contiguous(), scale, (rows, k), fmt, group_size)
@@ -111,7 +96,7 @@ if FusedMoEMethodBase is not None:
 
         def __init__(self, config, moe):
             super().__init__(moe)
-            self.config, self.names = config, param_names(config.layout)
+            self.config, self.names = config, LAYOUTS[config.layout]
 
         def create_weights(self, layer, num_experts, hidden_size, intermediate_size_per_partition, params_dtype,
                            **extra_weight_attrs):

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import fnmatch
 
-from .interop import LAYOUTS  # the tensor names of each checkpoint layout
+from .interop import LAYOUTS, stored_global_scale  # the tensor names of each checkpoint layout
 
 NAMES = ("nvfp4", "fp4cupy")
 
@@ -141,8 +141,8 @@ if QuantizationConfig is not None:
             scales = getattr(layer, self.names["scales"]).data.view(torch.uint8)
             fmt, g = "mxfp4", [1.0] * len(layer.fp4_partitions)
             if self.names["g"]:
-                fmt, g = "nvfp4", getattr(layer, self.names["g"]).data.float().cpu()
-                g = (1.0 / g if self.names["inverse"] else g).tolist()  # compressed-tensors stores 1/g: float32 here
+                stored = getattr(layer, self.names["g"]).data.float().cpu().tolist()  # one a shard
+                fmt, g = "nvfp4", [stored_global_scale([v], self.names, "a shard") for v in stored]
             shards = shard_tensors(codes, scales, g, layer.fp4_partitions, self.config.group_size, fmt)
             # NVFP4Linear: on CUDA the W4A16 repack alone (4.5 bits a weight), the CPU the exact
             # reference; a custom op that torch.compile and CUDA graphs take whole

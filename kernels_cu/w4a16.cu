@@ -204,9 +204,9 @@ __device__ void w4a16_body(const uint4* __restrict__ wq, const unsigned short* _
 #endif
 }
 
-// Grouped (a MoE block's experts; grouped_passes in w4a16_decode.cuh): grid (1, row tiles,
-// experts or rows), each block all of its expert's rows, 8 * NT at a time, so the grid needs no
-// count from the host.
+// Grouped (a MoE block's experts; grouped_passes in w4a16_decode.cuh): grid (blocks sharing an
+// expert's rows, row tiles, experts or rows), passes of 8 * NT rows until the expert's rows are
+// done, so the grid needs no count from the host.
 template <bool BF16, int NT, int U>
 __device__ void w4a16_grouped(const u64* table, const i64* expert_of_row, const int* offsets,
                               const typename Act<BF16>::T* x, typename Act<BF16>::T* y, int experts, int by_row, int n,

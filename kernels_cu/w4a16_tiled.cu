@@ -19,8 +19,8 @@
 // order (deterministic), then scales, adds and rounds; on sm_90+ it is launched as a programmatic
 // dependent, so its launch overlaps the main kernel's end.
 // w4a16_tiled_grouped_{f16,bf16}: a MoE block's experts in one launch (grouped_passes in
-// w4a16_decode.cuh), grid (1, row blocks, experts or rows), each block all of its expert's rows, 64
-// at a time, K not split.
+// w4a16_decode.cuh), grid (blocks sharing an expert's rows, row blocks, experts or rows), passes
+// of 64 rows until the expert's rows are done, K not split.
 #include "w4a16_decode.cuh"
 
 #define TILED_WARPS 8

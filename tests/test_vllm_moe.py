@@ -11,7 +11,7 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("transformers.integrations.moe", reason="transformers 5's 3-D experts")
 import fp4cupy  # noqa: E402
 from fp4cupy.interop import LAYOUTS  # noqa: E402
-from fp4cupy.vllm_moe import Gating, experts_from_stacked, local_expert_ids, param_names  # noqa: E402
+from fp4cupy.vllm_moe import Gating, experts_from_stacked, local_expert_ids  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 TINY = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
@@ -39,7 +39,7 @@ def exported_mixtral(tmp_path, format, fmt="nvfp4", group_size=16, **sizes):
 def stacked(tensors, layout, experts=4):
     """(w13, w2) as vLLM's weight loader fills the layer: each expert's w1 rows then its w3 rows,
     global scales [E, 2] (w1's, w3's) and [E], under the layout's tensor names."""
-    names = param_names(layout)
+    names = LAYOUTS[layout]
 
     def get(e, proj, key):
         return tensors[f"{BLOCK}.experts.{e}.{proj}.{names[key]}"]
@@ -89,7 +89,7 @@ def test_gate_and_up_of_different_global_scales_are_refused(tmp_path):
     w13, w2 = stacked(tensors, "modelopt")
     g = w13[2].clone()
     g[2, 1] *= 2
-    with pytest.raises(ValueError, match="expert 2's gate and up hold global scales"):
+    with pytest.raises(ValueError, match="layer: expert 2: its gate and up rows hold global scales"):
         experts_from_stacked((w13[0], w13[1], g), w2, "modelopt", 16, Gating(silu_and_mul, True), "layer")
 
 
