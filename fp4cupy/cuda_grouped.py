@@ -1,5 +1,5 @@
 """Every expert of a MoE block in one W4A16 launch (kernels_cu/w4a16.cu ``w4a16_grouped_*``,
-w4a16_tiled.cu ``w4a16_tiled_grouped_*``).
+w4a16_tiled.cu ``w4a16_tiled_grouped_*``, w4a16_wgmma_grouped.cu ``w4a16_wgg_*`` on sm_90a).
 
 x's rows sorted by expert; expert e's rows ``offsets[e] .. offsets[e + 1] - 1`` are multiplied by
 expert e's repacked weight (``expert_table``), FP32 accumulation on the tensor cores, y in x's
@@ -10,7 +10,10 @@ in shared memory. The host reads no count back: the grid is (pass_blocks, row ti
 the pass_blocks blocks of an expert and row tile sharing its rows a pass each, then the next
 (any number of rows, no count needed); or (1, row tiles, rows) when x has fewer rows than there
 are experts. So there is no sync, and a CUDA graph can hold the call. Rows of
-experts >= E (expert parallelism's "not here") are neither read nor written.
+experts >= E (expert parallelism's "not here") are neither read nor written. On sm_90a, from
+WG_MIN_PASS rows an expert (``expected_rows``): the warpgroup-MMA kernel, each expert's rows cut
+into tiles of at most 32, 64, 96 or 128 (``expert_tiles``, on the GPU: no count to the host
+either), a grid row a tile, its x reordered once as ``linear``'s warpgroup kernel reads it.
 
 ``route`` (kernels_cu/moe_route.cu) sorts a block's (token, slot) pairs into those rows and
 ``combine`` adds each token's weighted rows back, each one launch.
@@ -23,6 +26,7 @@ import math
 from . import cuda_linear
 from .cuda_ops import _torch_names, _torch_stream_ptr
 from .cuda_tiled import TILED_ROWS, TILED_SHARED, TILED_THREADS, TILED_TOKENS
+from .cuda_wgmma import WG_CLUSTER, wg_shared, wg_tiles
 from .mma_plan import TILE_ROWS, token_tiles
 from .runtime import launcher
 
@@ -30,6 +34,13 @@ WARPS = 4  # warps a block of w4a16.cu's grouped kernels (NT = 1, 2, 4 token til
 TILED_MIN_PASS = 33  # pass widths (pass_tokens) from which the tiled kernel runs
 _SIGNATURE = "PPPPPiiii"  # table, expert of row, offsets, x, y, experts, by_row, n, k
 ROUTE_THREADS = 1024
+WG_GROUPED_TILES = (32, 64, 96, 128)  # rows a tile of w4a16_wgmma_grouped.cu's kernels (NT)
+# Expected rows an expert (expected_rows) from which sm_90a takes the warpgroup kernel. H200, bf16,
+# its time over w4a16.cu's / w4a16_tiled.cu's (scratch A/B, session 25), Mixtral-8x7B and
+# Qwen3-30B-A3B: 0.70 / 0.77 at 8 rows, 0.89 / 0.86 at 14, 1.32 / 1.39 at 19-24, 1.25 / 1.00 at 44,
+# 1.67 / 1.15 at 80, 1.46 / 1.13 at 151, 1.56 at 288, 1.76 at 1615-2139.
+WG_MIN_PASS = 17
+_WG_SIGNATURE = "PPPPPii"  # table, tiles, expert of row, reordered x, y, n, k
 
 
 def expert_table(layers, dtype, reuse=None):
@@ -63,13 +74,28 @@ def _held(layer, device, dtype) -> bool:
             and (bias is None or (bias.dtype == dtype and bias.is_contiguous())))
 
 
-def pass_tokens(tokens: int, rows: int, experts: int) -> int:
-    """Tokens a block multiplies in one pass (8 * NT) for ``rows`` rows of ``tokens`` tokens over
-    ``experts`` experts: past the mean rows an expert by two standard deviations (uniform routing),
-    at most ``tokens`` (an expert's most rows when each token picks distinct experts) and 64. An
-    expert with more rows takes more passes, each reading its weight again."""
+def expected_rows(tokens: int, rows: int, experts: int) -> int:
+    """The rows of a busy expert for ``rows`` rows of ``tokens`` tokens over ``experts`` experts:
+    past the mean by two standard deviations (uniform routing), at most ``tokens`` (an expert's
+    most rows when each token picks distinct experts), at least 1."""
     mean = rows / max(experts, 1)
-    return 8 * token_tiles(max(1, min(tokens, 64, math.ceil(mean + 2 * math.sqrt(mean)))))
+    return max(1, min(tokens, math.ceil(mean + 2 * math.sqrt(mean))))
+
+
+def pass_tokens(tokens: int, rows: int, experts: int) -> int:
+    """Tokens a block of w4a16.cu's or w4a16_tiled.cu's grouped kernels multiplies in one pass
+    (8 * NT): ``expected_rows``, at most 64. An expert with more rows takes more passes, each
+    reading its weight again."""
+    return 8 * token_tiles(min(64, expected_rows(tokens, rows, experts)))
+
+
+def wg_tile_rows(tokens: int, rows: int, experts: int, device: int) -> int:
+    """Rows a tile of the grouped warpgroup kernel (one of WG_GROUPED_TILES) where it takes the
+    call: sm_90a, WG_MIN_PASS or more ``expected_rows``; else 0."""
+    expected = expected_rows(tokens, rows, experts)
+    if expected < WG_MIN_PASS or not cuda_linear._wg_ok(device):
+        return 0
+    return next((nt for nt in WG_GROUPED_TILES if nt >= expected), WG_GROUPED_TILES[-1])
 
 
 def pass_blocks(tokens: int, rows: int, experts: int, width: int) -> int:
@@ -100,6 +126,20 @@ def route(index, experts: int):
         slots, k, experts, longs.data_ptr(), longs.data_ptr() + 8 * slots, ints.data_ptr(),
         ints.data_ptr() + 4 * (experts + 1))
     return longs[:slots], longs[slots:], ints[:experts + 1], ints[experts + 1:]
+
+
+def expert_tiles(offsets, nt: int, capacity: int):
+    """int32 [capacity, 2] on the GPU: (first row, rows) of each tile of at most ``nt`` rows of an
+    expert's rows (``offsets`` int32 [E + 1] from ``route``), expert by expert, then (0, 0); the
+    tiles fit where ``capacity`` >= rows / nt + E. One launch, no sync."""
+    t = _torch_names()
+    experts = offsets.shape[0] - 1
+    tiles = offsets.new_empty((capacity, 2))
+    dev = offsets.get_device()
+    launcher("moe_route.cu", "moe_tiles", dev, "PiiiP")(
+        1, ROUTE_THREADS, 4 * (experts + 1 + ROUTE_THREADS), _torch_stream_ptr(t["torch"], dev), offsets.data_ptr(),
+        experts, nt, capacity, tiles.data_ptr())
+    return tiles
 
 
 def combine(h, row_of_slot, index, weights, experts: int):
@@ -133,9 +173,13 @@ def grouped_linear(x, table, expert_of_row, offsets, n: int, tokens: int):
     y = cuda_linear._new_output(x, (rows,), n)
     if rows == 0:
         return y
-    width = pass_tokens(tokens, rows, experts)
     sfx = "bf16" if x.dtype is t["half"][1] else "f16"
     dev = x.get_device()
+    nt = wg_tile_rows(tokens, rows, experts, dev)
+    if nt:
+        _grouped_wg(x, y, table, expert_of_row, offsets, n, nt, sfx, dev)
+        return y
+    width = pass_tokens(tokens, rows, experts)
     if width >= TILED_MIN_PASS:
         launch, threads, shared, tile = _tiled_launcher(sfx, dev), TILED_THREADS, TILED_SHARED, TILED_ROWS
         width = TILED_TOKENS  # the tiled kernel's pass
@@ -154,3 +198,28 @@ def grouped_linear(x, table, expert_of_row, offsets, n: int, tokens: int):
 @functools.lru_cache(maxsize=None)
 def _tiled_launcher(sfx: str, device: int):
     return launcher("w4a16_tiled.cu", f"w4a16_tiled_grouped_{sfx}", device, _SIGNATURE).allow_shared(TILED_SHARED)
+
+
+def _grouped_wg(x, y, table, expert_of_row, offsets, n: int, nt: int, sfx: str, device: int) -> None:
+    """grouped_linear through w4a16_wgmma_grouped.cu: tiles of at most ``nt`` rows of an expert
+    (``moe_tiles``: at most rows / nt + E of them), x reordered a tile, then grid (blocks over the
+    weight's rows, tiles), each cluster one 512-row tile of its expert's weight on one tile's rows."""
+    t = _torch_names()
+    rows, k = x.shape
+    experts = table.shape[0]
+    stream = _torch_stream_ptr(t["torch"], device)
+    capacity = rows // nt + experts
+    tiles = expert_tiles(offsets, nt, capacity)
+    units = (k // 64 + 1) * 8 * nt  # 16-byte units of a tile's reordered x (one zero chunk more)
+    xp = x.new_empty(capacity * units * 16, dtype=t["u8"])
+    launcher("w4a16_wgmma_grouped.cu", "w4a16_wgg_xprep", device, "PPPiii")(
+        -(-capacity * units // 256), 256, 0, stream, x.data_ptr(), xp.data_ptr(), tiles.data_ptr(), capacity, k, nt)
+    _wg_launcher(nt, sfx, device).after(  # a programmatic dependent of xprep: starts copying weights early
+        (WG_CLUSTER * wg_tiles(n), capacity), 512, wg_shared(nt), stream, table.data_ptr(), tiles.data_ptr(),
+        expert_of_row.data_ptr(), xp.data_ptr(), y.data_ptr(), n, k)
+
+
+@functools.lru_cache(maxsize=None)
+def _wg_launcher(nt: int, sfx: str, device: int):
+    return launcher("w4a16_wgmma_grouped.cu", f"w4a16_wgg_nt{nt}_{sfx}", device,
+                    _WG_SIGNATURE).allow_shared(wg_shared(nt))

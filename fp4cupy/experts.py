@@ -30,6 +30,17 @@ _FLAGS = ("has_gate", "has_bias", "is_transposed")  # set by transformers' @use_
 # 1.9-2.3x at 16, 1.1-1.3x at 64, 1.8x at 128, 1.04-1.8x at 256, 0.83-1.5x at 512; Qwen3-30B-A3B
 # (128 experts, top-8) 4-45x from 0.06 to 128 rows.
 GROUPED_MAX_ROWS = 256
+# The same where the grouped warpgroup kernel runs (sm_90a; cuda_grouped.WG_MIN_PASS). H200, bf16,
+# grouped over loop (scratch A/B, session 25): Mixtral-8x7B 1.4-2.1x up to 558 rows, 1.17x at 1088,
+# 1.14x at 1615, 1.05x at 2139; Qwen3-30B-A3B 28-46x up to 288 rows.
+GROUPED_MAX_ROWS_WG = 2048
+
+
+def grouped_max_rows(device: int) -> int:
+    """Rows an expert on average up to which CUDA ``device`` runs NVFP4Experts as grouped launches."""
+    from . import cuda_linear
+
+    return GROUPED_MAX_ROWS_WG if cuda_linear._wg_ok(device) else GROUPED_MAX_ROWS
 
 
 def is_experts(module: nn.Module) -> bool:
@@ -76,7 +87,7 @@ class NVFP4Experts(nn.Module):
     are expert e's NVFP4Linear layers; ``source`` is the original module without its weights (its
     gating, activation and flags). Called as the original: ``(hidden_states [T, H], top_k_index
     [T, k], top_k_weights [T, k]) -> [T, H]``, each token's experts' outputs weighted in
-    hidden_states' dtype and added. On CUDA, up to GROUPED_MAX_ROWS rows an expert on average (fp16/bf16, no
+    hidden_states' dtype and added. On CUDA, up to ``grouped_max_rows`` rows an expert on average (fp16/bf16, no
     gradient to track): one grouped launch a projection over every expert (cuda_grouped.py), the
     slots added in float32 and rounded once, no host sync (a CUDA graph can hold it). Else a loop
     over the experts hit (one host sync), added in the dtype in expert order, as transformers'
@@ -159,11 +170,11 @@ class NVFP4Experts(nn.Module):
 
     def _grouped_tables(self, x: torch.Tensor, k: int):
         """(up table, down table) for ``cuda_grouped.grouped_linear`` where this call takes the
-        grouped launches: fp16/bf16 CUDA tokens, k experts each, at most GROUPED_MAX_ROWS rows an
+        grouped launches: fp16/bf16 CUDA tokens, k experts each, at most ``grouped_max_rows`` rows an
         expert on average (any number while a CUDA graph captures), no gradient to track, not
         traced, every layer held as the W4A16 repack; else None."""
         if (not x.is_cuda or x.dtype not in (torch.float16, torch.bfloat16)
-                or (x.shape[0] * k > GROUPED_MAX_ROWS * len(self.down)
+                or (x.shape[0] * k > grouped_max_rows(x.get_device()) * len(self.down)
                     and not torch.cuda.is_current_stream_capturing())  # the loop's host sync cannot be captured
                 or torch.compiler.is_compiling() or self._tracks_grad(x)):
             return None

@@ -310,3 +310,17 @@ def test_an_experts_passes_run_side_by_side_from_a_pass_of_rows_on_average():
     assert pass_blocks(16, 32, 8, 8) == 1  # 4 rows an expert: one block a pass
     assert pass_blocks(1024, 2048, 8, 64) == 9  # 256 rows an expert: blocks for twice that
     assert pass_blocks(100, 800, 1, 64) == 2  # never more than the call's tokens need
+
+
+def test_sm90a_takes_the_warpgroup_kernel_from_17_expected_rows_an_expert(monkeypatch):
+    from fp4cupy import cuda_grouped, cuda_linear
+
+    assert cuda_grouped.expected_rows(1024, 2048, 8) == 288  # 256 rows an expert + two deviations
+    assert cuda_grouped.expected_rows(16, 2048, 8) == 16  # at most the call's tokens
+    assert cuda_grouped.pass_tokens(1024, 2048, 8) == 64  # the other kernels' passes stop at 64
+    assert cuda_grouped.wg_tile_rows(1024, 2048, 8, 0) == 0  # not on this machine (no sm_90a GPU)
+    monkeypatch.setattr(cuda_linear, "_wg_ok", lambda device: True)
+    assert cuda_grouped.wg_tile_rows(1024, 2048, 8, 0) == 128  # tiles of at most 128 rows
+    assert cuda_grouped.wg_tile_rows(1024, 4096, 128, 0) == 64  # Qwen3-30B-A3B: 32 rows an expert -> 44
+    assert cuda_grouped.wg_tile_rows(256, 2048, 128, 0) == 32  # 16 -> 24
+    assert cuda_grouped.wg_tile_rows(128, 1024, 128, 0) == 0  # 8 -> 14: w4a16.cu's grouped kernel

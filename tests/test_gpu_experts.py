@@ -1,5 +1,5 @@
 """MoE experts as FP4 layers on CUDA (run on a GPU: pytest -m gpu): each expert's projections run
-the W4A16 kernel, in one grouped launch a projection up to GROUPED_MAX_ROWS rows an expert on average
+the W4A16 kernel, in one grouped launch a projection up to grouped_max_rows rows an expert on average
 (cuda_grouped.py), else a launch an expert; the block against the transformers module on the dequantized weights."""
 import copy
 import gc
@@ -11,7 +11,8 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 import fp4cupy  # noqa: E402
 from fp4cupy import cuda_grouped  # noqa: E402
-from fp4cupy.experts import GROUPED_MAX_ROWS, NVFP4Experts  # noqa: E402
+from fp4cupy import experts as fp4_experts  # noqa: E402
+from fp4cupy.experts import NVFP4Experts, grouped_max_rows  # noqa: E402
 from fp4cupy.nn import NVFP4Linear  # noqa: E402
 from test_experts import TINY, combine_reference, dequantized_copy, route_reference, routing  # noqa: E402
 
@@ -27,12 +28,13 @@ def grouped_calls(monkeypatch) -> list:
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float16, 3e-3), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("kind", ["mixtral", "gpt_oss"])
-@pytest.mark.parametrize("tokens", [3, 40, 300, 1100])
+@pytest.mark.parametrize("tokens", [3, 40, 300, 1100, 8400])
 def test_experts_on_cuda_match_the_original_on_dequantized_weights(kind, dtype, tol, tokens, monkeypatch):
     """fp16/bf16 tokens through the W4A16 kernel (the up and down projections each round to the
     dtype) against the float32 module on deq(W). 3 tokens: 6 rows, fewer than the 8 experts (the
-    grouped grid over rows); 40: experts get 0 to ~20 rows (over experts); 300: 75 rows an expert
-    on average (the tiled kernel); 1100: 275, the loop."""
+    grouped grid over rows); 40: experts get 0 to ~20 rows (over experts; sm_90a: the warpgroup
+    kernel); 300: 75 rows an expert on average (the tiled kernel; sm_90a: the warpgroup kernel);
+    1100: 275, the loop (sm_90a: the warpgroup kernel); 8400: 2100, the loop."""
     calls = grouped_calls(monkeypatch)
     torch.manual_seed(0)
     if kind == "mixtral":
@@ -57,17 +59,30 @@ def test_experts_on_cuda_match_the_original_on_dequantized_weights(kind, dtype, 
         got = fp4(x.to(dtype), index, weights.to(dtype))
     assert got.dtype == dtype and got.is_cuda
     assert float((got.double() - want).norm() / want.norm()) <= tol
-    assert len(calls) == (2 if tokens * 2 <= GROUPED_MAX_ROWS * 8 else 0)
+    assert len(calls) == (2 if tokens * 2 <= grouped_max_rows(torch.cuda.current_device()) * 8 else 0)
+
+
+def uses_wg_grouped() -> bool:
+    """Whether this GPU takes the grouped warpgroup kernel (sm_90a)."""
+    return fp4cupy.cuda_linear._wg_ok(torch.cuda.current_device())
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float16, 1e-3), (torch.bfloat16, 8e-3)])
 @pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
-def test_grouped_launch_rows_match_each_experts_float64_product(dtype, tol, fmt, poison):
+@pytest.mark.parametrize("kernel", ["mma", "warpgroup"])
+def test_grouped_launch_rows_match_each_experts_float64_product(dtype, tol, fmt, kernel, poison, monkeypatch):
     """cuda_grouped.grouped_linear against x_r @ deq(W_e)^T + b_e in float64, row by row, for 5 experts
     of 200 rows (not a multiple of the 16-row tile), some with biases: an expert with more rows than
     a pass (picked twice by tokens), one with none, rows of expert 5 (another rank's), in both
     grids (over experts, and over rows with 4 rows for 5 experts), and 173 rows through the tiled
-    kernel (two passes of 64 for expert 0), and 370 rows whose passes run side by side (grid x = 4)."""
+    kernel (two passes of 64 for expert 0), and 370 rows whose passes run side by side (grid x = 4).
+    "warpgroup" (sm_90a): the last two through w4a16_wgmma_grouped.cu (tiles of 64, then 96 rows:
+    expert 0's 200 rows in three), and tiles of 32 (55 rows), of 128 (460 rows of experts with 1 to
+    300 rows)."""
+    if kernel == "warpgroup" and not uses_wg_grouped():
+        pytest.skip("the grouped warpgroup kernel runs on sm_90a")
+    if kernel == "mma":
+        monkeypatch.setattr(cuda_grouped, "WG_MIN_PASS", 10**9)
     torch.manual_seed(1)
     n, k, gs = 200, 64 * 5, 32 if fmt == "mxfp4" else 16
     layers = [NVFP4Linear.from_fp4(fp4cupy.quantize(torch.randn(n, k, device="cuda"), fmt, gs),
@@ -76,7 +91,12 @@ def test_grouped_launch_rows_match_each_experts_float64_product(dtype, tol, fmt,
     ids = torch.arange(6, device="cuda")
     for experts_of_rows, tokens in (([0] * 19 + [1] * 3 + [3] * 7 + [4] + [5] * 2, 8), ([1, 2, 4, 5], 4),
                                     ([0] * 100 + [2] * 70 + [5] * 3, 64),  # passes of 64: the tiled kernel
-                                    ([0] * 200 + [1] * 130 + [2] * 40, 200)):  # 4 blocks share an expert's rows
+                                    ([0] * 200 + [1] * 130 + [2] * 40, 200),  # 4 blocks share an expert's rows
+                                    ([0] * 20 + [1] * 10 + [3] * 25, 25),
+                                    ([0] * 300 + [1] + [3] * 129 + [4] * 30, 300)):
+        if kernel == "warpgroup":
+            tile = cuda_grouped.wg_tile_rows(tokens, len(experts_of_rows), 5, torch.cuda.current_device())
+            assert tile == {8: 0, 4: 0, 64: 64, 200: 96, 25: 32, 300: 128}[tokens], tokens
         expert_of_row = torch.tensor(experts_of_rows, device="cuda")
         offsets = torch.searchsorted(expert_of_row, ids, out_int32=True)
         x = torch.randn(len(experts_of_rows), k, device="cuda").to(dtype)
@@ -92,8 +112,8 @@ def test_grouped_launch_rows_match_each_experts_float64_product(dtype, tol, fmt,
 def test_route_sorts_slots_by_expert_and_combine_adds_them_back(poison):
     """cuda_grouped.route against torch's stable sort (offsets and the experts' row order equal; each
     slot's row holds its expert and token: the order within an expert is free) on 300 tokens x 8 of
-    40 experts, some slots another rank's (40, 57); combine against its torch reference bit for
-    bit, weights float32 and in h's dtype."""
+    40 experts, some slots another rank's (40, 57); expert_tiles against a list of each expert's
+    tiles; combine against its torch reference bit for bit, weights float32 and in h's dtype."""
     torch.manual_seed(4)
     tokens, k, experts, hidden = 300, 8, 40, 96
     index = torch.randint(0, experts, (tokens, k), device="cuda")
@@ -105,6 +125,12 @@ def test_route_sorts_slots_by_expert_and_combine_adds_them_back(poison):
     assert torch.equal(torch.sort(row_of_slot.long()).values, slots)  # a permutation
     assert torch.equal(expert_of_row[row_of_slot.long()], index.reshape(-1).clamp(max=experts))
     assert torch.equal(token_of_row[row_of_slot.long()], slots // k)
+    for nt in (64, 128, 5):  # tiles of at most nt rows of an expert, expert by expert, then empty ones
+        capacity = tokens * k // nt + experts
+        tiles = cuda_grouped.expert_tiles(offsets, nt, capacity)
+        want = [[r0, min(nt, hi - r0)] for lo, hi in zip(offsets[:-1].tolist(), offsets[1:].tolist())
+                for r0 in range(lo, hi, nt)]
+        assert tiles.tolist() == want + [[0, 0]] * (capacity - len(want)), nt
     for dtype in (torch.float16, torch.bfloat16):
         h = torch.randn(tokens * k, hidden, device="cuda").to(dtype)
         for weights in (torch.rand(tokens, k, device="cuda"), torch.rand(tokens, k, device="cuda").to(dtype)):
@@ -212,22 +238,26 @@ def test_a_cuda_graph_captures_the_grouped_path_past_its_eager_row_limit(monkeyp
     were repacked since (no upload while capturing): the replay equals the grouped path run eagerly."""
     torch.manual_seed(4)
     fp4 = qwen3_experts()
-    tokens = GROUPED_MAX_ROWS * 16 // 4 + 40  # rows an expert past what the eager grouped path takes
+    tokens = grouped_max_rows(torch.cuda.current_device()) * 16 // 4 + 40  # past the eager grouped path's rows
     x, index, weights = qwen3_tokens(tokens)
     calls = grouped_calls(monkeypatch)
+    limits = fp4_experts.GROUPED_MAX_ROWS, fp4_experts.GROUPED_MAX_ROWS_WG
     with torch.no_grad():
         assert fp4.grouped_tables(torch.bfloat16) is not None
-        fp4(x, index, weights)  # eager: the loop, which also compiles what it launches
+        fp4(x, index, weights)  # eager: the loop
         assert calls == []
+        monkeypatch.setattr(fp4_experts, "GROUPED_MAX_ROWS", 10**6)
+        monkeypatch.setattr(fp4_experts, "GROUPED_MAX_ROWS_WG", 10**6)
+        want = fp4(x, index, weights)  # the grouped path eagerly (which compiles its kernels)
+        monkeypatch.setattr(fp4_experts, "GROUPED_MAX_ROWS", limits[0])
+        monkeypatch.setattr(fp4_experts, "GROUPED_MAX_ROWS_WG", limits[1])
         NVFP4Linear.from_float(torch.nn.Linear(128, 64, device="cuda"))  # another layer's repack
-        fp4(x[:8], index[:8], weights[:8])  # compile the grouped kernels outside the capture
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             out = fp4(x, index, weights)
         graph.replay()
-        monkeypatch.setattr("fp4cupy.experts.GROUPED_MAX_ROWS", 10**6)
-        assert torch.equal(out, fp4(x, index, weights))
-    assert len(calls) == 6  # two a grouped call: the small one, the capture, the last
+        assert torch.equal(out, want)
+    assert len(calls) == 4  # two a grouped call: eager, the capture
 
 
 def test_torch_compile_with_cuda_graphs_runs_the_grouped_experts(monkeypatch):
