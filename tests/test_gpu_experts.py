@@ -78,7 +78,7 @@ def test_grouped_launch_rows_match_each_experts_float64_product(dtype, tol, fmt,
     kernel (two passes of 64 for expert 0), and 370 rows whose passes run side by side (grid x = 4).
     "warpgroup" (sm_90a): the last two through w4a16_wgmma_grouped.cu (tiles of 64, then 96 rows:
     expert 0's 200 rows in three), and tiles of 32 (55 rows), of 128 (460 rows of experts with 1 to
-    300 rows)."""
+    300 rows); where the tiled kernel would run, its output bit for bit."""
     if kernel == "warpgroup" and not uses_wg_grouped():
         pytest.skip("the grouped warpgroup kernel runs on sm_90a")
     if kernel == "mma":
@@ -107,6 +107,12 @@ def test_grouped_launch_rows_match_each_experts_float64_product(dtype, tol, fmt,
             want = x[rows].double() @ w.T + (0 if layers[e].bias is None else layers[e].bias.detach().double())
             err = float((y[rows].double() - want).norm() / want.norm()) if rows.any() else 0.0
             assert err <= tol, (e, err)
+        if kernel == "warpgroup" and cuda_grouped.pass_tokens(tokens, len(experts_of_rows), 5) >= 33:
+            # the tiled kernel adds the same products in the same K order: equal bit for bit
+            wg_min_pass = cuda_grouped.WG_MIN_PASS
+            monkeypatch.setattr(cuda_grouped, "WG_MIN_PASS", 10**9)
+            assert torch.equal(y, cuda_grouped.grouped_linear(x, table, expert_of_row, offsets, n, tokens)), tokens
+            monkeypatch.setattr(cuda_grouped, "WG_MIN_PASS", wg_min_pass)
 
 
 def test_route_sorts_slots_by_expert_and_combine_adds_them_back(poison):

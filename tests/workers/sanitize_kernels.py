@@ -3,8 +3,8 @@ every mma.sync W4A16 variant once (ragged N, odd M, 1 warp and several), K split
 (sm_90+), the capped 4-warp kernels through ``linear`` where the plan takes them, the warpgroup
 kernel's split-K (two splits a cluster, or more through the workspace) and stream-K paths at
 several token-column counts (sm_90a), the tiled kernel (w4a16_tiled.cu) with K split and not, the
-grouped MoE kernels (each pass width, several passes, rows of no expert, both grids) with their
-route and combine kernels, and
+grouped MoE kernels (each pass width, several passes, rows of no expert, both grids; on sm_90a
+the warpgroup kernel and its tiles too) with their route and combine kernels, and
 quantize / dequantize / prepare / the FP4 x FP4 gemm on
 ragged shapes in each format.
 The sanitizer's exit code says whether any access was out of bounds, raced or read uninitialized memory."""
@@ -74,14 +74,19 @@ def main() -> None:
                                        torch.randn(200, device="cuda", dtype=dtype) if e else None) for e in range(3)]
         table, *_held = cuda_grouped.expert_table(layers, dtype)
         # passes of 8, 16, 32 and 64 tokens (the tiled kernel); expert 3 is another rank's; 2 rows for 3
-        # experts: over rows
-        for experts_of_rows, tokens in (([0] * 9 + [2] * 2 + [3], 1), ([1, 3], 2), ([0] * 20 + [1] * 30, 9),
-                                        ([0] + [2] * 70, 17), ([1] * 65 + [3] * 3, 40),
-                                        ([0] * 150 + [2] * 80, 150)):  # 3 blocks share an expert's rows
-            expert_of_row = torch.tensor(experts_of_rows, device="cuda")
-            offsets = torch.searchsorted(expert_of_row, torch.arange(4, device="cuda"), out_int32=True)
-            x = torch.randn(len(experts_of_rows), 64 * 5, device="cuda").to(dtype)
-            cuda_grouped.grouped_linear(x, table, expert_of_row, offsets, 200, tokens)
+        # experts: over rows. On sm_90a the last three take the warpgroup kernel (tiles of 32, 64 and 96
+        # rows, expert 0's 150 in two) unless it is turned off (the second round).
+        default = cuda_grouped.WG_MIN_PASS
+        for wg_min_pass in (default, 10**9):
+            cuda_grouped.WG_MIN_PASS = wg_min_pass
+            for experts_of_rows, tokens in (([0] * 9 + [2] * 2 + [3], 1), ([1, 3], 2), ([0] * 20 + [1] * 30, 9),
+                                            ([0] + [2] * 70, 17), ([1] * 65 + [3] * 3, 40),
+                                            ([0] * 150 + [2] * 80, 150)):  # 3 blocks share an expert's rows
+                expert_of_row = torch.tensor(experts_of_rows, device="cuda")
+                offsets = torch.searchsorted(expert_of_row, torch.arange(4, device="cuda"), out_int32=True)
+                x = torch.randn(len(experts_of_rows), 64 * 5, device="cuda").to(dtype)
+                cuda_grouped.grouped_linear(x, table, expert_of_row, offsets, 200, tokens)
+        cuda_grouped.WG_MIN_PASS = default
     index = torch.randint(0, 40, (300, 8), device="cuda")
     index[::7, 3] = 40  # another rank's
     _, _, _, row_of_slot = cuda_grouped.route(index, 40)
