@@ -7,7 +7,7 @@ Mixtral-8x7B's experts (8 of 14336 x 4096, top-2; random bf16 weights, no downlo
 host work included (transformers' experts loop syncs once a call to list the experts hit), timed with
 CUDA events, alternating with the peer: transformers' eager loop on the bf16 weights, and its
 grouped_mm implementation where this transformers has one. Prints the speed-up over each, and,
-up to grouped_max_rows rows an expert on average (where fp4cupy runs two grouped launches and no
+where ``loops_over_experts`` says no (where fp4cupy runs two grouped launches and no
 host sync), over fp4cupy's own loop over the experts hit, and both fp4cupy and grouped_mm replayed from CUDA graphs.
 """
 from __future__ import annotations
@@ -53,12 +53,15 @@ def experts_module(kind: str, sizes: dict):
 def looped(fp4, x, index, weights):
     """(ms, speed-up) of fp4cupy's loop over the experts hit against its grouped launches, same run."""
     def loop():
-        limits = fp4_experts.GROUPED_MAX_ROWS, fp4_experts.GROUPED_MAX_ROWS_WG
-        fp4_experts.GROUPED_MAX_ROWS = fp4_experts.GROUPED_MAX_ROWS_WG = -1
+        names = ("GROUPED_MAX_ROWS", "GROUPED_MAX_ROWS_WG", "LOOP_MAX_EXPERTS")
+        limits = [getattr(fp4_experts, name) for name in names]
+        for name, value in zip(names, (-1, -1, 10**6)):
+            setattr(fp4_experts, name, value)
         try:
             return fp4(x, index, weights)
         finally:
-            fp4_experts.GROUPED_MAX_ROWS, fp4_experts.GROUPED_MAX_ROWS_WG = limits
+            for name, value in zip(names, limits):
+                setattr(fp4_experts, name, value)
     r = compare(loop, lambda: fp4(x, index, weights), pairs=7, inner=3)
     return f"{r['peer_ms']:.3f}", f"{r['ratio']:.2f}x"
 
@@ -95,7 +98,7 @@ def rows(name: str, kind: str, sizes: dict, tokens: list[int]) -> None:
             err = float((fp4(x, index, weights).double() - ref).norm() / ref.norm())
             eager = compare(lambda: dense(x, index, weights), lambda: fp4(x, index, weights), pairs=7, inner=3)
             grouped, graphs = ("-", "-"), ("-", "-", "-")
-            grouped_here = t * k <= fp4_experts.grouped_max_rows(x.get_device()) * experts
+            grouped_here = not fp4_experts.loops_over_experts(t * k, experts, x.get_device())
             loop = looped(fp4, x, index, weights) if grouped_here else ("-", "-")
             try:
                 config._experts_implementation = "grouped_mm"

@@ -36,11 +36,24 @@ GROUPED_MAX_ROWS = 256
 GROUPED_MAX_ROWS_WG = 2048
 
 
+# Blocks of more experts than this take the grouped launches at any rows: the loop's host time
+# (~0.1 ms an expert hit) outweighs any kernel difference (Qwen3-30B-A3B, 128 experts, H200: the
+# loop 25-54x slower than the grouped launches at every size measured, 1-4096 tokens).
+LOOP_MAX_EXPERTS = 16
+
+
 def grouped_max_rows(device: int) -> int:
     """Rows an expert on average up to which CUDA ``device`` runs NVFP4Experts as grouped launches."""
     from . import cuda_linear
 
     return GROUPED_MAX_ROWS_WG if cuda_linear._wg_ok(device) else GROUPED_MAX_ROWS
+
+
+def loops_over_experts(rows: int, experts: int, device: int) -> bool:
+    """Whether NVFP4Experts runs ``rows`` (tokens * k) over ``experts`` experts on CUDA ``device`` as
+    a loop over the experts hit (eagerly; a CUDA graph capture takes the grouped launches at any
+    rows): past ``grouped_max_rows`` rows an expert on average, in blocks of at most LOOP_MAX_EXPERTS."""
+    return experts <= LOOP_MAX_EXPERTS and rows > grouped_max_rows(device) * experts
 
 
 def is_experts(module: nn.Module) -> bool:
@@ -87,8 +100,7 @@ class NVFP4Experts(nn.Module):
     are expert e's NVFP4Linear layers; ``source`` is the original module without its weights (its
     gating, activation and flags). Called as the original: ``(hidden_states [T, H], top_k_index
     [T, k], top_k_weights [T, k]) -> [T, H]``, each token's experts' outputs weighted in
-    hidden_states' dtype and added. On CUDA, up to ``grouped_max_rows`` rows an expert on average (fp16/bf16, no
-    gradient to track): one grouped launch a projection over every expert (cuda_grouped.py), the
+    hidden_states' dtype and added. On CUDA, unless ``loops_over_experts`` (fp16/bf16, no gradient to track): one grouped launch a projection over every expert (cuda_grouped.py), the
     slots added in float32 and rounded once, no host sync (a CUDA graph can hold it). Else a loop
     over the experts hit (one host sync), added in the dtype in expert order, as transformers'
     eager experts do. Traced by torch.compile (no gradient to track): one op, ``fp4cupy::experts``,
@@ -170,11 +182,11 @@ class NVFP4Experts(nn.Module):
 
     def _grouped_tables(self, x: torch.Tensor, k: int):
         """(up table, down table) for ``cuda_grouped.grouped_linear`` where this call takes the
-        grouped launches: fp16/bf16 CUDA tokens, k experts each, at most ``grouped_max_rows`` rows an
-        expert on average (any number while a CUDA graph captures), no gradient to track, not
-        traced, every layer held as the W4A16 repack; else None."""
+        grouped launches: fp16/bf16 CUDA tokens, k experts each, where ``loops_over_experts`` says no
+        (any rows while a CUDA graph captures), no gradient to track, not traced, every layer held
+        as the W4A16 repack; else None."""
         if (not x.is_cuda or x.dtype not in (torch.float16, torch.bfloat16)
-                or (x.shape[0] * k > grouped_max_rows(x.get_device()) * len(self.down)
+                or (loops_over_experts(x.shape[0] * k, len(self.down), x.get_device())
                     and not torch.cuda.is_current_stream_capturing())  # the loop's host sync cannot be captured
                 or torch.compiler.is_compiling() or self._tracks_grad(x)):
             return None

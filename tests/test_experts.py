@@ -324,3 +324,15 @@ def test_sm90a_takes_the_warpgroup_kernel_from_17_expected_rows_an_expert(monkey
     assert cuda_grouped.wg_tile_rows(1024, 4096, 128, 0) == 64  # Qwen3-30B-A3B: 32 rows an expert -> 44
     assert cuda_grouped.wg_tile_rows(256, 2048, 128, 0) == 32  # 16 -> 24
     assert cuda_grouped.wg_tile_rows(128, 1024, 128, 0) == 0  # 8 -> 14: w4a16.cu's grouped kernel
+
+
+def test_the_loop_over_experts_runs_past_the_row_limit_in_blocks_of_few_experts(monkeypatch):
+    from fp4cupy import cuda_linear
+    from fp4cupy.experts import loops_over_experts
+
+    assert not loops_over_experts(256 * 8, 8, 0)  # 256 rows an expert: grouped (no sm_90a here)
+    assert loops_over_experts(257 * 8, 8, 0)
+    assert not loops_over_experts(10**6 * 128, 128, 0)  # 128 experts: the loop's host time, never
+    monkeypatch.setattr(cuda_linear, "_wg_ok", lambda device: True)
+    assert not loops_over_experts(2048 * 16, 16, 0)  # sm_90a: the warpgroup kernel up to 2048 rows
+    assert loops_over_experts(2049 * 16, 16, 0)
