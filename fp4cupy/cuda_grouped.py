@@ -34,6 +34,7 @@ WARPS = 4  # warps a block of w4a16.cu's grouped kernels (NT = 1, 2, 4 token til
 TILED_MIN_PASS = 33  # pass widths (pass_tokens) from which the tiled kernel runs
 _SIGNATURE = "PPPPPiiii"  # table, expert of row, offsets, x, y, experts, by_row, n, k
 ROUTE_THREADS = 1024
+MAX_GRID_Y = 65535
 WG_GROUPED_TILES = (32, 64, 96, 128)  # rows a tile of w4a16_wgmma_grouped.cu's kernels (NT)
 # Expected rows an expert (expected_rows) from which sm_90a takes the warpgroup kernel. H200, bf16,
 # its time over w4a16.cu's / w4a16_tiled.cu's (scratch A/B, session 25), Mixtral-8x7B and
@@ -176,7 +177,7 @@ def grouped_linear(x, table, expert_of_row, offsets, n: int, tokens: int):
     sfx = "bf16" if x.dtype is t["half"][1] else "f16"
     dev = x.get_device()
     nt = wg_tile_rows(tokens, rows, experts, dev)
-    if nt:
+    if nt and rows // nt + experts <= MAX_GRID_Y:  # a grid row a tile
         _grouped_wg(x, y, table, expert_of_row, offsets, n, nt, sfx, dev)
         return y
     width = pass_tokens(tokens, rows, experts)
