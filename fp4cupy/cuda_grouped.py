@@ -26,7 +26,7 @@ import math
 from . import cuda_linear
 from .cuda_ops import _torch_names, _torch_stream_ptr
 from .cuda_tiled import TILED_ROWS, TILED_SHARED, TILED_THREADS, TILED_TOKENS
-from .cuda_wgmma import WG_CLUSTER, wg_shared, wg_tiles
+from .cuda_wgmma import WG_CLUSTER, WG_GROUPS, wg_shared, wg_tiles
 from .mma_plan import TILE_ROWS, token_tiles
 from .runtime import launcher
 
@@ -177,8 +177,9 @@ def grouped_linear(x, table, expert_of_row, offsets, n: int, tokens: int):
     sfx = "bf16" if x.dtype is t["half"][1] else "f16"
     dev = x.get_device()
     nt = wg_tile_rows(tokens, rows, experts, dev)
-    if nt and rows // nt + experts <= MAX_GRID_Y:  # a grid row a tile
-        _grouped_wg(x, y, table, expert_of_row, offsets, n, nt, sfx, dev)
+    capacity = rows // nt + experts if nt else 0  # the most tiles of nt rows an expert the rows can make
+    if 0 < capacity <= MAX_GRID_Y:  # a grid row a tile
+        _grouped_wg(x, y, table, expert_of_row, offsets, n, nt, capacity, sfx, dev)
         return y
     width = pass_tokens(tokens, rows, experts)
     if width >= TILED_MIN_PASS:
@@ -201,22 +202,20 @@ def _tiled_launcher(sfx: str, device: int):
     return launcher("w4a16_tiled.cu", f"w4a16_tiled_grouped_{sfx}", device, _SIGNATURE).allow_shared(TILED_SHARED)
 
 
-def _grouped_wg(x, y, table, expert_of_row, offsets, n: int, nt: int, sfx: str, device: int) -> None:
-    """grouped_linear through w4a16_wgmma_grouped.cu: tiles of at most ``nt`` rows of an expert
-    (``moe_tiles``: at most rows / nt + E of them), x reordered a tile, then grid (blocks over the
-    weight's rows, tiles), each cluster one 512-row tile of its expert's weight on one tile's rows."""
+def _grouped_wg(x, y, table, expert_of_row, offsets, n: int, nt: int, capacity: int, sfx: str, device: int):
+    """grouped_linear through w4a16_wgmma_grouped.cu: ``capacity`` tiles of at most ``nt`` rows of
+    an expert (``expert_tiles``), x reordered a tile, then grid (blocks over the weight's rows,
+    tiles), each cluster one 512-row tile of its expert's weight on one tile's rows."""
     t = _torch_names()
-    rows, k = x.shape
-    experts = table.shape[0]
+    k = x.shape[1]
     stream = _torch_stream_ptr(t["torch"], device)
-    capacity = rows // nt + experts
     tiles = expert_tiles(offsets, nt, capacity)
     units = (k // 64 + 1) * 8 * nt  # 16-byte units of a tile's reordered x (one zero chunk more)
     xp = x.new_empty(capacity * units * 16, dtype=t["u8"])
     launcher("w4a16_wgmma_grouped.cu", "w4a16_wgg_xprep", device, "PPPiii")(
         -(-capacity * units // 256), 256, 0, stream, x.data_ptr(), xp.data_ptr(), tiles.data_ptr(), capacity, k, nt)
     _wg_launcher(nt, sfx, device).after(  # a programmatic dependent of xprep: starts copying weights early
-        (WG_CLUSTER * wg_tiles(n), capacity), 512, wg_shared(nt), stream, table.data_ptr(), tiles.data_ptr(),
+        (WG_CLUSTER * wg_tiles(n), capacity), 128 * WG_GROUPS, wg_shared(nt), stream, table.data_ptr(), tiles.data_ptr(),
         expert_of_row.data_ptr(), xp.data_ptr(), y.data_ptr(), n, k)
 
 
