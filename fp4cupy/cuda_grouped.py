@@ -202,7 +202,8 @@ def _tiled_launcher(sfx: str, device: int):
     return launcher("w4a16_tiled.cu", f"w4a16_tiled_grouped_{sfx}", device, _SIGNATURE).allow_shared(TILED_SHARED)
 
 
-def _grouped_wg(x, y, table, expert_of_row, offsets, n: int, nt: int, capacity: int, sfx: str, device: int):
+def _grouped_wg(x, y, table, expert_of_row, offsets, n: int, nt: int, capacity: int, sfx: str,
+                device: int) -> None:
     """grouped_linear through w4a16_wgmma_grouped.cu: ``capacity`` tiles of at most ``nt`` rows of
     an expert (``expert_tiles``), x reordered a tile, then grid (blocks over the weight's rows,
     tiles), each cluster one 512-row tile of its expert's weight on one tile's rows."""
@@ -215,8 +216,8 @@ def _grouped_wg(x, y, table, expert_of_row, offsets, n: int, nt: int, capacity: 
     launcher("w4a16_wgmma_grouped.cu", "w4a16_wgg_xprep", device, "PPPiii")(
         -(-capacity * units // 256), 256, 0, stream, x.data_ptr(), xp.data_ptr(), tiles.data_ptr(), capacity, k, nt)
     _wg_launcher(nt, sfx, device).after(  # a programmatic dependent of xprep: starts copying weights early
-        (WG_CLUSTER * wg_tiles(n), capacity), 128 * WG_GROUPS, wg_shared(nt), stream, table.data_ptr(), tiles.data_ptr(),
-        expert_of_row.data_ptr(), xp.data_ptr(), y.data_ptr(), n, k)
+        (WG_CLUSTER * wg_tiles(n), capacity), 128 * WG_GROUPS, wg_shared(nt), stream, table.data_ptr(),
+        tiles.data_ptr(), expert_of_row.data_ptr(), xp.data_ptr(), y.data_ptr(), n, k)
 
 
 @functools.lru_cache(maxsize=None)

@@ -34,8 +34,6 @@ GROUPED_MAX_ROWS = 256
 # grouped over loop (scratch A/B, session 25): Mixtral-8x7B 1.4-2.1x up to 558 rows, 1.17x at 1088,
 # 1.14x at 1615, 1.05x at 2139; Qwen3-30B-A3B 28-46x up to 288 rows.
 GROUPED_MAX_ROWS_WG = 2048
-
-
 # Blocks of more experts than this take the grouped launches at any rows: the loop's host time
 # (~0.1 ms an expert hit) outweighs any kernel difference (Qwen3-30B-A3B, 128 experts, H200: the
 # loop 25-54x slower than the grouped launches at every size measured, 1-4096 tokens).
@@ -100,8 +98,9 @@ class NVFP4Experts(nn.Module):
     are expert e's NVFP4Linear layers; ``source`` is the original module without its weights (its
     gating, activation and flags). Called as the original: ``(hidden_states [T, H], top_k_index
     [T, k], top_k_weights [T, k]) -> [T, H]``, each token's experts' outputs weighted in
-    hidden_states' dtype and added. On CUDA, unless ``loops_over_experts`` (fp16/bf16, no gradient to track): one grouped launch a projection over every expert (cuda_grouped.py), the
-    slots added in float32 and rounded once, no host sync (a CUDA graph can hold it). Else a loop
+    hidden_states' dtype and added. On CUDA, unless ``loops_over_experts`` (fp16/bf16, no gradient
+    to track): one grouped launch a projection over every expert (cuda_grouped.py), the slots
+    added in float32 and rounded once, no host sync (a CUDA graph can hold it). Else a loop
     over the experts hit (one host sync), added in the dtype in expert order, as transformers'
     eager experts do. Traced by torch.compile (no gradient to track): one op, ``fp4cupy::experts``,
     that runs the same call."""
