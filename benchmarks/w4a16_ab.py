@@ -8,10 +8,11 @@ runs the kernel ``plan`` picks for each (shape, M), or the one ``--kernel`` name
 block and shared memory as the package's. Where the call takes the warpgroup kernel (sm_90a; see
 ``cuda_linear.uses_warpgroup_kernel``), the copies are of w4a16_wgmma.cu and run ``wg_plan``'s
 launches (xprep, then the main kernel); its kernels' body is in w4a16_wgmma.cuh, so a copy that
-edits the body pastes the header's text in place of its #include. Every candidate and cuBLAS
-fp16 F.linear are captured in CUDA graphs of 20 calls over three rotating weights and replayed
-interleaved, 7 rounds; the table gives the median us a call and the ratio against cuBLAS. A candidate whose output misses the float64 reference by more than
-2e-3 (relative Frobenius) is flagged: an ablation may do that on purpose.
+edits the body pastes the header's text in place of its #include. Every candidate and cuBLAS fp16
+F.linear are captured in CUDA graphs of 20 calls over three rotating weights and replayed
+interleaved, 7 rounds; the table gives the median us a call and the ratio against cuBLAS. A
+candidate whose output misses the float64 reference by more than 2e-3 (relative Frobenius) is
+flagged: an ablation may do that on purpose.
 --chain puts a torch copy of x before every call, cuBLAS's included, as a norm comes before a
 projection in a model (the graphs then time the pair).
 Check the variant's registers first (benchmarks/sass_counts.py): at M=16 the kernel sits at exactly
