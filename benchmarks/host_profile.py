@@ -1,7 +1,7 @@
 """Where the host time of one public call goes: cProfile over many calls on a tiny tensor, or
 (``linear_parts``) each step of a W4A16 ``linear`` call timed alone against torch's F.linear.
 
-    PYTHONPATH=$PWD python3 benchmarks/host_profile.py [quantize|quantize_g|dequantize|linear|linear_parts]
+    PYTHONPATH=$PWD python3 benchmarks/host_profile.py [quantize|quantize_g|dequantize|linear|linear_op|linear_parts]
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import fp4cupy  # noqa: E402
-from fp4cupy import cuda_linear, cuda_ops, mma_plan  # noqa: E402
+from fp4cupy import cuda_linear, cuda_ops, mma_plan, torch_ops  # noqa: E402,F401  (torch_ops registers the ops)
 from timing import card, host_us  # noqa: E402
 
 
@@ -31,6 +31,8 @@ def main(which: str = "quantize", calls: int = 3000):
         w = fp4cupy.prepare(fp4cupy.quantize(torch.randn(256, 256, device="cuda", dtype=torch.bfloat16)))
         xs = torch.randn(1, 256, device="cuda", dtype=torch.bfloat16)
         fns["linear"] = lambda: fp4cupy.linear(xs, w)
+        fns["linear_op"] = lambda: torch.ops.fp4cupy.linear(xs, None, None, w.global_scale, w.codes,
+                                                            w.scale_codes, None, "nvfp4", 16, 256)
     fn = fns[which]
     for _ in range(100):
         fn()

@@ -21,6 +21,7 @@ from torch import nn
 
 from .nn import NVFP4Linear, replace_module
 from .ops import quantize
+from .torch_ops import define_op, register_fake
 
 _FLAGS = ("has_gate", "has_bias", "is_transposed")  # set by transformers' @use_experts_implementation
 # Rows an expert on average (tokens * k / experts) up to which CUDA runs the experts as two grouped
@@ -248,14 +249,13 @@ _TRACED = weakref.WeakValueDictionary()
 _KEYS = itertools.count()
 
 
-@torch.library.custom_op("fp4cupy::experts", mutates_args=())
-def _experts_op(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
-                key: int) -> torch.Tensor:
+@define_op("experts(Tensor hidden_states, Tensor top_k_index, Tensor top_k_weights, int key) -> Tensor")
+def _experts_op(hidden_states, top_k_index, top_k_weights, key):
     """NVFP4Experts ``key``'s forward, as one op of a traced graph."""
     return _TRACED[key]._call(hidden_states, top_k_index, top_k_weights)
 
 
-@_experts_op.register_fake
+@register_fake(_experts_op)
 def _(hidden_states, top_k_index, top_k_weights, key):
     return torch.empty_like(hidden_states)
 

@@ -25,6 +25,7 @@ from .experts import NVFP4Experts
 from .interop import LAYOUTS, stored_global_scale
 from .nn import NVFP4Linear
 from .tensor import FP4Tensor
+from .torch_ops import define_op, register_fake
 
 
 class Gating(nn.Module):
@@ -159,11 +160,11 @@ if FusedMoEMethodBase is not None:
     # graph (the loop over the experts hit reads counts back: not traceable)
     _LAYERS = {}
 
-    @torch.library.custom_op("fp4cupy::vllm_moe", mutates_args=())
-    def _vllm_moe(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, layer_name: str) -> torch.Tensor:
+    @define_op("vllm_moe(Tensor x, Tensor topk_weights, Tensor topk_ids, str layer_name) -> Tensor")
+    def _vllm_moe(x, topk_weights, topk_ids, layer_name):
         layer = _LAYERS[layer_name]()
         return layer.quant_method.run(layer, x, topk_weights, topk_ids)
 
-    @_vllm_moe.register_fake
+    @register_fake(_vllm_moe)
     def _(x, topk_weights, topk_ids, layer_name):
         return torch.empty_like(x)
