@@ -175,7 +175,12 @@ class NVFP4Linear(nn.Module):
             NVFP4Linear.buffers_generation += 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return self.with_bias(x, self.bias)
+
+    def with_bias(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """``x @ W^T + bias`` with ``bias`` in place of the layer's own (vLLM's linear layers hold
+        theirs). The W4A16 kernels add it in FP32 before rounding the output once."""
+        bias = None if bias is None else bias.to(x.dtype)
         g, fmt = self.weight_global_scale, self.fmt
         if self.kernel_global_scale is not None:  # the repack of an MXFP4 weight's NVFP4 twin
             g, fmt = self.kernel_global_scale, "nvfp4"

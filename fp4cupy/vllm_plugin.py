@@ -152,8 +152,9 @@ if QuantizationConfig is not None:
                     delattr(layer, self.names[key])
 
         def apply(self, layer, x, bias=None):
-            ys = [shard(x) for shard in layer.fp4_shards]
-            y = ys[0] if len(ys) == 1 else torch.cat(ys, dim=-1)
+            if len(layer.fp4_shards) == 1:  # the bias in the kernel's epilogue
+                return layer.fp4_shards[0].with_bias(x, bias)
+            y = torch.cat([shard(x) for shard in layer.fp4_shards], dim=-1)
             return y if bias is None else y + bias
 
     class FP4CupyConfig(QuantizationConfig):

@@ -46,6 +46,16 @@ def test_the_layer_without_gradients_skips_the_op_dispatch_and_gives_its_result(
     assert calls and torch.equal(fast, tracked.detach())
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_an_outside_bias_runs_in_the_kernel_as_the_layer_holding_it(dtype):
+    """vLLM's layers hold their bias: with_bias gives the bits of a layer holding it (one rounding)."""
+    held, x = layer_and_input(dtype)
+    without = fp4cupy.NVFP4Linear.from_fp4(held.fp4_weight())
+    with torch.no_grad():
+        assert torch.equal(without.with_bias(x, held.bias), held(x))
+    assert rel(without.with_bias(x, held.bias), reference(held, x)) <= (1e-3 if dtype == torch.float16 else 8e-3)
+
+
 @pytest.mark.parametrize("fmt,group", [("nvfp4", 16), ("mxfp4", 32)])
 def test_a_cast_after_quantizing_keeps_the_float32_global_scale(fmt, group):
     """layer.to(bf16) after quantizing: the kernel still reads a float32 global scale (MXFP4: the

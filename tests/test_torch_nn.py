@@ -33,6 +33,17 @@ def test_from_float_equals_dequantized_linear(fmt, gs, bias):
     assert "fmt=" + fmt in repr(layer) and "smaller than bf16" in repr(layer)
 
 
+def test_an_outside_bias_gives_the_layer_holding_it_bit_for_bit():
+    torch.manual_seed(5)
+    lin = torch.nn.Linear(64, 24)
+    bare = torch.nn.Linear(64, 24, bias=False)
+    bare.weight = lin.weight
+    held, without = fp4cupy.NVFP4Linear.from_float(lin), fp4cupy.NVFP4Linear.from_float(bare)
+    x = torch.randn(3, 64)
+    assert torch.equal(without.with_bias(x, lin.bias), held(x))
+    assert torch.equal(without.with_bias(x, None), without(x))
+
+
 def test_a_batch_of_no_tokens_runs_forward_and_backward_like_nn_linear():
     """An MoE expert that no token chose: y [0, N], and backward gives x an empty gradient and the
     bias a zero one, as torch.nn.Linear does."""
