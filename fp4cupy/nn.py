@@ -180,6 +180,9 @@ class NVFP4Linear(nn.Module):
     def with_bias(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """``x @ W^T + bias`` with ``bias`` in place of the layer's own (vLLM's linear layers hold
         theirs). The W4A16 kernels add it in FP32 before rounding the output once."""
+        if bias is not None and bias.shape != (self.out_features,):
+            raise ValueError(f"bias of shape {tuple(bias.shape)}: this layer takes [{self.out_features}] "
+                             "(out_features) or None")
         bias = None if bias is None else bias.to(x.dtype)
         g, fmt = self.weight_global_scale, self.fmt
         if self.kernel_global_scale is not None:  # the repack of an MXFP4 weight's NVFP4 twin

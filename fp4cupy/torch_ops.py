@@ -13,8 +13,8 @@ Importing this module registers the ops (``fp4cupy.nn`` does).
 
 The ops are defined with ``torch.library.Library`` (schema, kernel, fake, autograd) rather than
 ``torch.library.custom_op``, whose Python wrappers cost host time on every call: on an H200's host
-(torch 2.11), ``fp4cupy::linear`` on a tiny shape took 46.6 us a call as a custom_op and 22-26 us
-defined here (torch's F.linear: 12-13).
+(torch 2.11), ``fp4cupy::linear`` on a tiny shape took 46.6 us a call as a custom_op and 22-27 us
+defined here (torch's F.linear: 12-16).
 """
 from __future__ import annotations
 

@@ -42,6 +42,8 @@ def test_an_outside_bias_gives_the_layer_holding_it_bit_for_bit():
     x = torch.randn(3, 64)
     assert torch.equal(without.with_bias(x, lin.bias), held(x))
     assert torch.equal(without.with_bias(x, None), without(x))
+    with pytest.raises(ValueError, match=r"bias of shape \(23,\): this layer takes \[24\]"):
+        without.with_bias(x, torch.randn(23))
 
 
 def test_a_batch_of_no_tokens_runs_forward_and_backward_like_nn_linear():
