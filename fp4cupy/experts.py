@@ -63,6 +63,27 @@ def is_experts(module: nn.Module) -> bool:
     return all(isinstance(getattr(module, n, None), nn.Parameter) and getattr(module, n).dim() == 3 for n in names)
 
 
+def experts_view(module: nn.Module) -> nn.Module | None:
+    """``module`` as an experts module NVFP4Experts takes: itself where ``is_experts``, a Llama4Experts
+    over a Llama 4 block's experts (llama4.py), else None."""
+    from .llama4 import Llama4Experts, is_llama4_experts
+
+    if is_experts(module):
+        return module
+    return Llama4Experts(module) if is_llama4_experts(module) else None
+
+
+def install_experts(model: nn.Module, name: str, experts: NVFP4Experts) -> None:
+    """Put ``experts`` where ``model``'s experts module ``name`` is (a Llama 4 block's: the block
+    becomes a llama4.Llama4Moe, which routes them)."""
+    from . import llama4
+
+    if isinstance(experts.source, llama4.Llama4Experts):
+        llama4.install(model, name, experts)
+    else:
+        replace_module(model, name, experts)
+
+
 def _check(module: nn.Module) -> None:
     if not is_experts(module):
         raise TypeError("NVFP4Experts takes a transformers experts module of 3-D weights (gate_up_proj or up_proj, "
@@ -99,7 +120,8 @@ class NVFP4Experts(nn.Module):
     are expert e's NVFP4Linear layers; ``source`` is the original module without its weights (its
     gating, activation and flags). Called as the original: ``(hidden_states [T, H], top_k_index
     [T, k], top_k_weights [T, k]) -> [T, H]``, each token's experts' outputs weighted in
-    hidden_states' dtype and added. On CUDA, unless ``loops_over_experts`` (fp16/bf16, no gradient
+    hidden_states' dtype and added (where ``source.router_weight_on_input``, as Llama 4's: each
+    expert's input rows weighted instead, its outputs added as they are). On CUDA, unless ``loops_over_experts`` (fp16/bf16, no gradient
     to track): one grouped launch a projection over every expert (cuda_grouped.py), the slots
     added in float32 and rounded once, no host sync (a CUDA graph can hold it). Else a loop
     over the experts hit (one host sync), added in the dtype in expert order, as transformers'
@@ -162,15 +184,25 @@ class NVFP4Experts(nn.Module):
         counts = torch.bincount(flat, minlength=n + 1).tolist()
         token, weight = order // k, top_k_weights.reshape(-1)[order]
         x = hidden_states[token]
+        on_input = self.router_weight_on_input
+        if on_input:
+            x = x * weight[:, None].to(x.dtype)
         out = torch.zeros_like(hidden_states)
         start = 0
         for e, count in enumerate(counts[:n]):
             if count:
                 rows = slice(start, start + count)
                 h = self._finish(self.down[e](self._activate(self.up[e](x[rows]))))
-                out.index_add_(0, token[rows], (h * weight[rows, None]).to(out.dtype))  # experts in order, as eager
+                h = h if on_input else h * weight[rows, None]
+                out.index_add_(0, token[rows], h.to(out.dtype))  # experts in order, as eager
             start += count
         return out
+
+    @property
+    def router_weight_on_input(self) -> bool:
+        """Whether the router's weights scale each expert's input rows (Llama 4; vLLM's
+        apply_router_weight_on_input) instead of its outputs."""
+        return getattr(self.source, "router_weight_on_input", False)
 
     def _activate(self, h: torch.Tensor) -> torch.Tensor:
         """The block's gating (gate and up) or activation (up alone), as the original module's."""
@@ -220,8 +252,12 @@ class NVFP4Experts(nn.Module):
         experts = len(self.down)
         index = top_k_index.long().contiguous()
         expert_of_row, token_of_row, offsets, row_of_slot = cuda_grouped.route(index, experts)
-        tokens = index.shape[0]
-        h = cuda_grouped.grouped_linear(x[token_of_row], up, expert_of_row, offsets, self.up[0].out_features, tokens)
+        tokens, rows = index.shape[0], x[token_of_row]
+        if self.router_weight_on_input:  # each row times its slot's weight, in x's dtype; outputs unweighted
+            weight_of_row = torch.empty(index.numel(), dtype=x.dtype, device=x.device)
+            weight_of_row[row_of_slot.long()] = top_k_weights.reshape(-1).to(x.dtype)
+            rows, top_k_weights = rows * weight_of_row[:, None], torch.ones_like(top_k_weights)
+        h = cuda_grouped.grouped_linear(rows, up, expert_of_row, offsets, self.up[0].out_features, tokens)
         h = self._activate(h).contiguous()
         h = cuda_grouped.grouped_linear(h, down, expert_of_row, offsets, self.down[0].out_features, tokens)
         return cuda_grouped.combine(self._finish(h), row_of_slot, index, top_k_weights, experts)
@@ -266,7 +302,7 @@ def prepare_to_load(model: nn.Module, name: str, fmt: str, group_size: int) -> N
     it already holds another format."""
     current = model.get_submodule(name)
     if not isinstance(current, NVFP4Experts):
-        replace_module(model, name, NVFP4Experts.empty_like(current, fmt, group_size))
+        install_experts(model, name, NVFP4Experts.empty_like(experts_view(current) or current, fmt, group_size))
     elif (current.up[0].fmt, current.up[0].group_size) != (fmt, group_size):
         raise ValueError(f"{name} is {current.up[0].fmt} group {current.up[0].group_size} but the checkpoint holds "
                          f"{fmt} group {group_size}: import into a float model")
@@ -285,9 +321,17 @@ def checkpoint_layers(model: nn.Module, name: str, module: nn.Module) -> dict[st
     or NVFP4Experts): {checkpoint layer name: ("up" or "down", expert, first row, rows)} (rows of
     NVFP4Experts' layers: gate and up are rows of "up"). NotImplementedError where the checkpoint
     keeps 3-D weights (gpt-oss) or stores them transposed."""
-    from .checkpoint_names import expert_layers
+    from . import llama4
+    from .checkpoint_names import checkpoint_name, expert_layers
 
-    source = module.source if isinstance(module, NVFP4Experts) else module
+    source = module.source if isinstance(module, NVFP4Experts) else (experts_view(module) or module)
+    if isinstance(source, llama4.Llama4Experts):  # per-expert layers, as vLLM's Llama 4 loader reads them
+        if isinstance(module, NVFP4Experts):
+            sizes = len(module.up), module.up[0].out_features // 2, module.down[0].out_features
+        else:
+            sizes = source.gate_up_proj.shape[0], source.gate_up_proj.shape[2] // 2, source.gate_up_proj.shape[1]
+        stored = checkpoint_name(model, f"{name}.gate_up_proj").removesuffix(".gate_up_proj")
+        return llama4.checkpoint_layers(stored, *sizes)
     if source.is_transposed:
         raise NotImplementedError(f"{name}: experts stored [E, in, out] ({type(source).__name__}) are not written "
                                   "or read as per-expert layers")
@@ -318,6 +362,9 @@ class FloatExperts:
                              "model")
         if leaf not in ("weight", "bias"):
             return  # not a float layer's tensor
+        if experts_view(module) is not module:
+            raise NotImplementedError(f"{name}: per-expert float layers of Llama 4 experts are not read; keep them "
+                                      "as the 3-D gate_up_proj / down_proj")
         key = f"{name}.{weight_names(module)[proj == 'down']}" + ("_bias" if leaf == "bias" else "")
         if key not in self.tensors:
             self.tensors[key] = torch.empty_like(getattr(module, key.rpartition(".")[2]), device="cpu")

@@ -36,7 +36,7 @@ from torch import nn
 
 from . import __version__
 from .checkpoint_names import checkpoint_name, checkpoint_tensors
-from .experts import FloatExperts, NVFP4Experts, checkpoint_layers, is_experts, prepare_to_load
+from .experts import FloatExperts, NVFP4Experts, checkpoint_layers, experts_view, prepare_to_load
 from .gpt_oss import export_tensors as gpt_oss_tensors
 from .gpt_oss import import_gpt_oss, is_gpt_oss
 from .nn import NVFP4Linear, replace_module
@@ -221,7 +221,7 @@ def _float_experts(model: nn.Module) -> list:
     under them): a reader's MoE layer of that name is not quantized."""
     out = []
     for name, module in model.named_modules():
-        if is_experts(module):
+        if experts_view(module) is not None:
             try:
                 layers = checkpoint_layers(model, name, module)
             except NotImplementedError:  # kept as 3-D weights under the module's own name
@@ -306,7 +306,7 @@ def import_checkpoint(model: nn.Module, src_dir, strict: bool = True) -> nn.Modu
     layout = LAYOUTS[detect_format(keys)]
     codes_key, scale2 = layout["codes"], layout["g"]
     fmt, group = ("nvfp4", 16) if scale2 else ("mxfp4", 32)
-    experts = {n: m for n, m in model.named_modules() if isinstance(m, NVFP4Experts) or is_experts(m)}
+    experts = {n: m for n, m in model.named_modules() if isinstance(m, NVFP4Experts) or experts_view(m) is not None}
     inside = tuple(n + "." for n in experts)
     # the model's tensor name of each checkpoint name (they differ where transformers renames)
     names = {checkpoint_name(model, k, v): k for k, v in model.state_dict().items() if not k.startswith(inside)}

@@ -357,10 +357,10 @@ def _progress(items, on: bool, desc: str, unit: str):
 def _quantize_experts(model, fmt, group_size, replace, skip, scale_mode, progress) -> list[dict]:
     """quantize_model's part for transformers' MoE experts of 3-D weights (experts.py): an entry a
     projection (shape [E, out, in])."""
-    from .experts import NVFP4Experts, expert_weights, is_experts, quantized_experts, weight_names
+    from .experts import NVFP4Experts, expert_weights, experts_view, install_experts, quantized_experts, weight_names
 
     entries = []
-    blocks = [(n, m) for n, m in model.named_modules() if is_experts(m)]
+    blocks = [(n, experts_view(m)) for n, m in model.named_modules() if experts_view(m) is not None]
     for name, mod in _progress(blocks, progress, f"quantizing experts to {fmt}", "block"):
         weights = {w: expert_weights(mod, w) for w in weight_names(mod)}
         base = [dict(name=f"{name}.{w}", shape=tuple(t.shape), bytes_before=t.numel() * t.element_size())
@@ -379,7 +379,7 @@ def _quantize_experts(model, fmt, group_size, replace, skip, scale_mode, progres
             err = (diff / max(norm, 1e-60)) ** 0.5
             entries.append(dict(e, bytes_after=sum(layer.weight_nbytes() for layer in layers), rel_error=err))
         if replace:
-            replace_module(model, name, NVFP4Experts.around(mod, up, down))
+            install_experts(model, name, NVFP4Experts.around(mod, up, down))
     return entries
 
 

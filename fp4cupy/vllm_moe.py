@@ -9,8 +9,10 @@ names (interop.LAYOUTS: modelopt, compressed-tensors NVFP4 or MXFP4, fp4cupy's o
 (gate and up as one matrix, as vLLM fuses them: exact only where they share a global scale, as
 modelopt, llm-compressor and fp4cupy write them; else a ValueError, as vLLM's own NVFP4 MoE methods
 refuse them). The method's ``apply`` is NVFP4Experts' forward with vLLM's routing (``topk_ids``,
-``topk_weights``) and vLLM's activation kernel: on CUDA two grouped W4A16 launches and fp4cupy's
-route and combine kernels (no host sync, CUDA graphs hold it); on the CPU the exact reference.
+``topk_weights``: on the experts' outputs, or on their inputs where the layer says
+``apply_router_weight_on_input``, as Llama 4's) and vLLM's activation kernel: on CUDA two grouped
+W4A16 launches and fp4cupy's route and combine kernels (no host sync, CUDA graphs hold it); on the
+CPU the exact reference.
 Where vLLM traces the layer (its torch.compile on the CPU), ``apply`` is one opaque op,
 ``fp4cupy::vllm_moe``. Importing this module needs no vLLM; ``FP4CupyMoEMethod`` exists where vLLM does.
 """
@@ -30,13 +32,14 @@ from .torch_ops import define_op, register_fake
 
 class Gating(nn.Module):
     """NVFP4Experts' ``source`` for a vLLM layer: its activation ``act(out, h)`` (vLLM's kernel, which
-    writes out) on [rows, 2I] gate-then-up rows (``gated``) or on [rows, I] rows."""
+    writes out) on [rows, 2I] gate-then-up rows (``gated``) or on [rows, I] rows; with
+    ``router_weight_on_input`` (Llama 4) the router's weights scale the experts' inputs."""
 
     has_bias = is_transposed = False
 
-    def __init__(self, act, gated: bool):
+    def __init__(self, act, gated: bool, router_weight_on_input: bool = False):
         super().__init__()
-        self.act, self.has_gate = act, gated
+        self.act, self.has_gate, self.router_weight_on_input = act, gated, router_weight_on_input
 
     def _apply_gate(self, h: torch.Tensor) -> torch.Tensor:
         out = h.new_empty(h.shape[0], h.shape[1] // 2)
@@ -108,9 +111,6 @@ if FusedMoEMethodBase is not None:
             if moe.has_bias:
                 raise NotImplementedError(f"fp4cupy: {layer.layer_name}'s experts have biases, which the plugin does "
                                           "not load")
-            if layer.apply_router_weight_on_input:
-                raise NotImplementedError(f"fp4cupy: {layer.layer_name} weights the experts' inputs by the router "
-                                          "(apply_router_weight_on_input); the plugin weights their outputs")
             gated = moe.is_act_and_mul
             scale_dtype = torch.float8_e4m3fn if LAYOUTS[self.config.layout]["fp8_scales"] else torch.uint8
             loader = {"weight_loader": extra_weight_attrs["weight_loader"]}
@@ -133,7 +133,8 @@ if FusedMoEMethodBase is not None:
             stacked = {stem: tuple(getattr(layer, f"{stem}_{self.names[key]}").data if self.names[key] else None
                                    for key in ("codes", "scales", "g")) for stem in ("w13", "w2")}
             activation = self.moe.activation
-            gating = Gating(lambda out, h: apply_moe_activation(activation, out, h), activation.is_gated)
+            gating = Gating(lambda out, h: apply_moe_activation(activation, out, h), activation.is_gated,
+                            layer.apply_router_weight_on_input)
             self.experts = experts_from_stacked(stacked["w13"], stacked["w2"], self.config.layout,
                                                 self.config.group_size, gating, layer.layer_name)
             for stem in ("w13", "w2"):  # the experts hold the weights now (on CUDA: the W4A16 repack alone)

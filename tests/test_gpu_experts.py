@@ -219,6 +219,35 @@ def test_a_quantized_mixtral_generates_on_cuda_like_on_the_cpu(tmp_path):
 
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float16, 3e-3), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("tokens,k", [(5, 1), (100, 1), (700, 1), (300, 2)])
+def test_llama4_experts_on_cuda_weight_their_inputs_as_the_dense_form(dtype, tol, tokens, k, monkeypatch):
+    """A Llama 4 block's NVFP4Experts on CUDA (router weights on the experts' inputs, scaled in the
+    grouped launches' row order) against transformers' dense experts on the dequantized weights in
+    float32, every expert on every token scaled by its score (0 where not chosen): 5 tokens (fewer
+    rows than experts), 100 (sm_90a: the grouped warpgroup kernel from 17 rows an expert), 700,
+    and two experts a token. The routing is given: a router in fp16 may choose otherwise at near ties."""
+    from test_llama4 import dequantized_block, tiny_llama4
+
+    calls = grouped_calls(monkeypatch)
+    model = tiny_llama4(hidden_size=512, intermediate_size=256, intermediate_size_mlp=768, num_experts_per_tok=k)
+    original = copy.deepcopy(model.model.layers[0].feed_forward)
+    fp4cupy.quantize_model(model, progress=False)
+    experts = model.model.layers[0].feed_forward.experts
+    dense = dequantized_block(original, model.model.layers[0].feed_forward).experts
+    experts = experts.to(dtype).cuda()
+    x = torch.randn(tokens, 512).to(dtype)
+    index, weights = routing(tokens, 4, k, 7)
+    weights = weights.to(dtype)
+    scores = torch.zeros(tokens, 4).scatter_(1, index, weights.float())
+    with torch.no_grad():
+        routed_in = x.float().repeat(4, 1) * scores.t().reshape(-1, 1)
+        want = dense(routed_in).reshape(4, tokens, 512).sum(0).double()
+        got = experts(x.cuda(), index.cuda(), weights.cuda())
+    assert got.dtype == dtype and len(calls) == 2
+    assert float((got.double().cpu() - want).norm() / want.norm()) <= tol
+
+
 def test_a_gpt_oss_checkpoint_runs_its_mxfp4_experts_through_the_kernel(tmp_path):
     """OpenAI's MXFP4 experts imported bit for bit, then on CUDA in bf16: each expert runs as the
     NVFP4 twin's repack (the W4A16 kernel); logits near the float32 CPU model's."""

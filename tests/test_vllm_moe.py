@@ -36,13 +36,13 @@ def exported_mixtral(tmp_path, format, fmt="nvfp4", group_size=16, **sizes):
     return model, tensors, json.loads((out / "config.json").read_text())["quantization_config"]
 
 
-def stacked(tensors, layout, experts=4):
-    """(w13, w2) as vLLM's weight loader fills the layer: each expert's w1 rows then its w3 rows,
-    global scales [E, 2] (w1's, w3's) and [E], under the layout's tensor names."""
+def stacked(tensors, layout, experts=4, block=BLOCK, projections=("w1", "w3", "w2")):
+    """(w13, w2) as vLLM's weight loader fills the layer: each expert's w1 (gate) rows then its w3
+    (up) rows, global scales [E, 2] (w1's, w3's) and [E], under the layout's tensor names."""
     names = LAYOUTS[layout]
 
     def get(e, proj, key):
-        return tensors[f"{BLOCK}.experts.{e}.{proj}.{names[key]}"]
+        return tensors[f"{block}.experts.{e}.{proj}.{names[key]}"]
 
     def one(projs):
         codes = torch.stack([torch.cat([get(e, p, "codes") for p in projs]) for e in range(experts)])
@@ -53,7 +53,7 @@ def stacked(tensors, layout, experts=4):
             g = g if len(projs) == 2 else g[:, 0]
         return codes, scales, g
 
-    return one(("w1", "w3")), one(("w2",))
+    return one(projections[:2]), one(projections[2:])
 
 
 @pytest.mark.parametrize("format,fmt,group_size,layout", [
@@ -82,6 +82,28 @@ def test_stacked_experts_run_as_the_models_own(tmp_path, format, fmt, group_size
     else:
         assert torch.equal(experts(x, index, weights), own(x, index, weights))
     assert f"{BLOCK}.gate" in cfg["ignore"]  # the router is a float matrix vLLM must not quantize
+
+
+def test_llama4_experts_weight_their_inputs_as_the_models_own(tmp_path):
+    """Llama 4 (vLLM's apply_router_weight_on_input): the stacked experts with the router's weights on
+    their inputs give the quantized model's own experts bit for bit."""
+    from test_llama4 import tiny_llama4
+
+    model = tiny_llama4()
+    fp4cupy.quantize_model(model, progress=False)
+    out = fp4cupy.export(model, tmp_path / "ckpt", format="modelopt")
+    tensors = {}
+    for f in sorted(out.glob("*.safetensors")):
+        tensors.update(load_file(f))
+    w13, w2 = stacked(tensors, "modelopt", block="model.layers.1.feed_forward",
+                      projections=("gate_proj", "up_proj", "down_proj"))
+    experts = experts_from_stacked(w13, w2, "modelopt", 16, Gating(silu_and_mul, True, router_weight_on_input=True))
+    own = model.model.layers[1].feed_forward.experts
+    torch.manual_seed(1)
+    x, index, weights = torch.randn(7, 64), torch.randint(0, 4, (7, 1)), torch.rand(7, 1)
+    with torch.no_grad():
+        assert torch.equal(experts(x, index, weights), own(x, index, weights))
+        assert not torch.equal(experts(x, index, weights), experts(x, index, torch.ones_like(weights)) * weights)
 
 
 def test_gate_and_up_of_different_global_scales_are_refused(tmp_path):

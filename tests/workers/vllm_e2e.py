@@ -8,7 +8,9 @@ vLLM's tokens must equal transformers' with fp4cupy layers, and the first step's
 agree to 1e-3. Exit code 0 only when every export passes.
 
 With --moe: tiny Mixtral and Qwen3-MoE models, their experts quantized by fp4cupy, exported in each
-format (and MXFP4 as compressed-tensors; and with the experts left in float), served by vLLM: the
+format (and MXFP4 as compressed-tensors; and with the experts left in float), Qwen2-MoE as
+compressed-tensors and Llama 4 (router weights on the experts' inputs) as modelopt and
+compressed-tensors, served by vLLM: the
 experts run through the plugin's MoE method (fp4cupy/vllm_moe.py; float experts through vLLM's own),
 and vLLM's tokens and log-probs must again equal transformers' with fp4cupy's layers."""
 import math
@@ -170,8 +172,8 @@ MOE_MODELS = ("Mixtral", "Qwen3Moe")
 
 
 def build_moe(arch: str, root: str):
-    """A tiny random MoE model of ``arch`` (Mixtral, Qwen3Moe, Qwen2Moe; 4 experts, 2 a token) saved in
-    ``root`` with build's tokenizer."""
+    """A tiny random MoE model of ``arch`` (Mixtral, Qwen3Moe, Qwen2Moe: 4 experts, 2 a token; Llama4:
+    4 experts, 1 a token) saved in ``root`` with build's tokenizer."""
     import transformers
 
     _, tok = build(os.path.join(root, "tok"))
@@ -183,11 +185,20 @@ def build_moe(arch: str, root: str):
     elif arch == "Qwen3Moe":
         cfg = transformers.Qwen3MoeConfig(intermediate_size=512, moe_intermediate_size=256, num_experts=4,
                                           head_dim=64, norm_topk_prob=True, **common)
-    else:  # Qwen2-MoE: a shared expert beside the routed ones, and its sigmoid gate
+    elif arch == "Qwen2Moe":  # a shared expert beside the routed ones, and its sigmoid gate
         cfg = transformers.Qwen2MoeConfig(intermediate_size=512, moe_intermediate_size=256, num_experts=4,
                                           shared_expert_intermediate_size=512, **common)
+    else:  # Llama 4: one expert a token, its router weight on the expert's input; a shared expert
+        common.update(num_experts_per_tok=1)
+        cfg = transformers.Llama4TextConfig(intermediate_size=256, intermediate_size_mlp=512, num_local_experts=4,
+                                            head_dim=64, interleave_moe_layer_step=1, use_qk_norm=False,
+                                            attention_chunk_size=128, **common)  # vLLM's CPU blocks: 128 tokens
     torch.manual_seed(0)
     model = getattr(transformers, f"{arch}ForCausalLM")(cfg).eval()
+    if arch == "Llama4":  # transformers starts its experts' gate_up_proj at zero
+        for name, p in model.named_parameters():
+            if ".experts." in name:
+                torch.nn.init.normal_(p, std=0.02)
     src = os.path.join(root, arch)
     model.save_pretrained(src)
     tok.save_pretrained(src)
@@ -202,6 +213,8 @@ MOE_RUNS += [("Qwen3Moe", "compressed-tensors", {"fmt": "mxfp4", "group_size": 3
              ("Mixtral", "modelopt", {"skip": ("lm_head", "embed", "*.experts")}, "nvfp4", "UnquantizedFusedMoEMethod",
               True),
              ("Qwen2Moe", "compressed-tensors", {}, "nvfp4", "FP4CupyMoEMethod", True),
+             ("Llama4", "modelopt", {}, "nvfp4", "FP4CupyMoEMethod", True),
+             ("Llama4", "compressed-tensors", {}, "nvfp4", "FP4CupyMoEMethod", True),
              ("Mixtral", "modelopt", {}, "nvfp4", "FP4CupyMoEMethod", False)]
 
 
