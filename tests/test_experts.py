@@ -90,10 +90,9 @@ def combine_reference(h, row_of_slot, index, weights, experts):
     return acc.to(h.dtype)
 
 
-def test_the_grouped_path_orders_and_weights_rows_as_the_loop(monkeypatch):
-    """NVFP4Experts' grouped forward (CUDA: route, two grouped launches, combine; no host sync) on
-    the CPU, with torch stand-ins for the kernels (each expert's rows through its layer): equal to
-    the loop, an expert chosen twice by a token and an expert-parallel "not here" index (4) included."""
+def grouped_on_the_cpu(monkeypatch) -> None:
+    """cuda_grouped's route, grouped launch and combine replaced by torch stand-ins (the launch:
+    each expert's rows through its layer), so NVFP4Experts' grouped path runs on the CPU."""
     from fp4cupy import cuda_grouped
 
     def launch(x, layers, expert_of_row, offsets, n, tokens):
@@ -106,6 +105,13 @@ def test_the_grouped_path_orders_and_weights_rows_as_the_loop(monkeypatch):
     monkeypatch.setattr(cuda_grouped, "grouped_linear", launch)
     monkeypatch.setattr(cuda_grouped, "route", route_reference)
     monkeypatch.setattr(cuda_grouped, "combine", combine_reference)
+
+
+def test_the_grouped_path_orders_and_weights_rows_as_the_loop(monkeypatch):
+    """NVFP4Experts' grouped forward (CUDA: route, two grouped launches, combine; no host sync) on
+    the CPU, with torch stand-ins for the kernels (each expert's rows through its layer): equal to
+    the loop, an expert chosen twice by a token and an expert-parallel "not here" index (4) included."""
+    grouped_on_the_cpu(monkeypatch)
     fp4 = NVFP4Experts.from_float(experts_module("mixtral"))
     index, weights = routing(9, 4, 2, 5)
     index[2, 1], index[5] = 4, 3

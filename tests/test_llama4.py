@@ -92,18 +92,9 @@ def test_the_grouped_path_weights_the_inputs_as_the_loop(monkeypatch):
     """The grouped forward (CUDA's route, grouped launches and combine, with torch stand-ins on the
     CPU) scales each row by its slot's weight as the loop does, at k = 2 and with an expert-parallel
     "not here" index (4)."""
-    from fp4cupy import cuda_grouped
-    from test_experts import combine_reference, route_reference
+    from test_experts import grouped_on_the_cpu
 
-    def launch(x, layers, expert_of_row, offsets, n, tokens):
-        y = torch.full((len(x), n), float("nan"))
-        for e, layer in enumerate(layers):
-            y[offsets[e]:offsets[e + 1]] = layer(x[offsets[e]:offsets[e + 1]])
-        return y
-
-    monkeypatch.setattr(cuda_grouped, "grouped_linear", launch)
-    monkeypatch.setattr(cuda_grouped, "route", route_reference)
-    monkeypatch.setattr(cuda_grouped, "combine", combine_reference)
+    grouped_on_the_cpu(monkeypatch)
     model = tiny_llama4(num_experts_per_tok=2)
     fp4cupy.quantize_model(model, progress=False)
     experts = model.model.layers[0].feed_forward.experts
