@@ -176,3 +176,36 @@ def test_a_compiled_llama4_model_holds_the_experts_as_one_op():
         want = model(ids).logits
         torch._dynamo.reset()
         assert torch.equal(torch.compile(model, fullgraph=True, backend="aot_eager")(ids).logits, want)
+
+
+def test_the_multimodal_model_exports_its_experts_under_the_checkpoints_names(tmp_path):
+    """Llama4ForConditionalGeneration (how Scout and Maverick ship): the text model's experts are
+    written as language_model.model.layers.N.feed_forward.experts.{e}.* and read back bit for bit.
+    (transformers 5.24's text-only forward of the wrapper fails on its own; the text model is compared.)"""
+    from safetensors import safe_open
+
+    vision = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=56,
+                  patch_size=14, vision_output_dim=64, projector_input_dim=64, projector_output_dim=64)
+
+    def make():
+        torch.manual_seed(0)
+        m = transformers.Llama4ForConditionalGeneration(transformers.Llama4Config(text_config=CONFIG,
+                                                                                  vision_config=vision)).eval()
+        for name, p in m.named_parameters():
+            if ".experts." in name:
+                torch.nn.init.normal_(p, std=0.05)
+        return m
+
+    model = make()
+    fp4cupy.quantize_model(model, skip=("lm_head", "embed", "vision"), progress=False)
+    out = fp4cupy.export(model, tmp_path / "ckpt", format="modelopt")
+    keys = set()
+    for f in out.glob("*.safetensors"):
+        with safe_open(str(f), "pt") as h:
+            keys |= set(h.keys())
+    assert "language_model.model.layers.0.feed_forward.experts.3.up_proj.weight_scale_2" in keys
+    back = fp4cupy.import_checkpoint(make(), out)
+    assert isinstance(back.language_model.model.layers[0].feed_forward, Llama4Moe)
+    ids = torch.randint(0, 90, (1, 7))
+    with torch.no_grad():
+        assert torch.equal(back.language_model(input_ids=ids).logits, model.language_model(input_ids=ids).logits)
