@@ -2,8 +2,9 @@
 
     PYTHONPATH=$PWD python3 benchmarks/moe.py [--tokens 1,4,16,64,256,1024,2048]
 
-Mixtral-8x7B's experts (8 of 14336 x 4096, top-2; random bf16 weights, no download) and Qwen3-30B-A3B's
-(128 of 768 x 2048, top-8). One call = the experts module's forward for T tokens with random routing,
+Mixtral-8x7B's experts (8 of 14336 x 4096, top-2; random bf16 weights, no download), Qwen3-30B-A3B's
+(128 of 768 x 2048, top-8) and Llama-4-Scout's (16 of 8192 x 5120, top-1, fp4cupy with the router
+weights on the experts' inputs as Llama 4 has them, the peers on their outputs: the same work). One call = the experts module's forward for T tokens with random routing,
 host work included (transformers' experts loop syncs once a call to list the experts hit), timed with
 CUDA events, alternating with the peer: transformers' eager loop on the bf16 weights, and its
 grouped_mm implementation where this transformers has one. Prints the speed-up over each, and,
@@ -28,13 +29,17 @@ from timing import card, compare  # noqa: E402
 MODELS = {"Mixtral-8x7B": ("mixtral", dict(hidden_size=4096, intermediate_size=14336, num_local_experts=8,
                                            num_experts_per_tok=2)),
           "Qwen3-30B-A3B": ("qwen3_moe", dict(hidden_size=2048, moe_intermediate_size=768, num_experts=128,
-                                              num_experts_per_tok=8))}
+                                              num_experts_per_tok=8)),
+          # Llama 4's arithmetic (router weights on the inputs) on its experts' shapes; the peer is a
+          # Mixtral-style module of those shapes (transformers' Llama 4 experts have no grouped form)
+          "Llama-4-Scout": ("llama4", dict(hidden_size=5120, intermediate_size=8192, num_local_experts=16,
+                                           num_experts_per_tok=1))}
 
 
 def experts_module(kind: str, sizes: dict):
     import transformers
 
-    if kind == "mixtral":
+    if kind in ("mixtral", "llama4"):
         from transformers.models.mixtral.modeling_mixtral import MixtralExperts as Experts
 
         config = transformers.MixtralConfig(**sizes)
@@ -88,13 +93,17 @@ def rows(name: str, kind: str, sizes: dict, tokens: list[int]) -> None:
     """The table's rows of one model's experts."""
     dense, config = experts_module(kind, sizes)
     fp4 = NVFP4Experts.from_float(copy.deepcopy(dense))
+    on_input = fp4.source.router_weight_on_input = kind == "llama4"
     experts, k = dense.down_proj.shape[0], sizes["num_experts_per_tok"]
     for t in tokens:
         x = torch.randn(t, sizes["hidden_size"], device="cuda", dtype=torch.bfloat16)
         index = torch.stack([torch.randperm(experts, device="cuda")[:k] for _ in range(t)])
         weights = torch.softmax(torch.randn(t, k, device="cuda"), -1).to(torch.bfloat16)
         with torch.no_grad():
-            ref = dense(x, index, weights).double()
+            if on_input:  # the float experts on the weighted inputs, outputs unweighted (top-1)
+                ref = dense(x * weights, index, torch.ones_like(weights)).double()
+            else:
+                ref = dense(x, index, weights).double()
             err = float((fp4(x, index, weights).double() - ref).norm() / ref.norm())
             eager = compare(lambda: dense(x, index, weights), lambda: fp4(x, index, weights), pairs=7, inner=3)
             grouped, graphs = ("-", "-"), ("-", "-", "-")
@@ -118,6 +127,7 @@ def rows(name: str, kind: str, sizes: dict, tokens: list[int]) -> None:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", default="1,4,16,64,256,1024,2048")
+    ap.add_argument("--models", default=",".join(MODELS), help="of " + ", ".join(MODELS))
     args = ap.parse_args()
     tokens = [int(t) for t in args.tokens.split(",")]
     torch.manual_seed(0)
@@ -125,8 +135,8 @@ def main():
     print("| experts | tokens | fp4cupy ms | bf16 eager ms | speed-up | bf16 grouped_mm ms | speed-up "
           "| fp4cupy loop ms | speed-up | graphs: fp4cupy ms | grouped_mm ms | speed-up | rel. error |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for name, (kind, sizes) in MODELS.items():
-        rows(name, kind, sizes, tokens)
+    for name in args.models.split(","):
+        rows(name, *MODELS[name], tokens)
         torch.cuda.empty_cache()
     print("\nrel. error: fp4cupy's output against the bf16 experts on the unquantized weights (Frobenius), the "
           "quantization error, not a kernel check.")
