@@ -1,7 +1,8 @@
 """Where the host time of one public call goes: cProfile over many calls on a tiny tensor, or
 (``linear_parts``) each step of a W4A16 ``linear`` call timed alone against torch's F.linear.
 
-    PYTHONPATH=$PWD python3 benchmarks/host_profile.py [quantize|quantize_g|dequantize|linear|linear_op|linear_parts]
+    PYTHONPATH=$PWD python3 benchmarks/host_profile.py [quantize|quantize_g|dequantize|linear|linear_op|linear_parts|
+                                                        experts|experts_on_input]
 """
 from __future__ import annotations
 
@@ -33,6 +34,8 @@ def main(which: str = "quantize", calls: int = 3000):
         fns["linear"] = lambda: fp4cupy.linear(xs, w)
         fns["linear_op"] = lambda: torch.ops.fp4cupy.linear(xs, None, None, w.global_scale, w.codes,
                                                             w.scale_codes, None, "nvfp4", 16, 256)
+    if which.startswith("experts"):  # a small Mixtral block's experts, one token (the grouped path)
+        fns[which] = experts_call(which == "experts_on_input")
     fn = fns[which]
     for _ in range(100):
         fn()
@@ -43,8 +46,32 @@ def main(which: str = "quantize", calls: int = 3000):
         fn()
     prof.disable()
     torch.cuda.synchronize()
-    print(f"== {which}: {calls} calls")
+    print(f"== {which}: {calls} calls; {host_us(fn, calls):.1f} us a call without the profiler ({card()})")
     pstats.Stats(prof).sort_stats("tottime").print_stats(22)
+
+
+def experts_call(on_input: bool):
+    """One token through NVFP4Experts of 8 experts (512 x 256, top-2, bf16): the grouped path; with
+    ``on_input`` the router weights on the inputs (Llama 4)."""
+    import transformers
+    from transformers.models.mixtral.modeling_mixtral import MixtralExperts
+
+    from fp4cupy.experts import NVFP4Experts
+
+    config = transformers.MixtralConfig(hidden_size=256, intermediate_size=512, num_local_experts=8,
+                                        num_experts_per_tok=2)
+    with torch.device("cuda"):
+        dense = MixtralExperts(config).to(torch.bfloat16)
+    experts = NVFP4Experts.from_float(dense)
+    experts.source.router_weight_on_input = on_input
+    x = torch.randn(1, 256, device="cuda", dtype=torch.bfloat16)
+    index = torch.tensor([[1, 5]], device="cuda")
+    weights = torch.tensor([[0.6, 0.4]], device="cuda", dtype=torch.bfloat16)
+
+    def call():
+        with torch.no_grad():
+            return experts(x, index, weights)
+    return call
 
 
 def linear_parts(calls: int = 20000):
