@@ -121,11 +121,11 @@ class NVFP4Experts(nn.Module):
     gating, activation and flags). Called as the original: ``(hidden_states [T, H], top_k_index
     [T, k], top_k_weights [T, k]) -> [T, H]``, each token's experts' outputs weighted in
     hidden_states' dtype and added (where ``source.router_weight_on_input``, as Llama 4's: each
-    expert's input rows weighted instead, its outputs added as they are). On CUDA, unless ``loops_over_experts`` (fp16/bf16, no gradient
-    to track): one grouped launch a projection over every expert (cuda_grouped.py), the slots
-    added in float32 and rounded once, no host sync (a CUDA graph can hold it). Else a loop
-    over the experts hit (one host sync), added in the dtype in expert order, as transformers'
-    eager experts do. Traced by torch.compile (no gradient to track): one op, ``fp4cupy::experts``,
+    expert's input rows weighted instead, its outputs added as they are). On CUDA, unless
+    ``loops_over_experts`` (fp16/bf16, no gradient to track): one grouped launch a projection over
+    every expert (cuda_grouped.py), the slots added in float32 and rounded once, no host sync (a
+    CUDA graph can hold it). Else a loop over the experts hit (one host sync), added in the dtype
+    in expert order, as transformers' eager experts do. Traced by torch.compile (no gradient to track): one op, ``fp4cupy::experts``,
     that runs the same call."""
 
     def __init__(self, source: nn.Module, up: list[NVFP4Linear], down: list[NVFP4Linear]):

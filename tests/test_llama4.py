@@ -117,14 +117,15 @@ def test_measuring_leaves_the_blocks_alone_and_reports_the_experts():
     assert all(0 < e["rel_error"] < 0.2 for e in report if ".experts." in e["name"])
 
 
-@pytest.mark.parametrize("format", ["nvfp4", "modelopt", "compressed-tensors"])
-def test_exports_as_per_expert_layers_and_imports_back(format, tmp_path):
+@pytest.mark.parametrize("format,fmt", [("nvfp4", "nvfp4"), ("modelopt", "nvfp4"), ("compressed-tensors", "nvfp4"),
+                                        ("compressed-tensors", "mxfp4")])
+def test_exports_as_per_expert_layers_and_imports_back(format, fmt, tmp_path):
     """The experts are written as experts.{e}.gate_proj / up_proj / down_proj (gate and up: rows of one
     matrix, one global scale), read back into a float Llama 4 model as the same blocks."""
     from safetensors import safe_open
 
     model = tiny_llama4()
-    fp4cupy.quantize_model(model, progress=False)
+    fp4cupy.quantize_model(model, fmt=fmt, group_size=32 if fmt == "mxfp4" else 16, progress=False)
     out = fp4cupy.export(model, tmp_path / "ckpt", format=format)
     keys = set()
     for f in out.glob("*.safetensors"):

@@ -10,7 +10,7 @@ agree to 1e-3. Exit code 0 only when every export passes.
 With --moe: tiny Mixtral and Qwen3-MoE models, their experts quantized by fp4cupy, exported in each
 format (and MXFP4 as compressed-tensors; and with the experts left in float), Qwen2-MoE as
 compressed-tensors and Llama 4 (router weights on the experts' inputs) as modelopt and
-compressed-tensors, served by vLLM: the
+compressed-tensors (NVFP4 and MXFP4), served by vLLM: the
 experts run through the plugin's MoE method (fp4cupy/vllm_moe.py; float experts through vLLM's own),
 and vLLM's tokens and log-probs must again equal transformers' with fp4cupy's layers."""
 import math
@@ -215,6 +215,7 @@ MOE_RUNS += [("Qwen3Moe", "compressed-tensors", {"fmt": "mxfp4", "group_size": 3
              ("Qwen2Moe", "compressed-tensors", {}, "nvfp4", "FP4CupyMoEMethod", True),
              ("Llama4", "modelopt", {}, "nvfp4", "FP4CupyMoEMethod", True),
              ("Llama4", "compressed-tensors", {}, "nvfp4", "FP4CupyMoEMethod", True),
+             ("Llama4", "compressed-tensors", {"fmt": "mxfp4", "group_size": 32}, "fp4cupy", "FP4CupyMoEMethod", True),
              ("Mixtral", "modelopt", {}, "nvfp4", "FP4CupyMoEMethod", False)]
 
 
