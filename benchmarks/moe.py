@@ -1,13 +1,14 @@
 """A MoE block's experts: fp4cupy's NVFP4Experts against transformers' bf16 experts, in this run on this card.
 
-    PYTHONPATH=$PWD python3 benchmarks/moe.py [--tokens 1,4,16,64,256,1024,2048]
+    PYTHONPATH=$PWD python3 benchmarks/moe.py [--tokens 1,4,16,64,256,1024,2048] [--models Llama-4-Scout,...]
 
 Mixtral-8x7B's experts (8 of 14336 x 4096, top-2; random bf16 weights, no download), Qwen3-30B-A3B's
 (128 of 768 x 2048, top-8) and Llama-4-Scout's (16 of 8192 x 5120, top-1, fp4cupy with the router
-weights on the experts' inputs as Llama 4 has them, the peers on their outputs: the same work). One call = the experts module's forward for T tokens with random routing,
-host work included (transformers' experts loop syncs once a call to list the experts hit), timed with
-CUDA events, alternating with the peer: transformers' eager loop on the bf16 weights, and its
-grouped_mm implementation where this transformers has one. Prints the speed-up over each, and,
+weights on the experts' inputs as Llama 4 has them, the peers on their outputs: the same work).
+One call = the experts module's forward for T tokens with random routing, host work included
+(transformers' experts loop syncs once a call to list the experts hit), timed with CUDA events,
+alternating with the peer: transformers' eager loop on the bf16 weights, and its grouped_mm
+implementation where this transformers has one. Prints the speed-up over each, and,
 where ``loops_over_experts`` says no (where fp4cupy runs two grouped launches and no
 host sync), over fp4cupy's own loop over the experts hit, and both fp4cupy and grouped_mm replayed from CUDA graphs.
 """

@@ -125,8 +125,8 @@ class NVFP4Experts(nn.Module):
     ``loops_over_experts`` (fp16/bf16, no gradient to track): one grouped launch a projection over
     every expert (cuda_grouped.py), the slots added in float32 and rounded once, no host sync (a
     CUDA graph can hold it). Else a loop over the experts hit (one host sync), added in the dtype
-    in expert order, as transformers' eager experts do. Traced by torch.compile (no gradient to track): one op, ``fp4cupy::experts``,
-    that runs the same call."""
+    in expert order, as transformers' eager experts do. Traced by torch.compile (no gradient to
+    track): one op, ``fp4cupy::experts``, that runs the same call."""
 
     def __init__(self, source: nn.Module, up: list[NVFP4Linear], down: list[NVFP4Linear]):
         super().__init__()
@@ -362,7 +362,9 @@ class FloatExperts:
                              "model")
         if leaf not in ("weight", "bias"):
             return  # not a float layer's tensor
-        if experts_view(module) is not module:
+        from .llama4 import is_llama4_experts
+
+        if is_llama4_experts(module):
             raise NotImplementedError(f"{name}: per-expert float layers of Llama 4 experts are not read; keep them "
                                       "as the 3-D gate_up_proj / down_proj")
         key = f"{name}.{weight_names(module)[proj == 'down']}" + ("_bias" if leaf == "bias" else "")

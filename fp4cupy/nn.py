@@ -360,7 +360,7 @@ def _quantize_experts(model, fmt, group_size, replace, skip, scale_mode, progres
     from .experts import NVFP4Experts, expert_weights, experts_view, install_experts, quantized_experts, weight_names
 
     entries = []
-    blocks = [(n, experts_view(m)) for n, m in model.named_modules() if experts_view(m) is not None]
+    blocks = [(n, view) for n, m in model.named_modules() if (view := experts_view(m)) is not None]
     for name, mod in _progress(blocks, progress, f"quantizing experts to {fmt}", "block"):
         weights = {w: expert_weights(mod, w) for w in weight_names(mod)}
         base = [dict(name=f"{name}.{w}", shape=tuple(t.shape), bytes_before=t.numel() * t.element_size())

@@ -210,3 +210,23 @@ def test_the_multimodal_model_exports_its_experts_under_the_checkpoints_names(tm
     ids = torch.randint(0, 90, (1, 7))
     with torch.no_grad():
         assert torch.equal(back.language_model(input_ids=ids).logits, model.language_model(input_ids=ids).logits)
+
+
+def test_per_expert_float_layers_of_llama4_experts_are_refused_by_name(tmp_path):
+    """A checkpoint holding one block's Llama 4 experts as per-expert float layers (not the 3-D weights
+    fp4cupy writes for float experts): NotImplementedError naming the module, not a wrong load."""
+    from safetensors.torch import load_file, save_file
+
+    model = tiny_llama4()
+    fp4cupy.quantize_model(model, progress=False)
+    out = fp4cupy.export(model, tmp_path / "ckpt", format="modelopt")
+    stem = "model.layers.0.feed_forward.experts"
+    for f in out.glob("*.safetensors"):
+        tensors = {k: v for k, v in load_file(f).items() if not k.startswith(stem + ".")}
+        if len(tensors) < len(load_file(f)):
+            for e in range(4):
+                for proj, shape in (("gate_proj", (32, 64)), ("up_proj", (32, 64)), ("down_proj", (64, 32))):
+                    tensors[f"{stem}.{e}.{proj}.weight"] = torch.randn(shape)
+            save_file(tensors, str(f), metadata={"format": "pt"})
+    with pytest.raises(NotImplementedError, match=f"{stem}: per-expert float layers of Llama 4 experts"):
+        fp4cupy.import_checkpoint(tiny_llama4(), out)

@@ -215,7 +215,8 @@ MOE_RUNS += [("Qwen3Moe", "compressed-tensors", {"fmt": "mxfp4", "group_size": 3
              ("Qwen2Moe", "compressed-tensors", {}, "nvfp4", "FP4CupyMoEMethod", True),
              ("Llama4", "modelopt", {}, "nvfp4", "FP4CupyMoEMethod", True),
              ("Llama4", "compressed-tensors", {}, "nvfp4", "FP4CupyMoEMethod", True),
-             ("Llama4", "compressed-tensors", {"fmt": "mxfp4", "group_size": 32}, "fp4cupy", "FP4CupyMoEMethod", True),
+             ("Llama4", "compressed-tensors", {"fmt": "mxfp4", "group_size": 32}, "fp4cupy", "FP4CupyMoEMethod",
+              True),
              ("Mixtral", "modelopt", {}, "nvfp4", "FP4CupyMoEMethod", False)]
 
 
