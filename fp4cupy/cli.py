@@ -125,7 +125,7 @@ def _info():
     from fp4cupy.cuda_linear import w4a16_paths
 
     cc = runtime.compute_capability()
-    target = runtime.target_for(cc) if cc else ""
+    target = runtime.module_target() if cc else ""
     print(f"fp4cupy {fp4cupy.version()}")
     print(f"GPU compute capability: {cc}" + (f", target {target}" if cc else " (none: CPU reference)"))
     print(f"FP4 hardware: {fp4cupy.has_hardware_acceleration()}")

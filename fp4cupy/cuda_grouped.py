@@ -55,7 +55,7 @@ def expert_table(layers, dtype, reuse=None):
     device = layers[0].codes.device if layers[0].codes is not None else None
     if device is None or not all(_held(layer, device, dtype) for layer in layers):
         return None
-    if not cuda_linear._mma_ok(device.index):
+    if not cuda_linear._mma_ok(device.index, True):  # the tiled grouped kernel needs sm_80
         return None
     rows, held = [], []
     for layer in layers:

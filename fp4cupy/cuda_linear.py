@@ -8,8 +8,10 @@ small weights, and from 17 on large ones (``uses_warpgroup_kernel``); elsewhere 
 Blackwell, and small weights on sm_90a) the tiled mma.sync kernel (w4a16_tiled.cu, ``cuda_tiled``)
 from 33 tokens, 65 on the smallest weights (``uses_tiled_kernel``), up to ``MMA_MAX_M``; on sm_90a
 up to ``SLICED_MAX_M`` tokens on large weights, in slices (``kernels_take``). The weight must be
-``prepare``d (repacked once, prepare.cu). Past those tokens, on GPUs older than sm_80, or for
-weights the kernel does not take, W is dequantized and cuBLAS multiplies.
+``prepare``d (repacked once, prepare.cu). On sm_75 (Turing: no bf16 MMA, no cp.async) the
+mma.sync kernels take fp16 x up to ``TURING_MAX_M`` tokens, each MMA as two m16n8k8. Past those
+tokens, for bf16 x before sm_80, on GPUs older than sm_75, or for weights the kernel does not take,
+W is dequantized and cuBLAS multiplies.
 """
 from __future__ import annotations
 
@@ -25,7 +27,8 @@ from .prepared import PAIR, PreparedWeight
 from .tensor import FP4Tensor
 
 MMA_MAX_M = 128           # tokens a launch; larger batches: dequantize + cuBLAS (see benchmarks/RESULTS.md)
-MMA_MIN_CC = (8, 0)       # mma.m16n8k16
+MMA_MIN_CC = (7, 5)       # mma.sync m16n8k8: fp16 x through the mma.sync kernels
+FULL_MMA_CC = (8, 0)      # m16n8k16, bf16 MMAs, cp.async: bf16 x, the tiled and grouped kernels
 TILE_PAD = 4              # row tiles are allocated in multiples of the largest RT
 
 
@@ -81,8 +84,7 @@ WG_MIN_WEIGHTS = 1 << 23
 
 @functools.lru_cache(maxsize=None)
 def _wg_ok(device: int) -> bool:
-    cc = runtime.compute_capability(device)
-    return cc is not None and runtime.target_for(cc) == "sm_90a"
+    return runtime.compute_capability(device) is not None and runtime.module_target(device) == "sm_90a"
 
 
 def uses_warpgroup_kernel(m: int, n: int, k: int, device: int) -> bool:
@@ -123,9 +125,16 @@ SLICED_MAX_M = 256
 SLICED_MIN_WEIGHTS = 1 << 25
 
 
+# sm_75 runs the mma.sync kernels alone (``plan``'s, up to 32 tokens): the tiled kernel's cp.async
+# needs sm_80.
+TURING_MAX_M = TILED_MIN_M - 1
+
+
 def kernels_take(m: int, n: int, k: int, device: int) -> bool:
-    """Whether ``launch_w4a16`` takes ``m`` tokens and an [n, k] weight on ``device`` (a GPU of
-    sm_80+); else dequantize + cuBLAS."""
+    """Whether ``launch_w4a16`` takes ``m`` tokens and an [n, k] weight on ``device`` (a GPU where
+    ``_mma_ok``); else dequantize + cuBLAS."""
+    if m > TURING_MAX_M and not _mma_ok(device, True):
+        return False
     return 0 < m and (m <= MMA_MAX_M or (m <= SLICED_MAX_M and n * k > SLICED_MIN_WEIGHTS and _wg_ok(device)))
 
 
@@ -142,7 +151,10 @@ def w4a16_paths(cc: tuple[int, int] | None, target: str = "") -> str:
     if cc is None:
         return "the CPU reference (exact, numpy or torch)"
     if tuple(cc) < MMA_MIN_CC:
-        return "dequantize + cuBLAS (the W4A16 kernels need sm_80)"
+        return "dequantize + cuBLAS (the W4A16 kernels need sm_75)"
+    if tuple(cc) < FULL_MMA_CC:
+        return (f"fp16 x: mma.sync (as m16n8k8) 1-{TURING_MAX_M} tokens, dequantize + cuBLAS above; "
+                "bf16 x: dequantize + cuBLAS (no bf16 MMA before sm_80)")
     tiled = (f"tiled mma.sync {TILED_MIN_M}-{MMA_MAX_M} (from {TILED_SMALL_MIN_M} on weights of "
              f"<= {TILED_SMALL_WEIGHTS >> 20} Mi values)")
     if target != "sm_90a":
@@ -178,9 +190,11 @@ def launch_w4a16(m: int, n: int, k: int, bf16: bool, device: int, stream: int, a
 
 
 @functools.lru_cache(maxsize=None)
-def _mma_ok(device: int) -> bool:
+def _mma_ok(device: int, bf16: bool = False) -> bool:
+    """Whether ``device`` runs the mma.sync kernels for x of that dtype (bf16, the tiled and the
+    grouped kernels: sm_80+; fp16: sm_75+)."""
     cc = runtime.compute_capability(device)
-    return cc is not None and cc >= MMA_MIN_CC
+    return cc is not None and cc >= (FULL_MMA_CC if bf16 else MMA_MIN_CC)
 
 
 def linear_repacked(x, codes, scale_codes, global_scale, n: int, bias=None):
@@ -202,7 +216,7 @@ def linear_repacked(x, codes, scale_codes, global_scale, n: int, bias=None):
     y = _new_output(x, shape[:-1], n)
     if m == 0:
         return y  # no tokens: an empty y, as torch's F.linear gives
-    if not _mma_ok(dev) or not kernels_take(m, n, k, dev):
+    if not _mma_ok(dev, x.dtype is half[1]) or not kernels_take(m, n, k, dev):
         return None
     args = (codes.data_ptr(), scale_codes.data_ptr(), x.data_ptr(), y.data_ptr(),
             0 if bias is None else bias.data_ptr(), global_scale.data_ptr())
@@ -238,7 +252,7 @@ def linear(x, pw: PreparedWeight, bias=None):
     dtype = arrays.dtype_name(x)
     lead = tuple(x.shape[:-1])
     m = math.prod(lead)
-    if (pw.path != "mma" or dtype not in ("float16", "bfloat16") or not _mma_ok(lib.device)
+    if (pw.path != "mma" or dtype not in ("float16", "bfloat16") or not _mma_ok(lib.device, dtype == "bfloat16")
             or not kernels_take(m, n, k, lib.device)):
         return _linear_dequantized(x, w, bias, lib)
     x2 = lib.contiguous_aligned(x.reshape(m, k))

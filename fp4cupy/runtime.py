@@ -7,6 +7,9 @@
   upgrade or an edit recompiles. Loaded modules are memoized per (source, device).
 - No ``-ftz``: decode tricks rely on IEEE subnormals, and the reference's fp32 division is IEEE.
 - A failed compile raises ``CompileError`` carrying the NVRTC log, the options and the numbered source.
+- ``FP4CUPY_EMULATE_CC=7.5`` (any compute capability below the GPU's) runs an older GPU's paths on
+  a newer one: fp4cupy plans for that compute capability and compiles PTX for it (``compute_75``),
+  which the driver finishes for the GPU at hand. For tests of the paths of GPUs not at hand.
 """
 from __future__ import annotations
 
@@ -60,13 +63,35 @@ def device_count() -> int:
 
 
 def compute_capability(device: int | None = None):
-    """(major, minor) of ``device`` (default: current), or None without a GPU."""
+    """(major, minor) of ``device`` (default: current), or None without a GPU; the emulated one
+    where ``FP4CUPY_EMULATE_CC`` names a lower one."""
+    real = _real_cc(device)
+    return emulated_cc() if _emulating(real) else real
+
+
+def _real_cc(device: int | None):
     if device_count() == 0:
         return None
     cp = _cupy()
-    dev = cp.cuda.Device(device) if device is not None else cp.cuda.Device()
-    cc = dev.compute_capability
+    cc = (cp.cuda.Device(device) if device is not None else cp.cuda.Device()).compute_capability
     return int(cc[:-1]), int(cc[-1])
+
+
+def _emulating(real) -> bool:
+    emulated = emulated_cc()
+    return real is not None and emulated is not None and emulated < real
+
+
+@functools.lru_cache(maxsize=None)
+def emulated_cc() -> tuple[int, int] | None:
+    """The compute capability ``FP4CUPY_EMULATE_CC`` names ("7.5", "8.9"), or None when unset."""
+    text = os.environ.get("FP4CUPY_EMULATE_CC", "").strip()
+    if not text:
+        return None
+    major, dot, minor = text.partition(".")
+    if not (dot and major.isdigit() and minor.isdigit() and len(minor) == 1):
+        raise ValueError(f"FP4CUPY_EMULATE_CC={text!r}: give a compute capability such as 7.5 or 8.9")
+    return int(major), int(minor)
 
 
 @functools.lru_cache(maxsize=None)
@@ -85,6 +110,13 @@ def target_for(cc: tuple[int, int]) -> str:
     if num not in supported:
         return f"compute_{max(a for a in supported if a <= num)}"
     return target
+
+
+def module_target(device: int | None = None) -> str:
+    """The target ``load`` compiles for on ``device``: ``target_for`` its compute capability, or
+    PTX of the emulated one (``FP4CUPY_EMULATE_CC``), which the driver finishes for the GPU."""
+    target = target_for(compute_capability(device))
+    return "compute_" + target[3:].rstrip("af") if _emulating(_real_cc(device)) else target
 
 
 def has_fp4_hardware(device: int | None = None) -> bool:
@@ -181,8 +213,7 @@ def load(filename, device: int):
     cp = _cupy()
     if cp is None or device_count() == 0:
         raise RuntimeError("fp4cupy's GPU path needs CuPy and a CUDA GPU: pip install 'fp4cupy[cuda12]' (or [cuda13])")
-    target = target_for(compute_capability(device))
-    binary = compile_source(filename, target)
+    binary = compile_source(filename, module_target(device))
     with cp.cuda.Device(device):
         mod = cp.cuda.function.Module()
         mod.load(binary)  # a cubin, or PTX (NUL-terminated) that the driver finishes for this GPU

@@ -12,7 +12,8 @@
 // Grid: x = token tiles of 8*NT, y = row tiles of 16*RT. Block: any number of warps; warp w takes
 // chunks w, w + nwarps, ... (split-K inside the block) and the block reduces through shared memory.
 // <w4a16_rt{RT}_nt{NT}_u{U}[_w4]_{f16,bf16}> (U chunks per pipeline step; _w4: at most 4 warps a
-// block). Needs sm_80 (traps on older targets, which take another path).
+// block). Needs sm_80, or sm_75 for fp16 (each MMA as two m16n8k8); traps on older targets,
+// which take another path.
 // <..._s{S}_...> (sm_90+): K split over the S blocks of a cluster along x (x = token tile * S +
 // split), each block taking a contiguous run of chunks; then every block of the cluster adds up a
 // share of the outputs over the S blocks' sums in split order, read through distributed shared
@@ -50,9 +51,13 @@ __device__ void w4a16_body(const uint4* __restrict__ wq, const unsigned short* _
                            const typename Act<BF16>::T* __restrict__ bias, const float* __restrict__ g_ptr,
                            int m, int n, int k) {
     typedef typename Act<BF16>::T T;
-#if __CUDA_ARCH__ < 800
-    __trap();  // mma.m16n8k16 needs sm_80; fp4cupy.linear takes the dequantize path on older GPUs
+#if __CUDA_ARCH__ < 750
+    __trap();  // mma.sync needs sm_75; fp4cupy.linear takes the dequantize path on older GPUs
 #else
+    if (BF16 && __CUDA_ARCH__ < 800) {  // bf16 MMAs need sm_80 (fp4cupy.linear: the dequantize path)
+        __trap();
+        return;
+    }
     if (S > 1 && __CUDA_ARCH__ < 900) __trap();  // clusters need sm_90
     extern __shared__ float red[];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;

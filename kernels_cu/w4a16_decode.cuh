@@ -43,20 +43,42 @@ template <bool BF16> __device__ __forceinline__ u32 scale_pair(u32 code) {
     return BF16 ? code * 0x00100010u + 0x70007000u : code * 0x00800080u;
 }
 
+// bf16 arithmetic and MMAs need sm_80; on sm_75 the bf16 kernels trap before they get here.
 template <bool BF16> __device__ __forceinline__ u32 mul2(u32 a, u32 b) {
-    u32 d;
-    if (BF16) asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(0x80008000u));  // + -0: exact
-    else asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
+    u32 d = 0;
+    if (BF16) {
+#if __CUDA_ARCH__ >= 800
+        asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(0x80008000u));  // + -0: exact
+#else
+        __trap();
+#endif
+    } else {
+        asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
+    }
     return d;
 }
 
+// c += A (16 x 16, a[0..3]) x B (16 x 8, b0: k 0-7, b1: k 8-15). sm_75 (Turing) has no m16n8k16: it
+// runs the two halves of K as m16n8k8, whose A fragments are {a[0], a[1]} and {a[2], a[3]}.
 template <bool BF16> __device__ __forceinline__ void mma(float (&c)[4], const u32 (&a)[4], u32 b0, u32 b1) {
-    if (BF16)
+    if (BF16) {
+#if __CUDA_ARCH__ >= 800
         asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
                      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3]) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-    else
+#else
+        __trap();
+#endif
+    } else {
+#if __CUDA_ARCH__ >= 800
         asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
                      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3]) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#else
+        asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, {%0,%1,%2,%3};"
+                     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3]) : "r"(a[0]), "r"(a[1]), "r"(b0));
+        asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, {%0,%1,%2,%3};"
+                     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3]) : "r"(a[2]), "r"(a[3]), "r"(b1));
+#endif
+    }
 }
 
 // The grouped launches (a MoE block's experts: w4a16.cu, w4a16_tiled.cu). x's rows are sorted by

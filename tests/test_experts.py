@@ -130,7 +130,7 @@ def test_the_grouped_launch_table_takes_repacked_layers_with_biases_of_the_dtype
 
     from fp4cupy import cuda_grouped
 
-    monkeypatch.setattr(cuda_grouped.cuda_linear, "_mma_ok", lambda device: True)
+    monkeypatch.setattr(cuda_grouped.cuda_linear, "_mma_ok", lambda device, bf16=False: bf16)  # sm_80+
 
     def layer(bias_dtype=torch.bfloat16, codes=True):
         return SimpleNamespace(codes=torch.zeros(4, dtype=torch.uint8) if codes else None,

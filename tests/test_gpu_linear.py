@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import fp4cupy
-from fp4cupy import cuda_linear, cuda_wgmma, mma_plan, prepared
+from fp4cupy import cuda_linear, cuda_wgmma, mma_plan, prepared, runtime
 
 pytestmark = pytest.mark.gpu
 torch = pytest.importorskip("torch")
@@ -121,7 +121,7 @@ def test_k_split_over_a_cluster(nt, dtype):
     """The one-tile kernels with K split over clusters of 2, 4 and 8 blocks (sm_90+): ragged N, odd M,
     a chunk count no split size divides (37: the last of 8 splits gets 2 chunks), bias; the cluster
     adds its blocks' sums in split order, so two calls agree bit for bit."""
-    if torch.cuda.get_device_capability() < (9, 0):
+    if runtime.compute_capability(0) < (9, 0):
         pytest.skip("thread block clusters need sm_90")
     variant = mma_plan.SPLIT_VARIANTS[nt]
     g = gen(nt)
@@ -152,7 +152,7 @@ def test_k_split_over_a_cluster(nt, dtype):
 def test_linear_splits_k_over_clusters_for_few_rows(m, n, k, want, warps):
     """Through fp4cupy.linear where the one-wave plan picks the launch, K split over clusters or
     not (on an H100 or H200: 132 SMs, whose driver occupancy the plan reads), against float64."""
-    if torch.cuda.get_device_capability() < (9, 0) or cuda_linear._sm_count(0) != 132:
+    if runtime.compute_capability(0) < (9, 0) or cuda_linear._sm_count(0) != 132:
         pytest.skip("the plan's split counts here are those of a 132-SM sm_90 GPU")
     p = mma_plan.plan(n, k, m, False, 0)
     assert (p.name, p.threads // 32) == (want, warps)
@@ -338,7 +338,7 @@ def test_blocks_per_sm_follows_the_kernels_registers(bf16):
 def test_resident_clusters_hold_no_more_blocks_than_the_sms(bf16):
     """The driver's resident clusters that the few-row plan reads (cuOccupancyMaxActiveClusters):
     some on sm_90+, whole clusters, never more blocks than blocks a SM x SMs."""
-    if torch.cuda.get_device_capability() < (9, 0):
+    if runtime.compute_capability(0) < (9, 0):
         pytest.skip("thread block clusters need sm_90")
     for variant in mma_plan.SPLIT_VARIANTS.values():
         for warps in (4, 8):

@@ -132,3 +132,43 @@ def test_every_tiled_kernel_the_host_names_is_in_the_module(tmp_path, monkeypatc
     names = [name(bf16) for name in (cuda_tiled.kernel_name, cuda_tiled.finish_kernel_name) for bf16 in (False, True)]
     missing = [n for n in names if n.encode() + b"\0" not in cubin]
     assert len(set(names)) == 4 and not missing, missing
+
+
+def _ptx_entries(ptx: str) -> dict[str, str]:
+    """{kernel name: its PTX body} of a PTX module."""
+    parts = ptx.split(".entry ")[1:]
+    return {part.split("(", 1)[0].strip(): part for part in parts}
+
+
+def test_turing_builds_of_the_mma_sync_kernels_run_fp16_as_m16n8k8_and_trap_on_bf16(tmp_path, monkeypatch):
+    """sm_75 has mma.sync m16n8k8 but neither m16n8k16 nor bf16 MMAs: plan()'s fp16 kernels (the
+    ones cuda_linear runs there) split each MMA in two and have no trap; the bf16 ones only trap."""
+    from fp4cupy import mma_plan
+
+    monkeypatch.setenv("FP4CUPY_CACHE_DIR", str(tmp_path))
+    entries = _ptx_entries(runtime.compile_source("w4a16.cu", "compute_75").rstrip(b"\0").decode())
+    for variant in mma_plan.VARIANTS:
+        f16, bf16 = (entries[mma_plan.kernel_name(*variant, b)] for b in (False, True))
+        assert "mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32" in f16 and "m16n8k16" not in f16, variant
+        assert "trap;" not in f16 and "trap;" in bf16 and "mma.sync" not in bf16, variant
+    sm80 = _ptx_entries(runtime.compile_source("w4a16.cu", "compute_80").rstrip(b"\0").decode())
+    assert "m16n8k8" not in sm80["w4a16_rt2_nt2_u1_f16"] and "m16n8k16" in sm80["w4a16_rt2_nt2_u1_bf16"]
+
+
+def test_emulated_compute_capability_lowers_the_gpus_own_and_compiles_ptx(monkeypatch):
+    """FP4CUPY_EMULATE_CC: the compute capability fp4cupy plans for, when below the GPU's, and PTX
+    of it for the driver to finish; not above it; a malformed value is an error that says what to give."""
+    monkeypatch.setattr(runtime, "_real_cc", lambda device=None: (9, 0))
+    monkeypatch.setattr(runtime, "nvrtc_targets", lambda: (75, 80, 86, 89, 90, 100, 120))
+    for value, cc, target in [("7.5", (7, 5), "compute_75"), ("8.9", (8, 9), "compute_89"),
+                              ("9.0", (9, 0), "sm_90a"), ("12.0", (9, 0), "sm_90a"), ("", (9, 0), "sm_90a")]:
+        monkeypatch.setenv("FP4CUPY_EMULATE_CC", value)
+        runtime.emulated_cc.cache_clear()
+        assert (runtime.compute_capability(0), runtime.module_target(0)) == (cc, target), value
+    for bad in ("75", "sm_75", "7.x", "7.50"):
+        monkeypatch.setenv("FP4CUPY_EMULATE_CC", bad)
+        runtime.emulated_cc.cache_clear()
+        with pytest.raises(ValueError, match="such as 7.5"):
+            runtime.compute_capability(0)
+    monkeypatch.delenv("FP4CUPY_EMULATE_CC")
+    runtime.emulated_cc.cache_clear()

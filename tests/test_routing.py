@@ -95,6 +95,7 @@ def test_129_to_256_tokens_in_slices_on_large_weights_on_sm90a(monkeypatch):
     monkeypatch.setattr(cuda_linear, "_wg_ok", lambda device: True)
     monkeypatch.setattr(cuda_wgmma, "wg_plan", lambda n, k, m, bf16, device: (m, n, k))
     monkeypatch.setattr(cuda_wgmma, "launch_wg", lambda p, m, n, k, stream, args, scratch: calls.append((p, m, args)))
+    monkeypatch.setattr(cuda_linear, "_mma_ok", lambda device, bf16=False: True)
     take = cuda_linear.kernels_take
     assert take(256, 8192, 4097, 0) and take(129, 28672, 8192, 0) and take(128, 64, 64, 0)
     assert not take(257, 28672, 8192, 0) and not take(200, 8192, 4096, 0)  # 32 Mi: not above
@@ -110,3 +111,23 @@ def test_129_to_256_tokens_in_slices_on_large_weights_on_sm90a(monkeypatch):
         (0, 128), (128, 128), (256, 128)]
     monkeypatch.setattr(cuda_linear, "_wg_ok", lambda device: False)  # off sm_90a: dequantize + cuBLAS
     assert not take(129, 28672, 8192, 0) and take(128, 28672, 8192, 0)
+
+
+@pytest.mark.parametrize("cc", [(7, 5), (8, 0), (8, 9), (9, 0)])
+def test_turing_runs_fp16_through_the_mma_sync_kernels_up_to_32_tokens(monkeypatch, cc):
+    """sm_75: fp16 x up to 32 tokens through plan()'s kernels (each MMA as two m16n8k8); bf16 x, more
+    tokens and the grouped launches (the tiled kernel's cp.async) take the other paths; sm_70 none."""
+    monkeypatch.setattr(cuda_linear.runtime, "compute_capability", lambda device=None: cc)
+    monkeypatch.setattr(cuda_linear, "_wg_ok", lambda device: False)
+    cuda_linear._mma_ok.cache_clear()
+    try:
+        turing = cc < (8, 0)
+        assert cuda_linear._mma_ok(0) and cuda_linear._mma_ok(0, True) != turing
+        assert cuda_linear.kernels_take(32, 4096, 4096, 0) and cuda_linear.kernels_take(1, 64, 64, 0)
+        assert cuda_linear.kernels_take(33, 4096, 4096, 0) != turing
+        assert cuda_linear.kernels_take(128, 28672, 8192, 0) != turing
+        monkeypatch.setattr(cuda_linear.runtime, "compute_capability", lambda device=None: (7, 0))
+        cuda_linear._mma_ok.cache_clear()
+        assert not cuda_linear._mma_ok(0) and not cuda_linear._mma_ok(0, True)
+    finally:
+        cuda_linear._mma_ok.cache_clear()
