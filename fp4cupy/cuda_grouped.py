@@ -6,10 +6,11 @@ expert e's repacked weight (``expert_table``), FP32 accumulation on the tensor c
 dtype: the same arithmetic as ``linear`` on each expert's rows. Few rows an expert: the mma.sync
 kernel, a block one 16-row tile and 8 * NT rows a pass, its warps splitting K; more (a pass of
 TILED_MIN_PASS or more): the tiled kernel, a block 256 weight rows and 64 rows of x a pass, staged
-in shared memory. The host reads no count back: the grid is (pass_blocks, row tiles, experts),
-the pass_blocks blocks of an expert and row tile sharing its rows a pass each, then the next
-(any number of rows, no count needed); or (1, row tiles, rows) when x has fewer rows than there
-are experts. So there is no sync, and a CUDA graph can hold the call. Rows of
+in shared memory (sm_80+; sm_75 runs fp16 only, in passes of at most 32 rows of the mma.sync
+kernel). The host reads no count back: the grid is (pass_blocks, row tiles, experts), the
+pass_blocks blocks of an expert and row tile sharing its rows a pass each, then the next (any
+number of rows, no count needed); or (1, row tiles, rows) when x has fewer rows than there are
+experts. So there is no sync, and a CUDA graph can hold the call. Rows of
 experts >= E (expert parallelism's "not here") are neither read nor written. On sm_90a, from
 WG_MIN_PASS rows an expert (``expected_rows``): the warpgroup-MMA kernel, each expert's rows cut
 into tiles of at most 32, 64, 96 or 128 (``expert_tiles``, on the GPU: no count to the host
@@ -47,7 +48,8 @@ _WG_SIGNATURE = "PPPPPii"  # table, tiles, expert of row, reordered x, y, n, k
 def expert_table(layers, dtype, reuse=None):
     """(table int64 [E, 4] on the layers' GPU: each layer's codes, scale codes, global scale and
     bias (0 for none) pointers, the tensors it points at, the pointers as a host list) for
-    NVFP4Linear ``layers`` held as the W4A16 repack on a GPU of sm_80+, with biases (if any) of
+    NVFP4Linear ``layers`` held as the W4A16 repack on a GPU that runs the mma.sync kernels for
+    ``dtype`` (``cuda_linear._mma_ok``: sm_75 for fp16, sm_80 for bf16), with biases (if any) of
     ``dtype``; else None (the caller loops instead). The second element keeps the tensors alive as
     long as the table. ``reuse``: a table returned before, returned again where every pointer is the
     same (no upload, so a CUDA graph capture can ask again)."""
@@ -55,7 +57,7 @@ def expert_table(layers, dtype, reuse=None):
     device = layers[0].codes.device if layers[0].codes is not None else None
     if device is None or not all(_held(layer, device, dtype) for layer in layers):
         return None
-    if not cuda_linear._mma_ok(device.index, True):  # the tiled grouped kernel needs sm_80
+    if not cuda_linear._mma_ok(device.index, dtype == torch.bfloat16):  # fp16 from sm_75, bf16 from sm_80
         return None
     rows, held = [], []
     for layer in layers:
@@ -182,6 +184,8 @@ def grouped_linear(x, table, expert_of_row, offsets, n: int, tokens: int):
         _grouped_wg(x, y, table, expert_of_row, offsets, n, nt, capacity, sfx, dev)
         return y
     width = pass_tokens(tokens, rows, experts)
+    if width >= TILED_MIN_PASS and not cuda_linear._mma_ok(dev, True):
+        width = TILED_MIN_PASS - 1  # sm_75: no tiled kernel (cp.async); more passes of the mma.sync one
     if width >= TILED_MIN_PASS:
         launch, threads, shared, tile = _tiled_launcher(sfx, dev), TILED_THREADS, TILED_SHARED, TILED_ROWS
         width = TILED_TOKENS  # the tiled kernel's pass

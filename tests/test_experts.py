@@ -130,7 +130,7 @@ def test_the_grouped_launch_table_takes_repacked_layers_with_biases_of_the_dtype
 
     from fp4cupy import cuda_grouped
 
-    monkeypatch.setattr(cuda_grouped.cuda_linear, "_mma_ok", lambda device, bf16=False: bf16)  # sm_80+
+    monkeypatch.setattr(cuda_grouped.cuda_linear, "_mma_ok", lambda device, bf16=False: True)  # sm_80+
 
     def layer(bias_dtype=torch.bfloat16, codes=True):
         return SimpleNamespace(codes=torch.zeros(4, dtype=torch.uint8) if codes else None,
@@ -148,6 +148,10 @@ def test_the_grouped_launch_table_takes_repacked_layers_with_biases_of_the_dtype
     layers[1].codes = torch.zeros(4, dtype=torch.uint8)
     again = cuda_grouped.expert_table(layers, torch.bfloat16, first)
     assert again is not first and again[0][1, 0] == layers[1].codes.data_ptr()
+    monkeypatch.setattr(cuda_grouped.cuda_linear, "_mma_ok", lambda device, bf16=False: not bf16)  # sm_75
+    half = [layer(torch.float16), layer(None)]
+    assert cuda_grouped.expert_table(half, torch.float16) is not None  # fp16: the mma.sync grouped kernels
+    assert cuda_grouped.expert_table(layers, torch.bfloat16) is None  # bf16: the loop
 
 
 def test_the_weights_leave_the_source_and_their_error_is_the_recipes():

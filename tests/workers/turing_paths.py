@@ -2,7 +2,9 @@
 FP4CUPY_EMULATE_CC=7.5 (plans for sm_75, kernels compiled to compute_75 PTX that the driver
 finishes for the GPU at hand). fp16 x up to 32 tokens must run plan()'s mma.sync kernels (each MMA
 as two m16n8k8) and match x @ dequantize(W).T in float64 to 1e-3; bf16 x and more tokens must
-take dequantize + cuBLAS and match too. Outputs start poisoned; every check draws fresh inputs."""
+take dequantize + cuBLAS and match too; a MoE block's fp16 experts run the grouped mma.sync launches
+(experts_checks). Outputs start poisoned; every check draws fresh inputs."""
+import copy
 import sys
 from pathlib import Path
 
@@ -67,9 +69,57 @@ def main() -> None:
     want = torch.from_dlpack(xc.astype(cupy.float64) @ fp4cupy.dequantize(wc).astype(cupy.float64).T)
     check(torch.from_dlpack(yc), want, torch.float16, True, "cupy")
 
+    checks += experts_checks()
     w4a16 = {target for f, target in compiled if f == "w4a16.cu"}
     assert w4a16 == {runtime.module_target(0)}, compiled
     print(f"sm_75 paths ({runtime.module_target(0)} on {torch.cuda.get_device_name()}): {checks} checks passed")
+
+
+def experts_checks() -> int:
+    """A Mixtral experts block in fp16: two grouped mma.sync launches (passes of at most 32 rows,
+    where sm_80 would take the tiled kernel from 33) at 3 / 40 / 300 tokens, the loop past 256 rows an
+    expert on average, against the float32 module on the dequantized weights; a CUDA graph holds the
+    grouped call. bf16 loops (no bf16 MMA)."""
+    import transformers
+    from transformers.models.mixtral.modeling_mixtral import MixtralExperts
+
+    from fp4cupy import cuda_grouped
+    from fp4cupy.experts import NVFP4Experts, grouped_max_rows
+    from test_experts import TINY, dequantized_copy, routing
+
+    launches, grouped = [], cuda_grouped.grouped_linear
+    cuda_grouped.grouped_linear = lambda *a: launches.append(a[0].shape[0]) or grouped(*a)
+    config = transformers.MixtralConfig(**dict(TINY, hidden_size=512, intermediate_size=768, num_local_experts=8))
+    config._experts_implementation = "eager"
+    torch.manual_seed(0)
+    original = MixtralExperts(config).cuda()
+    for p in original.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    fp4 = NVFP4Experts.from_float(copy.deepcopy(original).half())
+    ref = dequantized_copy(original, fp4)
+    checks = 0
+    for tokens in (3, 40, 300, 1100):
+        x = torch.randn(tokens, 512, device="cuda").half()
+        index, weights = (t.cuda() for t in routing(tokens, 8, 2, tokens))
+        with torch.no_grad():
+            want, got = ref(x.float(), index, weights).double(), fp4(x, index, weights.half())
+        assert got.dtype == torch.float16 and float((got.double() - want).norm() / want.norm()) <= 3e-3, tokens
+        assert len(launches) == (2 if 2 * tokens <= grouped_max_rows(0) * 8 else 0), (tokens, launches)
+        launches.clear()
+        checks += 1
+    assert fp4.grouped_tables(torch.float16) is not None and fp4.grouped_tables(torch.bfloat16) is None
+    x = torch.randn(300, 512, device="cuda").half()
+    index, weights = (t.cuda() for t in routing(300, 8, 2, 5))
+    weights = weights.half()
+    with torch.no_grad():
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = fp4(x, index, weights)
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        assert torch.equal(out, fp4(x, index, weights))
+    cuda_grouped.grouped_linear = grouped
+    return checks + 1
 
 
 if __name__ == "__main__":
