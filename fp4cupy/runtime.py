@@ -115,8 +115,10 @@ def target_for(cc: tuple[int, int]) -> str:
 def module_target(device: int | None = None) -> str:
     """The target ``load`` compiles for on ``device``: ``target_for`` its compute capability, or
     PTX of the emulated one (``FP4CUPY_EMULATE_CC``), which the driver finishes for the GPU."""
-    target = target_for(compute_capability(device))
-    return "compute_" + target[3:].rstrip("af") if _emulating(_real_cc(device)) else target
+    real = _real_cc(device)
+    if not _emulating(real):
+        return target_for(real)
+    return "compute_" + target_for(emulated_cc())[3:].rstrip("af")
 
 
 def has_fp4_hardware(device: int | None = None) -> bool:
