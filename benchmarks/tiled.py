@@ -1,5 +1,5 @@
-"""The tiled mma.sync W4A16 kernel (w4a16_tiled.cu, 33-128 tokens on Ampere, Ada and Blackwell)
-against cuBLAS fp16/bf16 and the kernels it stands beside, in one run on this card.
+"""The tiled mma.sync W4A16 kernel (w4a16_tiled.cu, 33-128 tokens on Turing (fp16), Ampere, Ada and
+Blackwell) against cuBLAS fp16/bf16 and the kernels it stands beside, in one run on this card.
 
     PYTHONPATH=$PWD python3 benchmarks/tiled.py [--bf16] [--ms 33,64,96,128] [--shapes 4096x4096,...]
 
@@ -9,9 +9,11 @@ over it (median of the pairs):
 - package: what fp4cupy.linear runs on this card (on sm_90a the warpgroup kernel from 33 tokens
   but on small weights);
 - tiled: w4a16_tiled.cu with the K splits of ``cuda_tiled.tiled_plan``;
-- mma.sync: ``mma_plan.plan``'s kernel (w4a16.cu), what sm_80-89 ran before the tiled kernel.
+- mma.sync: ``mma_plan.plan``'s kernel (w4a16.cu), what sm_80-89 ran before the tiled kernel;
+- deq+cuBLAS: the weight dequantized to x's dtype, then F.linear, what sm_75 ran before.
 On a GPU without the warpgroup kernel "package" is the tiled or the mma.sync kernel
-(``cuda_linear.uses_tiled_kernel``).
+(``cuda_linear.uses_tiled_kernel``). Under ``FP4CUPY_EMULATE_CC`` the kernels are the emulated
+target's build (the header names it), JIT-compiled for this card.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import fp4cupy  # noqa: E402
-from fp4cupy import cuda_linear, cuda_tiled, mma_plan  # noqa: E402
+from fp4cupy import cuda_linear, cuda_tiled, mma_plan, runtime  # noqa: E402
 from timing import card, graph_compare  # noqa: E402
 
 SHAPES = ((4096, 4096), (14336, 4096), (4096, 14336), (28672, 8192), (8192, 28672))
@@ -48,7 +50,11 @@ def candidates(x, prep, n, k):
         args = cuda_linear.kernel_args(prep[i % 3], x, y)
         q.launch(q.grid, q.threads, q.shared, torch.cuda.current_stream().cuda_stream, *args, m, n, k)
 
-    return {"package": lambda i: fp4cupy.linear(x, prep[i % 3]), "tiled": tiled, "mma.sync": mma_sync}
+    def dequantized(i):
+        return F.linear(x, fp4cupy.dequantize(prep[i % 3].weight, dtype=x.dtype))
+
+    return {"package": lambda i: fp4cupy.linear(x, prep[i % 3]), "tiled": tiled, "mma.sync": mma_sync,
+            "deq+cuBLAS": dequantized}
 
 
 def rows(dtype, shapes, ms):
@@ -96,15 +102,17 @@ def main():
     ms = [int(v) for v in a.ms.split(",")]
     torch.manual_seed(0)
     name = "bf16" if a.bf16 else "fp16"
-    print(f"\n## benchmarks/tiled.py on {card()} (torch {torch.__version__}), x {name}, speed-up over cuBLAS {name}\n")
-    print("| N x K | M | cuBLAS ms | package | tiled | mma.sync | tiled / mma.sync | tiled launch | tiled error |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print(f"\n## benchmarks/tiled.py on {card()} (torch {torch.__version__}), kernels built for "
+          f"{runtime.module_target(0)}, x {name}, speed-up over cuBLAS {name}\n")
+    print("| N x K | M | cuBLAS ms | package | tiled | mma.sync | deq+cuBLAS | tiled / mma.sync | tiled launch | "
+          "tiled error |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     gains = []
     for r in rows(dtype, shapes, ms):
         gains.append(r["tiled"] / r["mma.sync"])
         p = r["plan"]
         print(f"| {r['n']}x{r['k']} | {r['m']} | {r['cublas']:.4f} | {r['package']:.2f}x ({r['kernel']}) | "
-              f"{r['tiled']:.2f}x | {r['mma.sync']:.2f}x | {gains[-1]:.2f} | "
+              f"{r['tiled']:.2f}x | {r['mma.sync']:.2f}x | {r['deq+cuBLAS']:.2f}x | {gains[-1]:.2f} | "
               f"grid {p.grid[1]}x{p.grid[0]} S={p.splits} | {r['err']:.1e} |", flush=True)
     print(f"\ngeomean tiled / mma.sync: {math.exp(sum(map(math.log, gains)) / len(gains)):.2f}x over {len(gains)} rows")
 

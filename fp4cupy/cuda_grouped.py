@@ -6,12 +6,11 @@ expert e's repacked weight (``expert_table``), FP32 accumulation on the tensor c
 dtype: the same arithmetic as ``linear`` on each expert's rows. Few rows an expert: the mma.sync
 kernel, a block one 16-row tile and 8 * NT rows a pass, its warps splitting K; more (a pass of
 TILED_MIN_PASS or more): the tiled kernel, a block 256 weight rows and 64 rows of x a pass, staged
-in shared memory (sm_80+; sm_75 runs fp16 only, in passes of at most 32 rows of the mma.sync
-kernel). The host reads no count back: the grid is (pass_blocks, row tiles, experts), the
-pass_blocks blocks of an expert and row tile sharing its rows a pass each, then the next (any
-number of rows, no count needed); or (1, row tiles, rows) when x has fewer rows than there are
-experts. So there is no sync, and a CUDA graph can hold the call. Rows of
-experts >= E (expert parallelism's "not here") are neither read nor written. On sm_90a, from
+in shared memory (sm_80+; on sm_75 fp16 only, the tiled kernel copying through registers). The
+host reads no count back: the grid is (pass_blocks, row tiles, experts), the pass_blocks blocks
+of an expert and row tile sharing its rows a pass each, then the next (any number of rows, no
+count needed); or (1, row tiles, rows) when x has fewer rows than there are experts. So there is
+no sync, and a CUDA graph can hold the call. Rows of experts >= E (expert parallelism's "not here") are neither read nor written. On sm_90a, from
 WG_MIN_PASS rows an expert (``expected_rows``): the warpgroup-MMA kernel, each expert's rows cut
 into tiles of at most 32, 64, 96 or 128 (``expert_tiles``, on the GPU: no count to the host
 either), a grid row a tile, its x reordered once as ``linear``'s warpgroup kernel reads it.
@@ -184,8 +183,6 @@ def grouped_linear(x, table, expert_of_row, offsets, n: int, tokens: int):
         _grouped_wg(x, y, table, expert_of_row, offsets, n, nt, capacity, sfx, dev)
         return y
     width = pass_tokens(tokens, rows, experts)
-    if width >= TILED_MIN_PASS and not cuda_linear._mma_ok(dev, True):
-        width = TILED_MIN_PASS - 1  # sm_75: no tiled kernel (cp.async); more passes of the mma.sync one
     if width >= TILED_MIN_PASS:
         launch, threads, shared, tile = _tiled_launcher(sfx, dev), TILED_THREADS, TILED_SHARED, TILED_ROWS
         width = TILED_TOKENS  # the tiled kernel's pass

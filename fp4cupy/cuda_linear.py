@@ -9,9 +9,9 @@ Blackwell, and small weights on sm_90a) the tiled mma.sync kernel (w4a16_tiled.c
 from 33 tokens, 65 on the smallest weights (``uses_tiled_kernel``), up to ``MMA_MAX_M``; on sm_90a
 up to ``SLICED_MAX_M`` tokens on large weights, in slices (``kernels_take``). The weight must be
 ``prepare``d (repacked once, prepare.cu). On sm_75 (Turing: no bf16 MMA, no cp.async) the
-mma.sync kernels take fp16 x up to ``TURING_MAX_M`` tokens, each MMA as two m16n8k8. Past those
-tokens, for bf16 x before sm_80, on GPUs older than sm_75, or for weights the kernel does not take,
-W is dequantized and cuBLAS multiplies.
+mma.sync and tiled kernels take fp16 x as on sm_80, each MMA as two m16n8k8. Past those tokens,
+for bf16 x before sm_80, on GPUs older than sm_75, or for weights the kernel does not take, W is
+dequantized and cuBLAS multiplies.
 """
 from __future__ import annotations
 
@@ -27,8 +27,8 @@ from .prepared import PAIR, PreparedWeight
 from .tensor import FP4Tensor
 
 MMA_MAX_M = 128           # tokens a launch; larger batches: dequantize + cuBLAS (see benchmarks/RESULTS.md)
-MMA_MIN_CC = (7, 5)       # mma.sync m16n8k8: fp16 x through the mma.sync kernels
-FULL_MMA_CC = (8, 0)      # m16n8k16, bf16 MMAs, cp.async: bf16 x, the tiled and grouped kernels
+MMA_MIN_CC = (7, 5)       # mma.sync m16n8k8: fp16 x through the mma.sync and tiled kernels
+FULL_MMA_CC = (8, 0)      # m16n8k16 and bf16 MMAs: bf16 x
 TILE_PAD = 4              # row tiles are allocated in multiples of the largest RT
 
 
@@ -125,16 +125,9 @@ SLICED_MAX_M = 256
 SLICED_MIN_WEIGHTS = 1 << 25
 
 
-# sm_75 runs the mma.sync kernels alone (``plan``'s, up to 32 tokens): the tiled kernel's cp.async
-# needs sm_80.
-TURING_MAX_M = TILED_MIN_M - 1
-
-
 def kernels_take(m: int, n: int, k: int, device: int) -> bool:
     """Whether ``launch_w4a16`` takes ``m`` tokens and an [n, k] weight on ``device`` (a GPU where
     ``_mma_ok``); else dequantize + cuBLAS."""
-    if m > TURING_MAX_M and not _mma_ok(device, True):
-        return False
     return 0 < m and (m <= MMA_MAX_M or (m <= SLICED_MAX_M and n * k > SLICED_MIN_WEIGHTS and _wg_ok(device)))
 
 
@@ -152,13 +145,13 @@ def w4a16_paths(cc: tuple[int, int] | None, target: str = "") -> str:
         return "the CPU reference (exact, numpy or torch)"
     if tuple(cc) < MMA_MIN_CC:
         return "dequantize + cuBLAS (the W4A16 kernels need sm_75)"
-    if tuple(cc) < FULL_MMA_CC:
-        return (f"fp16 x: mma.sync (as m16n8k8) 1-{TURING_MAX_M} tokens, dequantize + cuBLAS above; "
-                "bf16 x: dequantize + cuBLAS (no bf16 MMA before sm_80)")
     tiled = (f"tiled mma.sync {TILED_MIN_M}-{MMA_MAX_M} (from {TILED_SMALL_MIN_M} on weights of "
              f"<= {TILED_SMALL_WEIGHTS >> 20} Mi values)")
+    sync = f"mma.sync 1-{TILED_MIN_M - 1} tokens, {tiled}, dequantize + cuBLAS above {MMA_MAX_M}"
+    if tuple(cc) < FULL_MMA_CC:
+        return f"fp16 x: {sync} (each MMA as two m16n8k8); bf16 x: dequantize + cuBLAS (no bf16 MMA before sm_80)"
     if target != "sm_90a":
-        return f"mma.sync 1-{TILED_MIN_M - 1} tokens, {tiled}, dequantize + cuBLAS above {MMA_MAX_M}"
+        return sync
     return (f"mma.sync 1-{TILED_MIN_M - 1} tokens, warpgroup-MMA {WG_MID_M}-{MMA_MAX_M} on weights of > "
             f"{WG_MIN_WEIGHTS >> 20} Mi values (from {WG_MIN_M} on large weights), else {tiled}; "
             f"{MMA_MAX_M + 1}-{SLICED_MAX_M} in slices of warpgroup-MMA on weights of > {SLICED_MIN_WEIGHTS >> 20} "
@@ -191,8 +184,8 @@ def launch_w4a16(m: int, n: int, k: int, bf16: bool, device: int, stream: int, a
 
 @functools.lru_cache(maxsize=None)
 def _mma_ok(device: int, bf16: bool = False) -> bool:
-    """Whether ``device`` runs the mma.sync kernels for x of that dtype (bf16, the tiled and the
-    grouped kernels: sm_80+; fp16: sm_75+)."""
+    """Whether ``device`` runs the W4A16 kernels (mma.sync, tiled, grouped) for x of that dtype
+    (bf16: sm_80+; fp16: sm_75+)."""
     cc = runtime.compute_capability(device)
     return cc is not None and cc >= (FULL_MMA_CC if bf16 else MMA_MIN_CC)
 

@@ -1,5 +1,5 @@
-"""The launches of kernels_cu/w4a16_tiled.cu: W4A16 for 33-128 tokens on sm_80+ GPUs where the
-warpgroup kernel is not taken (Ampere, Ada, Blackwell; small weights on Hopper). A block is 8 warps
+"""The launches of kernels_cu/w4a16_tiled.cu: W4A16 for 33-128 tokens where the warpgroup kernel is
+not taken (Ampere, Ada, Blackwell; small weights on Hopper; fp16 x on Turing). A block is 8 warps
 over 256 weight rows and 64 tokens; each chunk of x and of the block's weights is staged in shared
 memory once for all its warps; K is split over blocks (their FP32 sums added in split order by a
 second kernel, a programmatic dependent on sm_90+) where the grid would leave SMs idle."""

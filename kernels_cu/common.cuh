@@ -49,6 +49,9 @@ __device__ __forceinline__ void store_floats(T* __restrict__ p, const float (&v)
 
 // cp.async (sm_80+): 4 or 16 bytes global -> shared, bypassing registers; bytes past ``src_bytes``
 // are written as zeros. Groups are committed and waited for by count (at most N still in flight).
+// Before sm_80 there is none: commit and wait do nothing there (a kernel that runs on sm_75 copies
+// through registers itself, w4a16_tiled.cu), and the copies trap.
+#if __CUDA_ARCH__ >= 800
 __device__ __forceinline__ void cp_async4(u32 dst, const void* src, int src_bytes) {
     asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(dst), "l"(src), "r"(src_bytes));
 }
@@ -60,6 +63,13 @@ __device__ __forceinline__ void cp_async16(u32 dst, const void* src, int src_byt
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
 template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N)); }
+#else
+__device__ __forceinline__ void cp_async4(u32, const void*, int) { __trap(); }
+__device__ __forceinline__ void cp_async16(u32, const void*) { __trap(); }
+__device__ __forceinline__ void cp_async16(u32, const void*, int) { __trap(); }
+__device__ __forceinline__ void cp_async_commit() {}
+template <int N> __device__ __forceinline__ void cp_async_wait() {}
+#endif
 
 // Programmatic dependent launch (sm_90+; runtime.Launcher.after): a kernel so launched may start
 // while the kernel before it in the stream finishes. grid_dependency_wait() returns once that

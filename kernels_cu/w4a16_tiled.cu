@@ -1,6 +1,7 @@
 // w4a16_tiled.cu - y[M, N] = x[M, K] @ W^T * g (+ bias) for 33-128 tokens on sm_80+ GPUs
-// (mma.sync.m16n8k16; Hopper takes w4a16_wgmma.cu but for weights of at most 8 Mi values), W
-// repacked by prepare.cu, x fp16 or bf16, FP32 accumulation, y in x's type.
+// (mma.sync.m16n8k16; Hopper takes w4a16_wgmma.cu but for weights of at most 8 Mi values) and, for
+// fp16 x, on sm_75 (each MMA as two m16n8k8, w4a16_decode.cuh), W repacked by prepare.cu, x fp16 or
+// bf16, FP32 accumulation, y in x's type.
 //
 // A block is 8 warps over 256 rows of W (a pair of 16-row tiles a warp) and 64 tokens. Each chunk
 // of 64 K values, the block's x tile and its 16 row tiles' codes and scale codes, is copied into
@@ -27,6 +28,11 @@
 #define TILED_NT 8      // token tiles of 8 a block: 64 tokens
 #define TILED_RT 2      // row tiles of 16 a warp (a repack pair): each x fragment feeds two MMAs
 #define TILED_STAGES 3  // chunks in the ring, two in flight (H200: as fast as 6, and 52 KB fit any sm_80+)
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+#define TILED_BLOCKS_A_SM 1  // sm_75: 64 KB of shared memory a SM, one block's 52 KB
+#else
+#define TILED_BLOCKS_A_SM 2
+#endif
 
 template <bool BF16>
 __device__ void w4a16_tiled_body(const uint4* __restrict__ wq, const unsigned short* __restrict__ sq,
@@ -34,9 +40,13 @@ __device__ void w4a16_tiled_body(const uint4* __restrict__ wq, const unsigned sh
                                  float* __restrict__ ws, const typename Act<BF16>::T* __restrict__ bias,
                                  const float* __restrict__ g_ptr, int m, int n, int k, int chunks_per_split) {
     typedef typename Act<BF16>::T T;
-#if __CUDA_ARCH__ < 800
-    __trap();  // mma.m16n8k16 and cp.async need sm_80
+#if __CUDA_ARCH__ < 750
+    __trap();  // mma.sync needs sm_75; fp4cupy.linear takes the dequantize path on older GPUs
 #else
+    if (BF16 && __CUDA_ARCH__ < 800) {  // bf16 MMAs need sm_80 (fp4cupy.linear: the dequantize path)
+        __trap();
+        return;
+    }
     // a stage: x (BM token rows of 128 bytes), the codes of the block's 16 row tiles (8 pairs of
     // 1 KB, as in the repack), their scale codes (8 pairs of 128 bytes)
     constexpr int NT = TILED_NT, RT = TILED_RT, STAGES = TILED_STAGES;
@@ -48,32 +58,56 @@ __device__ void w4a16_tiled_body(const uint4* __restrict__ wq, const unsigned sh
     const int split = blockIdx.x % splits, tok0 = blockIdx.x / splits * BM, row_block = blockIdx.y;
     const int c_lo = split * chunks_per_split, c_hi = min(nchunks, c_lo + chunks_per_split);
 
-    // The copies of one chunk. x: 16-byte column u of token row r to (r, u ^ (r & 1)); tokens past
-    // M are zeros. Codes: 16-byte unit i (of 64 a pair) of pair i / 64, RT units a thread (16 tiles
-    // x 512 bytes over 256 threads); scale codes: unit i (of 8 a pair) of pair i / 8. Pairs past the
-    // repack's (tiles are allocated in fours) are clamped.
+    // The copies of one chunk: f(i, shared address, source, source bytes: 16, or 0 for zeros) for
+    // this thread's 16-byte units i < COPIES. x: column u of token row r to (r, u ^ (r & 1)); tokens
+    // past M are zeros. Codes: unit i (of 64 a pair) of pair i / 64, RT units a thread (16 tiles x
+    // 512 bytes over 256 threads); scale codes: unit i (of 8 a pair) of pair i / 8, one a thread of
+    // the first TILES * 4. Pairs past the repack's (tiles are allocated in fours) are clamped.
+    constexpr int X_COPIES = BM * 8 / THREADS, COPIES = X_COPIES + RT + 1;
     const u32 base = (u32)__cvta_generic_to_shared(smem);
     const int pairs = (n + 63) >> 6 << 1, pair0 = row_block * (TILES / 2);
-    auto copy_chunk = [&](int c) {
+    auto chunk_copies = [&](int c, auto f) {
         const u32 dst = base + (c % STAGES) * STAGE_BYTES;
 #pragma unroll
-        for (int it = 0; it < BM * 8 / THREADS; ++it) {
+        for (int it = 0; it < X_COPIES; ++it) {
             const int i = it * THREADS + threadIdx.x, r = i >> 3, u = i & 7, tok = tok0 + r;
             const T* src = x + (i64)(tok < m ? tok : 0) * k + c * 64 + u * 8;
-            cp_async16(dst + r * 128 + ((u ^ (r & 1)) << 4), src, tok < m ? 16 : 0);
+            f(it, dst + r * 128 + ((u ^ (r & 1)) << 4), src, tok < m ? 16 : 0);
         }
 #pragma unroll
         for (int it = 0; it < RT; ++it) {
             const int i = it * THREADS + threadIdx.x, pair = min(pair0 + (i >> 6), pairs - 1);
-            cp_async16(dst + X_BYTES + i * 16,
-                       reinterpret_cast<const char*>(wq) + ((i64)pair * nchunks + c) * 1024 + (i & 63) * 16);
+            f(X_COPIES + it, dst + X_BYTES + i * 16,
+              reinterpret_cast<const char*>(wq) + ((i64)pair * nchunks + c) * 1024 + (i & 63) * 16, 16);
         }
         if (threadIdx.x < TILES * 4) {
             const int i = threadIdx.x, pair = min(pair0 + (i >> 3), pairs - 1);
-            cp_async16(dst + X_BYTES + W_BYTES + i * 16,
-                       reinterpret_cast<const char*>(sq) + ((i64)pair * nchunks + c) * 128 + (i & 7) * 16);
+            f(COPIES - 1, dst + X_BYTES + W_BYTES + i * 16,
+              reinterpret_cast<const char*>(sq) + ((i64)pair * nchunks + c) * 128 + (i & 7) * 16, 16);
         }
     };
+#if __CUDA_ARCH__ >= 800
+    // sm_80+: cp.async, two chunks in flight while one is computed on
+    auto copy_chunk = [&](int c) {
+        chunk_copies(c, [&](int, u32 dst, const void* src, int bytes) { cp_async16(dst, src, bytes); });
+    };
+#else
+    // sm_75 (no cp.async): a chunk's units are loaded into registers (held) before the chunk two
+    // ahead of it is computed on, and stored to shared memory after
+    uint4 held[COPIES];
+    auto load_chunk = [&](int c) {
+        chunk_copies(c, [&](int i, u32, const void* src, int bytes) {
+            held[i] = bytes ? __ldg(reinterpret_cast<const uint4*>(src)) : make_uint4(0u, 0u, 0u, 0u);
+        });
+    };
+    auto store_chunk = [&](int c) {
+        chunk_copies(c, [&](int i, u32 dst, const void*, int) {
+            asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};" ::"r"(dst), "r"(held[i].x), "r"(held[i].y),
+                         "r"(held[i].z), "r"(held[i].w) : "memory");
+        });
+    };
+    auto copy_chunk = [&](int c) { load_chunk(c), store_chunk(c); };
+#endif
 #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s) {
         if (c_lo + s < c_hi) copy_chunk(c_lo + s);
@@ -128,9 +162,16 @@ __device__ void w4a16_tiled_body(const uint4* __restrict__ wq, const unsigned sh
     for (int c = c_lo; c < c_hi; ++c) {
         cp_async_wait<STAGES - 2>();  // this thread's copies of chunk c
         __syncthreads();               // everyone's, and chunk c - 1's slot is free again
-        if (c + STAGES - 1 < c_hi) copy_chunk(c + STAGES - 1);
+        const bool ahead = c + STAGES - 1 < c_hi;
+#if __CUDA_ARCH__ >= 800
+        if (ahead) copy_chunk(c + STAGES - 1);
         cp_async_commit();
         compute(c);
+#else
+        if (ahead) load_chunk(c + STAGES - 1);
+        compute(c);
+        if (ahead) store_chunk(c + STAGES - 1);
+#endif
     }
     cp_async_wait<0>();
     launch_dependents();  // the finish kernel's blocks may be scheduled (sm_90+); they wait for y's sums
@@ -174,12 +215,12 @@ __device__ void w4a16_tiled_finish_body(const float* __restrict__ ws, typename A
     }
 }
 
-extern "C" __global__ void __launch_bounds__(TILED_WARPS * 32, 2)
+extern "C" __global__ void __launch_bounds__(TILED_WARPS * 32, TILED_BLOCKS_A_SM)
 w4a16_tiled_f16(const uint4* wq, const unsigned short* sq, const __half* x, __half* y, float* ws, const __half* bias,
                 const float* g, int m, int n, int k, int cps) {
     w4a16_tiled_body<false>(wq, sq, x, y, ws, bias, g, m, n, k, cps);
 }
-extern "C" __global__ void __launch_bounds__(TILED_WARPS * 32, 2)
+extern "C" __global__ void __launch_bounds__(TILED_WARPS * 32, TILED_BLOCKS_A_SM)
 w4a16_tiled_bf16(const uint4* wq, const unsigned short* sq, const __nv_bfloat16* x, __nv_bfloat16* y, float* ws,
                  const __nv_bfloat16* bias, const float* g, int m, int n, int k, int cps) {
     w4a16_tiled_body<true>(wq, sq, x, y, ws, bias, g, m, n, k, cps);
@@ -195,12 +236,12 @@ __device__ void w4a16_tiled_grouped(const u64* table, const i64* expert_of_row, 
                        w4a16_tiled_body<BF16>(wq, sq, xs, ys, nullptr, bias, g, m, n, k, k >> 6);  // K not split
                    });
 }
-extern "C" __global__ void __launch_bounds__(TILED_WARPS * 32, 2)
+extern "C" __global__ void __launch_bounds__(TILED_WARPS * 32, TILED_BLOCKS_A_SM)
 w4a16_tiled_grouped_f16(const u64* table, const i64* expert_of_row, const int* offsets, const __half* x, __half* y,
                         int experts, int by_row, int n, int k) {
     w4a16_tiled_grouped<false>(table, expert_of_row, offsets, x, y, experts, by_row, n, k);
 }
-extern "C" __global__ void __launch_bounds__(TILED_WARPS * 32, 2)
+extern "C" __global__ void __launch_bounds__(TILED_WARPS * 32, TILED_BLOCKS_A_SM)
 w4a16_tiled_grouped_bf16(const u64* table, const i64* expert_of_row, const int* offsets, const __nv_bfloat16* x,
                          __nv_bfloat16* y, int experts, int by_row, int n, int k) {
     w4a16_tiled_grouped<true>(table, expert_of_row, offsets, x, y, experts, by_row, n, k);

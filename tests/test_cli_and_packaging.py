@@ -30,8 +30,9 @@ def test_cli_entry_point_runs():
 
 @pytest.mark.parametrize("cc,target,want", [
     (None, "", "CPU reference"), ((7, 0), "sm_70", "dequantize + cuBLAS (the W4A16 kernels need sm_75)"),
-    ((7, 5), "sm_75", "fp16 x: mma.sync (as m16n8k8) 1-32 tokens, dequantize + cuBLAS above; bf16 x: dequantize "
-                      "+ cuBLAS (no bf16 MMA before sm_80)"),
+    ((7, 5), "sm_75", "fp16 x: mma.sync 1-32 tokens, tiled mma.sync 33-128 (from 65 on weights of <= 4 Mi values), "
+                      "dequantize + cuBLAS above 128 (each MMA as two m16n8k8); bf16 x: dequantize + cuBLAS (no bf16 "
+                      "MMA before sm_80)"),
     ((8, 9), "sm_89", "mma.sync 1-32 tokens, tiled mma.sync 33-128 (from 65 on weights of <= 4 Mi values), "
                       "dequantize + cuBLAS above 128"),
     ((9, 0), "sm_90a", "mma.sync 1-32 tokens, warpgroup-MMA 33-128 on weights of > 8 Mi values (from 17 on large "

@@ -150,7 +150,7 @@ def test_the_grouped_launch_table_takes_repacked_layers_with_biases_of_the_dtype
     assert again is not first and again[0][1, 0] == layers[1].codes.data_ptr()
     monkeypatch.setattr(cuda_grouped.cuda_linear, "_mma_ok", lambda device, bf16=False: not bf16)  # sm_75
     half = [layer(torch.float16), layer(None)]
-    assert cuda_grouped.expert_table(half, torch.float16) is not None  # fp16: the mma.sync grouped kernels
+    assert cuda_grouped.expert_table(half, torch.float16) is not None  # fp16: the grouped kernels
     assert cuda_grouped.expert_table(layers, torch.bfloat16) is None  # bf16: the loop
 
 

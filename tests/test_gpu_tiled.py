@@ -1,15 +1,16 @@
-"""The tiled mma.sync W4A16 kernel (w4a16_tiled.cu: Ampere, Ada and Blackwell from 33 tokens)
-against float64, on whatever GPU runs the tests: on sm_90a the warpgroup kernel is switched off
-(``no_warpgroup``) so that linear takes the path those GPUs take. Outputs start poisoned."""
+"""The tiled mma.sync W4A16 kernel (w4a16_tiled.cu: Turing, Ampere, Ada and Blackwell from 33
+tokens) against float64, on whatever GPU runs the tests: on sm_90a the warpgroup kernel is switched
+off (``no_warpgroup``) so that linear takes the path those GPUs take. Outputs start poisoned.
+test_gpu_turing.py runs this file as sm_75 too (fp16 only: no bf16 MMA there)."""
 import pytest
 
 import fp4cupy
-from fp4cupy import cuda_linear, cuda_tiled
+from fp4cupy import cuda_linear, cuda_tiled, runtime
 
 pytestmark = pytest.mark.gpu
 torch = pytest.importorskip("torch")
 from gpu_reference import TOL, gen, reference, rel  # noqa: E402
-DTYPES = [torch.float16, torch.bfloat16]
+DTYPES = [torch.float16] + ([torch.bfloat16] if (runtime.compute_capability(0) or (8, 0)) >= (8, 0) else [])
 
 
 @pytest.fixture(autouse=True)

@@ -1,6 +1,7 @@
 """Older GPUs' paths, run on the GPU at hand through FP4CUPY_EMULATE_CC, each in a process of its
 own (the runtime's caches hold one GPU's modules and plans): sm_75's (Turing) W4A16 and MoE paths
-(tests/workers/turing_paths.py), and the quantize / dequantize kernels' E4M3 encoder without the
+(tests/workers/turing_paths.py), the tiled kernel's tests in fp16 (test_gpu_tiled.py at 7.5: its
+copies through registers), and the quantize / dequantize kernels' E4M3 encoder without the
 hardware cvt (before sm_89), bit for bit against the reference (test_gpu_kernels.py at 7.5)."""
 import os
 import subprocess
@@ -31,6 +32,12 @@ def test_turing_runs_fp16_through_the_mma_sync_kernels_and_bf16_through_cublas()
     out = as_sm75(str(WORKER))
     assert "checks passed" in out, out[-2000:]
     print(out.strip())
+
+
+def test_the_tiled_kernel_copying_through_registers_matches_float64():
+    out = as_sm75("-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "tests/test_gpu_tiled.py")
+    assert " passed" in out and "failed" not in out and "skipped" not in out and "error" not in out, out[-2000:]
+    print(out.strip().splitlines()[-1])
 
 
 def test_quantize_kernels_without_the_hardware_e4m3_cvt_match_the_reference():

@@ -155,6 +155,20 @@ def test_turing_builds_of_the_mma_sync_kernels_run_fp16_as_m16n8k8_and_trap_on_b
     assert "m16n8k8" not in sm80["w4a16_rt2_nt2_u1_f16"] and "m16n8k16" in sm80["w4a16_rt2_nt2_u1_bf16"]
 
 
+def test_turing_builds_of_the_tiled_kernels_copy_through_registers(tmp_path, monkeypatch):
+    """w4a16_tiled.cu on sm_75 (no cp.async): its fp16 kernels stage each chunk through registers
+    (plain loads, then 16-byte shared stores), MMAs as m16n8k8, no trap; the bf16 ones only trap;
+    compute_80 keeps cp.async and m16n8k16."""
+    monkeypatch.setenv("FP4CUPY_CACHE_DIR", str(tmp_path))
+    sm75 = _ptx_entries(runtime.compile_source("w4a16_tiled.cu", "compute_75").rstrip(b"\0").decode())
+    sm80 = _ptx_entries(runtime.compile_source("w4a16_tiled.cu", "compute_80").rstrip(b"\0").decode())
+    for name in ("w4a16_tiled", "w4a16_tiled_grouped"):
+        f16, bf16 = sm75[name + "_f16"], sm75[name + "_bf16"]
+        assert "m16n8k8" in f16 and "st.shared.v4" in f16 and "cp.async" not in f16 and "trap;" not in f16, name
+        assert "trap;" in bf16 and "mma.sync" not in bf16, name
+        assert "cp.async.cg" in sm80[name + "_f16"] and "m16n8k16" in sm80[name + "_f16"], name
+
+
 def test_emulated_compute_capability_lowers_the_gpus_own_and_compiles_ptx(monkeypatch):
     """FP4CUPY_EMULATE_CC: the compute capability fp4cupy plans for, when below the GPU's, and PTX
     of it for the driver to finish; not above it; a malformed value is an error that says what to give."""

@@ -114,9 +114,9 @@ def test_129_to_256_tokens_in_slices_on_large_weights_on_sm90a(monkeypatch):
 
 
 @pytest.mark.parametrize("cc", [(7, 5), (8, 0), (8, 9), (9, 0)])
-def test_turing_runs_fp16_through_the_mma_sync_kernels_up_to_32_tokens(monkeypatch, cc):
-    """sm_75: fp16 x up to 32 tokens through plan()'s kernels (each MMA as two m16n8k8); bf16 x, more
-    tokens and the grouped launches (the tiled kernel's cp.async) take the other paths; sm_70 none."""
+def test_turing_runs_fp16_through_the_kernels_of_sm_80(monkeypatch, cc):
+    """sm_75: fp16 x takes the kernels sm_80 takes (plan()'s and the tiled one, each MMA as two
+    m16n8k8), up to MMA_MAX_M tokens; bf16 x the other paths; sm_70 none."""
     monkeypatch.setattr(cuda_linear.runtime, "compute_capability", lambda device=None: cc)
     monkeypatch.setattr(cuda_linear, "_wg_ok", lambda device: False)
     cuda_linear._mma_ok.cache_clear()
@@ -124,8 +124,8 @@ def test_turing_runs_fp16_through_the_mma_sync_kernels_up_to_32_tokens(monkeypat
         turing = cc < (8, 0)
         assert cuda_linear._mma_ok(0) and cuda_linear._mma_ok(0, True) != turing
         assert cuda_linear.kernels_take(32, 4096, 4096, 0) and cuda_linear.kernels_take(1, 64, 64, 0)
-        assert cuda_linear.kernels_take(33, 4096, 4096, 0) != turing
-        assert cuda_linear.kernels_take(128, 28672, 8192, 0) != turing
+        assert cuda_linear.kernels_take(33, 4096, 4096, 0) and cuda_linear.kernels_take(128, 28672, 8192, 0)
+        assert not cuda_linear.kernels_take(129, 28672, 8192, 0)
         monkeypatch.setattr(cuda_linear.runtime, "compute_capability", lambda device=None: (7, 0))
         cuda_linear._mma_ok.cache_clear()
         assert not cuda_linear._mma_ok(0) and not cuda_linear._mma_ok(0, True)

@@ -1,9 +1,10 @@
 """Worker for tests/test_gpu_turing.py: fp4cupy's sm_75 (Turing) paths, run on a newer GPU with
 FP4CUPY_EMULATE_CC=7.5 (plans for sm_75, kernels compiled to compute_75 PTX that the driver
-finishes for the GPU at hand). fp16 x up to 32 tokens must run plan()'s mma.sync kernels (each MMA
-as two m16n8k8) and match x @ dequantize(W).T in float64 to 1e-3; bf16 x and more tokens must
-take dequantize + cuBLAS and match too; a MoE block's fp16 experts run the grouped mma.sync launches
-(experts_checks). Outputs start poisoned; every check draws fresh inputs."""
+finishes for the GPU at hand). fp16 x up to 128 tokens must run plan()'s mma.sync kernels and, from
+33 tokens (65 on the small weights), the tiled kernel copying through registers (each MMA as two
+m16n8k8), and match x @ dequantize(W).T in float64 to 1e-3; bf16 x and more tokens must take
+dequantize + cuBLAS and match too; a MoE block's fp16 experts run the grouped mma.sync and tiled
+launches (experts_checks). Outputs start poisoned; every check draws fresh inputs."""
 import copy
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ from pathlib import Path
 import torch
 
 import fp4cupy
-from fp4cupy import cuda_linear, nn, runtime
+from fp4cupy import cuda_linear, cuda_tiled, nn, runtime
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gpu_reference import TOL, gen, reference, rel  # noqa: E402
@@ -28,22 +29,27 @@ def main() -> None:
     runtime.compile_source = lambda f, target, *a: compiled.append((f, target)) or real_compile(f, target, *a)
     cuda_linear._linear_dequantized = lambda *a: dequantized.append(1) or real_dequantized(*a)
     cuda_linear._new_output = lambda x, lead, n: real_output(x, lead, n).view(torch.uint8).fill_(0xAB).view(x.dtype)
-    checks = 0
+    tiled, real_tiled = [], cuda_tiled.launch_tiled
+    cuda_tiled.launch_tiled = lambda p, *a: tiled.append(p.splits) or real_tiled(p, *a)
+    checks, splits = 0, set()
 
-    def check(y, want, dtype, kernel: bool, what) -> None:
+    def check(y, want, dtype, kernel: bool, what, tiled_kernel: bool = False) -> None:
         nonlocal checks
         assert y.dtype == dtype and y.shape == want.shape, (what, y.shape)
         assert rel(y, want) <= TOL[dtype], (what, rel(y, want))
         assert (not dequantized) == kernel, (what, "dequantize path" if dequantized else "kernel")
-        dequantized.clear()
+        assert bool(tiled) == tiled_kernel, (what, tiled)
+        splits.update(tiled)
+        dequantized.clear(), tiled.clear()
         checks += 1
 
     for n, k in SHAPES:
         g = gen(n + k)
         pw = fp4cupy.prepare(fp4cupy.quantize(torch.randn(n, k, device="cuda", generator=g)))
-        for m in (1, 3, 8, 16, 17, 32, 33, 128):
+        for m in (1, 3, 8, 16, 17, 32, 33, 64, 65, 100, 128, 129):
             x = torch.randn(m, k, device="cuda", generator=g).half()
-            check(fp4cupy.linear(x, pw), reference(x, pw.weight), torch.float16, m <= 32, (n, k, m))
+            takes_tiled = m <= 128 and cuda_linear.uses_tiled_kernel(m, n, k)
+            check(fp4cupy.linear(x, pw), reference(x, pw.weight), torch.float16, m <= 128, (n, k, m), takes_tiled)
         for m in (1, 16):
             x = torch.randn(m, k, device="cuda", generator=g).bfloat16()
             check(fp4cupy.linear(x, pw), reference(x, pw.weight), torch.bfloat16, False, (n, k, m, "bf16"))
@@ -69,17 +75,18 @@ def main() -> None:
     want = torch.from_dlpack(xc.astype(cupy.float64) @ fp4cupy.dequantize(wc).astype(cupy.float64).T)
     check(torch.from_dlpack(yc), want, torch.float16, True, "cupy")
 
+    assert {1} < splits, splits  # the tiled kernel alone and with its K splits' finish
     checks += experts_checks()
-    w4a16 = {target for f, target in compiled if f == "w4a16.cu"}
-    assert w4a16 == {runtime.module_target(0)}, compiled
+    for source in ("w4a16.cu", "w4a16_tiled.cu"):
+        assert {target for f, target in compiled if f == source} == {runtime.module_target(0)}, compiled
     print(f"sm_75 paths ({runtime.module_target(0)} on {torch.cuda.get_device_name()}): {checks} checks passed")
 
 
 def experts_checks() -> int:
-    """A Mixtral experts block in fp16: two grouped mma.sync launches (passes of at most 32 rows,
-    where sm_80 would take the tiled kernel from 33) at 3 / 40 / 300 tokens, the loop past 256 rows an
-    expert on average, against the float32 module on the dequantized weights; a CUDA graph holds the
-    grouped call. bf16 loops (no bf16 MMA)."""
+    """A Mixtral experts block in fp16: two grouped launches at 3 / 40 / 300 tokens (mma.sync; from
+    33 rows an expert the tiled kernel), the loop past 256 rows an expert on average, against the
+    float32 module on the dequantized weights; a CUDA graph holds the grouped call. bf16 loops (no
+    bf16 MMA)."""
     import transformers
     from transformers.models.mixtral.modeling_mixtral import MixtralExperts
 
