@@ -10,10 +10,11 @@ in shared memory (sm_80+; on sm_75 fp16 only, the tiled kernel copying through r
 host reads no count back: the grid is (pass_blocks, row tiles, experts), the pass_blocks blocks
 of an expert and row tile sharing its rows a pass each, then the next (any number of rows, no
 count needed); or (1, row tiles, rows) when x has fewer rows than there are experts. So there is
-no sync, and a CUDA graph can hold the call. Rows of experts >= E (expert parallelism's "not here") are neither read nor written. On sm_90a, from
-WG_MIN_PASS rows an expert (``expected_rows``): the warpgroup-MMA kernel, each expert's rows cut
-into tiles of at most 32, 64, 96 or 128 (``expert_tiles``, on the GPU: no count to the host
-either), a grid row a tile, its x reordered once as ``linear``'s warpgroup kernel reads it.
+no sync, and a CUDA graph can hold the call. Rows of experts >= E (expert parallelism's "not
+here") are neither read nor written. On sm_90a, from WG_MIN_PASS rows an expert
+(``expected_rows``): the warpgroup-MMA kernel, each expert's rows cut into tiles of at most 32,
+64, 96 or 128 (``expert_tiles``, on the GPU: no count to the host either), a grid row a tile, its
+x reordered once as ``linear``'s warpgroup kernel reads it.
 
 ``route`` (kernels_cu/moe_route.cu) sorts a block's (token, slot) pairs into those rows and
 ``combine`` adds each token's weighted rows back, each one launch.
