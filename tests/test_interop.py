@@ -44,6 +44,21 @@ def assert_imported_as_exported(back, model, fmt):
         torch.testing.assert_close(back(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("fmt", ex.FORMATS)
+def test_a_model_built_from_the_exports_config_imports_it(tmp_path, fmt):
+    """README's fresh_float_model for a transformers checkpoint: the architecture from config.json
+    (its quantization_config does not get in the way), weights not initialized, then import_checkpoint."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    model = tiny()
+    fp4cupy.quantize_model_to_nvfp4(model, progress=False)
+    out = fp4cupy.export(model, tmp_path, format=fmt)
+    with no_init_weights():
+        fresh = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(out))
+    assert_imported_as_exported(fp4cupy.import_checkpoint(fresh, out), model, fmt)
+
+
 def test_layouts_keys_and_dtypes(tmp_path):
     from safetensors import safe_open
 

@@ -33,7 +33,8 @@ def test_every_python_block_is_covered():
     firsts = [b.splitlines()[0] for b in BLOCKS]
     assert firsts == ["import numpy as np", "import torch, fp4cupy", "fp4cupy.export(model, \"out/\", "
                       "format=\"modelopt\")           # or \"compressed-tensors\", \"nvfp4\"",
-                      "from vllm import LLM", "import cupy as cp, fp4cupy"], firsts
+                      "from transformers import AutoConfig, AutoModelForCausalLM", "from vllm import LLM",
+                      "import cupy as cp, fp4cupy"], firsts
 
 
 @pytest.mark.slow
@@ -64,3 +65,20 @@ def test_checkpoint_export_and_import(tmp_path, monkeypatch):
     run(block("fp4cupy.export(model"), fp4cupy=fp4cupy, model=model, fresh_float_model=fresh)  # continues the last block
     x = torch.randn(3, 64)
     assert torch.equal(fresh(x), model(x))
+
+
+def test_a_transformers_models_fresh_float_model(tmp_path, monkeypatch):
+    """The block that builds fresh_float_model from an export's config.json, then the import."""
+    transformers = pytest.importorskip("transformers")
+    monkeypatch.chdir(tmp_path)
+    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(4)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    fp4cupy.quantize_model_to_nvfp4(model, progress=False)
+    fp4cupy.export(model, "out/", format="modelopt")
+    ns = run(block("from transformers import AutoConfig"))
+    fresh = fp4cupy.import_checkpoint(ns["fresh_float_model"], "out/").eval()
+    ids = torch.randint(0, 96, (1, 5))
+    with torch.no_grad():
+        assert torch.equal(fresh(ids).logits, model(ids).logits)
