@@ -17,11 +17,12 @@ __version__ = "0.1.0"
 
 _TORCH_API = {"NVFP4Linear": "nn", "NVFP4LinearLayer": "nn", "quantize_model": "nn", "quantize_model_to_nvfp4": "nn",
               "save": "checkpoint", "load": "checkpoint", "export": "interop", "import_checkpoint": "interop",
-              "calibrate": "interop"}
+              "calibrate": "interop", "FP4CupyConfig": "transformers_quantizer"}
 
 
 def __getattr__(name):
-    """torch-facing names load torch only when first used: ``fp4cupy.NVFP4Linear``, ``fp4cupy.save``, ..."""
+    """torch-facing names load torch only when first used: ``fp4cupy.NVFP4Linear``, ``fp4cupy.save``, ...
+    (and ``fp4cupy.FP4CupyConfig`` transformers, registering fp4cupy's from_pretrained method)."""
     if name in _TORCH_API:
         import importlib
 
@@ -33,7 +34,7 @@ __all__ = [
     "FORMATS", "FP4Tensor", "Format", "dequantize", "gemm", "get_compute_capability", "get_format",
     "has_hardware_acceleration", "include_dir", "linear", "prepare", "PreparedWeight", "quantize", "version",
     "NVFP4Linear", "NVFP4LinearLayer", "quantize_model", "quantize_model_to_nvfp4", "save", "load", "export",
-    "import_checkpoint", "calibrate",
+    "import_checkpoint", "calibrate", "FP4CupyConfig",
 ]
 
 

@@ -239,3 +239,24 @@ def test_fused_siblings_on_cuda_share_a_scale_and_run_as_one_weight():
         want = x.double() @ fp4cupy.dequantize(merged[0]).double().T
         assert rel(shard(x), want) <= 8e-3
         assert rel(torch.cat([layer(x) for layer in layers], dim=-1), want) <= 8e-3
+
+
+def test_from_pretrained_with_fp4cupys_config_quantizes_on_the_gpu(tmp_path):
+    """transformers loads the float checkpoint onto the GPU, then quantize_model: layers held as the
+    W4A16 repack, the bits of quantize_model called by hand, generation runs."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    torch.manual_seed(6)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path)
+    kw = dict(device_map="cuda", dtype=torch.bfloat16)
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=fp4cupy.FP4CupyConfig(),
+                                                              **kw).eval()
+    layers = [m for m in model.modules() if isinstance(m, fp4cupy.NVFP4Linear)]
+    assert len(layers) == 14 and all(m.codes is not None and m.codes.is_cuda and m.weight is None for m in layers)
+    by_hand = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, **kw).eval()
+    fp4cupy.quantize_model(by_hand, progress=False)
+    ids = torch.randint(0, 128, (1, 9), device="cuda")
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, by_hand(ids).logits, rtol=0, atol=0)
+        assert model.generate(ids, max_new_tokens=4, do_sample=False).shape == (1, 13)

@@ -31,7 +31,7 @@ def run(source: str, **names) -> dict:
 
 def test_every_python_block_is_covered():
     firsts = [b.splitlines()[0] for b in BLOCKS]
-    assert firsts == ["import numpy as np", "import torch, fp4cupy", "fp4cupy.export(model, \"out/\", "
+    assert firsts == ["import numpy as np", "import torch, fp4cupy", "import fp4cupy", "fp4cupy.export(model, \"out/\", "
                       "format=\"modelopt\")           # or \"compressed-tensors\", \"nvfp4\"",
                       "from transformers import AutoConfig, AutoModelForCausalLM", "from vllm import LLM",
                       "import cupy as cp, fp4cupy"], firsts
@@ -82,3 +82,13 @@ def test_a_transformers_models_fresh_float_model(tmp_path, monkeypatch):
     ids = torch.randint(0, 96, (1, 5))
     with torch.no_grad():
         assert torch.equal(fresh(ids).logits, model(ids).logits)
+
+
+def test_from_pretrained_with_fp4cupys_config(tmp_path, monkeypatch):
+    transformers = pytest.importorskip("transformers")
+    monkeypatch.chdir(tmp_path)
+    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    transformers.LlamaForCausalLM(cfg).save_pretrained("path/to/hf-model")
+    ns = run(block("import fp4cupy"))
+    assert "7 of 8 Linear layers quantized" in str(ns["model"].fp4cupy_report)
