@@ -101,16 +101,20 @@ def expert_weights(module: nn.Module, name: str) -> torch.Tensor:
     return w.transpose(1, 2) if module.is_transposed else w
 
 
-def quantized_experts(experts: nn.Module, fmt: str = "nvfp4", group_size: int = 16,
-                      scale_mode: str | None = None) -> tuple[list[NVFP4Linear], list[NVFP4Linear]]:
+def quantized_experts(experts: nn.Module, fmt: str = "nvfp4", group_size: int = 16, scale_mode: str | None = None,
+                      device=None) -> tuple[list[NVFP4Linear], list[NVFP4Linear]]:
     """(up, down): each expert's projections as NVFP4Linear layers (DESIGN.md section 1's recipe,
-    one global scale an expert and projection; the biases copied); ``experts`` is left as it is."""
+    one global scale an expert and projection; the biases copied), on ``device`` (None: the
+    weights'; else each expert's matrix is copied there alone); ``experts`` is left as it is."""
     _check(experts)
     layers = []
     for name in weight_names(experts):
         w = expert_weights(experts, name)
         bias = getattr(experts, name + "_bias").detach() if experts.has_bias else [None] * w.shape[0]
-        quantized = (quantize(w[e].contiguous(), fmt, group_size, scale_mode=scale_mode) for e in range(w.shape[0]))
+        if device is not None and experts.has_bias:
+            bias = bias.to(device)
+        quantized = (quantize(w[e].to(device).contiguous() if device is not None else w[e].contiguous(), fmt,
+                              group_size, scale_mode=scale_mode) for e in range(w.shape[0]))
         layers.append([NVFP4Linear.from_fp4(t, b) for t, b in zip(quantized, bias)])
     return layers[0], layers[1]
 

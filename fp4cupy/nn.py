@@ -290,7 +290,7 @@ class QuantizationReport(list):
 
 def quantize_model(model: nn.Module, fmt: str = "nvfp4", group_size: int = 16, replace_linear: bool = True,
                    skip=("lm_head", "embed"), inplace: bool = True, progress: bool = True,
-                   fused=FUSED_SIBLINGS, scale_mode: str | None = None) -> QuantizationReport:
+                   fused=FUSED_SIBLINGS, scale_mode: str | None = None, device=None) -> QuantizationReport:
     """Replace every ``nn.Linear`` of ``model`` by an ``NVFP4Linear``, and every transformers MoE
     experts module of 3-D weights by an ``NVFP4Experts`` (in place, or in a deep copy with
     ``inplace=False``; the result is ``report.model``) and return the per-layer report.
@@ -304,6 +304,11 @@ def quantize_model(model: nn.Module, fmt: str = "nvfp4", group_size: int = 16, r
            NVFP4 each such group shares one global scale, amax of the group / (6 * 448), as
            modelopt and llm-compressor do and vLLM's own NVFP4 kernels need. ``()``: one a layer.
     scale_mode: MXFP4's block-scale rule (see NVFP4Linear.from_float): "floor", "rceil" or "round".
+    device: quantize on this device (e.g. "cuda"), each layer's float weight (an expert's, for
+           experts) copied there alone, then move the model there: a float model held in CPU memory
+           becomes an FP4 model on the GPU with at most one float weight on it at a time. The layers
+           are those quantize_model makes on that device, bit for bit. (With ``replace_linear=False``
+           the model stays where it is.)
     """
     if not inplace:
         import copy
@@ -331,15 +336,29 @@ def quantize_model(model: nn.Module, fmt: str = "nvfp4", group_size: int = 16, r
         g, group = shared.get(name, (None, ()))
         if group:
             entry["global_scale_shared_with"] = tuple(other for other in group if other != name)
+        lin = _copy_to(lin, device)
         layer = NVFP4Linear.from_float(lin, group_size, fmt, global_scale=g, scale_mode=scale_mode)
         w = lin.weight.detach().float()
-        err = torch.linalg.norm(layer.fp4_weight().dequantize().float() - w) / torch.linalg.norm(w).clamp_min(1e-30)
+        err = torch.linalg.norm(layer.fp4_weight().dequantize().float().sub_(w)) / torch.linalg.norm(w).clamp_min(1e-30)
         entry.update(bytes_after=layer.weight_nbytes(), rel_error=float(err))
         entries.append(entry)
         if replace_linear:
             replace_module(model, name, layer)
-    entries += _quantize_experts(model, fmt, group_size, replace_linear, skip, scale_mode, progress)
+    entries += _quantize_experts(model, fmt, group_size, replace_linear, skip, scale_mode, progress, device)
+    if device is not None and replace_linear:
+        model.to(device)
     return QuantizationReport(entries, model)
+
+
+def _copy_to(lin: nn.Linear, device) -> nn.Linear:
+    """``lin``, or where ``device`` is given a copy of it there (``lin`` stays where it is)."""
+    if device is None:
+        return lin
+    copy = nn.Linear(lin.in_features, lin.out_features, bias=lin.bias is not None, device="meta")
+    copy.weight = nn.Parameter(lin.weight.detach().to(device), requires_grad=False)
+    if lin.bias is not None:
+        copy.bias = nn.Parameter(lin.bias.detach().to(device), requires_grad=False)
+    return copy
 
 
 def _progress(items, on: bool, desc: str, unit: str):
@@ -354,9 +373,9 @@ def _progress(items, on: bool, desc: str, unit: str):
     return items
 
 
-def _quantize_experts(model, fmt, group_size, replace, skip, scale_mode, progress) -> list[dict]:
+def _quantize_experts(model, fmt, group_size, replace, skip, scale_mode, progress, device=None) -> list[dict]:
     """quantize_model's part for transformers' MoE experts of 3-D weights (experts.py): an entry a
-    projection (shape [E, out, in])."""
+    projection (shape [E, out, in]), quantized on ``device`` (None: where the weights are)."""
     from .experts import NVFP4Experts, expert_weights, experts_view, install_experts, quantized_experts, weight_names
 
     entries = []
@@ -371,11 +390,13 @@ def _quantize_experts(model, fmt, group_size, replace, skip, scale_mode, progres
         if why:
             entries += [dict(e, skipped=why, bytes_after=e["bytes_before"], rel_error=0.0) for e in base]
             continue
-        up, down = quantized_experts(mod, fmt, group_size, scale_mode)
-        for e, w, layers in zip(base, weights.values(), (up, down)):  # an expert at a time: no float copy of w
-            diff = sum(float(torch.linalg.norm(layer.fp4_weight().dequantize().float() - w[i].float())) ** 2
-                       for i, layer in enumerate(layers))
-            norm = sum(float(torch.linalg.norm(w[i].float())) ** 2 for i in range(len(layers)))
+        up, down = quantized_experts(mod, fmt, group_size, scale_mode, device)
+        for e, w, layers in zip(base, weights.values(), (up, down)):
+            diff = norm = 0.0
+            for i, layer in enumerate(layers):  # an expert at a time: no float copy of w
+                back = layer.fp4_weight().dequantize().float()
+                wi = w[i].to(back.device).float()
+                diff, norm = diff + float(torch.linalg.norm(back - wi)) ** 2, norm + float(torch.linalg.norm(wi)) ** 2
             err = (diff / max(norm, 1e-60)) ** 0.5
             entries.append(dict(e, bytes_after=sum(layer.weight_nbytes() for layer in layers), rel_error=err))
         if replace:

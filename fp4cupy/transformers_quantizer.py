@@ -5,8 +5,10 @@
     print(model.fp4cupy_report)             # quantize_model's per-layer report
 
 The full-precision checkpoint loads as usual (on ``device_map``, in ``dtype``), then
-``quantize_model`` turns every ``nn.Linear`` and MoE experts module it does not skip into FP4 layers,
-freeing each float weight as it goes: the peak is the float model. The layers are those of
+``quantize_model`` turns every ``nn.Linear`` and MoE experts module it does not skip into FP4 layers:
+with ``device_map="cuda"`` the float model is on the GPU first. ``FP4CupyConfig(device="cuda")``
+without a device_map loads it into CPU memory and quantizes it onto the GPU a weight at a time, so
+the GPU holds the FP4 model and one float weight at most. The layers are those of
 ``quantize_model`` called by hand, bit for bit (fused siblings share a global scale). transformers
 cannot save the result (``save_pretrained`` refuses it); ``fp4cupy.export`` writes it in the
 fp4cupy, modelopt or compressed-tensors layout, and ``fp4cupy.save`` as one file.
@@ -26,16 +28,18 @@ METHOD = "fp4cupy"
 class FP4CupyConfig(QuantizationConfigMixin):
     """What ``quantize_model`` is called with: ``fmt`` "nvfp4" (group_size 16, or 8, 32, 64) or
     "mxfp4" (32), ``skip`` names or glob patterns of layers left in float, ``scale_mode`` MXFP4's
-    block-scale rule ("floor", "rceil", "round"; None: the format's default)."""
+    block-scale rule ("floor", "rceil", "round"; None: the format's default), ``device`` where to
+    quantize and put the model (None: where transformers loaded it)."""
 
     def __init__(self, fmt: str = "nvfp4", group_size: int | None = None, skip=("lm_head", "embed"),
-                 scale_mode: str | None = None, **kwargs):
+                 scale_mode: str | None = None, device: str | None = None, **kwargs):
         f = get_format(fmt)  # ValueError for an unknown format, group size or scale mode, naming the known ones
         if scale_mode is not None:
             f.check_scale_mode(scale_mode)
         self.quant_method = METHOD
         self.fmt, self.group_size = f.name, f.check_group_size(group_size)
         self.skip, self.scale_mode = [skip] if isinstance(skip, str) else list(skip), scale_mode
+        self.device = None if device is None else str(device)
 
 
 class FP4CupyQuantizer(HfQuantizer):
@@ -53,7 +57,8 @@ class FP4CupyQuantizer(HfQuantizer):
         from .nn import quantize_model
 
         c = self.quantization_config
-        model.fp4cupy_report = quantize_model(model, c.fmt, c.group_size, skip=tuple(c.skip), scale_mode=c.scale_mode)
+        model.fp4cupy_report = quantize_model(model, c.fmt, c.group_size, skip=tuple(c.skip), scale_mode=c.scale_mode,
+                                              device=c.device)
         return model
 
     def is_serializable(self, *args, **kwargs) -> bool:

@@ -260,3 +260,34 @@ def test_from_pretrained_with_fp4cupys_config_quantizes_on_the_gpu(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, by_hand(ids).logits, rtol=0, atol=0)
         assert model.generate(ids, max_new_tokens=4, do_sample=False).shape == (1, 13)
+
+
+def test_quantize_model_onto_the_gpu_holds_one_float_weight_there_at_a_time(tmp_path):
+    """A float model in CPU memory, quantize_model(device="cuda") (and FP4CupyConfig(device="cuda")
+    through from_pretrained): the GPU's peak stays well under the float model's bytes, every tensor
+    ends on the GPU, and the logits are those of the model moved first and quantized there."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=512, intermediate_size=2048, num_hidden_layers=24,
+                                   num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=False)
+    torch.manual_seed(9)  # 92 M values, 184 MB in bf16; the FP4 model ~52 MB, the largest weight 1 M values
+    transformers.LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(tmp_path)
+    kw = dict(dtype=torch.bfloat16)
+    by_hand = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, device_map="cuda", **kw).eval()
+    fp4cupy.quantize_model(by_hand, progress=False)
+    float_bytes = sum(p.numel() * 2 for p in transformers.LlamaForCausalLM(cfg).parameters())
+    ids = torch.randint(0, 256, (1, 7), device="cuda")
+    for load in ("quantize_model", "from_pretrained"):
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        if load == "quantize_model":
+            model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, **kw).eval()
+            fp4cupy.quantize_model(model, device="cuda", progress=False)
+        else:
+            config = fp4cupy.FP4CupyConfig(device="cuda")
+            model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=config, **kw).eval()
+        assert torch.cuda.max_memory_allocated() - base < 0.5 * float_bytes, load
+        assert all(t.is_cuda for t in model.state_dict().values()), load
+        with torch.no_grad():
+            torch.testing.assert_close(model(ids).logits, by_hand(ids).logits, rtol=0, atol=0)
+        del model

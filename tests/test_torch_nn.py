@@ -259,3 +259,24 @@ def test_quantize_model_leaves_routers_and_gates_in_float():
     report = fp4cupy.quantize_model(model, progress=False)
     assert [type(m).__name__ for m in model] == ["Linear", "Linear", "NVFP4Linear"]
     assert [e.get("skipped", "")[:15] for e in report] == ["out_features=8:", "out_features=1:", ""]
+
+
+def test_quantize_model_on_a_device_copies_each_weight_there_and_gives_the_same_layers():
+    """device=: each float weight is copied to the device to be quantized (the original layer is
+    left as it was), then the model is moved there; here the CPU, so the layers are the ones made
+    in place, bit for bit, MoE experts included (GPU: test_gpu_torch.py)."""
+    import copy
+
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.MixtralConfig(vocab_size=96, hidden_size=64, intermediate_size=64, num_hidden_layers=1,
+                                     num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                     num_experts_per_tok=2)
+    torch.manual_seed(8)
+    model = transformers.MixtralForCausalLM(cfg).eval()
+    other = copy.deepcopy(model)
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    report = fp4cupy.quantize_model(model, device="cpu", progress=False)
+    assert str(report) == str(fp4cupy.quantize_model(other, progress=False))
+    assert all(m.weight.device.type == "cpu" for m in linears.values())  # the float layers left as they were
+    state, want = model.state_dict(), other.state_dict()
+    assert set(state) == set(want) and all(torch.equal(state[k], want[k]) for k in want)

@@ -19,7 +19,8 @@ def llama(path):
 
 
 @pytest.mark.parametrize("config,fmt", [(FP4CupyConfig(), "nvfp4"), (FP4CupyConfig("mxfp4", scale_mode="round"), "mxfp4"),
-                                        (FP4CupyConfig(group_size=32, skip=["lm_head", "*.down_proj"]), "nvfp4")])
+                                        (FP4CupyConfig(group_size=32, skip=["lm_head", "*.down_proj"]), "nvfp4"),
+                                        (FP4CupyConfig(device="cpu"), "nvfp4")])
 def test_from_pretrained_quantizes_as_quantize_model_does(tmp_path, config, fmt):
     path = llama(tmp_path / "float")
     model = AutoModelForCausalLM.from_pretrained(path, quantization_config=config)
@@ -82,5 +83,5 @@ def test_bad_configs_say_what_is_allowed():
     with pytest.raises(ValueError, match="allowed: floor, rceil, round"):
         FP4CupyConfig("mxfp4", scale_mode="nearest")
     assert FP4CupyConfig("MXFP4").group_size == 32 and FP4CupyConfig(skip="lm_head").skip == ["lm_head"]
-    again = FP4CupyConfig.from_dict(FP4CupyConfig("mxfp4", scale_mode="rceil").to_dict())
-    assert (again.fmt, again.group_size, again.scale_mode) == ("mxfp4", 32, "rceil")
+    again = FP4CupyConfig.from_dict(FP4CupyConfig("mxfp4", scale_mode="rceil", device="cpu").to_dict())
+    assert (again.fmt, again.group_size, again.scale_mode, again.device) == ("mxfp4", 32, "rceil", "cpu")
