@@ -82,7 +82,8 @@ def main(argv=None) -> int:
                    help="MXFP4's block-scale rule (default floor, the OCP one; round: compressed-tensors')")
     q.add_argument("--skip", action="append", default=None, help="layer name or glob to keep in float (repeatable; "
                    "default: lm_head)")
-    q.add_argument("--device", default="cpu", help="where to quantize ('cpu', 'cuda', 'cuda:N')")
+    q.add_argument("--device", default="cpu", help="where to quantize ('cpu', 'cuda', 'cuda:N'; the float model stays "
+                   "in CPU memory, a weight at a time goes to the GPU)")
     args = parser.parse_args(argv)
     if args.command == "demo":
         demo(args.device, tuple(args.shape) if args.shape else LLAMA_SHAPES, args.fmt)
@@ -95,8 +96,9 @@ def main(argv=None) -> int:
 
 
 def quantize_checkpoint(src, out, export_format, group_size, skip, device="cpu", fmt="nvfp4", scale_mode=None) -> int:
-    """``fp4cupy quantize``: load ``src`` whole, quantize its Linear layers and MoE experts, export;
-    2 on bad input (or a model whose experts no checkpoint format here holds)."""
+    """``fp4cupy quantize``: load ``src`` whole into CPU memory, quantize its Linear layers and MoE
+    experts on ``device`` a weight at a time, export; 2 on bad input (or a model whose experts no
+    checkpoint format here holds)."""
     from pathlib import Path
 
     if not (Path(src) / "config.json").is_file():
@@ -108,8 +110,9 @@ def quantize_checkpoint(src, out, export_format, group_size, skip, device="cpu",
         import fp4cupy
 
         group_size = group_size or fp4cupy.get_format(fmt).default_group
-        model = transformers.AutoModelForCausalLM.from_pretrained(src).to(device).eval()
-        report = fp4cupy.quantize_model(model, fmt, group_size=group_size, skip=tuple(skip), scale_mode=scale_mode)
+        model = transformers.AutoModelForCausalLM.from_pretrained(src).eval()
+        report = fp4cupy.quantize_model(model, fmt, group_size=group_size, skip=tuple(skip), scale_mode=scale_mode,
+                                        device=device)
         fp4cupy.export(model, out, format=export_format, source_dir=src)
     except (OSError, ValueError, ImportError, NotImplementedError) as e:
         print(f"fp4cupy quantize: {e}", file=sys.stderr)

@@ -291,3 +291,25 @@ def test_quantize_model_onto_the_gpu_holds_one_float_weight_there_at_a_time(tmp_
         with torch.no_grad():
             torch.testing.assert_close(model(ids).logits, by_hand(ids).logits, rtol=0, atol=0)
         del model
+
+
+def test_the_cli_quantizes_on_the_gpu_to_the_bytes_of_the_cpu_reference(tmp_path):
+    """``fp4cupy quantize --device cuda`` (the float model in CPU memory, a weight at a time on the
+    GPU) writes the tensors ``--device cpu`` writes, bit for bit."""
+    transformers = pytest.importorskip("transformers")
+    from safetensors.torch import load_file
+
+    from fp4cupy import cli
+
+    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    torch.manual_seed(10)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "src")
+    for device in ("cpu", "cuda"):
+        assert cli.main(["quantize", str(tmp_path / "src"), str(tmp_path / device), "--export", "modelopt",
+                         "--device", device]) == 0
+    on = {d: {k: v for f in sorted((tmp_path / d).glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+          for d in ("cpu", "cuda")}
+    assert set(on["cpu"]) == set(on["cuda"]) and any(k.endswith("weight_scale_2") for k in on["cpu"])
+    assert all(torch.equal(on["cpu"][k].reshape(-1).view(torch.uint8), on["cuda"][k].reshape(-1).view(torch.uint8))
+               for k in on["cpu"])
