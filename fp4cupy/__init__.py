@@ -21,8 +21,8 @@ _TORCH_API = {"NVFP4Linear": "nn", "NVFP4LinearLayer": "nn", "quantize_model": "
 
 
 def __getattr__(name):
-    """torch-facing names load torch only when first used: ``fp4cupy.NVFP4Linear``, ``fp4cupy.save``, ...
-    (and ``fp4cupy.FP4CupyConfig`` transformers, registering fp4cupy's from_pretrained method)."""
+    """torch-facing names load torch only when first used: ``fp4cupy.NVFP4Linear``, ``fp4cupy.save``, ...;
+    ``fp4cupy.FP4CupyConfig`` imports transformers and registers fp4cupy's from_pretrained method."""
     if name in _TORCH_API:
         import importlib
 
