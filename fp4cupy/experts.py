@@ -113,8 +113,8 @@ def quantized_experts(experts: nn.Module, fmt: str = "nvfp4", group_size: int = 
         bias = getattr(experts, name + "_bias").detach() if experts.has_bias else [None] * w.shape[0]
         if device is not None and experts.has_bias:
             bias = bias.to(device)
-        quantized = (quantize(w[e].to(device).contiguous() if device is not None else w[e].contiguous(), fmt,
-                              group_size, scale_mode=scale_mode) for e in range(w.shape[0]))
+        quantized = (quantize((w[e] if device is None else w[e].to(device)).contiguous(), fmt, group_size,
+                              scale_mode=scale_mode) for e in range(w.shape[0]))
         layers.append([NVFP4Linear.from_fp4(t, b) for t, b in zip(quantized, bias)])
     return layers[0], layers[1]
 

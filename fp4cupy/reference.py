@@ -42,13 +42,14 @@ def e2m1_encode(r: np.ndarray) -> np.ndarray:
     return np.clip(r, -E2M1_MAX, E2M1_MAX).astype(ml_dtypes.float4_e2m1fn).view(np.uint8)
 
 
-E2M1_VALUES = np.arange(16, dtype=np.uint8).view(ml_dtypes.float4_e2m1fn).astype(F32)  # code -> value
+# code -> float32 value, all 16 codes (signed; formats.E2M1_VALUES lists the 8 magnitudes)
+E2M1_DECODE = np.arange(16, dtype=np.uint8).view(ml_dtypes.float4_e2m1fn).astype(F32)
 
 
 def e2m1_decode(codes: np.ndarray) -> np.ndarray:
-    """float32 values of E2M1 codes (low 4 bits of each uint8), looked up in ``E2M1_VALUES``
+    """float32 values of E2M1 codes (low 4 bits of each uint8), looked up in ``E2M1_DECODE``
     (ml_dtypes' decode of the 16 codes; a lookup is ~3x faster than its cast)."""
-    return E2M1_VALUES[np.asarray(codes, np.uint8) & 0xF]
+    return E2M1_DECODE[np.asarray(codes, np.uint8) & 0xF]
 
 
 def e4m3_encode(v: np.ndarray) -> np.ndarray:

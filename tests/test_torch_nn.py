@@ -275,8 +275,10 @@ def test_quantize_model_on_a_device_copies_each_weight_there_and_gives_the_same_
     model = transformers.MixtralForCausalLM(cfg).eval()
     other = copy.deepcopy(model)
     linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    before = {n: m.weight.detach().clone() for n, m in linears.items()}
     report = fp4cupy.quantize_model(model, device="cpu", progress=False)
     assert str(report) == str(fp4cupy.quantize_model(other, progress=False))
-    assert all(m.weight.device.type == "cpu" for m in linears.values())  # the float layers left as they were
+    for n, m in linears.items():  # the float layers left as they were: their own weights, unchanged
+        assert m.weight.device.type == "cpu" and torch.equal(m.weight, before[n]), n
     state, want = model.state_dict(), other.state_dict()
     assert set(state) == set(want) and all(torch.equal(state[k], want[k]) for k in want)
